@@ -1,0 +1,41 @@
+"""What every command-line entry point shares: logging set-up and clean errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable
+
+from multimodal_lora.errors import UserError
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log our messages to stderr; keep the libraries' chatter at warning level."""
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("multimodal_lora").setLevel(level)
+    # transformers and PEFT report progress on weight loading that says nothing to our users.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run ``main``; a :class:`UserError` becomes one line on stderr and exit status 2."""
+    try:
+        code = main(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,434 @@
+"""Recipes: YAML in, typed and validated objects out.
+
+A recipe is read once, here, at the edge: :func:`load_recipe` parses the YAML
+with ``yaml.safe_load`` (YAML 1.2 numbers, so ``lr: 1e-4`` is a float), applies
+``key=value`` overrides from the command line, checks every field and raises
+one :class:`~multimodal_lora.errors.ConfigError` listing *all* problems, each
+naming its field and what is allowed. After that the rest of the code gets
+plain dataclasses and never looks at a dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from multimodal_lora.errors import ConfigError
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+@dataclass
+class ModelConfig:
+    """The base model and how it is loaded."""
+
+    base: str = "tiny"
+    """``tiny`` (the built-in offline BLIP-2), a hub id such as
+    ``Salesforce/blip2-opt-2.7b``, or a local model directory."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of ``base``."""
+    quantization: Literal["none", "int8", "4bit"] = "none"
+    """Load the base with bitsandbytes in int8 or 4-bit NF4; ``none`` keeps ``dtype``."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Dtype of the unquantized weights (and compute dtype of 4-bit layers)."""
+    device: str = "auto"
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.base:
+            out.append("model.base: must not be empty; use 'tiny', a hub id or a model directory")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            out.append(f"model.device: {self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+        return out
+
+
+@dataclass
+class LoraSettings:
+    """Where LoRA goes and how big it is."""
+
+    r: int = 16
+    """Rank of each adapter matrix pair."""
+    alpha: float = 32
+    """Scaling numerator: the update is scaled by alpha / r (usually 2 × r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Which of the language model's attention projections get adapters."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.r < 1:
+            out.append(f"lora.r: must be a positive integer (got {self.r}); 8 or 16 is typical")
+        if self.alpha <= 0:
+            out.append(f"lora.alpha: must be positive (got {self.alpha}); usually 2 × r")
+        if not 0 <= self.dropout < 1:
+            out.append(f"lora.dropout: must be in [0, 1) (got {self.dropout})")
+        if not self.target_modules:
+            out.append(f"lora.target_modules: name at least one of {', '.join(LORA_TARGETS)}")
+        for name in self.target_modules:
+            if name not in LORA_TARGETS:
+                hint = _closest(name, LORA_TARGETS)
+                out.append(
+                    f"lora.target_modules: the language model's attention has no {name!r}"
+                    f"{hint}; choose from {', '.join(LORA_TARGETS)}"
+                )
+        if len(set(self.target_modules)) != len(self.target_modules):
+            out.append("lora.target_modules: lists a module twice")
+        return out
+
+
+@dataclass
+class DataConfig:
+    """Where the image–text pairs come from and how they become tokens."""
+
+    path: str = "shapes"
+    """A built-in data set (``shapes``, ``shapes-vqa``), a hub data set id, or a
+    local imagefolder directory."""
+    source: Literal["auto", "builtin", "imagefolder", "hub"] = "auto"
+    """How to read ``path``; ``auto`` picks builtin, then a local directory, then the hub."""
+    revision: str | None = None
+    """Hub revision of a hub data set."""
+    train_split: str = "train"
+    val_split: str | None = "validation"
+    """Validation split; ``null`` when the data has none (then nothing is held out)."""
+    image_column: str = "image"
+    text_column: str = "text"
+    """Column with the caption (task ``caption``)."""
+    question_column: str = "question"
+    """Column with the question (task ``vqa``)."""
+    answer_column: str = "answer"
+    """Column with the answer (task ``vqa``)."""
+    task: Literal["caption", "vqa"] = "caption"
+    prompt: str | None = None
+    """Caption task: optional text before the caption (not trained on)."""
+    prompt_template: str = "Question: {question} Answer:"
+    """VQA task: how the question is put to the model (not trained on)."""
+    max_length: int = 32
+    """Most text tokens per example (prompt + target + stop token)."""
+    num_workers: int = 0
+    """DataLoader worker processes that decode and resize images."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_length < 4:
+            out.append(f"data.max_length: must be at least 4 tokens (got {self.max_length})")
+        if self.num_workers < 0:
+            out.append(f"data.num_workers: must be 0 or more (got {self.num_workers})")
+        if self.task == "vqa" and "{question}" not in self.prompt_template:
+            out.append("data.prompt_template: must contain {question} for task vqa")
+        if self.text_column == self.image_column:
+            out.append("data.text_column: must differ from data.image_column")
+        return out
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    epochs: int = 3
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides ``epochs`` when set)."""
+    batch_size: int = 16
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: effective batch = batch_size × grad_accum × processes."""
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.05
+    """Fraction of the steps spent warming the learning rate up from 0."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this; ``null`` disables clipping."""
+    log_every: int = 10
+    """Optimizer steps between log lines."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.epochs < 1:
+            out.append(f"train.epochs: must be at least 1 (got {self.epochs})")
+        if self.max_steps is not None and self.max_steps < 1:
+            out.append(f"train.max_steps: must be at least 1 or null (got {self.max_steps})")
+        if self.batch_size < 1:
+            out.append(f"train.batch_size: must be at least 1 (got {self.batch_size})")
+        if self.grad_accum < 1:
+            out.append(f"train.grad_accum: must be at least 1 (got {self.grad_accum})")
+        if not 0 < self.lr < 1:
+            out.append(f"train.lr: must be in (0, 1) (got {self.lr}); 1e-4 to 3e-3 is typical for LoRA")
+        if self.weight_decay < 0:
+            out.append(f"train.weight_decay: must be 0 or more (got {self.weight_decay})")
+        if not 0 <= self.warmup_ratio < 1:
+            out.append(f"train.warmup_ratio: must be in [0, 1) (got {self.warmup_ratio})")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            out.append(f"train.max_grad_norm: must be positive or null (got {self.max_grad_norm})")
+        if self.log_every < 1:
+            out.append(f"train.log_every: must be at least 1 (got {self.log_every})")
+        return out
+
+
+@dataclass
+class Recipe:
+    """A whole training recipe."""
+
+    output_dir: str = "runs/default"
+    """Where the run writes its adapter and logs."""
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source: str | None = None
+    """The recipe file this was read from (set by :func:`load_recipe`)."""
+
+    def problems(self) -> list[str]:
+        out = []
+        for section in (self.model, self.lora, self.data, self.train):
+            out.extend(section.problems())
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+
+SECTIONS = {"model": ModelConfig, "lora": LoraSettings, "data": DataConfig, "train": TrainConfig}
+
+
+# --- YAML -----------------------------------------------------------------------------------
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2 floats: ``1e-4`` is a float, not a string."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse YAML safely; tags such as ``!!python/object`` are refused, never run."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.constructor.ConstructorError as exc:
+        raise ConfigError(
+            f"{where}: refused to load: {exc.problem} {exc.problem_mark or ''}".rstrip()
+            + ". Recipes are plain YAML; Python object tags are never executed."
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+
+
+# --- loading and validation ------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file, apply ``key=value`` overrides, and validate everything.
+
+    Args:
+        path: the YAML recipe.
+        overrides: strings such as ``output_dir=runs/x``, ``lora.r=8`` or, for a
+            key that only one section has, ``lr=1e-4``.
+
+    Returns:
+        The validated :class:`Recipe`.
+
+    Raises:
+        ConfigError: naming every unknown key, wrong type or bad value at once.
+    """
+    path = Path(path)
+    if not path.is_file():
+        hint = " (it is a directory)" if path.is_dir() else ""
+        raise ConfigError(f"recipe {str(path)!r} does not exist{hint}; pass the path of a YAML recipe, e.g. recipes/tiny.yaml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {str(path)!r} is not UTF-8 text") from None
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of keys to values, not a {type(raw).__name__}")
+    problems: list[str] = []
+    for item in overrides:
+        apply_override(raw, item, problems)
+    recipe = recipe_from_dict(raw, problems)
+    if recipe is not None:
+        recipe.source = str(path)
+        problems.extend(recipe.problems())
+    if problems:
+        raise ConfigError(f"{path}: invalid recipe:\n" + "\n".join(f"  - {p}" for p in problems))
+    return recipe
+
+
+def apply_override(raw: dict, item: str, problems: list[str]) -> None:
+    """Apply one ``key=value`` override to the raw recipe mapping."""
+    if "=" not in item:
+        problems.append(f"override {item!r}: write it as key=value, e.g. train.lr=1e-4")
+        return
+    key, _, value_text = item.partition("=")
+    key = key.strip()
+    value = parse_yaml(value_text, f"override {item!r}") if value_text.strip() else None
+    parts = key.split(".")
+    if len(parts) == 1 and parts[0] not in _top_level_fields():
+        owners = [name for name, cls in SECTIONS.items() if parts[0] in _field_names(cls)]
+        if len(owners) == 1:
+            parts = [owners[0], parts[0]]
+        elif len(owners) > 1:
+            problems.append(f"override {key!r}: several sections have it; write one of " + ", ".join(f"{o}.{key}" for o in owners))
+            return
+    if len(parts) > 2:
+        problems.append(f"override {key!r}: keys are key or section.key")
+        return
+    target = raw
+    if len(parts) == 2:
+        section = target.get(parts[0])
+        if section is None:
+            section = target[parts[0]] = {}
+        if not isinstance(section, dict):
+            problems.append(f"override {key!r}: {parts[0]} is not a section")
+            return
+        target = section
+    target[parts[-1]] = value
+
+
+def recipe_from_dict(raw: dict, problems: list[str]) -> Recipe | None:
+    """Build a :class:`Recipe` from a mapping, appending every problem found."""
+    kwargs: dict[str, Any] = {}
+    top = _top_level_fields()
+    for key, value in raw.items():
+        if key in SECTIONS:
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                problems.append(f"{key}: must be a section (a mapping), got {_describe(value)}")
+                continue
+            kwargs[key] = _build_section(SECTIONS[key], value, key, problems)
+        elif key in top:
+            checked = _check_type(value, _hints(Recipe)[key], key, problems)
+            if checked is not _INVALID:
+                kwargs[key] = checked
+        else:
+            valid = list(top) + list(SECTIONS)
+            problems.append(f"{key}: unknown key{_closest(str(key), valid)}; valid keys: {', '.join(valid)}")
+    if problems:
+        # Build what we can so that range checks still run, but do not fail on bad types.
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        return Recipe(**kwargs)
+    except TypeError:
+        return None
+
+
+_INVALID = object()
+
+
+def _build_section(cls, values: dict, prefix: str, problems: list[str]):
+    names = _field_names(cls)
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            problems.append(
+                f"{prefix}.{key}: unknown key{_closest(str(key), names, prefix + '.')}; "
+                f"valid keys in {prefix}: {', '.join(names)}"
+            )
+            continue
+        checked = _check_type(value, hints[key], f"{prefix}.{key}", problems)
+        if checked is not _INVALID:
+            kwargs[key] = checked
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, name: str, problems: list[str]) -> Any:
+    """Return ``value`` (coerced int → float where a float is asked) or ``_INVALID``."""
+    ok, coerced = _matches(value, hint)
+    if ok:
+        return coerced
+    problems.append(f"{name}: expected {_describe_hint(hint)}, got {_describe(value)}")
+    return _INVALID
+
+
+def _matches(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            ok, coerced = _matches(value, arg)
+            if ok:
+                return True, coerced
+        return False, None
+    if hint is type(None):
+        return value is None, None
+    if origin is Literal:
+        return value in args and isinstance(value, str), value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, None
+        items = [_matches(v, args[0]) for v in value]
+        return all(ok for ok, _ in items), [c for _, c in items]
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, None
+    if hint is str:
+        return isinstance(value, str), value
+    raise TypeError(f"unsupported recipe field type {hint!r}")
+
+
+def _describe_hint(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe_hint(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if origin is Literal:
+        return "one of " + ", ".join(args)
+    if origin is list:
+        return f"a list of {_describe_hint(args[0])}s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _closest(name: str, valid, prefix: str = "") -> str:
+    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean {prefix}{match[0]}?)" if match else ""
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _top_level_fields() -> list[str]:
+    return [name for name in _field_names(Recipe) if name not in SECTIONS and name != "source"]
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)

@@ -1,0 +1,92 @@
+"""Reading images as they come in the wild, into RGB that means what the file meant.
+
+Pillow and the BLIP-2 processor accept almost any mode without complaint and
+quietly get some wrong: a fully transparent red pixel stays red, a 16-bit
+value of 40000 becomes pure white. :func:`load_image` converts every mode
+correctly (transparency composited on white, 16-bit scaled to 8-bit), applies
+EXIF orientation, takes the first frame of an animation, and turns every way a
+file can be unreadable into an :class:`~multimodal_lora.errors.ImageError`
+naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from multimodal_lora.errors import ImageError
+
+ImageSource = str | os.PathLike | bytes | Image.Image
+
+BACKGROUND = (255, 255, 255)
+
+
+def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
+    """Open an image and return it as an RGB ``PIL.Image``.
+
+    Args:
+        source: a path, the file's bytes, or an already opened image.
+        name: how to call the image in error messages (defaults to the path).
+
+    Raises:
+        ImageError: the file is missing, empty, not an image, truncated,
+            corrupt, or a decompression bomb; the message names it.
+    """
+    label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "image")
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise ImageError(f"{label}: file not found")
+        if path.is_dir():
+            raise ImageError(f"{label}: is a directory, not an image file")
+        if path.stat().st_size == 0:
+            raise ImageError(f"{label}: empty file (0 bytes)")
+    elif isinstance(source, bytes) and not source:
+        raise ImageError(f"{label}: empty file (0 bytes)")
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes) else source
+        with Image.open(fp) as image:
+            image.seek(0)  # first frame of an animation
+            image.load()
+            return to_rgb(image)
+    except Image.DecompressionBombError as exc:
+        # Not an OSError: Pillow raises it for images over twice MAX_IMAGE_PIXELS.
+        raise ImageError(f"{label}: refused as a decompression bomb ({exc})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{label}: not an image Pillow can read (wrong extension, or not an image at all)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{label}: corrupt or truncated image ({exc})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB the way a viewer would show it."""
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # 16-bit (or 32-bit) grey: scale to 8 bits rather than clip to white.
+        return _scale_to_8bit(image).convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        image = image.convert("RGBA")
+        canvas = Image.new("RGB", image.size, BACKGROUND)
+        canvas.paste(image, mask=image.getchannel("A"))
+        return canvas
+    if mode == "RGB":
+        return image.copy() if image.readonly else image
+    return image.convert("RGB")
+
+
+def _scale_to_8bit(image: Image.Image) -> Image.Image:
+    import numpy as np
+
+    array = np.asarray(image).astype(np.float64)
+    # 16-bit files use the full 0..65535 range; 32-bit ones have no fixed range.
+    high = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+    return Image.fromarray(np.clip(np.round(array * (255 / high)), 0, 255).astype(np.uint8), mode="L")

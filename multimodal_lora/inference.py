@@ -1,0 +1,291 @@
+"""Captions and answers from a base and its adapters.
+
+:class:`Captioner` loads a base once and any number of named adapters, and
+switches between them per call without reloading the base. :func:`caption` and
+:func:`ask` are the one-line versions; they keep one ``Captioner`` per base in
+:data:`CAPTIONERS` (a visible, documented cache: call :func:`clear_cache` to
+free it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from multimodal_lora.adapter import AdapterMeta, check_base_matches, read_adapter
+from multimodal_lora.config import ModelConfig
+from multimodal_lora.data.encoding import prompt_text
+from multimodal_lora.data.images import ImageSource, load_image
+from multimodal_lora.errors import AdapterError
+from multimodal_lora.model import load_base, load_processor, text_layout
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPT_TEMPLATE = "Question: {question} Answer:"
+
+
+class Captioner:
+    """A BLIP-2 base with named LoRA adapters, for captioning and visual question answering.
+
+    Args:
+        base: ``tiny``, a hub id, or a model directory.
+        device, dtype, quantization: as in a recipe's ``model`` section.
+
+    Example:
+        >>> captioner = Captioner("tiny")
+        >>> captioner.load_adapter("runs/tiny/adapter", name="shapes")
+        >>> captioner.caption(["a.png", "b.png"], adapter="shapes")
+        ['a red circle', 'a blue square']
+    """
+
+    def __init__(self, base: str = "tiny", *, revision: str | None = None, device: str = "auto", dtype: str = "fp32", quantization: str = "none"):
+        cfg = ModelConfig(base=base, revision=revision, device=device, dtype=dtype, quantization=quantization)
+        problems = cfg.problems()
+        if problems:
+            raise AdapterError("; ".join(problems))
+        self.processor = load_processor(base, revision)
+        self.model, self.base = load_base(cfg, for_training=False)
+        self.model.eval()
+        self.layout = text_layout(self.model, self.processor.tokenizer)
+        self.adapters: dict[str, AdapterMeta | None] = {}
+        self._paths: dict[str, Path] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def load_adapter(self, path: str | Path, name: str | None = None) -> str:
+        """Load an adapter directory under ``name`` (default: the directory's name).
+
+        Loading the same directory twice under the same name is a no-op.
+
+        Raises:
+            AdapterError: the directory is not a complete adapter, or it was
+                trained on a different base.
+        """
+        directory, meta = read_adapter(path)
+        name = name or _default_name(directory)
+        if name in self.adapters:
+            if self._paths[name] == directory.resolve():
+                return name
+            raise AdapterError(f"an adapter named {name!r} is already loaded (from {self._paths[name]}); choose another name")
+        check_base_matches(directory, meta, self.base)
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, str(directory), adapter_name=name, is_trainable=False)
+        self.model.eval()
+        self.adapters[name] = meta
+        self._paths[name] = directory.resolve()
+        return name
+
+    def caption(
+        self,
+        images: ImageSource | Sequence[ImageSource],
+        adapter: str | None = None,
+        *,
+        prompt: str | None = None,
+        max_new_tokens: int = 30,
+        num_beams: int = 1,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        batch_size: int = 8,
+    ) -> str | list[str]:
+        """Caption one image (returns a string) or several (returns a list).
+
+        Args:
+            images: a path, a ``PIL.Image``, or a list of them.
+            adapter: the name of a loaded adapter, or ``None`` for the base.
+            prompt: text the caption continues; defaults to the adapter's training prompt.
+        """
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        meta = self._meta(adapter)
+        if prompt is None and meta is not None:
+            prompt = meta.prompt
+        prompts = [prompt_text("caption", None, prompt, DEFAULT_PROMPT_TEMPLATE)] * len(items)
+        out = self._generate(items, prompts, adapter, max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size)
+        return out[0] if single else out
+
+    def ask(
+        self,
+        images: ImageSource | Sequence[ImageSource],
+        question: str | Sequence[str],
+        adapter: str | None = None,
+        *,
+        max_new_tokens: int = 10,
+        num_beams: int = 1,
+        batch_size: int = 8,
+    ) -> str | list[str]:
+        """Answer a question about an image, in the prompt template the adapter was trained with."""
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        questions = [question] * len(items) if isinstance(question, str) else list(question)
+        if len(questions) != len(items):
+            raise ValueError(f"{len(items)} images but {len(questions)} questions")
+        meta = self._meta(adapter)
+        template = meta.prompt_template if meta is not None else DEFAULT_PROMPT_TEMPLATE
+        prompts = [prompt_text("vqa", q, None, template) for q in questions]
+        out = self._generate(items, prompts, adapter, max_new_tokens, num_beams, False, 1.0, 1.0, batch_size)
+        return out[0] if single else out
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _meta(self, adapter: str | None) -> AdapterMeta | None:
+        if adapter is None:
+            return None
+        if adapter not in self.adapters:
+            known = ", ".join(self.adapters) or "none"
+            raise AdapterError(f"no adapter named {adapter!r} is loaded (loaded: {known}); call load_adapter first")
+        return self.adapters[adapter]
+
+    @torch.no_grad()
+    def _generate(self, images, prompts, adapter, max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size) -> list[str]:
+        results: list[str] = []
+        for start in range(0, len(images), batch_size):
+            chunk = [load_image(i) for i in images[start : start + batch_size]]
+            batch = self._inputs(chunk, prompts[start : start + batch_size])
+            kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample)
+            if do_sample:
+                kwargs.update(temperature=temperature, top_p=top_p)
+            with self._adapter(adapter):
+                output = self.model.generate(**batch, **kwargs)
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            results.extend(t.strip() for t in texts)
+        return results
+
+    def _inputs(self, images, prompts) -> dict[str, torch.Tensor]:
+        """Left-padded ``<image>``×Q ``</s>`` prompt, so every row ends where generation starts."""
+        tokenizer = self.processor.tokenizer
+        layout = self.layout
+        rows = []
+        for text in prompts:
+            ids = tokenizer(text, add_special_tokens=False).input_ids if text else []
+            rows.append([layout.image_token_id] * layout.num_query_tokens + [layout.bos_token_id, *ids])
+        length = max(map(len, rows))
+        input_ids = torch.full((len(rows), length), layout.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, length - len(row) :] = torch.tensor(row)
+            attention_mask[i, length - len(row) :] = 1
+        pixel_values = self.processor.image_processor(images, return_tensors="pt").pixel_values
+        dtype = self.model.get_input_embeddings().weight.dtype
+        return {
+            "pixel_values": pixel_values.to(self.device, dtype=dtype if dtype.is_floating_point else torch.float32),
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention_mask.to(self.device),
+        }
+
+    def _adapter(self, adapter: str | None):
+        """A context in which ``adapter`` (or the bare base, for ``None``) is active."""
+        from contextlib import nullcontext
+
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel):
+            self._meta(adapter)  # raises for an unknown name
+            return nullcontext()
+        if adapter is None:
+            return self.model.disable_adapter()
+        self._meta(adapter)
+        self.model.set_adapter(adapter)
+        return nullcontext()
+
+
+# -- the one-line API ----------------------------------------------------------------------------
+
+CAPTIONERS: dict[tuple[str, str | None], Captioner] = {}
+"""The cache behind :func:`caption` and :func:`ask`: one :class:`Captioner` per (base, revision)."""
+
+
+def clear_cache() -> None:
+    """Drop every cached :class:`Captioner` (and the memory of its base)."""
+    CAPTIONERS.clear()
+
+
+def captioner_for(adapter: str | Path | None, base_model: str | None) -> tuple[Captioner, str | None]:
+    """The cached captioner for an adapter (its base read from the adapter) and the adapter's name."""
+    meta = None
+    directory = None
+    if adapter is not None:
+        directory, meta = read_adapter(adapter)
+    if base_model is None:
+        if meta is not None:
+            base_model, revision = meta.base.name, meta.base.revision
+        elif directory is not None:
+            import json
+
+            config = json.loads((directory / "adapter_config.json").read_text())
+            base_model, revision = config.get("base_model_name_or_path"), config.get("revision")
+            if not base_model:
+                raise AdapterError(f"adapter {str(directory)!r} does not say which base it belongs to; pass base_model=")
+        else:
+            base_model, revision = "tiny", None
+    else:
+        revision = meta.base.revision if meta is not None and meta.base.name == base_model else None
+    key = (base_model, revision)
+    if key not in CAPTIONERS:
+        CAPTIONERS[key] = Captioner(base_model, revision=revision)
+    captioner = CAPTIONERS[key]
+    name = captioner.load_adapter(directory, name=str(directory.resolve())) if directory is not None else None
+    return captioner, name
+
+
+def caption(
+    image: ImageSource | Sequence[ImageSource],
+    adapter: str | Path | None = None,
+    prompt: str | None = None,
+    max_new_tokens: int = 30,
+    base_model: str | None = None,
+) -> str | list[str]:
+    """Caption an image (or a list of images) with a trained adapter.
+
+    Args:
+        image: a path, a ``PIL.Image``, or a list of them.
+        adapter: a directory written by the trainer; ``None`` captions with the base.
+        prompt: text the caption continues (defaults to the adapter's training prompt).
+        max_new_tokens: the longest caption, in tokens.
+        base_model: the base to load; defaults to the one the adapter records, else ``tiny``.
+
+    Returns:
+        A caption, or a list of captions for a list of images.
+
+    Raises:
+        ImageError: an image is missing or unreadable (named in the message).
+        AdapterError: the adapter directory is incomplete or for another base.
+
+    Example:
+        >>> from multimodal_lora import caption
+        >>> caption("photo.jpg", adapter="runs/tiny/adapter")
+        'a red circle'
+    """
+    captioner, name = captioner_for(adapter, base_model)
+    return captioner.caption(image, adapter=name, prompt=prompt, max_new_tokens=max_new_tokens)
+
+
+def ask(
+    image: ImageSource | Sequence[ImageSource],
+    question: str,
+    adapter: str | Path | None = None,
+    max_new_tokens: int = 10,
+    base_model: str | None = None,
+) -> str | list[str]:
+    """Answer a question about an image with a VQA adapter (same template as training).
+
+    Example:
+        >>> ask("shape.png", "What colour is the shape?", adapter="runs/tiny-vqa/adapter")
+        'red'
+    """
+    captioner, name = captioner_for(adapter, base_model)
+    return captioner.ask(image, question, adapter=name, max_new_tokens=max_new_tokens)
+
+
+def _default_name(directory: Path) -> str:
+    return directory.parent.name if directory.name == "adapter" else directory.name

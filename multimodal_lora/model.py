@@ -1,0 +1,309 @@
+"""BLIP-2 and its LoRA: loading, quantizing, adapting, counting.
+
+This is the one module that knows BLIP-2's module names
+(``vision_model``, ``qformer``, ``language_projection``,
+``language_model.model.decoder.layers.N.self_attn.q_proj``) and bitsandbytes.
+Everything else asks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from multimodal_lora.config import LORA_TARGETS, LoraSettings, ModelConfig
+from multimodal_lora.errors import ConfigError, UserError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# The parts of BLIP-2, by parameter-name prefix, for the trainable-parameter table.
+COMPONENTS = (
+    ("vision", "vision_model."),
+    ("Q-Former", ("qformer.", "query_tokens")),
+    ("projection", "language_projection."),
+    ("language model", "language_model."),
+)
+
+# Attention projections of the OPT decoder, and nothing else: BLIP-2's vision MLP
+# has fc1/fc2 and the Q-Former has query/key/value, so match from the root.
+_LM_ATTENTION = r"language_model\.model\.decoder\.layers\.\d+\.self_attn\.({names})"
+
+# Keys of a model config that do not change the weights' shapes or meaning.
+_VOLATILE_CONFIG_KEYS = {
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "quantization_config",
+    "architectures",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+}
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """What identifies a base model: where it came from and what it is."""
+
+    name: str
+    """As the user wrote it: ``tiny``, a hub id, or a path."""
+    name_or_path: str
+    """What ``from_pretrained`` was given (the tiny base's cache directory for ``tiny``)."""
+    revision: str | None
+    fingerprint: str
+    """Hash of the architecture config; two bases with the same one take the same adapters."""
+
+
+def resolve_base(base: str) -> str:
+    """Turn the recipe's ``model.base`` into something ``from_pretrained`` takes."""
+    from multimodal_lora.tiny import TINY_NAME, ensure_tiny_base
+
+    if base == TINY_NAME:
+        return str(ensure_tiny_base())
+    return base
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device: {device!r} asked for, but no CUDA GPU is available; use device=cpu or auto")
+    return torch.device(device)
+
+
+def quantization_config(quantization: str, dtype: str):
+    """The ``BitsAndBytesConfig`` for ``int8`` or ``4bit``, ``None`` for ``none``."""
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == "4bit":
+        compute = DTYPES[dtype] if dtype != "fp32" else torch.float32
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+    raise ConfigError(f"model.quantization: {quantization!r}; choose from none, int8, 4bit")
+
+
+def load_processor(base: str, revision: str | None = None):
+    """The BLIP-2 processor (image processor + tokenizer) of a base."""
+    from transformers import AutoProcessor
+
+    path = resolve_base(base)
+    try:
+        return AutoProcessor.from_pretrained(path, revision=revision)
+    except OSError as exc:
+        raise UserError(_not_found_message(base, exc)) from None
+
+
+def load_base(cfg: ModelConfig, *, for_training: bool = True):
+    """Load the BLIP-2 base as the recipe says: hub id or path, dtype, quantization, device.
+
+    Quantized bases go through PEFT's ``prepare_model_for_kbit_training`` when
+    ``for_training`` (layer norms in fp32, input gradients enabled), as LoRA on
+    int8/4-bit layers needs.
+
+    Returns:
+        ``(model, base_info)``.
+    """
+    from transformers import Blip2ForConditionalGeneration
+
+    path = resolve_base(cfg.base)
+    device = pick_device(cfg.device)
+    quant = quantization_config(cfg.quantization, cfg.dtype)
+    kwargs = {"revision": cfg.revision, "dtype": DTYPES[cfg.dtype]}
+    if quant is not None:
+        _require_bitsandbytes(cfg.quantization)
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": str(device)}
+    try:
+        model = Blip2ForConditionalGeneration.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise UserError(_not_found_message(cfg.base, exc)) from None
+    if quant is None:
+        model.to(device)
+    model.requires_grad_(False)
+    if quant is not None and for_training:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    info = BaseInfo(name=cfg.base, name_or_path=path, revision=cfg.revision, fingerprint=config_fingerprint(model.config))
+    return model, info
+
+
+def lora_target_pattern(targets: list[str] | tuple[str, ...]) -> str:
+    """A regex PEFT matches against full module names: only the language model's attention."""
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown:
+        raise ConfigError(f"lora.target_modules: {unknown} are not attention projections; choose from {LORA_TARGETS}")
+    return _LM_ATTENTION.format(names="|".join(targets))
+
+
+def add_lora(model, lora: LoraSettings):
+    """Wrap ``model`` with fresh LoRA adapters on the language model's attention.
+
+    Raises:
+        ConfigError: when a requested projection is not in the model (for
+            instance a language model whose attention names differ from OPT's).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    pattern = lora_target_pattern(lora.target_modules)
+    hits = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if re.fullmatch(pattern, name)}
+    missing = [t for t in lora.target_modules if t not in hits]
+    if missing:
+        raise ConfigError(
+            f"lora.target_modules: the language model has no {', '.join(missing)} in its attention layers "
+            f"(it has: {', '.join(sorted(hits)) or 'none of q_proj/k_proj/v_proj/out_proj'})"
+        )
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=pattern,
+        bias="none",
+    )
+    peft_model = get_peft_model(model, config)
+    stray = [n for n, p in peft_model.named_parameters() if p.requires_grad and "language_model" not in n]
+    assert not stray, f"LoRA reached outside the language model: {stray[:3]}"
+    return peft_model
+
+
+def count_parameters(model) -> dict[str, tuple[int, int]]:
+    """Trainable and total parameters per BLIP-2 component, plus ``total``."""
+    counts = {name: [0, 0] for name, _ in COMPONENTS}
+    counts["total"] = [0, 0]
+    for name, param in model.named_parameters():
+        name = _strip_peft_prefix(name)
+        numel = _numel(param)
+        for component, prefixes in COMPONENTS:
+            if name.startswith(prefixes):
+                counts[component][1] += numel
+                counts[component][0] += numel if param.requires_grad else 0
+                break
+        counts["total"][1] += numel
+        counts["total"][0] += numel if param.requires_grad else 0
+    return {k: (v[0], v[1]) for k, v in counts.items()}
+
+
+def format_parameter_table(counts: dict[str, tuple[int, int]]) -> str:
+    """The trainable-parameter table printed before training."""
+    lines = [f"{'component':<16}{'trainable':>14}{'total':>16}{'trainable %':>13}"]
+    for name, (trainable, total) in counts.items():
+        share = 100 * trainable / total if total else 0.0
+        lines.append(f"{name:<16}{trainable:>14,}{total:>16,}{share:>12.3f}%")
+    return "\n".join(lines)
+
+
+def stop_token_id(generation_config, text_config) -> int:
+    """The token the base stops on when generating ("\\n", 50118, for BLIP-2 OPT).
+
+    Read from the base's generation config (falling back to its text config),
+    never hard-coded, so that training teaches the same stop as generation uses.
+    """
+    eos = getattr(generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = text_config.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0]
+    if eos is None:
+        raise UserError("the base model defines no end-of-sequence token in its generation config; cannot teach it to stop")
+    return int(eos)
+
+
+def config_fingerprint(config) -> str:
+    """A short hash of what makes two BLIP-2 bases interchangeable for an adapter."""
+    data = _strip_volatile(config.to_dict())
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def published_config(name: str = "blip2-opt-2.7b"):
+    """The published ``Blip2Config`` of a real checkpoint, shipped with the package (no download)."""
+    from transformers import Blip2Config
+
+    text = resources.files("multimodal_lora.arch").joinpath(f"{name}.json").read_text()
+    return Blip2Config.from_dict(json.loads(text))
+
+
+def meta_model(config):
+    """Build a BLIP-2 on the ``meta`` device: shapes without memory, for counting and planning."""
+    from transformers import Blip2ForConditionalGeneration
+
+    with torch.device("meta"):
+        return Blip2ForConditionalGeneration(config)
+
+
+def _strip_volatile(value):
+    if isinstance(value, dict):
+        return {
+            k: _strip_volatile(v)
+            for k, v in value.items()
+            if k not in _VOLATILE_CONFIG_KEYS and not str(k).startswith("_")
+        }
+    return value
+
+
+def _strip_peft_prefix(name: str) -> str:
+    for prefix in ("base_model.model.",):
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
+
+
+def _numel(param) -> int:
+    # bitsandbytes 4-bit packs two weights per byte; count the logical weights.
+    shape = getattr(param, "quant_state", None)
+    if shape is not None and hasattr(shape, "shape"):
+        return int(torch.Size(shape.shape).numel())
+    return param.numel()
+
+
+def _require_bitsandbytes(quantization: str) -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(
+            f"model.quantization={quantization} needs bitsandbytes; pip install 'bitsandbytes>=0.49' "
+            "or set model.quantization=none"
+        ) from None
+
+
+def _not_found_message(base: str, exc: Exception) -> str:
+    if Path(base).exists():
+        return f"model.base: {base!r} is a directory but not a BLIP-2 model ({exc}); it needs config.json and weights"
+    return (
+        f"model.base: cannot load {base!r}: not a local directory, and the hub could not provide it ({exc}). "
+        "Use base=tiny for the built-in offline model, a local model directory, or a hub id with network access."
+    )
+
+
+def text_layout(model, tokenizer):
+    """How this base frames text around the image: placeholder id, query count, BOS, pad, stop."""
+    from multimodal_lora.data.encoding import TextLayout
+
+    config = model.config
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.text_config.pad_token_id
+    return TextLayout(
+        image_token_id=int(config.image_token_index),
+        num_query_tokens=int(config.num_query_tokens),
+        bos_token_id=int(config.text_config.bos_token_id),
+        pad_token_id=int(pad),
+        stop_token_id=stop_token_id(model.generation_config, config.text_config),
+    )

@@ -1,0 +1,48 @@
+"""Shared fixtures. Tests never reach the network: the hub is switched off here,
+and the tiny base and bundled data are built into a per-session cache."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Before anything imports huggingface_hub: no test may reach for the hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# One cache per test session (subprocesses inherit it), unless the caller chose one.
+os.environ.setdefault("MULTIMODAL_LORA_CACHE", tempfile.mkdtemp(prefix="mmlora-test-cache-"))
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+
+
+@pytest.fixture(scope="session")
+def tiny_base() -> Path:
+    """The tiny BLIP-2 directory (built once per session)."""
+    from multimodal_lora.tiny import ensure_tiny_base
+
+    return ensure_tiny_base()
+
+
+@pytest.fixture(scope="session")
+def shapes_dir() -> Path:
+    """The bundled shapes imagefolder (generated once per session)."""
+    from multimodal_lora.data.shapes import ensure_builtin
+
+    return ensure_builtin("shapes")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One full training run of recipes/tiny.yaml, shared by the tests that need a trained adapter."""
+    from multimodal_lora.config import load_recipe
+    from multimodal_lora.train import train
+
+    out = tmp_path_factory.mktemp("tiny-run")
+    recipe = load_recipe(RECIPES / "tiny.yaml", [f"output_dir={out}"])
+    return train(recipe)
