@@ -242,6 +242,46 @@ def published_config(name: str = "blip2-opt-2.7b"):
     return Blip2Config.from_dict(json.loads(text))
 
 
+# Hub ids whose architecture ships with the package (multimodal_lora/arch/), so that
+# planning memory for them needs no download.
+SHIPPED_ARCHITECTURES = {"Salesforce/blip2-opt-2.7b": "blip2-opt-2.7b"}
+
+
+def base_config(base: str, revision: str | None = None):
+    """The ``Blip2Config`` of a base, without loading its weights.
+
+    A shipped architecture (``Salesforce/blip2-opt-2.7b``) is read from the
+    package; ``tiny`` and model directories from their ``config.json``; other
+    hub ids fetch only ``config.json``.
+    """
+    if base in SHIPPED_ARCHITECTURES:
+        return published_config(SHIPPED_ARCHITECTURES[base])
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_base(base), revision=revision)
+    except OSError as exc:
+        raise UserError(_not_found_message(base, exc)) from None
+
+
+def quantized_linears(model) -> set[str]:
+    """Names of the ``nn.Linear`` layers bitsandbytes replaces when the base loads in int8 or 4-bit.
+
+    transformers quantizes every linear layer except those of the modules the
+    model keeps in fp32 (BLIP-2: the Q-Former) and the output head (tied to the
+    input embeddings). Works on a ``meta`` model.
+    """
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    out = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
+            continue
+        if any(part in keep for part in name.split(".")):
+            continue
+        out.add(name)
+    return out
+
+
 def meta_model(config):
     """Build a BLIP-2 on the ``meta`` device: shapes without memory, for counting and planning."""
     from transformers import Blip2ForConditionalGeneration

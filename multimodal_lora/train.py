@@ -236,9 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value or section.key=value, e.g. lora.r=8")
+    parser.add_argument(
+        "--plan", action="store_true", help="print the estimated GPU memory and parameter table, and load nothing"
+    )
     args = parser.parse_args(argv)
     setup_logging()
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.plan:
+        from multimodal_lora.plan import plan_recipe
+
+        print(plan_recipe(recipe).format())
+        return 0
     train(recipe)
     return 0
 

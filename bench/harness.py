@@ -1,0 +1,117 @@
+"""What every bench script shares: timing, the machine's description, tables, JSON results.
+
+Bench scripts are plain Python run from the repository root
+(``python bench/NAME.py``); each prints a small table and writes
+``bench/results/NAME.json`` (atomically: a temporary file, then a rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def quiet() -> None:
+    """Offline, and without the progress bars and warnings of the libraries underneath."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.disable(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    """Seconds ``fn`` took (after a CUDA sync, when there is a GPU), and its result."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+def table(headers: list[str], rows: list[list], title: str | None = None) -> str:
+    """A plain-text table: the first column left-aligned, numbers right-aligned."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    fmt = lambda row: "  ".join(  # noqa: E731
+        (c.ljust(w) if i == 0 else c.rjust(w)) for i, (c, w) in enumerate(zip(row, widths))
+    )
+    lines = [title] if title else []
+    lines += [fmt([str(h) for h in headers]), fmt(["-" * w for w in widths])]
+    lines += [fmt(r) for r in cells]
+    return "\n".join(lines)
+
+
+def write_result(name: str, data: dict, directory: Path | None = None) -> Path:
+    """Write ``data`` (plus the machine and the command) to ``bench/results/NAME.json``."""
+    directory = Path(directory) if directory is not None else RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {"bench": name, "command": " ".join(["python", *sys.argv]), "machine": machine(), **data}
+    path = directory / f"{name}.json"
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".json", dir=directory)
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        if value == 0 or abs(value) >= 100:
+            return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.1f}"
+        return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)

@@ -1,0 +1,226 @@
+"""How much GPU memory a recipe needs, worked out before any weights load.
+
+    python -m multimodal_lora.train RECIPE --plan
+    python bench/memory_plan.py RECIPE
+
+The plan builds the recipe's base on the ``meta`` device (shapes without
+memory), adds the recipe's LoRA there, and adds up:
+
+* **weights** — each parameter at the bytes it will really have: bitsandbytes
+  int8 layers hold 1 byte per weight plus one fp32 scale per output row; 4-bit
+  NF4 layers hold half a byte plus an 8-bit scale per block of 64 (double
+  quantization) and one fp32 per 256 blocks. Which layers are quantized and
+  which stay in fp32 comes from :func:`multimodal_lora.model.quantized_linears`.
+  A quantized base being trained has its other weights cast to fp32 by PEFT's
+  ``prepare_model_for_kbit_training``, so they count 4 bytes here.
+* **LoRA** — adapter weights, their gradients and AdamW's two moments, all fp32
+  (PEFT keeps adapters in fp32 even on a bf16 base): 16 bytes per parameter.
+* **activations** — what autograd keeps for the backward pass through the
+  language model (the vision encoder and Q-Former are frozen and take no
+  gradient, so they keep nothing), per token per decoder layer about
+  ``8 × hidden + 2 × ffn`` values (layer-norm inputs and outputs, q/k/v, the
+  attention output, the MLP's two wide tensors), plus the logits over the
+  vocabulary in fp32 for the loss. With gradient checkpointing each layer keeps
+  only its input, and one layer's activations exist at a time while it is
+  recomputed.
+
+What it leaves out: the CUDA context (about 0.5 GB per process, outside
+``torch.cuda.max_memory_allocated``), the allocator's fragmentation, and the
+frozen-feature cache, which lives in host memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from multimodal_lora.config import LoraSettings, Recipe
+from multimodal_lora.model import (
+    add_lora,
+    base_config,
+    count_parameters,
+    format_parameter_table,
+    meta_model,
+    quantized_linears,
+)
+
+__all__ = ["MemoryPlan", "plan_memory", "plan_recipe", "quantized_weight_bytes"]
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# LoRA weight, its gradient, AdamW's exp_avg and exp_avg_sq: four fp32 tensors.
+LORA_BYTES_PER_PARAM = 4 + 4 + 8
+# NF4 with double quantization: absmax per block of 64 weights, itself 8-bit with
+# one fp32 scale per 256 blocks.
+NF4_BLOCK = 64
+NF4_NESTED_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """A recipe's estimated training memory, in bytes, by part."""
+
+    parameter_table: str
+    """The trainable-parameter table (the same one the trainer prints)."""
+    quantization: str
+    batch_size: int
+    sequence_length: int
+    """Tokens per example the plan assumes: query tokens + ``data.max_length``."""
+    weights: int
+    """The frozen base, as loaded for training."""
+    lora_parameters: int
+    lora_weights: int
+    lora_gradients: int
+    optimizer_state: int
+    activations: int
+    """Kept for the backward pass, without gradient checkpointing."""
+    activations_checkpointed: int
+    """The same with gradient checkpointing."""
+
+    def total(self, gradient_checkpointing: bool = False) -> int:
+        """Peak training memory (bytes), with or without gradient checkpointing."""
+        acts = self.activations_checkpointed if gradient_checkpointing else self.activations
+        return self.weights + self.lora_weights + self.lora_gradients + self.optimizer_state + acts
+
+    def as_dict(self) -> dict:
+        """Plain numbers, for JSON."""
+        out = {k: v for k, v in self.__dict__.items() if k != "parameter_table"}
+        out["total"] = self.total(False)
+        out["total_checkpointed"] = self.total(True)
+        return out
+
+    def format(self) -> str:
+        """The parameter table, then the memory table."""
+        rows = [
+            ("base weights", self.weights, f"quantization {self.quantization}"),
+            ("LoRA weights", self.lora_weights, f"{self.lora_parameters:,} params, fp32"),
+            ("LoRA gradients", self.lora_gradients, "fp32"),
+            ("optimizer state", self.optimizer_state, "AdamW: 2 × fp32"),
+            ("activations", self.activations, f"batch {self.batch_size} × {self.sequence_length} tokens"),
+            ("total", self.total(False), "without gradient checkpointing"),
+            ("activations (GC)", self.activations_checkpointed, "with gradient checkpointing"),
+            ("total (GC)", self.total(True), "with gradient checkpointing"),
+        ]
+        lines = [self.parameter_table, "", f"{'memory':<18}{'GiB':>10}  note"]
+        lines += [f"{name:<18}{n / 2**30:>10.3f}  {note}" for name, n, note in rows]
+        lines.append("(plus the CUDA context, about 0.5 GiB, and allocator slack)")
+        return "\n".join(lines)
+
+
+def plan_recipe(recipe: Recipe) -> MemoryPlan:
+    """Plan a recipe's training memory from its base's config (no weights are loaded)."""
+    config = base_config(recipe.model.base, recipe.model.revision)
+    return plan_memory(
+        config,
+        quantization=recipe.model.quantization,
+        dtype=recipe.model.dtype,
+        lora=recipe.lora,
+        batch_size=recipe.train.batch_size,
+        max_length=recipe.data.max_length,
+    )
+
+
+def plan_memory(config, *, quantization: str, dtype: str, lora: LoraSettings, batch_size: int, max_length: int) -> MemoryPlan:
+    """Plan training memory for a BLIP-2 config, a LoRA and a batch shape.
+
+    Args:
+        config: a ``Blip2Config``.
+        quantization: ``none``, ``int8`` or ``4bit``.
+        dtype: ``fp32``, ``bf16`` or ``fp16``: the unquantized weights' dtype.
+        lora: the adapters to add.
+        batch_size: examples per micro-batch.
+        max_length: text tokens per example (the image adds ``num_query_tokens``).
+
+    Returns:
+        A :class:`MemoryPlan`.
+
+    Example:
+        >>> plan = plan_memory(published_config(), quantization="int8", dtype="fp16",
+        ...                    lora=LoraSettings(r=16, target_modules=["q_proj", "v_proj"]),
+        ...                    batch_size=2, max_length=32)
+        >>> round(plan.total() / 2**30, 1)
+    """
+    if quantization not in ("none", "int8", "4bit"):
+        raise ValueError(f"quantization {quantization!r}; choose from none, int8, 4bit")
+    model = meta_model(config)
+    weights = base_weight_bytes(model, quantization, dtype)
+    peft_model = add_lora(model, lora)
+    table = format_parameter_table(count_parameters(peft_model))
+    lora_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+    text = config.text_config
+    seq = int(config.num_query_tokens) + max_length
+    tokens = batch_size * seq
+    # Hidden states are fp32 when the base is quantized (PEFT casts everything
+    # that is not int8/4-bit to fp32) or fp32; otherwise the base's dtype.
+    act = 4 if quantization != "none" or dtype == "fp32" else BYTES[dtype]
+    hidden, ffn, layers = text.hidden_size, text.ffn_dim, text.num_hidden_layers
+    per_layer = 8 * hidden + 2 * ffn
+    if lora.dropout > 0:
+        # Each adapted projection keeps its dropped-out input for lora_A's gradient.
+        per_layer += hidden * len(lora.target_modules)
+    # Logits in the compute dtype, their fp32 copy for the loss, the saved
+    # log-softmax, and (at the start of the backward pass) their fp32 gradient.
+    logits = tokens * text.vocab_size * (act + 4 + 4 + 4)
+    full = tokens * per_layer * layers * act + logits
+    checkpointed = tokens * (hidden * layers + per_layer) * act + logits
+    return MemoryPlan(
+        parameter_table=table,
+        quantization=quantization,
+        batch_size=batch_size,
+        sequence_length=seq,
+        weights=weights,
+        lora_parameters=lora_params,
+        lora_weights=4 * lora_params,
+        lora_gradients=4 * lora_params,
+        optimizer_state=8 * lora_params,
+        activations=full,
+        activations_checkpointed=checkpointed,
+    )
+
+
+def base_weight_bytes(model, quantization: str, dtype: str, *, for_training: bool = True) -> int:
+    """Bytes of a (``meta``) base's weights once loaded with ``quantization`` and ``dtype``."""
+    # transformers upcasts these modules to fp32 when the base loads in fp16 (and
+    # the "strict" ones in bf16 too), to avoid fp16 overflow in them.
+    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype == "fp16":
+        keep_fp32 |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    quantized = quantized_linears(model) if quantization != "none" else set()
+    other = 4 if (quantization != "none" and for_training) else BYTES[dtype]
+    total = 0
+    for name, param in model.named_parameters():
+        module, _, leaf = name.rpartition(".")
+        if module in quantized and leaf == "weight":
+            total += quantized_weight_bytes(tuple(param.shape), quantization)
+        elif any(part in keep_fp32 for part in name.split(".")):
+            total += 4 * param.numel()
+        else:
+            total += other * param.numel()
+    return total
+
+
+def quantized_weight_bytes(shape: tuple[int, int], quantization: str) -> int:
+    """Bytes of one bitsandbytes weight matrix of ``shape`` (out, in), scales included."""
+    out_features, in_features = shape
+    n = out_features * in_features
+    if quantization == "int8":
+        return n + 4 * out_features  # int8 weights + one fp32 scale (SCB) per row
+    if quantization == "4bit":
+        blocks = math.ceil(n / NF4_BLOCK)
+        nested = math.ceil(blocks / NF4_NESTED_BLOCK)
+        # + the two code books: 16 NF4 levels and 256 8-bit levels, in fp32.
+        return math.ceil(n / 2) + blocks + 4 * nested + 4 * (16 + 256)
+    raise ValueError(f"quantization {quantization!r} is not a bitsandbytes format")
+
+
+def measured_weight_bytes(model) -> int:
+    """Bytes a loaded model's parameters and buffers really take (to check the plan against)."""
+    seen, total = set(), 0
+    for tensor in list(model.state_dict(keep_vars=True).values()):
+        if not isinstance(tensor, torch.Tensor) or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
