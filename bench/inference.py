@@ -1,12 +1,13 @@
 """Caption latency: base, base + LoRA unmerged, base with LoRA merged; batched vs one by one.
 
-    python bench/inference.py [--repeats 5]
+    python bench/inference.py [--repeats 3]
 
 LoRA's promise is that a merged adapter costs nothing at inference: the
 merged model has the base's shapes. Each variant captions the same validation
 images one at a time with greedy decoding and exactly ``--tokens`` new tokens
 (``min_new_tokens = max_new_tokens``), so that every variant does the same
-work whatever it says; variants alternate image by image and the median
+work whatever it says; variants alternate image by image, in rotating
+order, and the median
 latency per image is reported. The target is merged / base ≤ 1.05.
 
 Then ``Captioner.caption`` captions the same images with ``batch_size=8`` and
