@@ -67,11 +67,11 @@ def run_reference(steps: int) -> dict:
     """One run of the reference loop on the same recipe's model and data."""
     import torch
     from accelerate.utils import set_seed
+    from reference_loop import reference_train
 
     from multimodal_lora.config import load_recipe
     from multimodal_lora.data.sources import load_splits
     from multimodal_lora.model import add_lora, load_base, load_processor
-    from reference_loop import reference_train
 
     recipe = load_recipe(RECIPE, ["data.val_split=null"])
     start = time.perf_counter()
