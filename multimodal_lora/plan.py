@@ -17,7 +17,8 @@ memory), adds the recipe's LoRA there, and adds up:
   (PEFT keeps adapters in fp32 even on a bf16 base): 16 bytes per parameter.
 * **activations** — what autograd keeps for the backward pass through the
   language model (the vision encoder and Q-Former are frozen and take no
-  gradient, so they keep nothing), per token per decoder layer about
+  gradient, so they keep nothing), in the autocast dtype (2 bytes for bf16 or
+  fp16, 4 for fp32), per token per decoder layer about
   ``8 × hidden + 2 × ffn`` values (layer-norm inputs and outputs, q/k/v, the
   attention output, the MLP's two wide tensors), plus the logits over the
   vocabulary in fp32 for the loss. With gradient checkpointing each layer keeps
@@ -136,10 +137,11 @@ def plan_memory(config, *, quantization: str, dtype: str, lora: LoraSettings, ba
         A :class:`MemoryPlan`.
 
     Example:
+        >>> from multimodal_lora.model import published_config
         >>> plan = plan_memory(published_config(), quantization="int8", dtype="fp16",
         ...                    lora=LoraSettings(r=16, target_modules=["q_proj", "v_proj"]),
-        ...                    batch_size=2, max_length=32)
-        >>> round(plan.total() / 2**30, 1)
+        ...                    batch_size=2, max_length=64)
+        >>> print(plan.format())
     """
     if quantization not in ("none", "int8", "4bit"):
         raise ValueError(f"quantization {quantization!r}; choose from none, int8, 4bit")
@@ -152,9 +154,10 @@ def plan_memory(config, *, quantization: str, dtype: str, lora: LoraSettings, ba
     text = config.text_config
     seq = int(config.num_query_tokens) + max_length
     tokens = batch_size * seq
-    # Hidden states are fp32 when the base is quantized (PEFT casts everything
-    # that is not int8/4-bit to fp32) or fp32; otherwise the base's dtype.
-    act = 4 if quantization != "none" or dtype == "fp32" else BYTES[dtype]
+    # On a GPU the trainer runs under autocast in the recipe's dtype (accelerate's
+    # mixed precision), so the saved matmul outputs are 2 bytes unless dtype is fp32
+    # (the fp32 residual stream of a quantized base makes this a slight underestimate).
+    act = BYTES[dtype]
     hidden, ffn, layers = text.hidden_size, text.ffn_dim, text.num_hidden_layers
     per_layer = 8 * hidden + 2 * ffn
     if lora.dropout > 0:
