@@ -40,6 +40,19 @@ def quiet() -> None:
         pass
 
 
+def set_threads(threads: int) -> None:
+    """Use ``threads`` intra-op threads for torch.
+
+    The tiny model's matrices are too small to gain from more than one, and on
+    a machine shared with other work, threads that wait for a descheduled
+    sibling make timings (wall and CPU alike) erratic.
+    """
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
 def machine() -> dict:
     """What the figures were measured on."""
     import torch

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import median, quiet, table, write_result
+from harness import median, quiet, set_threads, table, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 1.05
@@ -79,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="passes over the images")
     parser.add_argument("--tokens", type=int, default=8, help="new tokens per caption")
     parser.add_argument("--train-steps", type=int, default=30, help="steps of the tiny recipe that make the adapter")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     quiet()
+    set_threads(args.threads)
     import torch
 
     from multimodal_lora.data.images import load_image

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import median, quiet, table, write_result
+from harness import median, quiet, set_threads, table, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "tiny.yaml"
@@ -79,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each, alternating")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for our loop, e.g. cache_image_features=true")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     quiet()
+    set_threads(args.threads)
     model, optimizer, batches = bare_setup(args.steps)
     bare_step_seconds(model, optimizer, batches[:3])  # warm-up
     ours, bare = [], []

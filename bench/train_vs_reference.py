@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import median, quiet, table, write_result
+from harness import median, quiet, set_threads, table, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "tiny.yaml"
@@ -112,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="batches per run (0: one epoch of the tiny recipe)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each loop, alternating")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     quiet()
+    set_threads(args.threads)
     from multimodal_lora.config import load_recipe
     from multimodal_lora.data.sources import load_splits
 
