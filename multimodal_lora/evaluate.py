@@ -31,7 +31,7 @@ from multimodal_lora.data.sources import Example
 from multimodal_lora.errors import UserError
 from multimodal_lora.metrics import LABELS, METRICS, caption_metrics, meteor_available
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("multimodal_lora.evaluate")  # not __name__: it is __main__ under python -m
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,8 @@ from multimodal_lora.model import (
 )
 from multimodal_lora.sampler import EpochBatchSampler
 
-logger = logging.getLogger(__name__)
+# Named, not __name__: run as `python -m`, this module is __main__, outside the package logger.
+logger = logging.getLogger("multimodal_lora.train")
 
 
 class TrainingError(UserError):
@@ -187,7 +188,7 @@ def train(recipe: Recipe) -> TrainResult:
         state = load_checkpoint(
             path, record, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler, scaler=accelerator.scaler
         )
-        logger.info("resumed from %s: step %d of %d, epoch %d", path, state.step, total_steps, state.epoch + 1)
+        logger.info("resumed from %s: step %d of %d, %d epochs done", path, state.step, total_steps, state.epoch)
 
     meta = AdapterMeta(base=base, task=recipe.data.task, prompt=recipe.data.prompt, prompt_template=recipe.data.prompt_template)
     captioner, val_groups = None, []
