@@ -83,6 +83,10 @@ class TrainResult:
     samples_per_second: float
     metrics: dict = field(default_factory=dict)
     """The last evaluation's validation loss and captioning metrics."""
+    epoch_seconds: list[float] = field(default_factory=list)
+    """Training time of each epoch completed by this process (validation excluded)."""
+    feature_cache_seconds: float | None = None
+    """Time spent computing (or opening) the frozen-feature cache; ``None`` without one."""
     stopped_early: bool = False
     """``True`` when SIGTERM or Ctrl-C stopped the run (a checkpoint was written; resume with resume=true)."""
 
@@ -152,7 +156,9 @@ def train(recipe: Recipe) -> TrainResult:
         prompt_template=recipe.data.prompt_template,
         max_length=recipe.data.max_length,
     )
+    started = time.perf_counter()
     train_set, val_set, collate = build_datasets(recipe, accelerator, model, processor, encoder, splits, layout.pad_token_id)
+    cache_seconds = time.perf_counter() - started if recipe.train.cache_image_features else None
     sampler = EpochBatchSampler(
         len(train_set), recipe.train.batch_size, recipe.seed, accelerator.process_index, accelerator.num_processes
     )
@@ -217,7 +223,9 @@ def train(recipe: Recipe) -> TrainResult:
         log.close()
         _summary(run, result, adapter_dir)
     accelerator.wait_for_everyone()
-    return TrainResult(adapter_dir=adapter_dir, adapter_bytes=adapter_size_bytes(adapter_dir), **result)
+    return TrainResult(
+        adapter_dir=adapter_dir, adapter_bytes=adapter_size_bytes(adapter_dir), feature_cache_seconds=cache_seconds, **result
+    )
 
 
 def fit(run: Run) -> dict:
@@ -231,12 +239,13 @@ def fit(run: Run) -> dict:
 
     cfg, state, accelerator = run.recipe.train, run.state, run.accelerator
     start, window_start, window_samples, window_losses = time.perf_counter(), time.perf_counter(), 0, []
-    start_samples, loss_value, last_eval = state.samples, float("nan"), {}
+    start_samples, loss_value, last_eval, epoch_seconds = state.samples, float("nan"), {}, []
     progress = tqdm(total=run.total_steps, initial=state.step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
     set_train_mode(run.model)
     while state.step < run.total_steps and not run.stop.requested:
         # This epoch's order is fixed by seed and epoch; skip what a checkpoint had already consumed.
         run.sampler.set_epoch(state.epoch, skip=state.batches_done)
+        epoch_start = time.perf_counter()
         for group in _groups(run.train_loader, cfg.grad_accum):
             loss_value = train_step(run, group)
             state.step += 1
@@ -261,6 +270,7 @@ def fit(run: Run) -> dict:
             epoch_done = state.batches_done >= run.sampler.batches_per_epoch
             finished = state.step >= run.total_steps
             if epoch_done:
+                epoch_seconds.append(time.perf_counter() - epoch_start)
                 state.epoch += 1
                 state.batches_done = 0
             if epoch_done or finished:
@@ -286,6 +296,7 @@ def fit(run: Run) -> dict:
         "samples_per_second": (state.samples - start_samples) / seconds if seconds > 0 else 0.0,
         "metrics": last_eval,
         "stopped_early": run.stop.requested,
+        "epoch_seconds": epoch_seconds,
     }
 
 
