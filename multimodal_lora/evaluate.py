@@ -190,9 +190,12 @@ def evaluate(
         prompt_template=recipe.data.prompt_template,
         max_length=recipe.data.max_length,
     )
-    val_set = PairDataset(splits.validation, encoder.encode_all(splits.validation), captioner.processor.image_processor)
-    loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.train.batch_size, collate_fn=Collator(captioner.layout.pad_token_id))
     groups = group_references(splits.validation)[:max_images]
+    # The loss is measured on the same images as the captions: every reference of each.
+    chosen = {g.image_id for g in groups}
+    rows = [e for e in splits.validation if e.image_id in chosen]
+    val_set = PairDataset(rows, encoder.encode_all(rows), captioner.processor.image_processor)
+    loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.train.batch_size, collate_fn=Collator(captioner.layout.pad_token_id))
     use_meteor = meteor and meteor_available()
     table, captions = {}, {}
     for column, adapter_name in (("base", None), ("adapter", name)):
@@ -206,7 +209,7 @@ def evaluate(
         table[column] = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item(), **score(captions[column], groups, meteor=use_meteor)}
         logger.info("%s: %s", column, _format(table[column]))
 
-    notes = [f"{len(groups)} validation images ({len(splits.validation)} references) from {splits.description}; adapter {adapter_dir}"]
+    notes = [f"{len(groups)} validation images ({len(rows)} references) from {splits.description}; adapter {adapter_dir}"]
     if not use_meteor:
         notes.append("METEOR not computed: " + ("java is not on the PATH (METEOR 1.5 is a Java program)" if meteor else "--no-meteor"))
     notes.append("CIDEr-D is on a 0–10 scale; the other metrics on 0–1. Captions are lower-cased and stripped of punctuation before scoring.")

@@ -255,7 +255,8 @@ def fit(run: Run) -> dict:
             window_samples += step_samples
             window_losses.append(loss_value)
             progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
+            rate = (state.samples - start_samples) / max(time.perf_counter() - start, 1e-9)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}", samples_s=f"{rate:.1f}")
 
             if state.step % cfg.log_every == 0 or state.step == run.total_steps:
                 now = time.perf_counter()
@@ -277,9 +278,10 @@ def fit(run: Run) -> dict:
                 last_eval = validate(run) or last_eval
                 set_train_mode(run.model)
             due = cfg.checkpoint_every is not None and state.step % cfg.checkpoint_every == 0
-            if epoch_done or finished or due or run.stop.check(accelerator):
+            stop = run.stop.check(accelerator)  # every step, on every process: they must stop together
+            if epoch_done or finished or due or stop:
                 checkpoint(run)
-            if finished or run.stop.requested:
+            if finished or stop:
                 break
     progress.close()
     if run.stop.requested:
