@@ -107,3 +107,36 @@ def test_int8_base_on_cpu_uses_real_bitsandbytes_layers(tiny_base):
     # The fingerprint ignores quantization: an adapter trained on int8 fits the fp32 base.
     fp32, fp32_info = load_base(ModelConfig(base="tiny", device="cpu"))
     assert info.fingerprint == fp32_info.fingerprint == config_fingerprint(fp32.config)
+
+
+def test_int8_training_lowers_the_loss(tiny_base, shapes_dir):
+    from multimodal_lora.data.images import load_image
+
+    torch.manual_seed(0)
+    model, _ = load_base(ModelConfig(base="tiny", device="cpu", quantization="int8"))
+    processor = load_processor("tiny")
+    layout = text_layout(model, processor.tokenizer)
+    model = add_lora(model, LoraSettings(r=8, alpha=16, dropout=0.0))
+    images = [load_image(p) for p in sorted((shapes_dir / "train").glob("*.png"))[:8]]
+    pixel_values = processor.image_processor(images, return_tensors="pt").pixel_values
+    captions = [line for line in (shapes_dir / "train" / "metadata.jsonl").read_text().splitlines()[:8]]
+    import json
+
+    rows = [[layout.bos_token_id, *processor.tokenizer(" " + json.loads(c)["text"], add_special_tokens=False).input_ids, layout.stop_token_id] for c in captions]
+    width = max(map(len, rows))
+    ids = torch.full((8, 8 + width), layout.pad_token_id)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : 8 + len(row)] = torch.tensor([layout.image_token_id] * 8 + row)
+        labels[i, 9 : 8 + len(row)] = torch.tensor(row[1:])
+        mask[i, : 8 + len(row)] = 1
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
