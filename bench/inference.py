@@ -39,7 +39,7 @@ def train_adapter(workdir: Path, steps: int) -> Path:
 
 
 def merged_model(base, adapter_dir: Path):
-    """The base with the adapter merged in: multimodal_lora.merge when present, else PEFT's merge_and_unload."""
+    """The base with the adapter merged into its weights, by PEFT's ``merge_and_unload``."""
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
