@@ -195,7 +195,7 @@ def bench_base(checkpoint: Path, config, label: str, quantization: str, args, de
     import torch
 
     from multimodal_lora.config import LoraSettings, ModelConfig
-    from multimodal_lora.model import add_lora, load_base
+    from multimodal_lora.model import add_lora, enable_gradient_checkpointing, load_base
     from multimodal_lora.plan import plan_memory
 
     lora = LoraSettings(**LORA)
@@ -210,7 +210,7 @@ def bench_base(checkpoint: Path, config, label: str, quantization: str, args, de
     rows = []
     for gc_on in (False, True):
         if gc_on:
-            model.get_base_model().language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(model)  # the trainer's own switch
         for cache in (False, True):
             found = train_speed(model, batch, cache=cache, steps=args.steps, warmup=args.warmup, device=device)
             rows.append({
