@@ -34,7 +34,7 @@ def test_two_processes_train_and_write_the_adapter_once(small_shapes_dir, tmp_pa
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert len([r for r in records if r["split"] == "validation"]) == 2
-    assert proc.stderr.count("\nadapter: ") == 1, "only the main process reports (and writes) the adapter"
+    assert proc.stderr.count("adapter saved to") == 1, "only the main process reports (and writes) the adapter"
     state = json.loads((find_checkpoints(out)[-1] / "state.json").read_text())
     assert state["identity"]["processes"] == 2 and state["samples"] == 48
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "a temporary directory was left behind"
