@@ -508,7 +508,7 @@ def _summary(run: Run, result: dict, adapter_dir: Path) -> None:
         f"{'stopped' if result['stopped_early'] else 'finished'}: {result['steps']} steps in {result['seconds']:.1f} s "
         f"({result['samples_per_second']:.1f} samples/s), final training loss {result['final_loss']:.4f}",
         "best validation: " + (", ".join(f"{k} {v:.4f}" for k, v in best.items()) or "none (no validation split)"),
-        f"adapter: {adapter_dir} ({adapter_size_bytes(adapter_dir) / 1024:.1f} KB)",
+        f"adapter {'so far' if result['stopped_early'] else 'saved to'} {adapter_dir} ({adapter_size_bytes(adapter_dir) / 1024:.1f} KB)",
         f"checkpoints: {run.output_dir / 'checkpoints'}",
         f"metrics: {run.log.path}; loss curve: {run.log.plot_path}"
         + (f"; TensorBoard: {run.output_dir / 'tensorboard'}" if run.log.tensorboard is not None else ""),

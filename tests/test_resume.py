@@ -205,3 +205,29 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(small_shapes_di
     verify_checkpoint(find_checkpoints(out)[0])
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert resolve_resume(True, out)[0].name == "checkpoint-00000002"
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(small_shapes_dir, tmp_path, monkeypatch):
+    import torch
+
+    import multimodal_lora.train as train_module
+    from multimodal_lora.train import TrainingError
+
+    real = train_module.forward_inputs
+    calls = {"n": 0}
+
+    def poison_third_batch(batch, device):
+        calls["n"] += 1
+        inputs = real(batch, device)
+        if calls["n"] == 3 and inputs.get("pixel_values") is not None:
+            inputs["pixel_values"] = inputs["pixel_values"] * torch.nan  # a corrupt image, as far as the loss knows
+        return inputs
+
+    monkeypatch.setattr(train_module, "forward_inputs", poison_third_batch)
+    out = tmp_path / "nan"
+    overrides = [*small_overrides(small_shapes_dir, out), "train.grad_accum=1", "train.checkpoint_every=2"]
+    with pytest.raises(TrainingError, match=r"the loss became nan at step 3.*checkpoint-00000002"):
+        train(load_recipe(TINY, overrides))
+    assert [p.name for p in find_checkpoints(out)] == ["checkpoint-00000002"]
+    verify_checkpoint(find_checkpoints(out)[0])
+    assert not (out / "adapter").exists()
