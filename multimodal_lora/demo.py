@@ -235,7 +235,7 @@ def build_app(
         base_text = ""
         if side_by_side and adapter is not None:
             base_text = run(lambda: captioner.caption(image, adapter=None, prompt=prompt or None, **opts))
-        return image, text, base_text
+        return path, text, base_text
 
     def ask_fn(path, question, choice, max_new_tokens, num_beams, do_sample, temperature, top_p):
         image = read_upload(path)
@@ -243,9 +243,12 @@ def build_app(
             raise gr.Error("Type a question about the image.")
         adapter = to_adapter(choice)
         opts = options(max_new_tokens, num_beams, do_sample, temperature, top_p)
-        return image, run(lambda: captioner.ask(image, question.strip(), adapter=adapter, **opts))
+        return path, run(lambda: captioner.ask(image, question.strip(), adapter=adapter, **opts))
 
     examples = example_images(examples_dir) if examples_dir is not None else []
+    # The image shown beside the answer is the uploaded file itself, served from the
+    # upload directory: re-encoding it would write one cache file per image content,
+    # which gradio rewrites in place while concurrent requests may be reading it.
     with gr.Blocks(title="multimodal_lora demo", analytics_enabled=False) as app:
         gr.Markdown("# multimodal_lora: BLIP-2 with LoRA adapters")
         gr.Markdown(status_text(found, adapters_dir, captioner.base.name), elem_id="status")
@@ -267,7 +270,7 @@ def build_app(
                     c_compare = gr.Checkbox(value=False, label="Side by side: also caption with the base")
                     c_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 with gr.Column():
-                    c_seen = gr.Image(label="What the model saw", interactive=False, type="pil")
+                    c_seen = gr.Image(label="Image", interactive=False, type="filepath", height=240)
                     c_text = gr.Textbox(label="Caption", elem_id="caption-output", interactive=False)
                     c_base = gr.Textbox(label="Base model's caption (side by side)", interactive=False)
             if examples:
@@ -287,7 +290,7 @@ def build_app(
                     q_adapter = gr.Dropdown(choices, value=vqa_names[0] if vqa_names else BASE_CHOICE, label="Adapter")
                     q_button = gr.Button("Ask", variant="primary", elem_id="vqa-button")
                 with gr.Column():
-                    q_seen = gr.Image(label="What the model saw", interactive=False, type="pil")
+                    q_seen = gr.Image(label="Image", interactive=False, type="filepath", height=240)
                     q_answer = gr.Textbox(label="Answer", elem_id="vqa-output", interactive=False)
             if examples:
                 gr.Examples(examples=[[p] for p in examples], inputs=[q_file], label="Examples (bundled shapes)")
