@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from multimodal_lora.adapter import check_base_matches, read_adapter
+from multimodal_lora.adapter import _replace_dir, check_base_matches, read_adapter
 from multimodal_lora.cli import run_cli, setup_logging
 from multimodal_lora.config import ModelConfig
 from multimodal_lora.errors import AdapterError, UserError
@@ -130,7 +129,7 @@ def merge_adapter(
             "prompt_template": meta.prompt_template if meta else None,
         }
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        _replace(tmp, out)
+        _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("merged model written to %s", out)
@@ -156,16 +155,6 @@ def _base_of(directory: Path, meta, base: str | None) -> tuple[str, str | None]:
     if not config.get("base_model_name_or_path"):
         raise AdapterError(f"adapter {str(directory)!r} does not say which base it belongs to; pass --base")
     return config["base_model_name_or_path"], config.get("revision")
-
-
-def _replace(new: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, old)
-    os.rename(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
