@@ -148,7 +148,23 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm to this; ``null`` disables clipping."""
     log_every: int = 10
-    """Optimizer steps between log lines."""
+    """Optimizer steps between log lines (and lines of ``metrics.jsonl``)."""
+    checkpoint_every: int | None = None
+    """Optimizer steps between checkpoints; one is also written at the end of each epoch."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep (older ones are deleted)."""
+    gradient_checkpointing: bool = False
+    """Recompute the language model's activations in the backward pass: less memory, ~30% slower."""
+    cache_image_features: bool = False
+    """Compute the frozen vision encoder + Q-Former + projection once per image and train from
+    that cache (memory-mapped under the cache directory) instead of on every step."""
+    eval_captions: bool = True
+    """At the end of each epoch, caption the validation images and compute BLEU-4, CIDEr-D, ROUGE-L,
+    METEOR (when java is installed) and exact match against all their references."""
+    eval_max_images: int | None = 64
+    """Caption at most this many validation images per evaluation (``null``: all of them)."""
+    eval_max_new_tokens: int = 30
+    """The longest caption generated during evaluation, in tokens."""
 
     def problems(self) -> list[str]:
         out = []
@@ -170,6 +186,14 @@ class TrainConfig:
             out.append(f"train.max_grad_norm: must be positive or null (got {self.max_grad_norm})")
         if self.log_every < 1:
             out.append(f"train.log_every: must be at least 1 (got {self.log_every})")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            out.append(f"train.checkpoint_every: must be at least 1 or null (got {self.checkpoint_every})")
+        if self.keep_checkpoints < 1:
+            out.append(f"train.keep_checkpoints: must be at least 1 (got {self.keep_checkpoints}); resume needs one")
+        if self.eval_max_images is not None and self.eval_max_images < 1:
+            out.append(f"train.eval_max_images: must be at least 1 or null (got {self.eval_max_images})")
+        if self.eval_max_new_tokens < 1:
+            out.append(f"train.eval_max_new_tokens: must be at least 1 (got {self.eval_max_new_tokens})")
         return out
 
 
@@ -180,6 +204,9 @@ class Recipe:
     output_dir: str = "runs/default"
     """Where the run writes its adapter and logs."""
     seed: int = 0
+    resume: bool | str = False
+    """``true``: continue from the newest complete checkpoint in ``output_dir``;
+    a path: continue from that checkpoint directory; ``false``: start afresh."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
@@ -417,8 +444,29 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
+# Names people bring from other tools (PEFT, transformers' Trainer) for our keys.
+_ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "learning_rate": "lr",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size",
+    "model_name_or_path": "base",
+}
+
+
 def _closest(name: str, valid, prefix: str = "") -> str:
-    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    valid = list(valid)
+    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    if not match and _ALIASES.get(name) in valid:
+        match = [_ALIASES[name]]
+    if not match:
+        # Short keys (``r``) are too short for difflib's ratio: "rnak" still begins with "r".
+        match = [v for v in valid if name.startswith(v) or v.startswith(name)][:1]
     return f" (did you mean {prefix}{match[0]}?)" if match else ""
 
 

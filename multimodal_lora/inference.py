@@ -60,6 +60,22 @@ class Captioner:
         self._paths: dict[str, Path] = {}
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_model(cls, model, processor, base, adapters: dict[str, AdapterMeta | None] | None = None) -> Captioner:
+        """Wrap a model already in memory (e.g. the one being trained) without loading anything.
+
+        ``adapters`` names the PEFT adapters the model already has (the trainer's is ``"default"``).
+        """
+        self = cls.__new__(cls)
+        self.processor = processor
+        self.model = model
+        self.base = base
+        self.layout = text_layout(model, processor.tokenizer)
+        self.adapters = dict(adapters or {})
+        self._paths = {}
+        self._lock = threading.Lock()
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -307,3 +307,66 @@ def text_layout(model, tokenizer):
         pad_token_id=int(pad),
         stop_token_id=stop_token_id(model.generation_config, config.text_config),
     )
+
+
+# --- the frozen image path: train mode, visual prefix, feature-cache identity ------------------
+
+_FROZEN_IMAGE_PATH = ("vision_model", "qformer", "language_projection")
+
+
+def _blip2(model):
+    """The ``Blip2ForConditionalGeneration`` inside a PEFT (and/or DDP) wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def set_train_mode(model) -> None:
+    """Train mode for the language model only.
+
+    The vision encoder and Q-Former are frozen, so they should see each image the
+    same way every step: their dropout (0.1 in the Q-Former of BLIP-2) stays off.
+    That is also what makes a cached visual prefix equal to a computed one.
+    """
+    model.train()
+    blip2 = _blip2(model)
+    for name in _FROZEN_IMAGE_PATH:
+        getattr(blip2, name).eval()
+
+
+def visual_prefix(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """What the language model receives for each image: ``language_projection(Q-Former(vision(x)))``.
+
+    Shape ``(batch, num_query_tokens, text hidden size)``.
+    """
+    blip2 = _blip2(model)
+    return blip2.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+
+
+def prefix_inputs(prefix: torch.Tensor) -> dict:
+    """Forward keyword arguments that feed a precomputed visual prefix instead of ``pixel_values``."""
+    from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
+
+    return {"pixel_values": None, "mm_encoder_outputs": {"image": BaseModelOutputWithVisionQformerOutputs(pooler_output=prefix)}}
+
+
+def image_path_fingerprint(model) -> str:
+    """A hash of the frozen image path's weights (vision, Q-Former, queries, projection).
+
+    ``config_fingerprint`` only hashes shapes; cached features also depend on the
+    weights, so two bases with equal configs but other weights get other caches.
+    """
+    blip2 = _blip2(model)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(blip2.state_dict().items()):
+        name = _strip_peft_prefix(name)
+        if name.startswith((*_FROZEN_IMAGE_PATH, "query_tokens")):
+            data = tensor.detach().to("cpu").contiguous()
+            digest.update(name.encode())
+            digest.update(str(data.dtype).encode())
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute the language model's activations in backward (non-reentrant, so frozen inputs are fine)."""
+    _blip2(model).language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -38,6 +38,9 @@ TINY_VERSION = 1
 TEXT_INIT_STD = 0.2
 IMAGE_SIZE = 32
 NUM_QUERY_TOKENS = 8
+VISION_WIDTH = 64
+QFORMER_WIDTH = 128
+VISION_SEED_OFFSET = 2
 
 logger = logging.getLogger(__name__)
 
@@ -139,19 +142,19 @@ def build_tiny_model(tokenizer, seed: int = TINY_SEED):
     newline_id = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("\n"))[0]
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     vision = Blip2VisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=VISION_WIDTH,
+        intermediate_size=2 * VISION_WIDTH,
         num_hidden_layers=2,
         num_attention_heads=2,
         image_size=IMAGE_SIZE,
         patch_size=4,
     )
     qformer = Blip2QFormerConfig(
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=QFORMER_WIDTH,
+        intermediate_size=2 * QFORMER_WIDTH,
         num_hidden_layers=2,
         num_attention_heads=2,
-        encoder_hidden_size=32,
+        encoder_hidden_size=VISION_WIDTH,
         cross_attention_frequency=1,
         vocab_size=tokenizer.vocab_size,
     )
@@ -197,6 +200,8 @@ def build_tiny_model(tokenizer, seed: int = TINY_SEED):
     # visual prefix is an average of patches and the shape is lost. Scale each
     # weight by 1/sqrt(fan_in) (attention becomes selective, activations stay
     # in range) and give each query token its own random vector.
+    # A generator of its own, so the vision side does not change when the text side does.
+    generator = torch.Generator().manual_seed(seed + VISION_SEED_OFFSET)
     with torch.no_grad():
         for part in (model.vision_model, model.qformer, model.language_projection):
             for module in part.modules():

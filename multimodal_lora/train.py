@@ -1,48 +1,78 @@
 """Fine-tune BLIP-2's language model with LoRA.
 
     python -m multimodal_lora.train RECIPE [key=value ...]
+    python -m multimodal_lora.train RECIPE resume=true          # continue after a crash or a stop
     accelerate launch -m multimodal_lora.train RECIPE [key=value ...]
 
 The run, top to bottom: read and validate the recipe → read the data (before
 any weights load, so a bad data set fails in seconds) → load the base and its
-processor → add LoRA to the language model's attention → loop → save the
-adapter. The loop runs on ``accelerate``: one CPU, one GPU, or many GPUs,
-unchanged.
+processor → add LoRA to the language model's attention → (cache the frozen
+image features) → optimizer and schedule → (restore a checkpoint) → loop,
+validating and checkpointing at each epoch's end → save the adapter.
+
+The loop runs on ``accelerate``: one CPU, one GPU, or many GPUs, unchanged.
+Gradient accumulation is written out (``no_sync`` on all but the last
+micro-batch of a step) so that a step is a visible unit: checkpoints, logs and
+stop requests all happen between steps. On one process with a fixed seed a
+resumed run is bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import json
 import logging
 import math
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
 from multimodal_lora.adapter import AdapterMeta, adapter_size_bytes, save_adapter
+from multimodal_lora.checkpoint import (
+    TrainState,
+    check_identity,
+    load_checkpoint,
+    remove_stale_temporaries,
+    resolve_resume,
+    save_checkpoint,
+)
 from multimodal_lora.cli import run_cli, setup_logging
 from multimodal_lora.config import Recipe, load_recipe
 from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
 from multimodal_lora.data.sources import load_splits
-from multimodal_lora.errors import ConfigError
+from multimodal_lora.errors import ConfigError, UserError
+from multimodal_lora.evaluate import generate, group_references, score, token_loss_sums
+from multimodal_lora.feature_cache import CachedPairDataset, PrefixCollator, forward_inputs, open_or_build
+from multimodal_lora.logs import RunLog, peak_memory_mb
 from multimodal_lora.model import (
     add_lora,
     count_parameters,
+    enable_gradient_checkpointing,
     format_parameter_table,
     load_base,
     load_processor,
+    set_train_mode,
     text_layout,
 )
+from multimodal_lora.sampler import EpochBatchSampler
 
-logger = logging.getLogger(__name__)
+# Named, not __name__: run as `python -m`, this module is __main__, outside the package logger.
+logger = logging.getLogger("multimodal_lora.train")
+
+
+class TrainingError(UserError):
+    """Training cannot go on (a non-finite loss); the message names the last good checkpoint."""
 
 
 @dataclass
 class TrainResult:
-    """What a finished run leaves behind."""
+    """What a finished (or stopped) run leaves behind."""
 
     adapter_dir: Path
     adapter_bytes: int
@@ -51,21 +81,57 @@ class TrainResult:
     val_loss: float | None
     seconds: float
     samples_per_second: float
+    metrics: dict = field(default_factory=dict)
+    """The last evaluation's validation loss and captioning metrics."""
+    epoch_seconds: list[float] = field(default_factory=list)
+    """Training time of each epoch completed by this process (validation excluded)."""
+    feature_cache_seconds: float | None = None
+    """Time spent computing (or opening) the frozen-feature cache; ``None`` without one."""
+    stopped_early: bool = False
+    """``True`` when SIGTERM or Ctrl-C stopped the run (a checkpoint was written; resume with resume=true)."""
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built once by :func:`train`."""
+
+    recipe: Recipe
+    accelerator: object
+    model: object
+    optimizer: object
+    scheduler: object
+    sampler: EpochBatchSampler
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader | None
+    captioner: object
+    """Captions validation images with the model being trained (main process only)."""
+    val_groups: list
+    meta: AdapterMeta
+    output_dir: Path
+    log: RunLog
+    total_steps: int
+    state: TrainState
+    stop: StopRequest
 
 
 def train(recipe: Recipe) -> TrainResult:
-    """Run the recipe and return where the adapter is."""
+    """Run the recipe and return where the adapter is.
+
+    Raises:
+        UserError: a bad recipe, data set or checkpoint (the message says what to do),
+            or a non-finite loss (:class:`TrainingError`).
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     output_dir = prepare_output_dir(Path(recipe.output_dir))
-    accelerator = Accelerator(
-        cpu=recipe.model.device == "cpu",
-        gradient_accumulation_steps=recipe.train.grad_accum,
-        mixed_precision=_mixed_precision(recipe),
-    )
+    # Accumulation is done by hand in train_step, so accelerate sees one micro-batch per step.
+    accelerator = Accelerator(cpu=recipe.model.device == "cpu", mixed_precision=_mixed_precision(recipe))
+    _check_distributed(recipe, accelerator)
     set_seed(recipe.seed)
+    resume = resolve_resume(recipe.resume, output_dir)
     if accelerator.is_main_process:
+        remove_stale_temporaries(output_dir)
         # The resolved recipe, overrides applied: what this run really was.
         (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
@@ -77,8 +143,11 @@ def train(recipe: Recipe) -> TrainResult:
     model, base = load_base(recipe.model)
     layout = text_layout(model, processor.tokenizer)
     model = add_lora(model, recipe.lora)
+    if recipe.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     logger.info("trainable parameters:\n%s", format_parameter_table(count_parameters(model)))
 
+    # The datasets need the tokenizer (text) and, with the feature cache, the model's frozen image path.
     encoder = ExampleEncoder(
         processor.tokenizer,
         layout,
@@ -87,119 +156,289 @@ def train(recipe: Recipe) -> TrainResult:
         prompt_template=recipe.data.prompt_template,
         max_length=recipe.data.max_length,
     )
-    train_set = PairDataset(splits.train, encoder.encode_all(splits.train), processor.image_processor)
-    val_set = PairDataset(splits.validation, encoder.encode_all(splits.validation), processor.image_processor)
-    collate = Collator(layout.pad_token_id)
+    started = time.perf_counter()
+    train_set, val_set, collate = build_datasets(recipe, accelerator, model, processor, encoder, splits, layout.pad_token_id)
+    cache_seconds = time.perf_counter() - started if recipe.train.cache_image_features else None
+    sampler = EpochBatchSampler(
+        len(train_set), recipe.train.batch_size, recipe.seed, accelerator.process_index, accelerator.num_processes
+    )
+    # A loader draws a worker seed from its generator each epoch; without its own it would draw from
+    # the global RNG, which a resumed run starting mid-epoch would then be one draw behind on.
     train_loader = torch.utils.data.DataLoader(
         train_set,
-        batch_size=recipe.train.batch_size,
-        shuffle=True,
+        batch_sampler=sampler,
         collate_fn=collate,
         num_workers=recipe.data.num_workers,
         generator=torch.Generator().manual_seed(recipe.seed),
     )
-    val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=recipe.train.batch_size, collate_fn=collate, num_workers=recipe.data.num_workers
-    )
+    val_loader = None
+    if len(val_set):
+        # Each process scores its own share of the validation set; the sums are reduced.
+        shard = torch.utils.data.Subset(val_set, range(accelerator.process_index, len(val_set), accelerator.num_processes))
+        val_loader = torch.utils.data.DataLoader(
+            shard, batch_size=recipe.train.batch_size, collate_fn=collate, generator=torch.Generator().manual_seed(recipe.seed)
+        )
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / recipe.train.grad_accum)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    steps_per_epoch = math.ceil(sampler.batches_per_epoch / recipe.train.grad_accum)
     total_steps = recipe.train.max_steps or steps_per_epoch * recipe.train.epochs
     scheduler = _scheduler(recipe, optimizer, total_steps)
 
-    result = fit(recipe, accelerator, model, optimizer, scheduler, train_loader, val_loader, total_steps, steps_per_epoch)
+    identity = run_identity(recipe, base, splits, accelerator.num_processes)
+    state = TrainState(identity=identity)
+    if resume is not None:
+        path, record = resume
+        check_identity(path, record.get("identity", {}), identity)
+        state = load_checkpoint(
+            path, record, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler, scaler=accelerator.scaler
+        )
+        logger.info("resumed from %s: step %d of %d, %d epochs done", path, state.step, total_steps, state.epoch)
+
+    meta = AdapterMeta(base=base, task=recipe.data.task, prompt=recipe.data.prompt, prompt_template=recipe.data.prompt_template)
+    captioner, val_groups = None, []
+    if recipe.train.eval_captions and splits.validation and accelerator.is_main_process:
+        from multimodal_lora.inference import Captioner
+
+        captioner = Captioner.from_model(accelerator.unwrap_model(model), processor, base, {"default": meta})
+        val_groups = group_references(splits.validation)[: recipe.train.eval_max_images]
+    log = RunLog(output_dir, enabled=accelerator.is_main_process, resume_step=state.step if resume else None)
+    run = Run(
+        recipe, accelerator, model, optimizer, scheduler, sampler, train_loader, val_loader, captioner, val_groups,
+        meta, output_dir, log, total_steps, state, StopRequest(),
+    )  # fmt: skip
+
+    with run.stop.installed():
+        result = fit(run)
 
     adapter_dir = output_dir / "adapter"
-    if accelerator.is_main_process:
-        meta = AdapterMeta(
-            base=base, task=recipe.data.task, prompt=recipe.data.prompt, prompt_template=recipe.data.prompt_template
-        )
+    if result["stopped_early"]:
+        # Not finished: the adapter so far is the checkpoint's; OUTPUT_DIR/adapter is for finished runs.
+        adapter_dir = Path(_latest_checkpoint_name(output_dir)) / "adapter"
+    elif accelerator.is_main_process:
         save_adapter(accelerator.unwrap_model(model), adapter_dir, meta)
-        size = adapter_size_bytes(adapter_dir)
-        logger.info(
-            "adapter saved to %s (%.1f KB) after %d steps in %.1f s (%.1f samples/s); final loss %.4f%s",
-            adapter_dir,
-            size / 1024,
-            result["steps"],
-            result["seconds"],
-            result["samples_per_second"],
-            result["loss"],
-            f", validation loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "",
-        )
+    if accelerator.is_main_process:
+        log.plot()
+        log.close()
+        _summary(run, result, adapter_dir)
     accelerator.wait_for_everyone()
     return TrainResult(
-        adapter_dir=adapter_dir,
-        adapter_bytes=adapter_size_bytes(adapter_dir),
-        steps=result["steps"],
-        final_loss=result["loss"],
-        val_loss=result["val_loss"],
-        seconds=result["seconds"],
-        samples_per_second=result["samples_per_second"],
+        adapter_dir=adapter_dir, adapter_bytes=adapter_size_bytes(adapter_dir), feature_cache_seconds=cache_seconds, **result
     )
 
 
-def fit(recipe, accelerator, model, optimizer, scheduler, train_loader, val_loader, total_steps, steps_per_epoch) -> dict:
-    """The optimisation loop: forward, backward, clip, step, until ``total_steps``."""
+def fit(run: Run) -> dict:
+    """The optimisation loop: one optimizer step per ``grad_accum`` micro-batches, until ``total_steps``.
+
+    Validates and checkpoints at the end of each epoch, checkpoints every
+    ``checkpoint_every`` steps, and on SIGTERM/Ctrl-C checkpoints and returns
+    at the next step boundary.
+    """
     from tqdm.auto import tqdm
 
-    cfg = recipe.train
-    step, samples, loss_value, val_loss = 0, 0, float("nan"), None
-    start = time.perf_counter()
-    progress = tqdm(total=total_steps, desc="training", unit="step", disable=not accelerator.is_local_main_process)
-    model.train()
-    epoch = 0
-    while step < total_steps:
-        for batch in train_loader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            samples += batch["input_ids"].shape[0] * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise ConfigError(
-                    f"the loss became {loss_value} at step {step}; lower train.lr (now {cfg.lr}) or check the data"
-                )
+    cfg, state, accelerator = run.recipe.train, run.state, run.accelerator
+    start, window_start, window_samples, window_losses = time.perf_counter(), time.perf_counter(), 0, []
+    start_samples, loss_value, last_eval, epoch_seconds = state.samples, float("nan"), {}, []
+    progress = tqdm(total=run.total_steps, initial=state.step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
+    set_train_mode(run.model)
+    while state.step < run.total_steps and not run.stop.requested:
+        # This epoch's order is fixed by seed and epoch; skip what a checkpoint had already consumed.
+        run.sampler.set_epoch(state.epoch, skip=state.batches_done)
+        epoch_start = time.perf_counter()
+        for group in _groups(run.train_loader, cfg.grad_accum):
+            loss_value = train_step(run, group)
+            state.step += 1
+            state.batches_done += len(group)
+            step_samples = sum(b["input_ids"].shape[0] for b in group) * accelerator.num_processes
+            state.samples += step_samples
+            window_samples += step_samples
+            window_losses.append(loss_value)
             progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if step >= total_steps:
+            rate = (state.samples - start_samples) / max(time.perf_counter() - start, 1e-9)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}", samples_s=f"{rate:.1f}")
+
+            if state.step % cfg.log_every == 0 or state.step == run.total_steps:
+                now = time.perf_counter()
+                run.log.log({
+                    "split": "train", "step": state.step, "epoch": state.epoch + state.batches_done / run.sampler.batches_per_epoch,
+                    "loss": sum(window_losses) / len(window_losses), "lr": run.scheduler.get_last_lr()[0],
+                    "samples_per_second": window_samples / max(now - window_start, 1e-9),
+                    "peak_memory_mb": peak_memory_mb(accelerator.device),
+                })  # fmt: skip
+                window_start, window_samples, window_losses = now, 0, []
+
+            epoch_done = state.batches_done >= run.sampler.batches_per_epoch
+            finished = state.step >= run.total_steps
+            if epoch_done:
+                epoch_seconds.append(time.perf_counter() - epoch_start)
+                state.epoch += 1
+                state.batches_done = 0
+            if epoch_done or finished:
+                last_eval = validate(run) or last_eval
+                set_train_mode(run.model)
+            due = cfg.checkpoint_every is not None and state.step % cfg.checkpoint_every == 0
+            stop = run.stop.check(accelerator)  # every step, on every process: they must stop together
+            if epoch_done or finished or due or stop:
+                checkpoint(run)
+            if finished or stop:
                 break
-        epoch += 1
-        if len(val_loader) > 0 and (step >= total_steps or step % steps_per_epoch == 0):
-            val_loss = evaluate_loss(model, val_loader, accelerator)
-            logger.info("epoch %d: validation loss %.4f", epoch, val_loss)
-            model.train()
     progress.close()
+    if run.stop.requested:
+        logger.warning(
+            "stopped by %s at step %d; checkpoint written. Continue with: python -m multimodal_lora.train %s resume=true",
+            run.stop.signal_name, state.step, run.recipe.source or "RECIPE",
+        )  # fmt: skip
     seconds = time.perf_counter() - start
     return {
-        "steps": step,
-        "loss": loss_value,
-        "val_loss": val_loss,
+        "steps": state.step,
+        "final_loss": loss_value,
+        "val_loss": last_eval.get("val_loss"),
         "seconds": seconds,
-        "samples_per_second": samples / seconds if seconds > 0 else 0.0,
+        "samples_per_second": (state.samples - start_samples) / seconds if seconds > 0 else 0.0,
+        "metrics": last_eval,
+        "stopped_early": run.stop.requested,
+        "epoch_seconds": epoch_seconds,
     }
 
 
-@torch.no_grad()
-def evaluate_loss(model, loader, accelerator) -> float:
-    """Mean loss per target token over a data loader."""
+def train_step(run: Run, group: list[dict]) -> float:
+    """Forward and backward over the step's micro-batches, then clip, step the optimizer and the schedule.
+
+    Returns:
+        The step's mean loss (averaged over processes).
+
+    Raises:
+        TrainingError: the loss is NaN or infinite; the parameters are left as they were.
+    """
+    accelerator, model, cfg = run.accelerator, run.model, run.recipe.train
+    losses = []
+    for index, batch in enumerate(group):
+        # Only the step's last micro-batch synchronises gradients across processes.
+        sync = index == len(group) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            with accelerator.autocast():
+                loss = model(**forward_inputs(batch, accelerator.device)).loss
+            accelerator.backward(loss / len(group))
+        losses.append(loss.detach().float())
+    step_loss = torch.stack(losses).mean()
+    if accelerator.num_processes > 1:
+        step_loss = accelerator.reduce(step_loss, reduction="mean")
+    value = step_loss.item()
+    if not math.isfinite(value):
+        last = run.state.step and _latest_checkpoint_name(run.output_dir)
+        raise TrainingError(
+            f"the loss became {value} at step {run.state.step + 1}; stopped before the update. "
+            f"The last good checkpoint is {last or 'none (no checkpoint was written yet)'}. "
+            f"Lower train.lr (now {cfg.lr}), use dtype=bf16 instead of fp16, or check the data."
+        )
+    if cfg.max_grad_norm is not None:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return value
+
+
+def validate(run: Run) -> dict:
+    """Validation loss (all processes), then captioning metrics on the validation images (main process)."""
+    if run.val_loader is None:
+        return {}
+    accelerator, model = run.accelerator, run.model
     model.eval()
-    total = torch.zeros(2, device=accelerator.device)
-    for batch in loader:
-        loss = model(**batch).loss
-        tokens = (batch["labels"][:, 1:] != -100).sum()
-        total += torch.stack([loss.detach().float() * tokens, tokens.float()])
-    total = accelerator.reduce(total, reduction="sum")
-    return (total[0] / total[1].clamp(min=1)).item()
+    sums = accelerator.reduce(token_loss_sums(model, run.val_loader, accelerator.device), reduction="sum")
+    result = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item()}
+    if run.captioner is not None:
+        captions = generate(run.captioner, "default", run.val_groups, run.recipe.data.task, run.recipe.train.eval_max_new_tokens)
+        # METEOR starts a Java VM per call (seconds); it is left to `python -m multimodal_lora.evaluate`.
+        result.update({k: v for k, v in score(captions, run.val_groups, meteor=False).items() if v is not None})
+    accelerator.wait_for_everyone()
+    state = run.state
+    record = {"split": "validation", "step": state.step, "epoch": state.epoch, **result}
+    state.history.append(record)
+    run.log.log(record)
+    run.log.plot()
+    logger.info("epoch %d, step %d: %s", state.epoch, state.step, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    return result
+
+
+def checkpoint(run: Run) -> None:
+    """Write a checkpoint (main process only) and wait for it, so no process runs ahead of a save."""
+    accelerator = run.accelerator
+    if accelerator.is_main_process:
+        path = save_checkpoint(
+            run.output_dir,
+            run.state,
+            model=accelerator.unwrap_model(run.model),
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            scaler=accelerator.scaler,
+            meta=run.meta,
+            keep=run.recipe.train.keep_checkpoints,
+        )
+        logger.debug("checkpoint %s", path)
+    accelerator.wait_for_everyone()
+
+
+# --- set-up helpers ------------------------------------------------------------------------------
+
+
+def build_datasets(recipe: Recipe, accelerator, model, processor, encoder, splits, pad_token_id):
+    """Train and validation datasets: pixels decoded per access, or cached visual prefixes."""
+    train_encoded = encoder.encode_all(splits.train)
+    val_encoded = encoder.encode_all(splits.validation)
+    collate = Collator(pad_token_id)
+    if not recipe.train.cache_image_features:
+        return (
+            PairDataset(splits.train, train_encoded, processor.image_processor),
+            PairDataset(splits.validation, val_encoded, processor.image_processor),
+            collate,
+        )
+    from multimodal_lora.cache import cache_dir
+
+    examples = splits.train + splits.validation
+    model.eval()
+    # The main process computes the features; the others wait and open the same files.
+    with accelerator.main_process_first():
+        cache, keys = open_or_build(
+            examples,
+            model,
+            processor.image_processor,
+            cache_dir() / "features",
+            build=accelerator.is_main_process,
+            batch_size=recipe.train.batch_size,
+            progress=accelerator.is_local_main_process,
+        )
+    n = len(splits.train)
+    return (
+        CachedPairDataset(train_encoded, cache, keys[:n]),
+        CachedPairDataset(val_encoded, cache, keys[n:]),
+        PrefixCollator(collate),
+    )
+
+
+def run_identity(recipe: Recipe, base, splits, processes: int) -> dict:
+    """What must not change between a checkpoint and the run resuming it (shown when it does)."""
+    data = hashlib.sha256()
+    for e in splits.train:
+        data.update(json.dumps([e.image_id, e.target, e.question]).encode())
+    return {
+        "model.base": recipe.model.base,
+        "model.revision": recipe.model.revision,
+        "model.quantization": recipe.model.quantization,
+        "base config fingerprint": base.fingerprint,
+        "lora.r": recipe.lora.r,
+        "lora.alpha": recipe.lora.alpha,
+        "lora.dropout": recipe.lora.dropout,
+        "lora.target_modules": sorted(recipe.lora.target_modules),
+        "data.path": recipe.data.path,
+        "data.task": recipe.data.task,
+        "training data (hash of rows)": data.hexdigest()[:16],
+        "seed": recipe.seed,
+        "train.batch_size": recipe.train.batch_size,
+        "train.grad_accum": recipe.train.grad_accum,
+        "processes": processes,
+    }
 
 
 def prepare_output_dir(path: Path) -> Path:
@@ -211,6 +450,28 @@ def prepare_output_dir(path: Path) -> Path:
     except OSError as exc:
         raise ConfigError(f"output_dir: cannot create {str(path)!r} ({exc.strerror})") from None
     return path
+
+
+def _check_distributed(recipe: Recipe, accelerator) -> None:
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and recipe.train.grad_accum != 1:
+        raise ConfigError(
+            "train.grad_accum: DeepSpeed accumulates gradients itself; set train.grad_accum=1 and "
+            "gradient_accumulation_steps in the accelerate config instead"
+        )
+
+
+def _groups(loader, size: int):
+    """Micro-batches in groups of ``size`` (the last group of an epoch may be shorter)."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def _scheduler(recipe: Recipe, optimizer, total_steps: int):
@@ -228,6 +489,72 @@ def _mixed_precision(recipe: Recipe) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.model.dtype]
 
 
+def _latest_checkpoint_name(output_dir: Path) -> str | None:
+    from multimodal_lora.checkpoint import find_checkpoints
+
+    found = find_checkpoints(output_dir)
+    return str(found[-1]) if found else None
+
+
+def _summary(run: Run, result: dict, adapter_dir: Path) -> None:
+    best = {}
+    for record in run.state.history:
+        for key, value in record.items():
+            if key in ("split", "step", "epoch") or value is None:
+                continue
+            better = min if key == "val_loss" else max
+            best[key] = better(best.get(key, value), value)
+    lines = [
+        f"{'stopped' if result['stopped_early'] else 'finished'}: {result['steps']} steps in {result['seconds']:.1f} s "
+        f"({result['samples_per_second']:.1f} samples/s), final training loss {result['final_loss']:.4f}",
+        "best validation: " + (", ".join(f"{k} {v:.4f}" for k, v in best.items()) or "none (no validation split)"),
+        f"adapter: {adapter_dir} ({adapter_size_bytes(adapter_dir) / 1024:.1f} KB)",
+        f"checkpoints: {run.output_dir / 'checkpoints'}",
+        f"metrics: {run.log.path}; loss curve: {run.log.plot_path}"
+        + (f"; TensorBoard: {run.output_dir / 'tensorboard'}" if run.log.tensorboard is not None else ""),
+    ]
+    logger.info("\n".join(lines))
+
+
+class StopRequest:
+    """SIGTERM or Ctrl-C asks the loop to checkpoint and stop at the next step boundary.
+
+    A second Ctrl-C interrupts at once (the previous checkpoint stays usable).
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        logger.warning("%s received: finishing this step, then writing a checkpoint and stopping", self.signal_name)
+
+    @contextlib.contextmanager
+    def installed(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals can only be handled on the main thread
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def check(self, accelerator) -> bool:
+        """Whether any process was asked to stop (all processes must stop at the same step)."""
+        if accelerator.num_processes > 1:
+            flag = torch.tensor([float(self.requested)], device=accelerator.device)
+            self.requested = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        return self.requested
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m multimodal_lora.train",
@@ -235,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Example: python -m multimodal_lora.train recipes/tiny.yaml output_dir=runs/mine train.epochs=2",
     )
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value or section.key=value, e.g. lora.r=8")
+    parser.add_argument("overrides", nargs="*", help="key=value or section.key=value, e.g. lora.r=8, resume=true")
     args = parser.parse_args(argv)
     setup_logging()
     recipe = load_recipe(args.recipe, args.overrides)

@@ -46,3 +46,19 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-run")
     recipe = load_recipe(RECIPES / "tiny.yaml", [f"output_dir={out}"])
     return train(recipe)
+
+
+@pytest.fixture(scope="session")
+def small_shapes_dir(shapes_dir, tmp_path_factory) -> Path:
+    """A 24-train / 8-validation imagefolder cut from the shapes data, for runs of a few seconds."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("small-shapes")
+    for split, count in (("train", 24), ("validation", 8)):
+        (root / split).mkdir()
+        lines = (shapes_dir / split / "metadata.jsonl").read_text().splitlines()[:count]
+        for line in lines:
+            name = line.split('"file_name": "')[1].split('"')[0]
+            shutil.copy(shapes_dir / split / name, root / split / name)
+        (root / split / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root

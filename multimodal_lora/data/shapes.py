@@ -32,7 +32,7 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle", "cross")
 CANVAS = 64
 # Bump when the drawing or the splits change so cached copies are rebuilt.
-VERSION = 1
+VERSION = 3
 
 BUILTIN = {
     # name: (task, {split: number of images})
@@ -53,7 +53,7 @@ def draw_shape(colour: str, shape: str, rng: random.Random):
     # shape anywhere on the canvas would be a task for the vision side, which
     # LoRA in the language model cannot learn.
     size = rng.randint(CANVAS // 2, CANVAS * 4 // 5)
-    jitter = CANVAS // 16
+    jitter = CANVAS // 32
     x0 = (CANVAS - size) // 2 + rng.randint(-jitter, jitter)
     y0 = (CANVAS - size) // 2 + rng.randint(-jitter, jitter)
     x0 = min(max(x0, 1), CANVAS - size - 1)

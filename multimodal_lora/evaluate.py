@@ -1,0 +1,261 @@
+"""Is the adapter better than the base? Validation loss and captioning metrics, side by side.
+
+    python -m multimodal_lora.evaluate RECIPE --adapter DIR [key=value ...]
+
+Captions every validation image (at most ``--max-images``) with the bare base
+and with the adapter, scores both against *all* references of each image
+(validation rows are grouped by ``image_id``), and writes ``report.md`` and
+``report.html`` with the metrics table and, for a sample of images, a
+thumbnail, the references, the base caption and the adapter caption.
+
+The same functions evaluate the model being trained at the end of each epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from multimodal_lora.cli import run_cli, setup_logging
+from multimodal_lora.data.sources import Example
+from multimodal_lora.errors import UserError
+from multimodal_lora.metrics import LABELS, METRICS, caption_metrics, meteor_available
+
+logger = logging.getLogger("multimodal_lora.evaluate")  # not __name__: it is __main__ under python -m
+
+
+@dataclass(frozen=True)
+class ImageReferences:
+    """One validation image (with its question, for VQA) and every reference for it."""
+
+    image_id: str
+    image: str | bytes
+    references: list[str]
+    question: str | None = None
+
+
+def group_references(examples: list[Example]) -> list[ImageReferences]:
+    """Group validation rows by image (and question): several captions of one image are its references."""
+    groups: dict[tuple[str, str | None], ImageReferences] = {}
+    for example in examples:
+        key = (example.image_id, example.question)
+        if key not in groups:
+            groups[key] = ImageReferences(example.image_id, example.image, [], example.question)
+        groups[key].references.append(example.target)
+    return list(groups.values())
+
+
+def generate(captioner, adapter: str | None, groups: list[ImageReferences], task: str, max_new_tokens: int) -> list[str]:
+    """Caption (or answer) each group's image with ``adapter`` (``None``: the bare base)."""
+    images = [g.image for g in groups]
+    if task == "vqa":
+        return captioner.ask(images, [g.question for g in groups], adapter=adapter, max_new_tokens=max_new_tokens)
+    return captioner.caption(images, adapter=adapter, max_new_tokens=max_new_tokens)
+
+
+def score(predictions: list[str], groups: list[ImageReferences], *, meteor: bool) -> dict[str, float | None]:
+    """Captioning metrics of ``predictions`` against each group's references."""
+    return caption_metrics(predictions, [g.references for g in groups], meteor=meteor)
+
+
+@torch.no_grad()
+def token_loss_sums(model, loader, device: torch.device) -> torch.Tensor:
+    """``[sum of per-token losses, number of target tokens]`` over a loader (reduce across processes, then divide)."""
+    from multimodal_lora.feature_cache import forward_inputs
+
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    for batch in loader:
+        loss = model(**forward_inputs(batch, device)).loss
+        # The model's loss is the mean over target tokens (labels shifted by one).
+        tokens = (batch["labels"][:, 1:] != -100).sum().to(device)
+        total += torch.stack([loss.detach().double() * tokens, tokens.double()])
+    return total
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def write_report(directory: Path, title: str, table: dict[str, dict], samples: list[dict], notes: list[str]) -> Path:
+    """Write ``report.md``, ``report.html`` and ``thumbnails/`` into ``directory``, atomically.
+
+    Args:
+        table: column name (e.g. ``base``, ``adapter``) → metric key → value.
+        samples: dicts with ``image_id``, ``image``, ``references``, and one caption per column.
+        notes: lines printed under the table (e.g. why METEOR is missing).
+    """
+    from multimodal_lora.data.images import load_image
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        (tmp / "thumbnails").mkdir()
+        thumbs = []
+        for i, sample in enumerate(samples):
+            image = load_image(sample["image"])
+            image.thumbnail((128, 128))
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            name = f"thumbnails/{i:03d}.png"
+            (tmp / name).write_bytes(buffer.getvalue())
+            thumbs.append((name, base64.b64encode(buffer.getvalue()).decode()))
+        columns = list(table)
+        rows = ["val_loss", *METRICS]
+        labels = {"val_loss": "validation loss (lower is better)", **LABELS}
+
+        def cell(value):
+            return "n/a" if value is None else f"{value:.4f}"
+
+        md = [f"# {title}", "", "| metric | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+        md += [f"| {labels[r]} | " + " | ".join(cell(table[c].get(r)) for c in columns) + " |" for r in rows]
+        md += ["", *[f"- {n}" for n in notes], "", "## Samples", ""]
+        for sample, (name, _) in zip(samples, thumbs):
+            md += [f"### {sample['image_id']}", "", f"![{sample['image_id']}]({name})", ""]
+            md += [f"- references: {' / '.join(sample['references'])}"]
+            md += [f"- {c}: {sample[c]}" for c in columns] + [""]
+        (tmp / "report.md").write_text("\n".join(md))
+
+        esc = html.escape
+        page = [f"<!doctype html><meta charset='utf-8'><title>{esc(title)}</title>", f"<h1>{esc(title)}</h1>"]
+        page += ["<table border='1' cellpadding='4'><tr><th>metric</th>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr>"]
+        page += [f"<tr><td>{esc(labels[r])}</td>" + "".join(f"<td>{cell(table[c].get(r))}</td>" for c in columns) + "</tr>" for r in rows]
+        page += ["</table>", *[f"<p>{esc(n)}</p>" for n in notes], "<h2>Samples</h2>", "<table border='1' cellpadding='4'>"]
+        page += ["<tr><th>image</th><th>references</th>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr>"]
+        for sample, (_, data) in zip(samples, thumbs):
+            page.append(
+                f"<tr><td><img src='data:image/png;base64,{data}' alt='{esc(sample['image_id'])}'><br>{esc(sample['image_id'])}</td>"
+                f"<td>{'<br>'.join(esc(r) for r in sample['references'])}</td>"
+                + "".join(f"<td>{esc(sample[c])}</td>" for c in columns)
+                + "</tr>"
+            )
+        page.append("</table>")
+        (tmp / "report.html").write_text("\n".join(page))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.rename(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+def evaluate(
+    recipe,
+    adapter: str | Path,
+    out: Path | None = None,
+    *,
+    max_images: int | None = None,
+    samples: int = 8,
+    meteor: bool = True,
+) -> tuple[Path, dict[str, dict]]:
+    """Evaluate the base and ``adapter`` on the recipe's validation split and write the report.
+
+    Returns:
+        ``(report directory, {"base": metrics, "adapter": metrics})``.
+
+    Raises:
+        UserError: the data has no validation split, or the adapter cannot be used with the base.
+    """
+    from multimodal_lora.adapter import find_adapter_dir
+    from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
+    from multimodal_lora.data.sources import load_splits
+    from multimodal_lora.inference import Captioner
+
+    splits = load_splits(recipe.data)
+    if not splits.validation:
+        raise UserError(f"data.path {recipe.data.path!r} has no validation split ({recipe.data.val_split}); nothing to evaluate on")
+    adapter_dir = find_adapter_dir(adapter)
+    out = Path(out) if out is not None else adapter_dir.parent / "eval"
+    cfg = recipe.model
+    captioner = Captioner(cfg.base, revision=cfg.revision, device=cfg.device, dtype=cfg.dtype, quantization=cfg.quantization)
+    name = captioner.load_adapter(adapter_dir, name="adapter")
+
+    encoder = ExampleEncoder(
+        captioner.processor.tokenizer,
+        captioner.layout,
+        task=recipe.data.task,
+        prompt=recipe.data.prompt,
+        prompt_template=recipe.data.prompt_template,
+        max_length=recipe.data.max_length,
+    )
+    groups = group_references(splits.validation)[:max_images]
+    # The loss is measured on the same images as the captions: every reference of each.
+    chosen = {g.image_id for g in groups}
+    rows = [e for e in splits.validation if e.image_id in chosen]
+    val_set = PairDataset(rows, encoder.encode_all(rows), captioner.processor.image_processor)
+    loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.train.batch_size, collate_fn=Collator(captioner.layout.pad_token_id))
+    use_meteor = meteor and meteor_available()
+    table, captions = {}, {}
+    for column, adapter_name in (("base", None), ("adapter", name)):
+        if adapter_name is None:
+            with captioner.model.disable_adapter():
+                sums = token_loss_sums(captioner.model, loader, captioner.device)
+        else:
+            captioner.model.set_adapter(adapter_name)
+            sums = token_loss_sums(captioner.model, loader, captioner.device)
+        captions[column] = generate(captioner, adapter_name, groups, recipe.data.task, recipe.train.eval_max_new_tokens)
+        table[column] = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item(), **score(captions[column], groups, meteor=use_meteor)}
+        logger.info("%s: %s", column, _format(table[column]))
+
+    notes = [f"{len(groups)} validation images ({len(rows)} references) from {splits.description}; adapter {adapter_dir}"]
+    if not use_meteor:
+        notes.append("METEOR not computed: " + ("java is not on the PATH (METEOR 1.5 is a Java program)" if meteor else "--no-meteor"))
+    notes.append("CIDEr-D is on a 0–10 scale; the other metrics on 0–1. Captions are lower-cased and stripped of punctuation before scoring.")
+    sample_rows = [
+        {"image_id": g.image_id, "image": g.image, "references": g.references, "base": captions["base"][i], "adapter": captions["adapter"][i]}
+        for i, g in enumerate(groups[:samples])
+    ]
+    write_report(out, f"Evaluation of {adapter_dir} on {recipe.data.path} ({recipe.data.val_split})", table, sample_rows, notes)
+    return out, table
+
+
+def _format(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m multimodal_lora.evaluate",
+        description="Evaluate the base and an adapter side by side on the recipe's validation split.",
+        epilog="Example: python -m multimodal_lora.evaluate recipes/tiny.yaml --adapter runs/tiny/adapter",
+    )
+    parser.add_argument("recipe", help="the YAML recipe the adapter was trained with")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, as for training")
+    parser.add_argument("--adapter", required=True, help="adapter directory (or the run directory holding adapter/)")
+    parser.add_argument("--out", help="report directory (default: beside the adapter, eval/)")
+    parser.add_argument("--max-images", type=int, help="evaluate at most this many validation images")
+    parser.add_argument("--samples", type=int, default=8, help="images shown in the report (default 8)")
+    parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java VM)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    from multimodal_lora.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out, table = evaluate(recipe, args.adapter, args.out, max_images=args.max_images, samples=args.samples, meteor=not args.no_meteor)
+    columns = list(table)
+    print(f"{'metric':<16}" + "".join(f"{c:>12}" for c in columns))
+    for key in ["val_loss", *METRICS]:
+        print(f"{key:<16}" + "".join(f"{'n/a' if table[c][key] is None else format(table[c][key], '.4f'):>12}" for c in columns))
+    print(f"report: {out / 'report.md'} and {out / 'report.html'}")
+    return 0
+
+
+def cli() -> None:
+    """Console-script entry point."""
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

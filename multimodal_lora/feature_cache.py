@@ -1,0 +1,187 @@
+"""Frozen-feature cache: the language model's visual prefix, computed once per image.
+
+The vision encoder, the Q-Former and the language projection are frozen and
+(in :func:`~multimodal_lora.model.set_train_mode`) deterministic, so each image
+gives the same 32 × 2560 prefix (for BLIP-2 OPT-2.7B; 8 × 128 for the tiny
+base) on every step. With ``train.cache_image_features: true`` that prefix is
+computed once, stored, and training afterwards runs only the language model.
+
+The cache lives in ``$MULTIMODAL_LORA_CACHE/features/<key>/``: ``features.npy``
+(float32, memory-mapped, one row per distinct image) and ``index.json`` (image
+content hash → row). The key hashes the frozen weights, the image processor's
+settings, the model dtype and the content of every image, so changing any of
+them gives a new cache instead of stale features. A cache is built in a
+temporary directory and renamed into place whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from multimodal_lora.data.images import load_image
+from multimodal_lora.data.sources import Example
+
+logger = logging.getLogger(__name__)
+
+FEATURES_FILE = "features.npy"
+INDEX_FILE = "index.json"
+
+
+def image_key(image: str | bytes) -> str:
+    """SHA-256 of an image's encoded bytes (the file's content, not its name)."""
+    data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class FeatureCache:
+    """Visual prefixes of a set of images, memory-mapped from disk."""
+
+    directory: Path
+    features: np.ndarray
+    """``(images, query tokens, hidden)``, float32, memory-mapped read-only."""
+    rows: dict[str, int]
+    """Image content hash → row of ``features``."""
+
+    def prefix(self, key: str) -> torch.Tensor:
+        """The prefix of one image (a copy, so the memory map is never written through)."""
+        return torch.from_numpy(np.array(self.features[self.rows[key]]))
+
+
+def cache_key(image_keys: list[str], model_fingerprint: str, processor_settings: dict, dtype: torch.dtype) -> str:
+    """What the features depend on, hashed: frozen weights, image processing, dtype, the images."""
+    digest = hashlib.sha256()
+    digest.update(model_fingerprint.encode())
+    digest.update(json.dumps(processor_settings, sort_keys=True, default=str).encode())
+    digest.update(str(dtype).encode())
+    for key in sorted(set(image_keys)):
+        digest.update(key.encode())
+    return digest.hexdigest()[:24]
+
+
+def open_or_build(
+    examples: list[Example],
+    model,
+    image_processor,
+    root: Path,
+    *,
+    build: bool = True,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[FeatureCache, list[str]]:
+    """Open the cache for these examples' images, building it first if it is missing.
+
+    Args:
+        examples: the examples whose images need prefixes.
+        model: the BLIP-2 (or its PEFT wrapper) whose frozen image path computes them.
+        image_processor: resizes and normalises images exactly as training would.
+        root: the cache root (``cache_dir() / "features"``).
+        build: ``False`` on processes that only wait for the main one to build it.
+
+    Returns:
+        ``(cache, keys)``: the cache and each example's image key, in order.
+    """
+    from multimodal_lora.model import image_path_fingerprint, visual_prefix
+
+    keys = [image_key(e.image) for e in examples]
+    dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+    directory = Path(root) / cache_key(keys, image_path_fingerprint(model), image_processor.to_dict(), dtype)
+    if not (directory / INDEX_FILE).is_file():
+        if not build:
+            raise RuntimeError(f"feature cache {directory} was not built by the main process")
+        _build(directory, examples, keys, model, image_processor, batch_size, progress, visual_prefix)
+    else:
+        logger.info("image features: using the cache in %s", directory)
+    rows = json.loads((directory / INDEX_FILE).read_text())
+    features = np.load(directory / FEATURES_FILE, mmap_mode="r")
+    return FeatureCache(directory, features, rows), keys
+
+
+@torch.no_grad()
+def _build(directory, examples, keys, model, image_processor, batch_size, progress, visual_prefix) -> None:
+    from tqdm.auto import tqdm
+
+    unique: dict[str, Example] = {}
+    for key, example in zip(keys, examples):
+        unique.setdefault(key, example)
+    device = next(model.parameters()).device
+    dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        items = list(unique.items())
+        features = None
+        bar = tqdm(total=len(items), desc="caching image features", unit="image", disable=not progress)
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            images = [load_image(e.image, name=e.origin if isinstance(e.image, bytes) else None) for _, e in chunk]
+            pixels = image_processor(images, return_tensors="pt").pixel_values.to(device, dtype=dtype)
+            prefix = visual_prefix(model, pixels).float().cpu().numpy()
+            if features is None:
+                features = np.lib.format.open_memmap(
+                    tmp / FEATURES_FILE, mode="w+", dtype=np.float32, shape=(len(items), *prefix.shape[1:])
+                )
+            features[start : start + len(chunk)] = prefix
+            bar.update(len(chunk))
+        bar.close()
+        features.flush()
+        del features
+        (tmp / INDEX_FILE).write_text(json.dumps({key: row for row, (key, _) in enumerate(items)}))
+        try:
+            os.rename(tmp, directory)
+        except OSError:
+            # Another process built the same cache first; its content is identical.
+            if not (directory / INDEX_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("image features: cached %d images in %s", len(items), directory)
+
+
+class CachedPairDataset(torch.utils.data.Dataset):
+    """Like :class:`~multimodal_lora.data.encoding.PairDataset`, with a cached prefix instead of pixels."""
+
+    def __init__(self, encoded: list[tuple[list[int], list[int]]], cache: FeatureCache, keys: list[str]):
+        assert len(encoded) == len(keys)
+        self.encoded = encoded
+        self.cache = cache
+        self.keys = keys
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, index: int) -> dict:
+        input_ids, labels = self.encoded[index]
+        return {"prefix": self.cache.prefix(self.keys[index]), "input_ids": input_ids, "labels": labels}
+
+
+@dataclass(frozen=True)
+class PrefixCollator:
+    """Wraps a collator: pads the text as it does and stacks the cached prefixes."""
+
+    collate: object
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.collate([{k: v for k, v in item.items() if k != "prefix"} for item in items])
+        batch["prefix"] = torch.stack([item["prefix"] for item in items])
+        return batch
+
+
+def forward_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict:
+    """A collated batch as the model's keyword arguments, on ``device``: pixels, or a cached prefix."""
+    from multimodal_lora.model import prefix_inputs
+
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "prefix"}
+    if "prefix" in batch:
+        inputs.update(prefix_inputs(batch["prefix"].to(device)))
+    return inputs

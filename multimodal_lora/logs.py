@@ -1,0 +1,129 @@
+"""What a run reports as it goes: ``metrics.jsonl``, ``loss.png``, TensorBoard.
+
+``OUTPUT_DIR/metrics.jsonl`` has one JSON object per line: a ``"split": "train"``
+line every ``train.log_every`` steps (step, epoch, loss, lr, samples/s, peak
+memory) and a ``"split": "validation"`` line per evaluation (validation loss and
+captioning metrics). ``loss.png`` plots both losses and is redrawn after each
+evaluation. When the ``tensorboard`` package is installed the same scalars go
+to ``OUTPUT_DIR/tensorboard``. Only the main process writes.
+
+A resumed run first drops the lines logged after its checkpoint's step, so the
+file reads as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+class RunLog:
+    """Appends metric records to ``metrics.jsonl`` (and TensorBoard), and draws ``loss.png``.
+
+    Args:
+        output_dir: the run directory.
+        enabled: ``False`` on every process but the main one.
+        resume_step: drop records after this step (a resumed run); ``None`` starts a new file.
+    """
+
+    def __init__(self, output_dir: Path, enabled: bool = True, resume_step: int | None = None):
+        self.path = Path(output_dir) / METRICS_FILE
+        self.plot_path = Path(output_dir) / PLOT_FILE
+        self.enabled = enabled
+        self.tensorboard = None
+        if not enabled:
+            return
+        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step is not None else []
+        _write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=resume_step)
+        except ImportError:
+            logger.debug("tensorboard is not installed; metrics go to %s only", self.path)
+
+    def log(self, record: dict) -> None:
+        """Append one record (must have ``step`` and ``split``)."""
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self.tensorboard.add_scalar(f"{record['split']}/{key}", value, record["step"])
+            self.tensorboard.flush()
+
+    def plot(self) -> Path | None:
+        """Redraw ``loss.png`` from ``metrics.jsonl``."""
+        if not self.enabled:
+            return None
+        return plot_losses(read_metrics(self.path), self.plot_path)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` (a line cut short by a crash is ignored)."""
+    if not Path(path).is_file():
+        return []
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_losses(records: list[dict], path: Path) -> Path:
+    """Training and validation loss against the optimizer step, written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a training box
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("split") == "validation" and r.get("val_loss") is not None]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per target token)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on a CUDA device, else the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is in kilobytes on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,207 @@
+"""Checkpoints and resume: kill -9 and SIGTERM mid-run, resume, and get the same adapter bit for bit."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from multimodal_lora.checkpoint import (
+    CheckpointError,
+    find_checkpoints,
+    latest_checkpoint,
+    resolve_resume,
+    safe_load,
+    verify_checkpoint,
+)
+from multimodal_lora.cli import run_cli
+from multimodal_lora.config import load_recipe
+from multimodal_lora.train import main, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "recipes" / "tiny.yaml"
+WEIGHTS = Path("adapter") / "adapter_model.safetensors"
+
+
+def small_overrides(data: Path, out: Path) -> list[str]:
+    # 24 images, micro-batches of 4, 2 per step: 3 steps per epoch, 9 in all; LoRA dropout on,
+    # so the random state matters; a checkpoint after every step, so a kill often lands in a write.
+    return [
+        f"output_dir={out}",
+        f"data.path={data}",
+        "train.batch_size=4",
+        "train.grad_accum=2",
+        "train.epochs=3",
+        "train.log_every=1",
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=3",
+        "train.eval_max_new_tokens=6",
+        "lora.dropout=0.1",
+    ]
+
+
+def start(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "multimodal_lora.train", str(TINY), *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs,
+    )  # fmt: skip
+
+
+def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the run ended early:\n{proc.communicate()[1][-3000:]}"
+        path = out / "metrics.jsonl"
+        if path.is_file():
+            steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def train_losses(out: Path) -> list[tuple[int, float]]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in lines if r["split"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(small_shapes_dir, tmp_path_factory) -> Path:
+    """The same recipe, never interrupted."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = train(load_recipe(TINY, small_overrides(small_shapes_dir, out)))
+    assert result.steps == 9 and not result.stopped_early
+    return out
+
+
+def test_sigkill_then_resume_gives_the_same_adapter_bitwise(reference_run, small_shapes_dir, tmp_path):
+    out = tmp_path / "killed"
+    kill_at = random.Random().randint(2, 7)
+    proc = start(small_overrides(small_shapes_dir, out))
+    wait_for_step(out, kill_at, proc)
+    time.sleep(random.Random().uniform(0, 0.3))  # land anywhere in the step, a checkpoint write included
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    # Whatever the kill interrupted, every directory resume would consider is complete.
+    visible = find_checkpoints(out)
+    assert visible, "no checkpoint was written before the kill"
+    for path in visible:
+        verify_checkpoint(path)
+    assert not (out / "adapter").exists()
+
+    resumed = start([*small_overrides(small_shapes_dir, out), "resume=true"])
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert "resumed from" in stderr
+    assert (out / WEIGHTS).read_bytes() == (reference_run / WEIGHTS).read_bytes(), f"killed at step {kill_at}"
+    assert train_losses(out) == train_losses(reference_run)
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_exits_cleanly(reference_run, small_shapes_dir, tmp_path):
+    out = tmp_path / "stopped"
+    proc = start(small_overrides(small_shapes_dir, out))
+    wait_for_step(out, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "SIGTERM received" in stderr and "resume=true" in stderr
+    stopped_at = max(step for step, _ in train_losses(out))
+    assert stopped_at < 9
+    assert find_checkpoints(out)[-1].name == f"checkpoint-{stopped_at:08d}"
+    assert not (out / "adapter").exists(), "an unfinished run must not look finished"
+
+    result = train(load_recipe(TINY, [*small_overrides(small_shapes_dir, out), "resume=true"]))
+    assert result.steps == 9
+    assert (out / WEIGHTS).read_bytes() == (reference_run / WEIGHTS).read_bytes()
+
+
+def test_resume_refuses_a_checkpoint_of_another_recipe(reference_run, small_shapes_dir, tmp_path):
+    out = tmp_path / "other"
+    shutil.copytree(reference_run, out)
+    recipe = load_recipe(TINY, [*small_overrides(small_shapes_dir, out), "resume=true", "lora.r=8", "lora.target_modules=[q_proj,v_proj]"])
+    with pytest.raises(CheckpointError) as info:
+        train(recipe)
+    message = str(info.value)
+    assert "belongs to a different run" in message
+    assert "lora.r: checkpoint has 16, this run has 8" in message
+    assert "lora.target_modules" in message
+    assert "data.path" not in message
+
+
+def test_resume_true_without_a_checkpoint_says_so(small_shapes_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        run_cli(main, [str(TINY), f"output_dir={tmp_path}", "resume=true"])
+    assert info.value.code == 2
+    assert "has no checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_a_corrupt_newest_checkpoint_is_named_and_skipped(reference_run, tmp_path):
+    out = tmp_path / "corrupt"
+    shutil.copytree(reference_run, out)
+    newest, previous = find_checkpoints(out)[-1], find_checkpoints(out)[-2]
+    optimizer = newest / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # a truncated copy
+    with pytest.warns(UserWarning, match=f"skipping checkpoint {newest}.*optimizer.pt"):
+        path, record = latest_checkpoint(out)
+    assert path == previous and record["step"] == int(previous.name.split("-")[1])
+    # A temporary directory left by a kill mid-write is never a candidate.
+    (out / "checkpoints" / ".tmp-checkpoint-abc").mkdir()
+    assert all(not p.name.startswith(".") for p in find_checkpoints(out))
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned-by-checkpoint",))
+
+
+def test_a_pickle_that_would_run_code_is_refused(reference_run, tmp_path, monkeypatch):
+    out = tmp_path / "evil"
+    shutil.copytree(reference_run, out)
+    monkeypatch.chdir(tmp_path)
+    newest = find_checkpoints(out)[-1]
+    (newest / "optimizer.pt").write_bytes(pickle.dumps({"state": _RunsCode()}))
+    with pytest.raises(CheckpointError, match="refused to load.*weights_only=True"):
+        safe_load(newest / "optimizer.pt")
+    assert not (tmp_path / "pwned-by-checkpoint").exists()
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(small_shapes_dir, tmp_path, monkeypatch, capsys):
+    import torch
+
+    import multimodal_lora.checkpoint as checkpoint
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save_until_full(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:  # optimizer, scheduler, rng of the first checkpoint fit; then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_until_full)
+    out = tmp_path / "full"
+    args = [str(TINY), *small_overrides(small_shapes_dir, out), "train.checkpoint_every=2", "train.max_steps=4"]
+    with pytest.raises(SystemExit) as info:
+        run_cli(main, args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err
+    assert "checkpoint-00000002 is intact" in err
+    assert [p.name for p in find_checkpoints(out)] == ["checkpoint-00000002"]
+    verify_checkpoint(find_checkpoints(out)[0])
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert resolve_resume(True, out)[0].name == "checkpoint-00000002"
