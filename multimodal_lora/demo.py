@@ -76,17 +76,27 @@ def check_versions() -> None:
 def find_adapters(root: str | Path) -> Found:
     """Every adapter directory under ``root`` (a run directory's ``adapter/`` is named after the run).
 
+    A run's checkpoints are left out: the finished run's ``adapter/`` is what to show.
+
     Broken adapter directories are skipped and listed in ``problems``; a missing
     ``root`` is a problem too, not an error, so the demo still starts with the base.
     """
     from multimodal_lora.adapter import CONFIG_FILE, read_adapter
+    from multimodal_lora.checkpoint import CHECKPOINTS
 
     root = Path(root)
     found = Found()
     if not root.is_dir():
         found.problems.append(f"{root} does not exist or is not a directory")
         return found
-    configs = sorted(p for p in root.rglob(CONFIG_FILE) if len(p.relative_to(root).parts) <= SEARCH_DEPTH + 1)
+    configs = sorted(
+        p
+        for p in root.rglob(CONFIG_FILE)
+        if len(p.relative_to(root).parts) <= SEARCH_DEPTH + 1
+        # A run's checkpoints (OUTPUT_DIR/checkpoints/checkpoint-N/adapter) and
+        # half-written temporaries (.tmp-*) are not adapters to offer.
+        and not any(part == CHECKPOINTS or part.startswith(".") for part in p.relative_to(root).parts[:-1])
+    )
     for config in configs:
         directory = config.parent
         relative = directory.relative_to(root)

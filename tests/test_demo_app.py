@@ -37,6 +37,9 @@ def test_find_adapters_names_runs_and_skips_broken_ones(tiny_run, tmp_path):
     weights = runs / "broken" / "adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
     (runs / "notes").mkdir()
+    # Checkpoints and temporaries hold adapters too, but are not what to offer.
+    shutil.copytree(tiny_run.adapter_dir, runs / "football" / "checkpoints" / "checkpoint-00000010" / "adapter")
+    shutil.copytree(tiny_run.adapter_dir, runs / "football" / ".tmp-adapter" / "adapter")
 
     found = demo.find_adapters(runs)
     assert list(found.adapters) == ["football", "sweeps/r8"]
