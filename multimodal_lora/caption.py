@@ -1,24 +1,47 @@
-"""Caption images from the command line.
+"""Caption images from the command line: files, directories or globs, to the screen or a file.
 
-    python -m multimodal_lora.caption IMAGE [IMAGE ...] --adapter DIR
+    python -m multimodal_lora.caption IMAGE|DIR|GLOB ... --adapter DIR [--out captions.jsonl]
 
-Prints one line per image: the path, a tab, the caption.
+Without ``--out`` it prints one line per image: the path, a tab, the caption.
+With ``--out FILE.jsonl`` or ``FILE.csv`` it writes rows with ``image`` and
+``caption`` (and ``error`` for an image that could not be read), showing a
+progress bar. Images are captioned ``--batch-size`` at a time on the device;
+an unreadable image is reported and skipped, never the end of the run. The
+exit status is 0 when every image was captioned, 1 when some could not be.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import glob
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
 
 from multimodal_lora.cli import run_cli, setup_logging
+from multimodal_lora.errors import UserError
+
+# What a directory argument expands to (case-insensitive); other files there are ignored.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m multimodal_lora.caption", description="Caption images with a BLIP-2 base and a LoRA adapter.")
-    parser.add_argument("images", nargs="*", help="image files")
+    parser.add_argument("images", nargs="*", help="image files, directories (their images), or quoted globs such as 'photos/**/*.jpg'")
     parser.add_argument("--adapter", help="adapter directory written by the trainer (default: the bare base)")
     parser.add_argument("--base", help="base model (default: the one the adapter was trained on, else tiny)")
+    parser.add_argument("--out", help="write the captions to this .jsonl or .csv file instead of the screen")
+    parser.add_argument("--question", help="ask this question about every image (a VQA adapter) instead of captioning")
     parser.add_argument("--prompt", help="text the caption continues")
     parser.add_argument("--max-new-tokens", type=int, default=30)
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy)")
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy / beam search")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --do-sample)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per generate call")
     parser.add_argument(
         "--validation",
         type=int,
@@ -27,17 +50,128 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if not args.images and not args.validation:
-        parser.error("give image files, or --validation N with --adapter")
+        parser.error("give image files, directories or globs, or --validation N with --adapter")
+    out_format = _out_format(args.out) if args.out else None
     setup_logging()
     from multimodal_lora.inference import captioner_for
 
-    captioner, name = captioner_for(args.adapter, args.base)
     if args.validation:
+        captioner, name = captioner_for(args.adapter, args.base)
         return _caption_validation(captioner, name, args)
-    captions = captioner.caption(list(args.images), adapter=name, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
-    for path, text in zip(args.images, captions):
-        print(f"{path}\t{text}")
+    paths = expand_inputs(args.images)
+    captioner, name = captioner_for(args.adapter, args.base)
+    rows = caption_files(captioner, name, paths, args, progress=args.out is not None)
+    failed = [r for r in rows if "error" in r]
+    if args.out:
+        write_rows(rows, Path(args.out), out_format, question=args.question is not None)
+        print(f"wrote {len(rows) - len(failed)} captions to {args.out}", file=sys.stderr)
+    else:
+        for row in rows:
+            print(f"{row['image']}\t{row.get('answer', row.get('caption')) if 'error' not in row else 'ERROR: ' + row['error']}")
+    if failed:
+        print(f"{len(failed)} of {len(rows)} images could not be captioned:", file=sys.stderr)
+        for row in failed:
+            print(f"  {row['error']}", file=sys.stderr)
+        return 1
     return 0
+
+
+def expand_inputs(items: list[str]) -> list[str]:
+    """Files as given, a directory's images (sorted), a glob's matches (sorted).
+
+    A name that is neither a file, a directory nor a glob with matches is kept,
+    so that it is reported as missing in the output like any unreadable image.
+
+    Raises:
+        UserError: a directory or glob matched no image at all.
+    """
+    paths: list[str] = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(str(p) for p in Path(item).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"{item}: directory has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            paths.extend(found)
+        elif glob.has_magic(item) and not os.path.exists(item):
+            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            if not found:
+                raise UserError(f"{item}: no files match this pattern")
+            paths.extend(found)
+        else:
+            paths.append(item)
+    return paths
+
+
+def caption_files(captioner, name, paths: list[str], args, progress: bool = True) -> list[dict]:
+    """Caption ``paths`` in batches; a file that cannot be read gets an ``error`` instead."""
+    from tqdm import tqdm
+
+    from multimodal_lora.data.images import load_image
+    from multimodal_lora.errors import ImageError
+
+    rows: list[dict] = []
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+    )
+    bar = tqdm(total=len(paths), unit="image", desc="captioning", disable=not progress, file=sys.stderr)
+    for start in range(0, len(paths), args.batch_size):
+        chunk = paths[start : start + args.batch_size]
+        # Decode this batch first, so one bad file costs only its own row.
+        chunk_rows: list[dict] = []
+        good = []
+        for path in chunk:
+            try:
+                good.append((len(chunk_rows), load_image(path)))
+                chunk_rows.append({"image": path})
+            except ImageError as exc:
+                chunk_rows.append({"image": path, "error": str(exc)})
+        if good:
+            images = [image for _, image in good]
+            if args.question is not None:
+                texts = captioner.ask(images, args.question, adapter=name, **options)
+            else:
+                texts = captioner.caption(images, adapter=name, prompt=args.prompt, **options)
+            for (i, _), text in zip(good, texts):
+                if args.question is not None:
+                    chunk_rows[i].update(question=args.question, answer=text)
+                else:
+                    chunk_rows[i]["caption"] = text
+        rows.extend(chunk_rows)
+        bar.update(len(chunk))
+    bar.close()
+    return rows
+
+
+def write_rows(rows: list[dict], out: Path, out_format: str, question: bool = False) -> None:
+    """Write rows as JSONL or CSV, atomically (a temporary file renamed into place)."""
+    fields = ["image", "question", "answer", "error"] if question else ["image", "caption", "error"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}-", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            if out_format == "jsonl":
+                for row in rows:
+                    f.write(json.dumps({k: row[k] for k in fields if k in row}, ensure_ascii=False) + "\n")
+            else:
+                writer = csv.DictWriter(f, fieldnames=fields, restval="")
+                writer.writeheader()
+                writer.writerows(rows)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _out_format(out: str) -> str:
+    suffix = Path(out).suffix.lower()
+    if suffix in (".jsonl", ".csv"):
+        return suffix[1:]
+    raise UserError(f"--out {out}: name a .jsonl or .csv file")
 
 
 def _caption_validation(captioner, name, args) -> int:

@@ -10,7 +10,9 @@ free it).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ from multimodal_lora.adapter import AdapterMeta, check_base_matches, read_adapte
 from multimodal_lora.config import ModelConfig
 from multimodal_lora.data.encoding import prompt_text
 from multimodal_lora.data.images import ImageSource, load_image
-from multimodal_lora.errors import AdapterError
+from multimodal_lora.errors import AdapterError, ConfigError
 from multimodal_lora.model import load_base, load_processor, text_layout
 
 logger = logging.getLogger(__name__)
@@ -29,6 +31,10 @@ DEFAULT_PROMPT_TEMPLATE = "Question: {question} Answer:"
 
 class Captioner:
     """A BLIP-2 base with named LoRA adapters, for captioning and visual question answering.
+
+    The active adapter is state of the one shared model, so each ``generate``
+    call holds a lock while it picks its adapter: several threads (a web
+    server's workers) may share one ``Captioner``.
 
     Args:
         base: ``tiny``, a hub id, or a model directory.
@@ -52,6 +58,7 @@ class Captioner:
         self.layout = text_layout(self.model, self.processor.tokenizer)
         self.adapters: dict[str, AdapterMeta | None] = {}
         self._paths: dict[str, Path] = {}
+        self._lock = threading.Lock()
 
     @classmethod
     def from_model(cls, model, processor, base, adapters: dict[str, AdapterMeta | None] | None = None) -> Captioner:
@@ -66,6 +73,7 @@ class Captioner:
         self.layout = text_layout(model, processor.tokenizer)
         self.adapters = dict(adapters or {})
         self._paths = {}
+        self._lock = threading.Lock()
         return self
 
     @property
@@ -90,11 +98,14 @@ class Captioner:
         check_base_matches(directory, meta, self.base)
         from peft import PeftModel
 
-        if isinstance(self.model, PeftModel):
-            self.model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
-        else:
-            self.model = PeftModel.from_pretrained(self.model, str(directory), adapter_name=name, is_trainable=False)
-        self.model.eval()
+        with self._lock:
+            # The first adapter wraps the base in a PeftModel; later ones are added to
+            # the same wrapper, so the base's weights are loaded exactly once.
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(directory), adapter_name=name, is_trainable=False)
+            self.model.eval()
         self.adapters[name] = meta
         self._paths[name] = directory.resolve()
         return name
@@ -114,10 +125,28 @@ class Captioner:
     ) -> str | list[str]:
         """Caption one image (returns a string) or several (returns a list).
 
+        Images are captioned ``batch_size`` at a time, each batch in one
+        ``generate`` call; with greedy decoding a batch gives exactly the
+        captions the images get one by one.
+
         Args:
-            images: a path, a ``PIL.Image``, or a list of them.
-            adapter: the name of a loaded adapter, or ``None`` for the base.
+            images: a path, the file's bytes, a ``PIL.Image``, or a list of them.
+            adapter: the name of a loaded adapter, or ``None`` for the bare base.
             prompt: text the caption continues; defaults to the adapter's training prompt.
+            max_new_tokens: the longest caption, in tokens.
+            num_beams: beam search width (1: greedy).
+            do_sample, temperature, top_p: sample instead of searching; the
+                other two only apply with ``do_sample=True``.
+            batch_size: images per ``generate`` call.
+
+        Raises:
+            AdapterError: ``adapter`` is not loaded.
+            ImageError: an image cannot be read (named in the message).
+            ConfigError: a generation option is out of range.
+
+        Example:
+            >>> captioner.caption(["a.png", "b.png"], adapter="shapes", num_beams=3)
+            ['a red circle', 'a blue square']
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
@@ -136,9 +165,27 @@ class Captioner:
         *,
         max_new_tokens: int = 10,
         num_beams: int = 1,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
         batch_size: int = 8,
     ) -> str | list[str]:
-        """Answer a question about an image, in the prompt template the adapter was trained with."""
+        """Answer a question about an image, in the prompt template the adapter was trained with.
+
+        Args:
+            images: an image (path, bytes or ``PIL.Image``) or a list of them.
+            question: one question for every image, or one per image.
+            adapter: the name of a loaded adapter, or ``None`` for the bare base
+                (which is asked in the default template, ``Question: ... Answer:``).
+            max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size: as in :meth:`caption`.
+
+        Returns:
+            The answer, or a list of answers for a list of images.
+
+        Example:
+            >>> captioner.ask("shape.png", "What colour is the shape?", adapter="shapes-vqa")
+            'red'
+        """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         questions = [question] * len(items) if isinstance(question, str) else list(question)
@@ -147,7 +194,7 @@ class Captioner:
         meta = self._meta(adapter)
         template = meta.prompt_template if meta is not None else DEFAULT_PROMPT_TEMPLATE
         prompts = [prompt_text("vqa", q, None, template) for q in questions]
-        out = self._generate(items, prompts, adapter, max_new_tokens, num_beams, False, 1.0, 1.0, batch_size)
+        out = self._generate(items, prompts, adapter, max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size)
         return out[0] if single else out
 
     # -- internals -------------------------------------------------------------------------
@@ -160,16 +207,24 @@ class Captioner:
             raise AdapterError(f"no adapter named {adapter!r} is loaded (loaded: {known}); call load_adapter first")
         return self.adapters[adapter]
 
+    @property
+    def adapter_names(self) -> list[str]:
+        """The names of the loaded adapters, in the order they were loaded."""
+        return list(self.adapters)
+
     @torch.no_grad()
     def _generate(self, images, prompts, adapter, max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size) -> list[str]:
+        _check_generation(max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size)
+        self._meta(adapter)  # an unknown name fails before any image is read
+        kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample)
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
         results: list[str] = []
         for start in range(0, len(images), batch_size):
             chunk = [load_image(i) for i in images[start : start + batch_size]]
             batch = self._inputs(chunk, prompts[start : start + batch_size])
-            kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample)
-            if do_sample:
-                kwargs.update(temperature=temperature, top_p=top_p)
-            with self._adapter(adapter):
+            # Choosing the adapter and generating must not interleave with another thread's choice.
+            with self._lock, self._adapter(adapter):
                 output = self.model.generate(**batch, **kwargs)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -200,8 +255,6 @@ class Captioner:
 
     def _adapter(self, adapter: str | None):
         """A context in which ``adapter`` (or the bare base, for ``None``) is active."""
-        from contextlib import nullcontext
-
         from peft import PeftModel
 
         if not isinstance(self.model, PeftModel):
@@ -300,6 +353,22 @@ def ask(
     """
     captioner, name = captioner_for(adapter, base_model)
     return captioner.ask(image, question, adapter=name, max_new_tokens=max_new_tokens)
+
+
+def _check_generation(max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size) -> None:
+    problems = []
+    if max_new_tokens < 1:
+        problems.append(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
+    if num_beams < 1:
+        problems.append(f"num_beams must be at least 1 (got {num_beams})")
+    if batch_size < 1:
+        problems.append(f"batch_size must be at least 1 (got {batch_size})")
+    if do_sample and temperature <= 0:
+        problems.append(f"temperature must be positive when sampling (got {temperature}); use do_sample=False for greedy")
+    if do_sample and not 0 < top_p <= 1:
+        problems.append(f"top_p must be in (0, 1] (got {top_p})")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def _default_name(directory: Path) -> str:

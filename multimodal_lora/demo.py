@@ -1,0 +1,421 @@
+"""The web demo: caption images and ask questions about them, with the base and every adapter.
+
+    python -m multimodal_lora.demo                 # adapters under runs/, http://127.0.0.1:7860
+    python demo/app.py --adapters-dir runs --port 7861
+
+One :class:`~multimodal_lora.inference.Captioner` holds the base and all the
+adapters found under ``--adapters-dir``; the page only calls its public
+``caption`` and ``ask``. The defaults are safe to run on a shared machine:
+bound to 127.0.0.1, no public share link unless ``--share``, uploads limited in
+size and kept in a temporary directory of their own, no extra paths served, a
+queue that runs one generation at a time and turns away requests beyond
+``--max-queue``. An upload that is not a readable image gets a message in the
+page, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from multimodal_lora.cli import run_cli, setup_logging
+from multimodal_lora.errors import AdapterError, UserError
+
+logger = logging.getLogger(__name__)
+
+# Versions with the fixes the demo relies on: gradio 6.16 (published path-traversal
+# and SSRF fixes in the file routes), torch 2.6 (torch.load is weights_only by default).
+MIN_GRADIO = "6.16"
+MIN_TORCH = "2.6"
+
+DEFAULT_ADAPTERS_DIR = "runs"
+BASE_CHOICE = "(base)"
+"""The dropdown value that means "no adapter"."""
+# Images above this many pixels are refused before decoding: a small upload can
+# unpack to gigabytes (a decompression bomb). 40 MP is more than any phone photo.
+MAX_PIXELS = 40_000_000
+EXAMPLES = 4
+SEARCH_DEPTH = 4
+
+
+@dataclass
+class Found:
+    """What :func:`find_adapters` found under a directory."""
+
+    adapters: dict[str, Path] = field(default_factory=dict)
+    """Dropdown name → adapter directory."""
+    tasks: dict[str, str] = field(default_factory=dict)
+    """Dropdown name → ``caption`` or ``vqa``."""
+    problems: list[str] = field(default_factory=list)
+    """Adapters that were skipped, and why."""
+    base: str | None = None
+    """The base the first usable adapter was trained on."""
+
+
+def check_versions() -> None:
+    """Refuse to serve with a gradio or torch older than the fixes the demo relies on."""
+    import gradio
+    import torch
+    from packaging.version import Version
+
+    if Version(gradio.__version__) < Version(MIN_GRADIO):
+        raise UserError(
+            f"gradio {gradio.__version__} is too old: the demo needs >= {MIN_GRADIO} (path-traversal and SSRF "
+            f"fixes); pip install -U 'gradio>={MIN_GRADIO}'"
+        )
+    if Version(torch.__version__.split("+")[0]) < Version(MIN_TORCH):
+        raise UserError(f"torch {torch.__version__} is too old: the demo needs >= {MIN_TORCH} (safe torch.load)")
+
+
+def find_adapters(root: str | Path) -> Found:
+    """Every adapter directory under ``root`` (a run directory's ``adapter/`` is named after the run).
+
+    A run's checkpoints are left out: the finished run's ``adapter/`` is what to show.
+
+    Broken adapter directories are skipped and listed in ``problems``; a missing
+    ``root`` is a problem too, not an error, so the demo still starts with the base.
+    """
+    from multimodal_lora.adapter import CONFIG_FILE, read_adapter
+    from multimodal_lora.checkpoint import CHECKPOINTS
+
+    root = Path(root)
+    found = Found()
+    if not root.is_dir():
+        found.problems.append(f"{root} does not exist or is not a directory")
+        return found
+    configs = sorted(
+        p
+        for p in root.rglob(CONFIG_FILE)
+        if len(p.relative_to(root).parts) <= SEARCH_DEPTH + 1
+        # A run's checkpoints (OUTPUT_DIR/checkpoints/checkpoint-N/adapter) and
+        # half-written temporaries (.tmp-*) are not adapters to offer.
+        and not any(part == CHECKPOINTS or part.startswith(".") for part in p.relative_to(root).parts[:-1])
+    )
+    for config in configs:
+        directory = config.parent
+        relative = directory.relative_to(root)
+        if relative.name == "adapter" and len(relative.parts) > 1:
+            relative = relative.parent
+        name = relative.as_posix() if relative.parts else directory.name
+        try:
+            directory, meta = read_adapter(directory)
+        except AdapterError as exc:
+            found.problems.append(f"skipped {name}: {exc}")
+            continue
+        found.adapters[name] = directory
+        found.tasks[name] = meta.task if meta is not None else "caption"
+        if found.base is None and meta is not None:
+            found.base = meta.base.name
+    return found
+
+
+def load_captioner(found: Found, base: str | None, device: str, dtype: str, quantization: str):
+    """A Captioner with the base and every adapter that fits it (the others go to ``found.problems``)."""
+    from multimodal_lora.inference import Captioner
+
+    captioner = Captioner(base or found.base or "tiny", device=device, dtype=dtype, quantization=quantization)
+    for name, directory in list(found.adapters.items()):
+        try:
+            captioner.load_adapter(directory, name=name)
+        except AdapterError as exc:
+            found.problems.append(f"skipped {name}: {exc}")
+            del found.adapters[name]
+            del found.tasks[name]
+    return captioner
+
+
+def example_images(directory: Path, count: int = EXAMPLES) -> list[str]:
+    """Copy a few bundled validation images into ``directory`` (the app's temp dir) and list them.
+
+    Copied rather than referenced so that the app serves nothing from outside
+    its own temporary directory (no extra ``allowed_paths``).
+    """
+    from multimodal_lora.data.shapes import ensure_builtin
+
+    source = ensure_builtin("shapes") / "validation"
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in sorted(source.glob("*.png"))[:count]:
+        target = directory / path.name
+        shutil.copyfile(path, target)
+        out.append(str(target))
+    return out
+
+
+def status_text(found: Found, adapters_dir: str | Path, base: str) -> str:
+    """The line above the tabs: which base, which adapters, what was skipped."""
+    lines = [f"**Base:** `{base}`"]
+    if found.adapters:
+        listed = ", ".join(f"`{n}` ({found.tasks[n]})" for n in found.adapters)
+        lines.append(f"**Adapters** from `{adapters_dir}`: {listed}")
+    else:
+        lines.append(
+            f"**No adapter found under `{adapters_dir}`**: captions come from the base alone. Train one with "
+            "`python -m multimodal_lora.train recipes/tiny.yaml` and restart the demo."
+        )
+    lines.extend(f"- {problem}" for problem in found.problems)
+    return "\n\n".join(lines)
+
+
+def read_upload(path: str | None):
+    """Decode an uploaded file as an RGB image, or raise a ``gr.Error`` the page shows."""
+    import gradio as gr
+    from PIL import Image
+
+    from multimodal_lora.data.images import load_image
+
+    if not path:
+        raise gr.Error("Upload an image first (or click one of the examples).")
+    label = Path(path).name
+    try:
+        with Image.open(path) as probe:
+            pixels = probe.width * probe.height
+        if pixels > MAX_PIXELS:
+            raise gr.Error(f"{label}: {probe.width}×{probe.height} pixels is more than this demo takes ({MAX_PIXELS:,}); resize it.")
+    except gr.Error:
+        raise
+    except Exception:
+        pass  # load_image names every way the file can be unreadable
+    try:
+        return load_image(path, name=label)
+    except UserError as exc:
+        raise gr.Error(str(exc)) from None
+
+
+def build_app(
+    captioner,
+    found: Found,
+    *,
+    adapters_dir: str | Path = DEFAULT_ADAPTERS_DIR,
+    examples_dir: Path | None = None,
+    concurrency_limit: int = 1,
+    max_queue: int = 64,
+):
+    """The Gradio app around a loaded Captioner: a Caption tab, a VQA tab, shared generation settings.
+
+    Returns:
+        A ``gr.Blocks`` with its queue configured; call ``launch`` on it.
+    """
+    import gradio as gr
+
+    names = list(found.adapters)
+    caption_names = [n for n in names if found.tasks[n] != "vqa"]
+    vqa_names = [n for n in names if found.tasks[n] == "vqa"]
+    choices = [("base model (no adapter)", BASE_CHOICE)] + [(f"{n} ({found.tasks[n]})", n) for n in names]
+
+    def to_adapter(choice: str | None) -> str | None:
+        if not choice or choice == BASE_CHOICE:
+            return None
+        if choice not in found.adapters:
+            raise gr.Error(f"No adapter named {choice!r} is loaded; choose one from the list.")
+        return choice
+
+    def options(max_new_tokens, num_beams, do_sample, temperature, top_p) -> dict:
+        return dict(
+            max_new_tokens=int(max_new_tokens),
+            num_beams=int(num_beams),
+            do_sample=bool(do_sample),
+            temperature=float(temperature),
+            top_p=float(top_p),
+        )
+
+    def run(call):
+        """Turn what the user can fix into a message in the page; log the rest and say so."""
+        try:
+            return call()
+        except gr.Error:
+            raise
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+        except Exception:
+            logger.exception("generation failed")
+            raise gr.Error("Something went wrong while generating; the server log has the details.") from None
+
+    def caption_fn(path, choice, side_by_side, prompt, max_new_tokens, num_beams, do_sample, temperature, top_p):
+        image = read_upload(path)
+        adapter = to_adapter(choice)
+        opts = options(max_new_tokens, num_beams, do_sample, temperature, top_p)
+        text = run(lambda: captioner.caption(image, adapter=adapter, prompt=prompt or None, **opts))
+        base_text = ""
+        if side_by_side and adapter is not None:
+            base_text = run(lambda: captioner.caption(image, adapter=None, prompt=prompt or None, **opts))
+        return path, text, base_text
+
+    def ask_fn(path, question, choice, max_new_tokens, num_beams, do_sample, temperature, top_p):
+        image = read_upload(path)
+        if not question or not question.strip():
+            raise gr.Error("Type a question about the image.")
+        adapter = to_adapter(choice)
+        opts = options(max_new_tokens, num_beams, do_sample, temperature, top_p)
+        return path, run(lambda: captioner.ask(image, question.strip(), adapter=adapter, **opts))
+
+    examples = example_images(examples_dir) if examples_dir is not None else []
+    # The image shown beside the answer is the uploaded file itself, served from the
+    # upload directory: re-encoding it would write one cache file per image content,
+    # which gradio rewrites in place while concurrent requests may be reading it.
+    with gr.Blocks(title="multimodal_lora demo", analytics_enabled=False) as app:
+        gr.Markdown("# multimodal_lora: BLIP-2 with LoRA adapters")
+        gr.Markdown(status_text(found, adapters_dir, captioner.base.name), elem_id="status")
+        with gr.Accordion("Generation settings", open=False):
+            prompt = gr.Textbox(label="Caption prefix (optional)", placeholder="text the caption continues")
+            max_new_tokens = gr.Slider(1, 60, value=30, step=1, label="max new tokens")
+            num_beams = gr.Slider(1, 8, value=1, step=1, label="beams (1 = greedy)")
+            do_sample = gr.Checkbox(value=False, label="sample")
+            temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature (when sampling)")
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p (when sampling)")
+        settings = [max_new_tokens, num_beams, do_sample, temperature, top_p]
+        with gr.Tab("Caption"):
+            with gr.Row():
+                with gr.Column():
+                    c_file = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="caption-upload")
+                    c_adapter = gr.Dropdown(
+                        choices, value=caption_names[0] if caption_names else BASE_CHOICE, label="Adapter", elem_id="caption-adapter"
+                    )
+                    c_compare = gr.Checkbox(value=False, label="Side by side: also caption with the base")
+                    c_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                with gr.Column():
+                    c_seen = gr.Image(label="Image", interactive=False, type="filepath", height=240)
+                    c_text = gr.Textbox(label="Caption", elem_id="caption-output", interactive=False)
+                    c_base = gr.Textbox(label="Base model's caption (side by side)", interactive=False)
+            if examples:
+                gr.Examples(examples=[[p] for p in examples], inputs=[c_file], label="Examples (bundled shapes)")
+            c_button.click(
+                caption_fn,
+                [c_file, c_adapter, c_compare, prompt, *settings],
+                [c_seen, c_text, c_base],
+                api_name="caption",
+                concurrency_limit=concurrency_limit,
+            )
+        with gr.Tab("VQA"):
+            with gr.Row():
+                with gr.Column():
+                    q_file = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="vqa-upload")
+                    q_question = gr.Textbox(label="Question", value="What colour is the shape?", elem_id="vqa-question")
+                    q_adapter = gr.Dropdown(choices, value=vqa_names[0] if vqa_names else BASE_CHOICE, label="Adapter")
+                    q_button = gr.Button("Ask", variant="primary", elem_id="vqa-button")
+                with gr.Column():
+                    q_seen = gr.Image(label="Image", interactive=False, type="filepath", height=240)
+                    q_answer = gr.Textbox(label="Answer", elem_id="vqa-output", interactive=False)
+            if examples:
+                gr.Examples(examples=[[p] for p in examples], inputs=[q_file], label="Examples (bundled shapes)")
+            q_button.click(
+                ask_fn,
+                [q_file, q_question, q_adapter, *settings],
+                [q_seen, q_answer],
+                api_name="ask",
+                concurrency_limit=concurrency_limit,
+            )
+    app.queue(max_size=max_queue, default_concurrency_limit=concurrency_limit)
+    return app
+
+
+def serve(
+    adapters_dir: str | Path = DEFAULT_ADAPTERS_DIR,
+    *,
+    base: str | None = None,
+    device: str = "auto",
+    dtype: str = "fp32",
+    quantization: str = "none",
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = False,
+    max_file_size: str = "10mb",
+    concurrency_limit: int = 1,
+    max_queue: int = 64,
+    block: bool = True,
+):
+    """Load the base and adapters, build the app and serve it.
+
+    Args:
+        adapters_dir: searched for adapter directories (default: ``runs``, where the trainer writes).
+        base: the base model; defaults to the base the first adapter records, else ``tiny``.
+        host: the address to bind; ``127.0.0.1`` keeps the demo on this machine.
+        share: also open a public ``*.gradio.live`` link (off unless asked).
+        max_file_size: the largest upload accepted, e.g. ``10mb``.
+        concurrency_limit: generations run at once (one model, so 1 is usually right).
+        max_queue: requests waiting beyond this are turned away.
+        block: keep serving until interrupted (``False``: return the launched app).
+
+    Returns:
+        The launched ``gr.Blocks`` (when ``block=False``).
+    """
+    check_versions()
+    # A temporary directory of our own for uploads and served files, made before
+    # gradio reads GRADIO_TEMP_DIR, and removed when the process ends.
+    temp_dir = Path(tempfile.mkdtemp(prefix="multimodal-lora-demo-"))
+    os.environ["GRADIO_TEMP_DIR"] = str(temp_dir)
+    atexit.register(shutil.rmtree, temp_dir, ignore_errors=True)
+
+    found = find_adapters(adapters_dir)
+    captioner = load_captioner(found, base, device, dtype, quantization)
+    for problem in found.problems:
+        logger.warning("%s", problem)
+    logger.info("base %s with %d adapter(s): %s", captioner.base.name, len(found.adapters), ", ".join(found.adapters) or "none")
+    app = build_app(
+        captioner,
+        found,
+        adapters_dir=adapters_dir,
+        examples_dir=temp_dir / "examples",
+        concurrency_limit=concurrency_limit,
+        max_queue=max_queue,
+    )
+    app.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        max_file_size=max_file_size,
+        allowed_paths=None,
+        show_error=False,
+        ssr_mode=False,
+        mcp_server=False,
+        footer_links=["api"],
+        prevent_thread_lock=not block,
+        quiet=False,
+    )
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m multimodal_lora.demo", description="Web demo: caption and VQA with a base and its adapters.")
+    parser.add_argument("--adapters-dir", default=DEFAULT_ADAPTERS_DIR, help="directory searched for adapters (default: runs)")
+    parser.add_argument("--base", help="base model (default: the base of the adapters found, else tiny)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--quantization", default="none", choices=["none", "int8", "4bit"])
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--max-file-size", default="10mb", help="largest upload accepted (default 10mb)")
+    parser.add_argument("--concurrency", type=int, default=1, help="generations run at once (default 1)")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait (default 64)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    serve(
+        args.adapters_dir,
+        base=args.base,
+        device=args.device,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        max_file_size=args.max_file_size,
+        concurrency_limit=args.concurrency,
+        max_queue=args.max_queue,
+    )
+    return 0
+
+
+def cli() -> None:
+    """Console-script entry point."""
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,203 @@
+"""Fold an adapter into its base and write a standalone model directory.
+
+    python -m multimodal_lora.merge --adapter runs/tiny/adapter --out merged/tiny
+
+The result is an ordinary ``transformers`` model directory (safetensors weights,
+config, generation config, processor): ``Blip2ForConditionalGeneration.from_pretrained(OUT)``
+loads it with neither PEFT nor this package, and it captions exactly as the base
+with the adapter does.
+
+Merging needs full-precision base weights. An int8 or 4-bit base stores rounded
+weights; adding the LoRA update to them means dequantizing, adding, and
+(to stay quantized) rounding again, which changes the model. So a merge into a
+quantized base is refused unless the user asks for ``--dequantize``: then the
+base is loaded unquantized (``--dtype``) and the adapter is merged into that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from multimodal_lora.adapter import _replace_dir, check_base_matches, read_adapter
+from multimodal_lora.cli import run_cli, setup_logging
+from multimodal_lora.config import ModelConfig
+from multimodal_lora.errors import AdapterError, UserError
+
+logger = logging.getLogger(__name__)
+
+MERGE_RECORD = "merged_from.json"
+
+
+class MergeError(UserError):
+    """A merge that cannot (or should not) be done as asked."""
+
+
+def merge_adapter(
+    adapter: str | Path,
+    out: str | Path,
+    *,
+    base: str | None = None,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    quantization: str | None = None,
+    dequantize: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Merge ``adapter`` into its base and save the result to ``out``.
+
+    Args:
+        adapter: an adapter directory written by the trainer (or its run directory).
+        out: where to write the merged model; written to a temporary directory
+            beside it and renamed into place, so it is there whole or not at all.
+        base: the base to merge into; defaults to the one the adapter records.
+        dtype: dtype of the merged weights (``fp32``, ``bf16``, ``fp16``).
+        device: where to do the merge (``cpu`` needs RAM for the whole base in ``dtype``).
+        quantization: how the adapter's base was loaded for training; defaults to
+            what the run's saved ``recipe.yaml`` says, else ``none``.
+        dequantize: merge into the unquantized base even though the adapter was
+            trained on an int8/4-bit one.
+        overwrite: replace ``out`` if it exists.
+
+    Returns:
+        The merged model directory.
+
+    Raises:
+        MergeError: the base is quantized and ``dequantize`` is not set, or
+            ``out`` exists and ``overwrite`` is not set.
+        AdapterError: the adapter is incomplete or belongs to another base.
+
+    Example:
+        >>> merge_adapter("runs/tiny/adapter", "merged/tiny")
+        PosixPath('merged/tiny')
+    """
+    directory, meta = read_adapter(adapter)
+    out = Path(out)
+    if quantization is None:
+        quantization = _trained_quantization(directory)
+    if quantization not in ("none", "int8", "4bit"):
+        raise MergeError(f"quantization: {quantization!r}; choose from none, int8, 4bit")
+    if quantization != "none" and not dequantize:
+        raise MergeError(
+            f"adapter {str(directory)!r} was trained on a base quantized to {quantization}. Its weights are rounded to "
+            f"{quantization}, and merging would add the LoRA update to them and round again, so the merged "
+            "model would not caption like base + adapter. Pass --dequantize (dequantize=True) to merge into "
+            f"the full-precision base instead (in --dtype, now {dtype}), or keep using the adapter unmerged."
+        )
+    if out.exists() and not overwrite:
+        raise MergeError(f"{out} exists; choose another --out or pass --overwrite to replace it")
+    if out.resolve() == directory.resolve() or directory.resolve() in out.resolve().parents:
+        raise MergeError(f"--out {out} is inside the adapter directory; write the merged model elsewhere")
+
+    base_name, revision = _base_of(directory, meta, base)
+    cfg = ModelConfig(base=base_name, revision=revision, device=device, dtype=dtype, quantization="none")
+    problems = cfg.problems()
+    if problems:
+        raise MergeError("; ".join(problems))
+
+    from peft import PeftModel
+
+    from multimodal_lora.model import load_base, load_processor
+
+    logger.info("loading base %s (%s) to merge %s into", base_name, dtype, directory)
+    processor = load_processor(base_name, revision)
+    model, info = load_base(cfg, for_training=False)
+    check_base_matches(directory, meta, info)
+    model = PeftModel.from_pretrained(model, str(directory), is_trainable=False)
+    # safe_merge: check the merged weights for NaNs before replacing the originals.
+    model = model.merge_and_unload(safe_merge=True)
+    model.eval()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the model directory is meant to be shared
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        record = {
+            "adapter": str(directory.resolve()),
+            "base": asdict(info),
+            "dtype": dtype,
+            "trained_quantization": quantization,
+            "task": meta.task if meta else None,
+            "prompt": meta.prompt if meta else None,
+            "prompt_template": meta.prompt_template if meta else None,
+        }
+        (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("merged model written to %s", out)
+    return out
+
+
+def _trained_quantization(directory: Path) -> str:
+    """The quantization the run that wrote this adapter used, from its saved recipe."""
+    recipe_path = directory.parent / "recipe.yaml"
+    if not recipe_path.is_file():
+        return "none"
+    from multimodal_lora.config import load_recipe
+
+    return load_recipe(recipe_path).model.quantization
+
+
+def _base_of(directory: Path, meta, base: str | None) -> tuple[str, str | None]:
+    if base is not None:
+        return base, (meta.base.revision if meta is not None and meta.base.name == base else None)
+    if meta is not None:
+        return meta.base.name, meta.base.revision
+    config = json.loads((directory / "adapter_config.json").read_text())
+    if not config.get("base_model_name_or_path"):
+        raise AdapterError(f"adapter {str(directory)!r} does not say which base it belongs to; pass --base")
+    return config["base_model_name_or_path"], config.get("revision")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m multimodal_lora.merge",
+        description="Merge a LoRA adapter into its base and write a standalone transformers model directory.",
+    )
+    parser.add_argument("--adapter", required=True, help="adapter directory written by the trainer")
+    parser.add_argument("--out", required=True, help="directory to write the merged model to")
+    parser.add_argument("--base", help="base to merge into (default: the one the adapter records)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the merged weights")
+    parser.add_argument("--device", default="cpu", help="where to merge: cpu (default), cuda, cuda:N")
+    parser.add_argument(
+        "--quantization",
+        choices=["none", "int8", "4bit"],
+        help="how the adapter's base was quantized in training (default: read from the run's recipe.yaml)",
+    )
+    parser.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="the adapter was trained on an int8/4-bit base: merge into the unquantized base anyway",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+    setup_logging()
+    out = merge_adapter(
+        args.adapter,
+        args.out,
+        base=args.base,
+        dtype=args.dtype,
+        device=args.device,
+        quantization=args.quantization,
+        dequantize=args.dequantize,
+        overwrite=args.overwrite,
+    )
+    print(f"merged model written to {out}; load it with Blip2ForConditionalGeneration.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cli() -> None:
+    """Console-script entry point."""
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()
