@@ -34,10 +34,10 @@ from pathlib import Path
 TINY_NAME = "tiny"
 TINY_SEED = 0
 # Bump when the architecture, corpus or init changes so old caches are rebuilt.
-TINY_VERSION = 1
+TINY_VERSION = 2
 TEXT_INIT_STD = 0.2
 IMAGE_SIZE = 32
-NUM_QUERY_TOKENS = 8
+NUM_QUERY_TOKENS = 32
 VISION_WIDTH = 64
 QFORMER_WIDTH = 128
 VISION_SEED_OFFSET = 2
