@@ -26,6 +26,7 @@ from multimodal_lora.adapter import AdapterMeta, adapter_size_bytes, save_adapte
 from multimodal_lora.cli import run_cli, setup_logging
 from multimodal_lora.config import Recipe, load_recipe
 from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
+from multimodal_lora.data.screen import describe_bad, screen_examples
 from multimodal_lora.data.sources import load_splits
 from multimodal_lora.errors import ConfigError
 from multimodal_lora.model import (
@@ -72,7 +73,11 @@ def train(recipe: Recipe) -> TrainResult:
     # Data before weights: a missing file should not cost a model load.
     processor = load_processor(recipe.model.base, recipe.model.revision)
     splits = load_splits(recipe.data)
+    # Every image decoded once now, so a bad file stops the run here (or is skipped), never mid-training.
+    splits = screen_examples(splits, recipe.data)
     logger.info("data: %s — %d train / %d validation pairs", splits.description, len(splits.train), len(splits.validation))
+    if splits.bad:
+        logger.warning("%s", describe_bad(splits.bad))
 
     model, base = load_base(recipe.model)
     layout = text_layout(model, processor.tokenizer)
@@ -128,6 +133,8 @@ def train(recipe: Recipe) -> TrainResult:
             result["loss"],
             f", validation loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "",
         )
+        if splits.bad:
+            logger.warning("%s", describe_bad(splits.bad))
     accelerator.wait_for_everyone()
     return TrainResult(
         adapter_dir=adapter_dir,

@@ -84,9 +84,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _scale_to_8bit(image: Image.Image) -> Image.Image:
+    """Grey levels of a 16-bit (or 32-bit integer, or float) image mapped onto 0..255."""
     import numpy as np
 
     array = np.asarray(image).astype(np.float64)
-    # 16-bit files use the full 0..65535 range; 32-bit ones have no fixed range.
-    high = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-    return Image.fromarray(np.clip(np.round(array * (255 / high)), 0, 255).astype(np.uint8), mode="L")
+    if image.mode.startswith("I;16"):
+        high = 65535.0  # a 16-bit file's full scale, whatever values this image happens to use
+    elif image.mode == "F":
+        high = 1.0 if array.max(initial=0.0) <= 1.0 else float(array.max())  # floats are usually 0..1
+    else:
+        # Mode "I" has no fixed range: 8-bit values stay, 16-bit ones use the 16-bit scale.
+        peak = float(array.max(initial=0.0))
+        high = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+    return Image.fromarray(np.clip(np.round(array * (255 / high)), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
