@@ -19,7 +19,40 @@ from PIL import Image, ImageOps
 
 from multimodal_lora.errors import ImageError
 
-ImageSource = str | os.PathLike | bytes | Image.Image
+
+class StoredImage:
+    """An image in one row of an Arrow data set (hub or ``save_to_disk``), read only when used.
+
+    The data set is memory-mapped, so holding ten thousand of these costs no
+    image bytes; each is read when decoded. Pickles cheaply (``datasets``
+    pickles a memory-mapped table as its file paths), so DataLoader workers
+    can take it.
+    """
+
+    def __init__(self, dataset, column: str, index: int, root: str = "."):
+        self.dataset = dataset
+        """A ``datasets.Dataset`` whose image column is cast to ``Image(decode=False)``."""
+        self.column = column
+        self.index = index
+        self.root = root
+        """Directory that a stored relative path is relative to."""
+
+    def read(self) -> str | bytes:
+        """The encoded bytes, or the path of the file when the row stores only a path ("" for none)."""
+        value = self.dataset[self.index][self.column]
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        if value is None:
+            return ""
+        if isinstance(value, str) and value:
+            return os.path.join(self.root, value)
+        return value
+
+    def __repr__(self) -> str:
+        return f"StoredImage(row {self.index}, column {self.column!r})"
+
+
+ImageSource = str | os.PathLike | bytes | Image.Image | StoredImage
 
 BACKGROUND = (255, 255, 255)
 
@@ -38,6 +71,10 @@ def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
     label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "image")
     if isinstance(source, Image.Image):
         return to_rgb(source)
+    if isinstance(source, StoredImage):
+        source = source.read()
+        if isinstance(source, str) and not source:
+            raise ImageError(f"{label}: no image in this row")
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():

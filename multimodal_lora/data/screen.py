@@ -37,7 +37,7 @@ class BadExampleError(DataError):
 
 def image_label(example: Example) -> str:
     """How to name an example's image to a user: its path, or its row for in-memory bytes."""
-    if isinstance(example.image, bytes) or not example.image:
+    if not isinstance(example.image, str) or not example.image:
         return example.image_id
     return example.image
 

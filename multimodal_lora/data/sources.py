@@ -2,7 +2,7 @@
 
 A source yields :class:`Example` rows; it knows nothing of models or tokens.
 Images are not opened here, only referenced by path (or, for hub and saved
-data sets, by their encoded bytes), so listing a data set of ten thousand
+data sets, by row of the memory-mapped table), so listing a data set of ten thousand
 images costs no decoded pixels. Unreadable images and empty captions are
 found later, by :func:`multimodal_lora.data.screen.screen_examples`.
 
@@ -40,6 +40,7 @@ from pathlib import Path
 
 from multimodal_lora.config import DataConfig
 from multimodal_lora.data import shapes
+from multimodal_lora.data.images import StoredImage
 from multimodal_lora.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -51,8 +52,9 @@ MANIFEST_SUFFIXES = (".jsonl", ".csv", ".json")
 class Example:
     """One training pair: an image and its target text (a caption or an answer)."""
 
-    image: str | bytes
-    """Path of the image file, or its encoded bytes (hub and saved data sets)."""
+    image: str | bytes | StoredImage
+    """Path of the image file, its encoded bytes, or a reference into an Arrow data set
+    (hub and saved data sets) that is read when the image is decoded."""
     target: str
     """The caption (task ``caption``) or the answer (task ``vqa``)."""
     image_id: str
@@ -459,7 +461,8 @@ def _arrow_splits(dataset, cfg: DataConfig, name: str, root: Path) -> tuple[list
 
 
 def _arrow_examples(split, cfg: DataConfig, name: str, root: Path) -> list[Example]:
-    """Rows of an Arrow data set; image bytes are read from the (memory-mapped) table, not decoded."""
+    """Rows of an Arrow data set. The image column is not read here: each example holds a
+    :class:`StoredImage` reference into the memory-mapped table, read when the image is decoded."""
     import datasets
 
     if cfg.image_column not in split.column_names:
@@ -468,17 +471,11 @@ def _arrow_examples(split, cfg: DataConfig, name: str, root: Path) -> list[Examp
         )
     if isinstance(split.features[cfg.image_column], datasets.Image):
         split = split.cast_column(cfg.image_column, datasets.Image(decode=False))
+    text_only = split.remove_columns([cfg.image_column])
     examples = []
-    for index, row in enumerate(split):
-        image = row[cfg.image_column]
-        if isinstance(image, dict):
-            data = image.get("bytes") or image.get("path") or ""
-        else:
-            data = "" if image is None else str(image)
-        if isinstance(data, str) and data:
-            data = os.path.abspath(root / data)  # a path column: relative to the data set
-        origin = f"{name} row {index}"
-        examples.extend(_examples(row, data, f"{name}#{index}", origin, cfg))
+    for index, row in enumerate(text_only):
+        image = StoredImage(split, cfg.image_column, index, str(root.resolve()))
+        examples.extend(_examples(row, image, f"{name}#{index}", f"{name} row {index}", cfg))
     return examples
 
 
