@@ -138,7 +138,7 @@ def test_data_check_of_the_bundled_data_passes(capsys, tiny_base):
     assert code == 0
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith(("train ", "validation "))}
     assert rows == {"train": ["2000", "2000", "0"], "validation": ["200", "200", "0"]}
-    # "an orange triangle" is 3 tokens of the tiny tokenizer, so "</s> an orange triangle \\n" is 5.
+    # "an orange triangle" is 3 tokens of the tiny tokenizer: start + 3 + stop = 5 per example.
     assert "tokens per example:        min 5" in out
     assert "suggested max_length: 8" in out
 

@@ -38,5 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if report.fails else 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()
