@@ -310,44 +310,41 @@ def _file_examples(metadata: Path, image_dir: Path, image_column: str, cfg: Data
 
 def _read_rows(path: Path) -> list[tuple[int, dict]]:
     """Rows of a JSONL, CSV or JSON-list file, with their row numbers (1 = first data row)."""
-    try:
-        # utf-8-sig: a byte-order mark (as spreadsheet programs write) would otherwise glue onto the first header.
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
-        ) from None
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
+    text = _read_text(path)
+    if path.suffix.lower() == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))
         if not reader.fieldnames:
             raise DataError(f"{path}: empty CSV; the first line names the columns, e.g. file_name,text")
         return [(number, dict(row)) for number, row in enumerate(reader, start=1)]
-    if suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(rows, list):
+    if path.suffix.lower() == ".json":
+        items = _parse_json(text, path)
+        if not isinstance(items, list):
             raise DataError(f"{path}: a JSON manifest is a list of objects (one per pair)")
-        out = []
-        for number, row in enumerate(rows, start=1):
-            if not isinstance(row, dict):
-                raise DataError(f"{path} row {number}: each row must be a JSON object")
-            out.append((number, row))
-        return out
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} row {number}: not valid JSON ({exc.msg})") from None
+        rows = list(enumerate(items, start=1))
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                rows.append((number, _parse_json(line, f"{path} row {number}")))
+    for number, row in rows:
         if not isinstance(row, dict):
-            raise DataError(f"{path} row {number}: each line must be a JSON object")
-        rows.append((number, row))
+            raise DataError(f"{path} row {number}: each row must be a JSON object")
     return rows
+
+
+def _read_text(path: Path) -> str:
+    try:
+        # utf-8-sig: a byte-order mark (as spreadsheet programs write) would otherwise glue onto the first header.
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
+
+
+def _parse_json(text: str, where) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
 
 
 def _examples(row: dict, image: str | bytes, image_id: str, origin: str, cfg: DataConfig) -> list[Example]:
@@ -391,12 +388,7 @@ def read_coco(path: Path, cfg: DataConfig) -> list[Example]:
         raise DataError(f"{path}: a COCO captions file holds captions; task {cfg.task} needs a manifest with questions")
     if not path.is_file():
         raise DataError(f"COCO file {str(path)!r} does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    data = _parse_json(_read_text(path), path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
         raise DataError(f"{path}: a COCO captions file is an object with 'images' and 'annotations' lists")
     image_dir = Path(cfg.image_dir) if cfg.image_dir else path.parent
