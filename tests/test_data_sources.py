@@ -280,3 +280,36 @@ def test_training_cli_runs_from_every_source(tmp_path, tiny_base, name):
     code = main([str(REPO / "recipes" / "tiny.yaml"), *overrides, f"output_dir={out}", "train.max_steps=2", "train.batch_size=2"])
     assert code == 0
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_json_list_manifest(tmp_path):
+    names = draw_images(tmp_path, 2)
+    (tmp_path / "pairs.json").write_text(json.dumps([{"image": n, "text": caption(i)} for i, n in enumerate(names)]))
+    cfg = data_config([f"data.path={tmp_path / 'pairs.json'}", "data.val_fraction=0"])
+    assert [e.target for e in load_splits(cfg).train] == [caption(0), caption(1)]
+
+
+def test_hub_id_is_detected_and_fails_offline_with_a_clear_message():
+    from multimodal_lora.data.sources import detect_source
+
+    cfg = data_config(["data.path=ybelkada/football-dataset"])
+    assert detect_source(cfg) == "hub"
+    with pytest.raises(DataError, match="cannot load the hub data set 'ybelkada/football-dataset'.*Offline"):
+        load_splits(cfg)
+
+
+def test_dataloader_workers_decode_stored_images(tmp_path, tiny_base):
+    """Arrow-backed examples travel to worker processes as references and decode there."""
+    import torch
+    from transformers import AutoProcessor
+
+    from multimodal_lora.data.encoding import Collator, PairDataset
+
+    overrides, _ = saved(tmp_path)
+    splits = load_splits(data_config(overrides))
+    processor = AutoProcessor.from_pretrained(tiny_base).image_processor
+    dataset = PairDataset(splits.train, [([5, 6], [-100, 6])] * len(splits.train), processor)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=Collator(1), num_workers=2)
+    batches = list(loader)
+    expected = torch.stack([processor(load_image(e.image), return_tensors="pt").pixel_values[0] for e in splits.train])
+    assert torch.equal(torch.cat([b["pixel_values"] for b in batches]), expected)
