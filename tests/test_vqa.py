@@ -44,6 +44,16 @@ def test_vqa_labels_count_only_the_answer_and_the_stop_token(tokenizer_and_layou
     assert [input_ids[i] for i, _ in learned] == [label for _, label in learned]
 
 
+def test_caption_prompt_prefix_is_not_learned(tokenizer_and_layout):
+    tokenizer, layout = tokenizer_and_layout
+    encoder = ExampleEncoder(tokenizer, layout, task="caption", prompt="a photo of", prompt_template="", max_length=32)
+    input_ids, labels = encoder.encode(Example("x.png", "an orange triangle", "x", "row 1"))
+    learned = [label for label in labels if label != IGNORE_INDEX]
+    assert tokenizer.decode(learned[:-1]) == " an orange triangle"
+    text = input_ids[layout.num_query_tokens + 1 :]
+    assert tokenizer.decode(text[: len(text) - len(learned)]) == "a photo of"
+
+
 def test_vqa_recipe_reads_questions_and_answers():
     recipe = load_recipe(VQA)
     splits = load_splits(recipe.data)

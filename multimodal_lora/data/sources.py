@@ -169,10 +169,12 @@ def split_examples(train: list[Example], validation: list[Example] | None, cfg: 
                 overlap[0].origin,
             )
             train = [e for e in train if e.image_id not in val_ids]
-        return Splits(train, validation, description, held_out=f"the source's {cfg.val_split!r} split")
+        where = f"the file {cfg.val_path}" if cfg.val_path else f"the source's {cfg.val_split!r} split"
+        return Splits(train, validation, description, held_out=where)
     train, held = hold_out(train, cfg.val_fraction, cfg.split_seed)
     how = (
-        f"{len({e.image_id for e in held})} images ({cfg.val_fraction:g} of them, data.split_seed={cfg.split_seed})"
+        f"{len({e.image_id for e in held})} images held out (data.val_fraction={cfg.val_fraction:g}, "
+        f"data.split_seed={cfg.split_seed})"
         if held
         else "nothing (no validation split, and data.val_fraction is 0 or the data too small)"
     )
