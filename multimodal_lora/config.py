@@ -450,8 +450,29 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
+# Names people bring from other tools (PEFT, transformers' Trainer) for our keys.
+_ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "learning_rate": "lr",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size",
+    "model_name_or_path": "base",
+}
+
+
 def _closest(name: str, valid, prefix: str = "") -> str:
-    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    valid = list(valid)
+    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    if not match and _ALIASES.get(name) in valid:
+        match = [_ALIASES[name]]
+    if not match:
+        # Short keys (``r``) are too short for difflib's ratio: "rnak" still begins with "r".
+        match = [v for v in valid if name.startswith(v) or v.startswith(name)][:1]
     return f" (did you mean {prefix}{match[0]}?)" if match else ""
 
 
