@@ -7,13 +7,14 @@ import logging
 import warnings
 from pathlib import Path
 
-import imagefiles
 import pytest
 
 from multimodal_lora.cli import run_cli
 from multimodal_lora.config import load_recipe
 from multimodal_lora.data.screen import BadExampleError, screen_examples
 from multimodal_lora.data.sources import load_splits
+
+from . import imagefiles
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes" / "tiny.yaml")

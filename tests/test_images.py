@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import imagefiles
 import numpy as np
 import pytest
 from PIL import Image
 
 from multimodal_lora.data.images import load_image, to_rgb
 from multimodal_lora.errors import ImageError
+
+from . import imagefiles
 
 WHITE = (255, 255, 255)
 
