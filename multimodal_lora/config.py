@@ -86,23 +86,38 @@ class LoraSettings:
         return out
 
 
+DATA_SOURCES = ("auto", "builtin", "imagefolder", "manifest", "coco", "saved", "hub")
+
+
 @dataclass
 class DataConfig:
-    """Where the image–text pairs come from and how they become tokens."""
+    """Where the image–text pairs come from, how they are split, and how they become tokens."""
 
     path: str = "shapes"
-    """A built-in data set (``shapes``, ``shapes-vqa``), a hub data set id, or a
-    local imagefolder directory."""
-    source: Literal["auto", "builtin", "imagefolder", "hub"] = "auto"
-    """How to read ``path``; ``auto`` picks builtin, then a local directory, then the hub."""
+    """A built-in data set (``shapes``, ``shapes-vqa``), a local imagefolder
+    directory, a JSONL/CSV manifest, a COCO captions JSON, a directory written
+    by ``datasets.save_to_disk``, or a hub data set id (``owner/name``)."""
+    source: Literal["auto", "builtin", "imagefolder", "manifest", "coco", "saved", "hub"] = "auto"
+    """How to read ``path``; ``auto`` decides from what ``path`` is (see the README's Data section)."""
     revision: str | None = None
     """Hub revision of a hub data set."""
+    image_dir: str | None = None
+    """Manifest and COCO: the directory image paths are relative to (default: the file's own directory)."""
+    val_path: str | None = None
+    """Manifest and COCO: a second file of the same kind holding the validation examples."""
     train_split: str = "train"
     val_split: str | None = "validation"
-    """Validation split; ``null`` when the data has none (then nothing is held out)."""
+    """The source's validation split; when the source has none (or this is ``null``),
+    ``val_fraction`` of the images are held out instead."""
+    val_fraction: float = 0.1
+    """Fraction of the *images* held out for validation when the source has no validation split
+    (0 holds out nothing). Chosen by ``split_seed``, so the same recipe always holds out the same images."""
+    split_seed: int = 0
+    """Seed of that hold-out; separate from the training seed so that changing one keeps the other."""
     image_column: str = "image"
+    """Column with the image (hub, saved data sets, manifests); imagefolders use ``file_name``."""
     text_column: str = "text"
-    """Column with the caption (task ``caption``)."""
+    """Column with the caption (task ``caption``); a list of captions gives one pair per caption."""
     question_column: str = "question"
     """Column with the question (task ``vqa``)."""
     answer_column: str = "answer"
@@ -113,20 +128,38 @@ class DataConfig:
     prompt_template: str = "Question: {question} Answer:"
     """VQA task: how the question is put to the model (not trained on)."""
     max_length: int = 32
-    """Most text tokens per example (prompt + target + stop token)."""
+    """Most text tokens per example (prompt + target + stop token); longer targets are truncated."""
+    on_bad_example: Literal["error", "skip"] = "error"
+    """An unreadable image or an empty caption: ``error`` stops before training, naming it;
+    ``skip`` leaves it out and reports how many were skipped and why."""
     num_workers: int = 0
     """DataLoader worker processes that decode and resize images."""
 
     def problems(self) -> list[str]:
         out = []
+        if not self.path:
+            out.append("data.path: must not be empty; use shapes, a local path or a hub data set id")
         if self.max_length < 4:
             out.append(f"data.max_length: must be at least 4 tokens (got {self.max_length})")
         if self.num_workers < 0:
             out.append(f"data.num_workers: must be 0 or more (got {self.num_workers})")
+        if not 0 <= self.val_fraction < 1:
+            out.append(f"data.val_fraction: must be in [0, 1) (got {self.val_fraction}); 0.1 holds out a tenth of the images")
         if self.task == "vqa" and "{question}" not in self.prompt_template:
             out.append("data.prompt_template: must contain {question} for task vqa")
-        if self.text_column == self.image_column:
-            out.append("data.text_column: must differ from data.image_column")
+        if self.task == "vqa":
+            try:
+                self.prompt_template.format(question="q")
+            except (KeyError, IndexError, ValueError) as exc:
+                out.append(f"data.prompt_template: only {{question}} may appear in braces ({type(exc).__name__}: {exc}); write {{{{ }}}} for a literal brace")
+        columns = {"text_column": self.text_column} if self.task == "caption" else {"question_column": self.question_column, "answer_column": self.answer_column}
+        for name, value in columns.items():
+            if value == self.image_column:
+                out.append(f"data.{name}: must differ from data.image_column ({value!r})")
+        if self.task == "vqa" and self.question_column == self.answer_column:
+            out.append("data.answer_column: must differ from data.question_column")
+        if self.val_path is not None and self.source not in ("auto", "manifest", "coco"):
+            out.append(f"data.val_path: only manifest and coco sources take a separate validation file (source is {self.source})")
         return out
 
 

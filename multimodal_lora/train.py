@@ -45,6 +45,7 @@ from multimodal_lora.checkpoint import (
 from multimodal_lora.cli import run_cli, setup_logging
 from multimodal_lora.config import Recipe, load_recipe
 from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
+from multimodal_lora.data.screen import describe_bad, screen_examples
 from multimodal_lora.data.sources import load_splits
 from multimodal_lora.errors import ConfigError, UserError
 from multimodal_lora.evaluate import generate, group_references, score, token_loss_sums
@@ -138,7 +139,11 @@ def train(recipe: Recipe) -> TrainResult:
     # Data before weights: a missing file should not cost a model load.
     processor = load_processor(recipe.model.base, recipe.model.revision)
     splits = load_splits(recipe.data)
+    # Every image decoded once now, so a bad file stops the run here (or is skipped), never mid-training.
+    splits = screen_examples(splits, recipe.data)
     logger.info("data: %s — %d train / %d validation pairs", splits.description, len(splits.train), len(splits.validation))
+    if splits.bad:
+        logger.warning("%s", describe_bad(splits.bad))
 
     model, base = load_base(recipe.model)
     layout = text_layout(model, processor.tokenizer)
@@ -222,6 +227,9 @@ def train(recipe: Recipe) -> TrainResult:
         log.plot()
         log.close()
         _summary(run, result, adapter_dir)
+        if splits.bad:
+            # Said at the start too; repeated so it is the last thing a user reads.
+            logger.warning("%s", describe_bad(splits.bad))
     accelerator.wait_for_everyone()
     return TrainResult(
         adapter_dir=adapter_dir, adapter_bytes=adapter_size_bytes(adapter_dir), feature_cache_seconds=cache_seconds, **result

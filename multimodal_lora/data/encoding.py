@@ -109,7 +109,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]
-        image = load_image(example.image, name=example.origin if isinstance(example.image, bytes) else None)
+        image = load_image(example.image, name=None if isinstance(example.image, str) else example.origin)
         pixel_values = self.image_processor(image, return_tensors="pt").pixel_values[0]
         input_ids, labels = self.encoded[index]
         return {"pixel_values": pixel_values, "input_ids": input_ids, "labels": labels}

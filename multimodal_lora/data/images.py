@@ -19,7 +19,40 @@ from PIL import Image, ImageOps
 
 from multimodal_lora.errors import ImageError
 
-ImageSource = str | os.PathLike | bytes | Image.Image
+
+class StoredImage:
+    """An image in one row of an Arrow data set (hub or ``save_to_disk``), read only when used.
+
+    The data set is memory-mapped, so holding ten thousand of these costs no
+    image bytes; each is read when decoded. Pickles cheaply (``datasets``
+    pickles a memory-mapped table as its file paths), so DataLoader workers
+    can take it.
+    """
+
+    def __init__(self, dataset, column: str, index: int, root: str = "."):
+        self.dataset = dataset
+        """A ``datasets.Dataset`` whose image column is cast to ``Image(decode=False)``."""
+        self.column = column
+        self.index = index
+        self.root = root
+        """Directory that a stored relative path is relative to."""
+
+    def read(self) -> str | bytes:
+        """The encoded bytes, or the path of the file when the row stores only a path ("" for none)."""
+        value = self.dataset[self.index][self.column]
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        if value is None:
+            return ""
+        if isinstance(value, str) and value:
+            return os.path.join(self.root, value)
+        return value
+
+    def __repr__(self) -> str:
+        return f"StoredImage(row {self.index}, column {self.column!r})"
+
+
+ImageSource = str | os.PathLike | bytes | Image.Image | StoredImage
 
 BACKGROUND = (255, 255, 255)
 
@@ -38,6 +71,10 @@ def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
     label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "image")
     if isinstance(source, Image.Image):
         return to_rgb(source)
+    if isinstance(source, StoredImage):
+        source = source.read()
+        if isinstance(source, str) and not source:
+            raise ImageError(f"{label}: no image in this row")
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
@@ -84,9 +121,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _scale_to_8bit(image: Image.Image) -> Image.Image:
+    """Grey levels of a 16-bit (or 32-bit integer, or float) image mapped onto 0..255."""
     import numpy as np
 
     array = np.asarray(image).astype(np.float64)
-    # 16-bit files use the full 0..65535 range; 32-bit ones have no fixed range.
-    high = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-    return Image.fromarray(np.clip(np.round(array * (255 / high)), 0, 255).astype(np.uint8), mode="L")
+    if image.mode.startswith("I;16"):
+        high = 65535.0  # a 16-bit file's full scale, whatever values this image happens to use
+    elif image.mode == "F":
+        high = 1.0 if array.max(initial=0.0) <= 1.0 else float(array.max())  # floats are usually 0..1
+    else:
+        # Mode "I" has no fixed range: 8-bit values stay, 16-bit ones use the 16-bit scale.
+        peak = float(array.max(initial=0.0))
+        high = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+    return Image.fromarray(np.clip(np.round(array * (255 / high)), 0, 255).astype(np.uint8))  # 2-D uint8: mode L

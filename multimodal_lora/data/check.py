@@ -1,0 +1,166 @@
+"""Check a recipe's data before a long run: ``python -m multimodal_lora.data check RECIPE``.
+
+Reads the whole data set the recipe names, decodes every image once, and
+tokenizes every target with the base's tokenizer (no model weights are
+loaded), then prints: the source and how validation was chosen, images and
+pairs per split, every bad example with its reason, target lengths in tokens
+(min / median / p95 / max) and a suggested ``data.max_length``. The exit
+status is 1 when training would refuse to start.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+from multimodal_lora.config import Recipe
+from multimodal_lora.data.encoding import ExampleEncoder, TextLayout
+from multimodal_lora.data.screen import scan
+from multimodal_lora.data.sources import BadExample, Example, load_splits
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitCount:
+    images: int
+    pairs: int
+    bad_pairs: int
+
+
+@dataclass
+class DataReport:
+    """What :func:`check_data` found; :meth:`format` renders it, :attr:`fails` decides the exit status."""
+
+    description: str
+    held_out: str
+    task: str
+    counts: dict[str, SplitCount]
+    bad: list[BadExample]
+    on_bad_example: str
+    max_length: int
+    text_lengths: list[int] = field(default_factory=list)
+    """Tokens per usable example: start token + prompt + target + stop token (what ``max_length`` limits)."""
+    target_lengths: list[int] = field(default_factory=list)
+    """Tokens of the target alone (the caption or the answer)."""
+    tokenizer_problem: str | None = None
+
+    @property
+    def truncated(self) -> int:
+        return sum(n > self.max_length for n in self.text_lengths)
+
+    @property
+    def suggested_max_length(self) -> int | None:
+        """The longest example, rounded up to a multiple of 8 (no target truncated)."""
+        if not self.text_lengths:
+            return None
+        return max(8, math.ceil(max(self.text_lengths) / 8) * 8)
+
+    @property
+    def failure(self) -> str | None:
+        """Why training would not start, or ``None``."""
+        if self.bad and self.on_bad_example == "error":
+            return f"{len(self.bad)} bad examples and data.on_bad_example=error: training stops at the first"
+        if self.counts["train"].pairs - self.counts["train"].bad_pairs == 0:
+            return "no usable training examples"
+        return None
+
+    @property
+    def fails(self) -> bool:
+        return self.failure is not None
+
+    def format(self) -> str:
+        target = "caption" if self.task == "caption" else "answer"
+        lines = [f"source: {self.description} (task {self.task})", f"validation: {self.held_out}", ""]
+        lines.append(f"{'split':<12}{'images':>8}{'pairs':>8}{'bad':>6}")
+        for name, count in self.counts.items():
+            lines.append(f"{name:<12}{count.images:>8}{count.pairs:>8}{count.bad_pairs:>6}")
+        lines.append("")
+        if self.bad:
+            action = "training stops at the first" if self.on_bad_example == "error" else "they are skipped"
+            lines.append(f"bad examples: {len(self.bad)} (data.on_bad_example={self.on_bad_example}: {action})")
+            lines += [f"  - [{b.split}] {b}" for b in self.bad]
+        else:
+            lines.append("bad examples: none")
+        lines.append("")
+        if self.tokenizer_problem:
+            lines.append(f"token lengths: not measured ({self.tokenizer_problem})")
+        elif self.text_lengths:
+            lines.append(f"{target} tokens:            {_stats(self.target_lengths)}")
+            lines.append(f"tokens per example:        {_stats(self.text_lengths)}  (start + prompt + {target} + stop)")
+            fit = (
+                f"truncates {self.truncated} of {len(self.text_lengths)} examples"
+                if self.truncated
+                else "fits every example"
+            )
+            lines.append(f"data.max_length={self.max_length}: {fit}")
+            lines.append(f"suggested max_length: {self.suggested_max_length}")
+        lines.append("")
+        lines.append(f"FAIL: {self.failure}" if self.fails else "OK: training would start")
+        return "\n".join(lines)
+
+
+def check_data(recipe: Recipe, progress: bool = True) -> DataReport:
+    """Read, decode and tokenize the data a recipe names, without loading model weights.
+
+    Raises:
+        DataError: the data set itself cannot be read (missing directory,
+            metadata that is not UTF-8, a missing column).
+    """
+    cfg = recipe.data
+    splits = load_splits(cfg)
+    counts, bad, usable = {}, [], []
+    for name in ("train", "validation"):
+        examples: list[Example] = getattr(splits, name)
+        found = scan(examples, name, progress=progress and len(examples) >= 1000)
+        split_bad = [b for b in found if b is not None]
+        counts[name] = SplitCount(len({e.image_id for e in examples}), len(examples), len(split_bad))
+        bad += split_bad
+        usable += [e for e, b in zip(examples, found) if b is None]
+    report = DataReport(
+        description=splits.description,
+        held_out=splits.held_out,
+        task=cfg.task,
+        counts=counts,
+        bad=bad,
+        on_bad_example=cfg.on_bad_example,
+        max_length=cfg.max_length,
+    )
+    try:
+        tokenizer = _tokenizer(recipe.model.base, recipe.model.revision)
+    except (OSError, ValueError) as exc:
+        report.tokenizer_problem = f"cannot load the tokenizer of {recipe.model.base!r}: {exc}"
+        return report
+    # The trainer's own encoder, with no image tokens and no length limit, counts exactly what it would feed.
+    layout = TextLayout(image_token_id=0, num_query_tokens=0, bos_token_id=_bos(tokenizer), pad_token_id=0, stop_token_id=0)
+    encoder = ExampleEncoder(
+        tokenizer, layout, task=cfg.task, prompt=cfg.prompt, prompt_template=cfg.prompt_template, max_length=10**9
+    )
+    for example in usable:
+        input_ids, labels = encoder.encode(example)
+        report.text_lengths.append(len(input_ids))
+        report.target_lengths.append(sum(label != -100 for label in labels) - 1)  # minus the stop token
+    return report
+
+
+def _tokenizer(base: str, revision: str | None):
+    from transformers import AutoTokenizer
+
+    from multimodal_lora.model import resolve_base
+
+    return AutoTokenizer.from_pretrained(resolve_base(base), revision=revision)
+
+
+def _bos(tokenizer) -> int:
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
+
+
+def _stats(values: list[int]) -> str:
+    ordered = sorted(values)
+
+    def at(q: float) -> int:
+        # Nearest-rank percentile: a value that occurs in the data.
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+    return f"min {ordered[0]} / median {at(0.5)} / p95 {at(0.95)} / max {ordered[-1]}"

@@ -1,0 +1,135 @@
+"""The pre-scan: every example is checked before training, so a run never fails mid-way.
+
+:func:`find_bad_examples` decodes every image once (each distinct image once,
+however many captions it has) and checks every caption. What it finds is an
+unreadable image (missing, empty, not an image, truncated, corrupt, a
+decompression bomb) or an empty target (an all-masked example makes the loss
+NaN). :func:`screen_examples` applies the recipe's ``data.on_bad_example``:
+``error`` stops with the first bad example named, ``skip`` leaves them out and
+records them in :attr:`Splits.bad`. ``python -m multimodal_lora.data check``
+runs the same scan.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from multimodal_lora.config import DataConfig
+from multimodal_lora.data.images import load_image
+from multimodal_lora.data.sources import BadExample, Example, Splits, with_examples
+from multimodal_lora.errors import DataError, ImageError
+
+logger = logging.getLogger(__name__)
+
+SHOWN = 5
+"""How many bad examples a log line or an error message lists."""
+
+
+class BadExampleError(DataError):
+    """Bad examples were found and the recipe says ``on_bad_example: error``."""
+
+    def __init__(self, message: str, bad: list[BadExample]):
+        super().__init__(message)
+        self.bad = bad
+
+
+def image_label(example: Example) -> str:
+    """How to name an example's image to a user: its path, or its row for in-memory bytes."""
+    if not isinstance(example.image, str) or not example.image:
+        return example.image_id
+    return example.image
+
+
+def image_problem(example: Example) -> str | None:
+    """Why the example's image cannot be used, or ``None`` when it decodes."""
+    if isinstance(example.image, str) and not example.image:
+        return "no image named in this row"
+    label = image_label(example)
+    try:
+        load_image(example.image, name=label)
+    except ImageError as exc:
+        return str(exc).removeprefix(f"{label}: ")
+    return None
+
+
+def text_problem(example: Example) -> str | None:
+    """Why the example's text cannot be trained on, or ``None``."""
+    if example.question is not None and not example.question.strip():
+        return "empty question"
+    if not example.target.strip():
+        what = "answer" if example.question is not None else "caption"
+        return f"empty {what} (nothing to learn; a fully masked example makes the loss NaN)"
+    return None
+
+
+def find_bad_examples(examples: list[Example], split: str, workers: int | None = None, progress: bool = False) -> list[BadExample]:
+    """Decode every distinct image once and check every target; return what cannot be used."""
+    return [b for b in scan(examples, split, workers, progress) if b is not None]
+
+
+def scan(examples: list[Example], split: str, workers: int | None = None, progress: bool = False) -> list[BadExample | None]:
+    """For each example, why it cannot be used (a :class:`BadExample`) or ``None``.
+
+    Each distinct image is decoded once, in a thread pool (Pillow releases the
+    GIL while decoding), and dropped right after, so memory holds a few images
+    at a time whatever the size of the data set.
+    """
+    firsts: dict[str, Example] = {}
+    for example in examples:
+        firsts.setdefault(example.image_id, example)
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(image_problem, firsts.values())
+        if progress:
+            from tqdm.auto import tqdm
+
+            results = tqdm(results, total=len(firsts), desc=f"checking {split} images", unit="image", leave=False)
+        image_problems = dict(zip(firsts, results))
+    out: list[BadExample | None] = []
+    for example in examples:
+        reason = image_problems[example.image_id] or text_problem(example)
+        out.append(None if reason is None else BadExample(split, example.origin, image_label(example), reason))
+    return out
+
+
+def screen_examples(splits: Splits, cfg: DataConfig, progress: bool = True) -> Splits:
+    """Check every example before training and apply ``cfg.on_bad_example``.
+
+    Returns:
+        ``splits`` without the bad examples; they are listed in its ``bad``.
+
+    Raises:
+        BadExampleError: with ``on_bad_example: error``, naming the first bad
+            file, its row and the reason, and how many more there are.
+        DataError: nothing is left to train on.
+    """
+    show = progress and len(splits.train) + len(splits.validation) >= 1000
+    kept, bad = {}, []
+    for split in ("train", "validation"):
+        examples = getattr(splits, split)
+        found = scan(examples, split, progress=show)
+        kept[split] = [e for e, b in zip(examples, found) if b is None]
+        bad += [b for b in found if b is not None]
+    if bad and cfg.on_bad_example == "error":
+        more = f" (and {len(bad) - 1} more bad examples)" if len(bad) > 1 else ""
+        raise BadExampleError(
+            f"bad example: {bad[0]}{more}. Fix or remove it, or set data.on_bad_example=skip to train without it; "
+            "`python -m multimodal_lora.data check RECIPE` lists every bad example.",
+            bad,
+        )
+    if not kept["train"]:
+        if bad:
+            raise DataError(f"all {len(splits.train)} training examples are bad; the first: {bad[0]}")
+        raise DataError(f"{splits.description}: no training examples; check data.path and data.train_split")
+    return with_examples(splits, kept["train"], kept["validation"], bad=bad)
+
+
+def describe_bad(bad: list[BadExample], shown: int = SHOWN) -> str:
+    """``N bad examples skipped`` and the first few, one per line."""
+    lines = [f"{len(bad)} bad example{'s' if len(bad) != 1 else ''} skipped (data.on_bad_example=skip):"]
+    lines += [f"  - {b}" for b in bad[:shown]]
+    if len(bad) > shown:
+        lines.append(f"  ... and {len(bad) - shown} more (python -m multimodal_lora.data check RECIPE lists them all)")
+    return "\n".join(lines)
