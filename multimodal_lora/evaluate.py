@@ -28,6 +28,7 @@ import torch
 
 from multimodal_lora.cli import run_cli, setup_logging
 from multimodal_lora.data.sources import Example
+from multimodal_lora.data.sources import group_references as data_group_references
 from multimodal_lora.errors import UserError
 from multimodal_lora.metrics import LABELS, METRICS, caption_metrics, meteor_available
 
@@ -46,13 +47,10 @@ class ImageReferences:
 
 def group_references(examples: list[Example]) -> list[ImageReferences]:
     """Group validation rows by image (and question): several captions of one image are its references."""
-    groups: dict[tuple[str, str | None], ImageReferences] = {}
-    for example in examples:
-        key = (example.image_id, example.question)
-        if key not in groups:
-            groups[key] = ImageReferences(example.image_id, example.image, [], example.question)
-        groups[key].references.append(example.target)
-    return list(groups.values())
+    return [
+        ImageReferences(first.image_id, first.image, references, first.question)
+        for first, references in data_group_references(examples)
+    ]
 
 
 def generate(captioner, adapter: str | None, groups: list[ImageReferences], task: str, max_new_tokens: int) -> list[str]:
