@@ -16,6 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
+# `python bench/NAME.py` puts bench/ first on sys.path, not the repository: make the package
+# importable from a plain checkout (the GPU machine gets a copy, not an install).
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from multimodal_lora.tiny import NUM_QUERY_TOKENS
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -34,7 +36,7 @@ def test_plan_counts_lora_and_weights_exactly_on_the_tiny_base(tiny_base):
     assert plan.lora_weights == plan.lora_gradients == 4 * lora_params
     assert plan.optimizer_state == 8 * lora_params
     assert plan.weights == weight_bytes
-    assert plan.sequence_length == 8 + 16  # query tokens + text
+    assert plan.sequence_length == NUM_QUERY_TOKENS + 16  # query tokens + text
     assert plan.activations_checkpointed < plan.activations
     assert plan.total(True) < plan.total(False)
 

@@ -12,6 +12,7 @@ from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
 from multimodal_lora.data.sources import Example
 from multimodal_lora.feature_cache import CachedPairDataset, PrefixCollator, forward_inputs, image_key, open_or_build
 from multimodal_lora.model import add_lora, load_base, load_processor, set_train_mode, text_layout
+from multimodal_lora.tiny import NUM_QUERY_TOKENS
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_cached_prefix_gives_the_same_loss_and_gradients(setup):
     cache, keys = open_or_build(examples, model, processor.image_processor, root, progress=False)
     cached_set = CachedPairDataset(encoded, cache, keys)
     cached = PrefixCollator(collate)([cached_set[i] for i in range(len(examples))])
-    assert "pixel_values" not in cached and cached["prefix"].shape == (8, 8, 128)
+    assert "pixel_values" not in cached and cached["prefix"].shape == (8, NUM_QUERY_TOKENS, 128)
 
     loss_pixels, grads_pixels = loss_and_grads(model, pixels)
     loss_cached, grads_cached = loss_and_grads(model, cached)
