@@ -34,7 +34,7 @@ def train_adapter(workdir: Path, steps: int) -> Path:
     from multimodal_lora.config import load_recipe
     from multimodal_lora.train import train
 
-    recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [f"output_dir={workdir / 'run'}", f"train.max_steps={steps}", "data.val_split=null"])
+    recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [f"output_dir={workdir / 'run'}", f"train.max_steps={steps}", "data.val_split=null", "data.val_fraction=0"])
     return train(recipe).adapter_dir
 
 

@@ -42,7 +42,7 @@ CACHE_KEY = "cache_image_features"
 
 def overrides(output_dir: Path, steps: int, cache: bool | None) -> list[str]:
     # No validation split: the reference loop evaluates nothing, so neither do we.
-    out = [f"output_dir={output_dir}", f"train.max_steps={steps}", "data.val_split=null"]
+    out = [f"output_dir={output_dir}", f"train.max_steps={steps}", "data.val_split=null", "data.val_fraction=0"]
     if cache is not None:
         out.append(f"{CACHE_KEY}={'true' if cache else 'false'}")
     return out
@@ -78,7 +78,7 @@ def run_reference(steps: int) -> dict:
     from multimodal_lora.data.sources import load_splits
     from multimodal_lora.model import add_lora, load_base, load_processor
 
-    recipe = load_recipe(RECIPE, ["data.val_split=null"])
+    recipe = load_recipe(RECIPE, ["data.val_split=null", "data.val_fraction=0"])
     start, cpu = time.perf_counter(), time.process_time()
     set_seed(recipe.seed)
     processor = load_processor(recipe.model.base, recipe.model.revision)

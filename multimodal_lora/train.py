@@ -248,7 +248,11 @@ def fit(run: Run) -> dict:
     cfg, state, accelerator = run.recipe.train, run.state, run.accelerator
     start, window_start, window_samples, window_losses = time.perf_counter(), time.perf_counter(), 0, []
     start_samples, loss_value, last_eval, epoch_seconds = state.samples, float("nan"), {}, []
-    progress = tqdm(total=run.total_steps, initial=state.step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
+    # Redrawn at most once a second: in a log file every redraw is another line.
+    progress = tqdm(
+        total=run.total_steps, initial=state.step, desc="training", unit="step", mininterval=1.0,
+        disable=not accelerator.is_local_main_process,
+    )  # fmt: skip
     set_train_mode(run.model)
     while state.step < run.total_steps and not run.stop.requested:
         # This epoch's order is fixed by seed and epoch; skip what a checkpoint had already consumed.
