@@ -77,21 +77,50 @@ def ensure_tiny_base(cache_root: Path | None = None) -> Path:
     two processes building at once both end up with the same files.
     """
     target = tiny_dir(cache_root)
-    if (target / "config.json").is_file():
+    if _is_complete(target):
         return target
+    if _is_secondary_rank():
+        # transformers' save_pretrained writes no weights on a rank other than 0 of a
+        # torch.distributed job (accelerate launch): rank 0 builds, the others wait.
+        return _wait_for(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
     try:
         save_tiny_base(tmp)
+        if not _is_complete(tmp):
+            raise RuntimeError(f"building the tiny base in {tmp} wrote no weights")
         try:
             os.rename(tmp, target)
         except OSError:
-            # Another process finished first; its files are identical to ours.
-            if not (target / "config.json").is_file():
-                raise
+            # Another process finished first (its files are identical to ours), or an
+            # older, broken build left an incomplete directory: replace that one.
+            if not _is_complete(target):
+                shutil.rmtree(target)
+                os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("built the tiny BLIP-2 base in %s", target)
+    return target
+
+
+def _is_complete(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+def _is_secondary_rank() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
+def _wait_for(target: Path, timeout: float = 600.0) -> Path:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not _is_complete(target):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank 0 did not build the tiny base in {target} within {timeout:.0f} s")
+        time.sleep(0.2)
     return target
 
 
