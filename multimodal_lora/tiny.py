@@ -86,7 +86,12 @@ def ensure_tiny_base(cache_root: Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
     try:
-        save_tiny_base(tmp)
+        import torch
+
+        # Building seeds torch's global generator; keep the caller's (a training run that
+        # builds the base on first use must draw the same numbers as one that finds it cached).
+        with torch.random.fork_rng(devices=[]):
+            save_tiny_base(tmp)
         if not _is_complete(tmp):
             raise RuntimeError(f"building the tiny base in {tmp} wrote no weights")
         try:

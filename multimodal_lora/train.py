@@ -113,6 +113,8 @@ class Run:
     total_steps: int
     state: TrainState
     stop: StopRequest
+    trainable: list
+    """The LoRA parameters, listed once: walking every module each step costs ~1 ms on the tiny model."""
 
 
 def train(recipe: Recipe) -> TrainResult:
@@ -211,7 +213,7 @@ def train(recipe: Recipe) -> TrainResult:
     log = RunLog(output_dir, enabled=accelerator.is_main_process, resume_step=state.step if resume else None)
     run = Run(
         recipe, accelerator, model, optimizer, scheduler, sampler, train_loader, val_loader, captioner, val_groups,
-        meta, output_dir, log, total_steps, state, StopRequest(),
+        meta, output_dir, log, total_steps, state, StopRequest(), trainable,
     )  # fmt: skip
 
     with run.stop.installed():
@@ -345,7 +347,7 @@ def train_step(run: Run, group: list[dict]) -> float:
             f"Lower train.lr (now {cfg.lr}), use dtype=bf16 instead of fp16, or check the data."
         )
     if cfg.max_grad_norm is not None:
-        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        accelerator.clip_grad_norm_(run.trainable, cfg.max_grad_norm)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)

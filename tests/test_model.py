@@ -140,3 +140,13 @@ def test_int8_training_lowers_the_loss(tiny_base, shapes_dir):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_building_the_tiny_base_leaves_the_global_rng_alone(tmp_path):
+    # A run that builds the base on first use must draw the same numbers as one that finds it cached.
+    from multimodal_lora.tiny import ensure_tiny_base
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    ensure_tiny_base(tmp_path)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -33,6 +33,9 @@ TINY = REPO / "recipes" / "tiny.yaml"
 WEIGHTS = Path("adapter") / "adapter_model.safetensors"
 
 
+TOTAL_STEPS = 9
+
+
 def small_overrides(data: Path, out: Path) -> list[str]:
     # 24 images, micro-batches of 4, 2 per step: 3 steps per epoch, 9 in all; LoRA dropout on,
     # so the random state matters; a checkpoint after every step, so a kill often lands in a write.
@@ -81,16 +84,19 @@ def reference_run(small_shapes_dir, tmp_path_factory) -> Path:
     """The same recipe, never interrupted."""
     out = tmp_path_factory.mktemp("uninterrupted")
     result = train(load_recipe(TINY, small_overrides(small_shapes_dir, out)))
-    assert result.steps == 9 and not result.stopped_early
+    assert result.steps == TOTAL_STEPS and not result.stopped_early
     return out
 
 
 def test_sigkill_then_resume_gives_the_same_adapter_bitwise(reference_run, small_shapes_dir, tmp_path):
     out = tmp_path / "killed"
-    kill_at = random.Random().randint(2, 7)
+    # At least 4 steps (each with a checkpoint write, two with a validation) remain after
+    # the kill point, so the run is still going when the kill lands on a fast machine.
+    kill_at = random.Random().randint(2, TOTAL_STEPS - 4)
     proc = start(small_overrides(small_shapes_dir, out))
     wait_for_step(out, kill_at, proc)
-    time.sleep(random.Random().uniform(0, 0.3))  # land anywhere in the step, a checkpoint write included
+    time.sleep(random.Random().uniform(0, 0.05))  # land anywhere in the step, a checkpoint write included
+    assert proc.poll() is None, "the run finished before the kill: the test needs more steps"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
@@ -119,12 +125,12 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_exits_cleanly(reference_run,
     assert proc.returncode == 0, stderr[-3000:]
     assert "SIGTERM received" in stderr and "resume=true" in stderr
     stopped_at = max(step for step, _ in train_losses(out))
-    assert stopped_at < 9
+    assert stopped_at < TOTAL_STEPS
     assert find_checkpoints(out)[-1].name == f"checkpoint-{stopped_at:08d}"
     assert not (out / "adapter").exists(), "an unfinished run must not look finished"
 
     result = train(load_recipe(TINY, [*small_overrides(small_shapes_dir, out), "resume=true"]))
-    assert result.steps == 9
+    assert result.steps == TOTAL_STEPS
     assert (out / WEIGHTS).read_bytes() == (reference_run / WEIGHTS).read_bytes()
 
 
