@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from multimodal_lora.atomic import staging_dir
 from multimodal_lora.errors import AdapterError
 from multimodal_lora.model import BaseInfo
 
@@ -46,7 +46,7 @@ def save_adapter(peft_model, directory: str | Path, meta: AdapterMeta, adapter_n
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    tmp = staging_dir(directory)
     try:
         peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True)
         if adapter_name != "default":

@@ -20,12 +20,12 @@ import io
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from multimodal_lora.atomic import staging_dir
 from multimodal_lora.cli import run_cli, setup_logging
 from multimodal_lora.data.sources import Example
 from multimodal_lora.data.sources import group_references as data_group_references
@@ -95,7 +95,7 @@ def write_report(directory: Path, title: str, table: dict[str, dict], samples: l
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    tmp = staging_dir(directory)
     try:
         (tmp / "thumbnails").mkdir()
         thumbs = []

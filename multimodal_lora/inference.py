@@ -51,7 +51,7 @@ class Captioner:
         cfg = ModelConfig(base=base, revision=revision, device=device, dtype=dtype, quantization=quantization)
         problems = cfg.problems()
         if problems:
-            raise AdapterError("; ".join(problems))
+            raise ConfigError("; ".join(problems))
         self.processor = load_processor(base, revision)
         self.model, self.base = load_base(cfg, for_training=False)
         self.model.eval()

@@ -20,11 +20,11 @@ import argparse
 import json
 import logging
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 from multimodal_lora.adapter import _replace_dir, check_base_matches, read_adapter
+from multimodal_lora.atomic import staging_dir
 from multimodal_lora.cli import run_cli, setup_logging
 from multimodal_lora.config import ModelConfig
 from multimodal_lora.errors import AdapterError, UserError
@@ -114,8 +114,7 @@ def merge_adapter(
     model.eval()
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the model directory is meant to be shared
+    tmp = staging_dir(out)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)

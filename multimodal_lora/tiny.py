@@ -28,8 +28,9 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from multimodal_lora.atomic import staging_dir
 
 TINY_NAME = "tiny"
 TINY_SEED = 0
@@ -84,7 +85,7 @@ def ensure_tiny_base(cache_root: Path | None = None) -> Path:
         # torch.distributed job (accelerate launch): rank 0 builds, the others wait.
         return _wait_for(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
+    tmp = staging_dir(target)
     try:
         import torch
 

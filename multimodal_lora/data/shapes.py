@@ -18,8 +18,9 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
+
+from multimodal_lora.atomic import staging_dir
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -113,7 +114,7 @@ def ensure_builtin(name: str, cache_root: Path | None = None) -> Path:
     if (target / "validation" / "metadata.jsonl").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = staging_dir(target)
     try:
         write_builtin(name, tmp)
         try:
