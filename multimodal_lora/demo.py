@@ -193,6 +193,29 @@ def status_text(found: Found, adapters_dir: str | Path, base: str) -> str:
     return "\n\n".join(lines)
 
 
+def refused(message: str):
+    """A ``gr.Error`` for the page, and one line in the server log (gradio would print a whole traceback)."""
+    import gradio as gr
+
+    logger.warning("refused: %s", message)
+    return gr.Error(message, print_exception=False)
+
+
+def _quiet_file_checks(component) -> None:
+    """Gradio's own upload checks (the file type) raise errors it prints with a traceback: make them one line."""
+    check = component._process_single_file
+
+    def process(payload):
+        import gradio as gr
+
+        try:
+            return check(payload)
+        except gr.Error as exc:
+            raise refused(exc.message) from None
+
+    component._process_single_file = process
+
+
 def read_upload(path: str | None):
     """Decode an uploaded file as an RGB image, or raise a ``gr.Error`` the page shows."""
     import gradio as gr
@@ -201,13 +224,13 @@ def read_upload(path: str | None):
     from multimodal_lora.data.images import load_image
 
     if not path:
-        raise gr.Error("Upload an image first (or click one of the examples).")
+        raise refused("Upload an image first (or click one of the examples).")
     label = Path(path).name
     try:
         with Image.open(path) as probe:
             pixels = probe.width * probe.height
         if pixels > MAX_PIXELS:
-            raise gr.Error(f"{label}: {probe.width}×{probe.height} pixels is more than this demo takes ({MAX_PIXELS:,}); resize it.")
+            raise refused(f"{label}: {probe.width}×{probe.height} pixels is more than this demo takes ({MAX_PIXELS:,}); resize it.")
     except gr.Error:
         raise
     except Exception:
@@ -215,7 +238,7 @@ def read_upload(path: str | None):
     try:
         return load_image(path, name=label)
     except UserError as exc:
-        raise gr.Error(str(exc)) from None
+        raise refused(str(exc)) from None
 
 
 def build_app(
@@ -247,10 +270,10 @@ def build_app(
         if not choice or choice == BASE_CHOICE:
             return None
         if choice not in found.adapters:
-            raise gr.Error(f"No adapter named {choice!r} is loaded; choose one from the list.")
+            raise refused(f"No adapter named {choice!r} is loaded; choose one from the list.")
         if found.tasks[choice] != task:
             tab = "VQA" if found.tasks[choice] == "vqa" else "Caption"
-            raise gr.Error(f"{choice!r} is a {found.tasks[choice]} adapter, not a {task} one; use it in the {tab} tab.")
+            raise refused(f"{choice!r} is a {found.tasks[choice]} adapter, not a {task} one; use it in the {tab} tab.")
         return choice
 
     def options(max_new_tokens, num_beams, do_sample, temperature, top_p) -> dict:
@@ -269,10 +292,10 @@ def build_app(
         except gr.Error:
             raise
         except UserError as exc:
-            raise gr.Error(str(exc)) from None
+            raise refused(str(exc)) from None
         except Exception:
             logger.exception("generation failed")
-            raise gr.Error("Something went wrong while generating; the server log has the details.") from None
+            raise refused("Something went wrong while generating; the server log has the details.") from None
 
     def caption_fn(path, choice, side_by_side, prompt, max_new_tokens, num_beams, do_sample, temperature, top_p):
         image = read_upload(path)
@@ -287,7 +310,7 @@ def build_app(
     def ask_fn(path, question, choice, max_new_tokens, num_beams, do_sample, temperature, top_p):
         image = read_upload(path)
         if not question or not question.strip():
-            raise gr.Error("Type a question about the image.")
+            raise refused("Type a question about the image.")
         adapter = to_adapter(choice, "vqa")
         opts = options(max_new_tokens, num_beams, do_sample, temperature, top_p)
         return path, run(lambda: captioner.ask(image, question.strip(), adapter=adapter, **opts))
@@ -311,6 +334,7 @@ def build_app(
             with gr.Row():
                 with gr.Column():
                     c_file = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="caption-upload")
+                    _quiet_file_checks(c_file)
                     c_adapter = gr.Dropdown(
                         caption_choices,
                         value=caption_names[0] if caption_names else BASE_CHOICE,
@@ -336,6 +360,7 @@ def build_app(
             with gr.Row():
                 with gr.Column():
                     q_file = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="vqa-upload")
+                    _quiet_file_checks(q_file)
                     q_question = gr.Textbox(label="Question", value="What colour is the shape?", elem_id="vqa-question")
                     q_adapter = gr.Dropdown(
                         vqa_choices, value=vqa_names[0] if vqa_names else BASE_CHOICE, label="Adapter (VQA)", elem_id="vqa-adapter"

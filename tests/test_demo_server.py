@@ -243,7 +243,16 @@ def test_bad_uploads_get_readable_messages(server, client, expected, tmp_path):
         ask(client, expected["images"][0], "   ", "shapes-vqa")
     with pytest.raises(AppError, match="not in the list of choices"):
         caption(client, expected["images"][0], "no-such-adapter")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image either")
+    with pytest.raises(AppError, match="Invalid file type"):
+        caption(client, str(notes), "shapes")
     assert_alive(server, client, expected)
+    # Each refusal is one line in the server's log, not a traceback.
+    log = server["log"].read_text()
+    assert "Traceback" not in log, log[-3000:]
+    for line in ("refused: empty.png: empty file", "refused: letter.png: not an image", "refused: Invalid file type"):
+        assert line in log, log[-3000:]
 
 
 def test_oversized_upload_is_refused_with_a_message(server, client, expected, tmp_path):
