@@ -131,5 +131,5 @@ def test_caption_output_and_merged_model_on_a_full_disk(quick_adapter, shapes_di
     assert len(errors) == 2 and "Traceback" not in proc.stdout, proc.stdout
     assert f"could not write the captions to {mount / 'captions.jsonl'}: no space left on device" in errors[0]
     assert f"could not write the merged model to {mount / 'merged'}: no space left on device" in errors[1]
-    assert "it needed more than the" in errors[1]  # how much it had written when the disk filled
+    assert "it needs about 3." in errors[1] and "MB" in errors[1]  # the merged weights: 0.8 M fp32 parameters
     assert "left: []" in proc.stdout

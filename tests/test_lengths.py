@@ -33,7 +33,7 @@ def image(shapes_dir):
 
 
 def prompt_of(captioner, n: int) -> str:
-    text = " ".join(["red"] * n)
+    text = " ".join(["a"] * n)  # "a", " a", " a", ...: one token each
     assert len(captioner.processor.tokenizer(text, add_special_tokens=False).input_ids) == n
     return text
 
