@@ -157,3 +157,19 @@ def test_full_size_cpu_bench_runs_its_phases_on_a_small_config(tmp_path):
         assert caption["captions"] == train["captions"]
         assert merge["exit_status"] == 0 and "model.safetensors" in merge["files"]
         assert train["planned_bytes"] > 0 and train["peak_rss_bytes"] > 0
+
+
+def test_gpu_football_runs_its_steps_on_a_small_config(tmp_path):
+    # The FSDP launch is left out here: tests/test_accelerate_launch.py runs fsdp.yaml on CPU.
+    cmd = [sys.executable, str(REPO / "bench" / "gpu_football.py"), "--small", "--skip-fsdp"]
+    cmd += ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "gpu_football_small.json").read_text())
+    # The football recipe as shipped: six rows, batch 2, five epochs.
+    assert result["football"]["steps"] == 15 and len(result["football"]["losses"]) == 2
+    assert result["football"]["record"] == {"quantization": "int8", "dtype": "fp16", "device": "cpu", "quant_type": None, "compute_dtype": None}
+    # caption() followed the record; this CPU may lack fp16 kernels, and then says fp32.
+    caption = result["caption"]
+    assert caption["layer_class"] == "Linear8bitLt" and caption["loaded_as"] in ("int8, fp16, cpu", "int8, fp32, cpu")
+    assert len(caption["captions"]) == 6 and caption["captions"][0] == caption["first_caption"]
