@@ -185,24 +185,44 @@ def build_processor(config):
 
 
 def save_football_like_data(directory: Path, rows: int = ROWS) -> list[str]:
-    """Six bundled images with captions, saved as the football data set is: a ``train`` split of ``image``, ``text``.
+    """Six bundled images with captions, in the football data set's columns (``image``, ``text``).
+
+    With ``datasets`` installed, saved as the football data set is (a
+    ``DatasetDict`` with one ``train`` split, images embedded); without it (a
+    GPU image that lacks it), as ``train.jsonl`` rows with the same two columns
+    beside copies of the images. ``data.path`` is ``directory`` in the first case
+    and ``directory/train.jsonl`` in the second (see :func:`data_path`).
 
     Returns:
         The image files, for captioning.
     """
-    from datasets import Dataset, DatasetDict, Features, Image, Value
-
     from multimodal_lora.data.shapes import ensure_builtin
 
     shapes = ensure_builtin("shapes") / "train"
     records = [json.loads(line) for line in (shapes / "metadata.jsonl").read_text().splitlines()[:rows]]
     paths = [str(shapes / r["file_name"]) for r in records]
+    try:
+        from datasets import Dataset, DatasetDict, Features, Image, Value
+    except ImportError:
+        directory.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for path, record in zip(paths, records):
+            shutil.copy(path, directory / Path(path).name)
+            lines.append(json.dumps({"image": Path(path).name, "text": record["text"]}))
+        (directory / "train.jsonl").write_text("\n".join(lines) + "\n")
+        return paths
     features = Features({"image": Image(), "text": Value("string")})
     # The image bytes are embedded, as in a hub data set, so the directory stands alone.
     images = [{"bytes": Path(p).read_bytes(), "path": None} for p in paths]
     data = Dataset.from_dict({"image": images, "text": [r["text"] for r in records]}, features=features)
     DatasetDict({"train": data}).save_to_disk(str(directory))
     return paths
+
+
+def data_path(directory: Path) -> Path:
+    """What ``data.path`` names for a directory written by :func:`save_football_like_data`."""
+    manifest = directory / "train.jsonl"
+    return manifest if manifest.is_file() else directory
 
 
 # --- the phases (each in its own process unless --in-process) ---------------------------------------
@@ -220,7 +240,7 @@ def phase_train(work: Path, quantization: str, steps: int, max_length: int, new_
         Path(__file__).resolve().parents[1] / "recipes" / "football.yaml",
         [
             f"output_dir={work / f'run-{quantization}'}", f"model.base={work / 'base'}", f"model.quantization={quantization}",
-            "model.dtype=fp32", "model.device=cpu", f"data.path={work / 'data'}", f"data.max_length={max_length}",
+            "model.dtype=fp32", "model.device=cpu", f"data.path={data_path(work / 'data')}", f"data.max_length={max_length}",
             f"train.max_steps={steps}", "train.eval_captions=false", "train.log_every=1",
         ],
     )  # fmt: skip
@@ -428,7 +448,11 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             # What is done so far survives a run stopped part-way.
-            write_result("full_size_cpu_small" if args.small else "full_size_cpu", {"complete": False, "phases": phases}, args.out)
+            write_result(
+                "full_size_cpu_small" if args.small else "full_size_cpu",
+                {"complete": False, "phases": phases},
+                args.out,
+            )
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from full_size_cpu import save_football_like_data, save_random_base, small_config
+from full_size_cpu import data_path, save_football_like_data, save_random_base, small_config
 from harness import quiet, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,13 +110,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-fsdp", action="store_true", help="leave out the FSDP launch")
     args = parser.parse_args(argv)
     quiet()
+    # What the football steps import; a GPU image running from a checkout may lack some.
+    import importlib.util
+
     import torch
 
     from multimodal_lora.model import published_config
 
+    needed = ["PIL", "yaml", "tqdm", "safetensors", "tokenizers", "peft", "accelerate", "bitsandbytes"]
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        print(
+            f"error: missing {', '.join(missing)}; install them, or carry their wheels (bench/fetch_wheels.sh)",
+            file=sys.stderr,
+        )
+        return 2
     on_gpu = torch.cuda.is_available()
     if not args.small and not on_gpu:
-        print("error: the full-size model needs a CUDA GPU here; use --small for the same steps on a small config", file=sys.stderr)
+        print(
+            "error: the full-size model needs a CUDA GPU here; use --small for the same steps on a small config",
+            file=sys.stderr,
+        )
         return 2
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu-football-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -138,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. the football recipe as shipped (int8, fp16, device auto), on the local base and data.
     football = work / "runs" / "football"
-    overrides = [f"output_dir={football}", f"model.base={work / 'base'}", f"data.path={work / 'data'}", *device]
+    data = data_path(work / "data")
+    result["data"] = str(data.relative_to(work))  # a saved DatasetDict, or train.jsonl where datasets is missing
+    overrides = [f"output_dir={football}", f"model.base={work / 'base'}", f"data.path={data}", *device]
     seconds = run([sys.executable, "-m", "multimodal_lora.train", str(RECIPE), *overrides], work / "train.log", env)
     records = metrics(football)
     train_rows = [r for r in records if r["split"] == "train"]
@@ -150,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         "peak_memory_mb": max(r.get("peak_memory_mb") or 0 for r in train_rows),
         "record": json.loads((football / "adapter" / "multimodal_lora.json").read_text())["load"],
     }
-    print(f"football: {result['football']['steps']} steps in {seconds:.0f} s, loss {train_rows[0]['loss']:.3f} -> {train_rows[-1]['loss']:.3f}", flush=True)
+    print(
+        f"football: {result['football']['steps']} steps in {seconds:.0f} s, loss {train_rows[0]['loss']:.3f} -> {train_rows[-1]['loss']:.3f}",
+        flush=True,
+    )
 
     # 2. caption() with nothing but the adapter: the base loads as it was trained.
     result["caption"] = caption_as_recorded(football / "adapter", images)
@@ -163,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         command = [
             sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "examples" / "accelerate" / "fsdp.yaml"),
             "--num_processes", "1", "-m", "multimodal_lora.train", str(RECIPE), f"output_dir={fsdp}", f"model.base={work / 'base'}",
-            f"data.path={work / 'data'}", "model.quantization=none", "model.dtype=bf16", "train.epochs=1", *device,
+            f"data.path={data}", "model.quantization=none", "model.dtype=bf16", "train.epochs=1", *device,
         ]  # fmt: skip
         seconds = run(command, work / "fsdp.log", env)
         log = (work / "fsdp.log").read_text()
@@ -171,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": seconds,
             "sharded": "accelerate runs FSDP only on GPUs" not in log,
             "steps": [r for r in metrics(fsdp) if r["split"] == "train"][-1]["step"],
-            "adapter_shapes_equal_one_process_run": adapter_shapes(fsdp / "adapter") == adapter_shapes(football / "adapter"),
+            "adapter_shapes_equal_one_process_run": adapter_shapes(fsdp / "adapter")
+            == adapter_shapes(football / "adapter"),
         }
         print(f"fsdp: {result['fsdp']}", flush=True)
 
