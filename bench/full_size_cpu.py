@@ -425,8 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    if args.phase:  # a child: run one phase, print its JSON as the last line
-        print(json.dumps(run_phase(args.phase, Path(args.work), args)))
+    if args.phase:  # a child: run one phase, keep its JSON in the work directory and print it as the last line
+        found = run_phase(args.phase, Path(args.work), args)
+        (Path(args.work) / f"phase-{args.phase}.json").write_text(json.dumps(found, indent=1))
+        print(json.dumps(found))
         return 0
 
     import tempfile
