@@ -21,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from multimodal_lora.callable_module import forward_calls
 from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
 from multimodal_lora.errors import UserError
 
@@ -211,6 +212,9 @@ def cli() -> None:
     """Console-script entry point."""
     run_cli(main)
 
+
+# `from multimodal_lora import caption` is the caption() function whether or not this module was imported first.
+forward_calls(__name__, "multimodal_lora.inference", "caption")
 
 if __name__ == "__main__":
     cli()

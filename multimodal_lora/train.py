@@ -34,6 +34,7 @@ import torch
 import yaml
 
 from multimodal_lora.adapter import AdapterMeta, adapter_size_bytes, save_adapter
+from multimodal_lora.callable_module import forward_calls
 from multimodal_lora.checkpoint import (
     TrainState,
     check_identity,
@@ -645,6 +646,9 @@ def cli() -> None:
     """Console-script entry point."""
     run_cli(main)
 
+
+# `from multimodal_lora import train` is the train() function whether or not this module was imported first.
+forward_calls(__name__, "multimodal_lora.train", "train")
 
 if __name__ == "__main__":
     cli()
