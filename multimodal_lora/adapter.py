@@ -38,8 +38,13 @@ class AdapterMeta:
     """How the base was loaded for training; ``None`` in adapters written before it was recorded."""
 
 
-def save_adapter(peft_model, directory: str | Path, meta: AdapterMeta, adapter_name: str = "default") -> Path:
+def save_adapter(
+    peft_model, directory: str | Path, meta: AdapterMeta, adapter_name: str = "default", state_dict: dict | None = None
+) -> Path:
     """Write the adapter to ``directory`` so that it is there whole or not at all.
+
+    ``state_dict`` is the model's state gathered from a sharded (FSDP) run; by
+    default the model's own tensors are saved.
 
     The files go to a temporary directory beside the target, which is then
     renamed into place; a process killed mid-save leaves the previous adapter
@@ -50,7 +55,7 @@ def save_adapter(peft_model, directory: str | Path, meta: AdapterMeta, adapter_n
     """
     directory = Path(directory)
     with atomic_dir(directory, "the adapter") as tmp:
-        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True)
+        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True, state_dict=state_dict)
         if adapter_name != "default":
             # save_pretrained puts non-default adapters in a sub-folder; keep the flat layout.
             for item in (tmp / adapter_name).iterdir():

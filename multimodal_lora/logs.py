@@ -93,9 +93,17 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def plot_losses(records: list[dict], path: Path) -> Path:
-    """Training and validation loss against the optimizer step, written atomically as a PNG."""
-    import matplotlib
+def plot_losses(records: list[dict], path: Path) -> Path | None:
+    """Training and validation loss against the optimizer step, written atomically as a PNG.
+
+    Returns ``None`` (with a warning) where matplotlib is missing: a bare GPU image
+    running from a checkout may lack it, and the run matters more than its picture.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("%s not drawn: matplotlib is not installed (pip install matplotlib)", path)
+        return None
 
     matplotlib.use("Agg")  # no display on a training box
     import matplotlib.pyplot as plt

@@ -222,6 +222,7 @@ def _train(recipe: Recipe, output_dir: Path) -> TrainResult:
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
+    _set_deepspeed_micro_batch(recipe, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     steps_per_epoch = math.ceil(sampler.batches_per_epoch / recipe.train.grad_accum)
     total_steps = recipe.train.max_steps or steps_per_epoch * recipe.train.epochs
@@ -261,8 +262,10 @@ def _train(recipe: Recipe, output_dir: Path) -> TrainResult:
     if result["stopped_early"]:
         # Not finished: the adapter so far is the checkpoint's; OUTPUT_DIR/adapter is for finished runs.
         adapter_dir = Path(_latest_checkpoint_name(output_dir)) / "adapter"
-    elif accelerator.is_main_process:
-        save_adapter(accelerator.unwrap_model(model), adapter_dir, meta)
+    else:
+        state = full_state_dict(accelerator, model)  # every process takes part in gathering a sharded model
+        if accelerator.is_main_process:
+            save_adapter(accelerator.unwrap_model(model), adapter_dir, meta, state_dict=state)
     if accelerator.is_main_process:
         log.plot()
         log.close()
@@ -418,11 +421,13 @@ def validate(run: Run) -> dict:
 def checkpoint(run: Run) -> None:
     """Write a checkpoint (main process only) and wait for it, so no process runs ahead of a save."""
     accelerator = run.accelerator
+    state = full_state_dict(accelerator, run.model)
     if accelerator.is_main_process:
         path = save_checkpoint(
             run.output_dir,
             run.state,
             model=accelerator.unwrap_model(run.model),
+            model_state=state,
             optimizer=run.optimizer,
             scheduler=run.scheduler,
             scaler=accelerator.scaler,
@@ -632,8 +637,44 @@ def prepare_output_dir(path: Path) -> Path:
     return path
 
 
-def _check_distributed(recipe: Recipe, accelerator) -> None:
+def full_state_dict(accelerator, model) -> dict | None:
+    """Under FSDP, the whole model's state gathered to the main process (a collective: call it on every
+    process); ``None`` otherwise, where each process holds whole tensors already."""
     from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    return accelerator.get_state_dict(model)
+
+
+def _set_deepspeed_micro_batch(recipe: Recipe, accelerator) -> None:
+    """Tell DeepSpeed the micro-batch, which accelerate can otherwise only read from a prepared DataLoader.
+
+    Ours is not prepared: :class:`EpochBatchSampler` shards and orders the data
+    itself, which is what makes resume exact.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = recipe.train.batch_size
+    if config.get("train_batch_size") == "auto":
+        accum = config.get("gradient_accumulation_steps", 1)
+        config["train_batch_size"] = recipe.train.batch_size * (1 if accum == "auto" else accum) * accelerator.num_processes
+
+
+def _check_distributed(recipe: Recipe, accelerator) -> None:
+    import os
+
+    from accelerate.utils import DistributedType
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate only shards on accelerators (GPUs); CPU processes join over gloo as DDP.
+        logger.warning(
+            "the launch config asks for FSDP, but accelerate runs FSDP only on GPUs; these %d %s processes train "
+            "data-parallel (%s) instead", accelerator.num_processes, accelerator.device.type, accelerator.distributed_type.value,
+        )  # fmt: skip
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED and recipe.train.grad_accum != 1:
         raise ConfigError(
