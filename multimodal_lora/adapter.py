@@ -3,7 +3,7 @@
 An adapter directory is what ``PeftModel.from_pretrained`` reads
 (``adapter_config.json`` + ``adapter_model.safetensors``), plus
 ``multimodal_lora.json``: which base it belongs to (name, path or hub id,
-revision, config fingerprint) and how it was trained (task, prompt), so that
+revision, config fingerprint, model family) and how it was trained (task, prompt), so that
 ``caption(image, adapter=DIR)`` needs nothing else.
 """
 
@@ -108,8 +108,16 @@ def read_adapter(path: str | Path) -> tuple[Path, AdapterMeta | None]:
 
 
 def check_base_matches(directory: Path, meta: AdapterMeta | None, base: BaseInfo) -> None:
-    """Refuse an adapter trained on a different base, naming both."""
-    if meta is None or meta.base.fingerprint == base.fingerprint:
+    """Refuse an adapter trained on a different base (or a different family of model), naming both."""
+    if meta is None:
+        return
+    if meta.base.family and base.family and meta.base.family != base.family:
+        raise AdapterError(
+            f"adapter {str(directory)!r} was trained on a {meta.base.family} model ({meta.base.name!r}), but the "
+            f"loaded base {base.name!r} is a {base.family} model: an adapter only fits the family (and base) it was "
+            f"trained on; load it with base_model={meta.base.name!r}"
+        )
+    if meta.base.fingerprint == base.fingerprint:
         return
     raise AdapterError(
         f"adapter {str(directory)!r} was trained on base {meta.base.name!r} (config fingerprint "
