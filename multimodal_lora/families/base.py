@@ -28,7 +28,8 @@ QFORMER_COMPONENTS = (
 )
 # The frozen image path: what turns pixels into the language model's visual prefix.
 QFORMER_IMAGE_PATH = ("vision_model", "qformer", "language_projection", "query_tokens")
-LANGUAGE_MODEL_PREFIX = "language_model"
+PRINTABLE = [chr(c) for c in range(33, 127)]
+PROMPTS = "Question: What colour is the shape? Answer: A short image description:"
 
 
 @dataclass(frozen=True)
@@ -160,3 +161,33 @@ def scaled_init(modules, generator: torch.Generator) -> None:
             if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
                 fan_in = module.weight[0].numel()
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator) / fan_in**0.5)
+
+
+def metaspace_tokenizer(corpus: list[str], specials: list[str], frame: tuple[str, str], framing_token: str, **named):
+    """Tiny twins: a SentencePiece-style (Metaspace) BPE trained on ``corpus``, wrapped for transformers.
+
+    Args:
+        corpus: lines to train on.
+        specials: special tokens, in id order (``["<pad>", "</s>", "<unk>"]`` for T5's ids).
+        frame: how a text and a pair are framed (``("$A </s>", "$A </s> $B </s>")`` for T5).
+        framing_token: the special token the frame adds.
+        named: ``eos_token="</s>"``, ``pad_token=...``: the wrapper's named special tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=named.get("unk_token")))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    # Every printable ASCII character, and the prompts' words: prompts ("Question: ... Answer:",
+    # InstructBLIP's "A short image description:") tokenize without <unk>.
+    corpus = [*corpus, " ".join(PRINTABLE), *[PROMPTS] * 20]
+    tok.train_from_iterator(
+        corpus, trainer=trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False)
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single=frame[0], pair=frame[1], special_tokens=[(framing_token, tok.token_to_id(framing_token))]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="right", model_max_length=512, **named)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tokenizer

@@ -45,6 +45,7 @@ NUM_QUERY_TOKENS = 32
 VISION_WIDTH = 64
 QFORMER_WIDTH = 128
 VISION_SEED_OFFSET = 2
+TOKENIZER_VOCAB = 1024
 
 # Words the tokenizers are trained on: the bundled data's vocabulary plus enough
 # general English that other captions tokenize into sensible pieces.
@@ -102,7 +103,7 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=1024,
+        vocab_size=TOKENIZER_VOCAB,
         special_tokens=_SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
