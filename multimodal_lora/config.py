@@ -61,9 +61,9 @@ class LoraSettings:
     dropout: float = 0.05
     """Dropout on the adapter's input."""
     target_modules: list[str] | None = None
-    """Which of the language model's attention projections get adapters; their names depend on
-    the base's family (OPT: q_proj, k_proj, v_proj, out_proj; T5: q, k, v, o; LLaMA: q_proj,
-    k_proj, v_proj, o_proj). ``null``: the family's default."""
+    """Which of the language model's attention projections get adapters. Their names are the
+    base's family's (``multimodal_lora.families``; the README's Families table lists them), checked
+    against that family before anything loads. ``null``: the family's default."""
 
     def problems(self) -> list[str]:
         out = []

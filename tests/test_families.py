@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from multimodal_lora.config import LoraSettings, ModelConfig, load_recipe
+from multimodal_lora.data.sources import Example
 from multimodal_lora.errors import ConfigError
 from multimodal_lora.families import FAMILIES, family_for_config, family_named
 from multimodal_lora.families.layouts import IGNORE_INDEX
@@ -175,3 +176,48 @@ def test_recipes_of_every_family_load():
     for name in ("tiny-t5", "tiny-instructblip", "flan-t5-xl", "instructblip-vicuna-7b"):
         recipe = load_recipe(RECIPES / f"{name}.yaml")
         assert recipe.lora.target_modules
+
+
+def test_instructblip_feature_cache_keys_on_the_instruction(tiny_models, small_shapes_dir, tmp_path):
+    from multimodal_lora.config import DataConfig
+    from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
+    from multimodal_lora.data.sources import read_imagefolder
+    from multimodal_lora.feature_cache import CachedPairDataset, PrefixCollator, forward_inputs, open_or_build
+
+    model, processor = tiny_models["tiny-instructblip"]
+    layout = text_layout(model, processor)
+    examples = read_imagefolder(small_shapes_dir / "train", DataConfig())[:4]
+    examples = examples + [
+        Example(e.image, "red", e.image_id, e.origin, question="What colour is it?") for e in examples
+    ]
+    # The same four images twice: captioned (no instruction), then asked a question.
+    encoded = [
+        ExampleEncoder(
+            processor.tokenizer, layout, task=task, prompt=None, prompt_template="Q: {question}", max_length=24
+        ).encode(e)
+        for task, e in zip(["caption"] * 4 + ["vqa"] * 4, examples)
+    ]
+    instructions = [""] * 4 + ["Q: What colour is it?"] * 4
+    model.eval()
+    cache, keys = open_or_build(
+        examples, model, processor.image_processor, tmp_path, progress=False, instructions=instructions, layout=layout
+    )
+    assert len(set(keys)) == 8 and cache.features.shape[0] == 8
+    assert not torch.allclose(cache.prefix(keys[0]), cache.prefix(keys[4]))
+    collate = Collator(layout.pad_token_id, layout.padding())
+    pixels = collate([PairDataset(examples, encoded, processor.image_processor)[i] for i in range(8)])
+    cached = PrefixCollator(collate)([CachedPairDataset(encoded, cache, keys)[i] for i in range(8)])
+    with torch.no_grad():
+        loss_pixels = model(**forward_inputs(pixels, torch.device("cpu"))).loss
+        loss_cached = model(**forward_inputs(cached, torch.device("cpu"))).loss
+    torch.testing.assert_close(loss_cached, loss_pixels)
+
+
+def test_t5_int8_base_on_cpu_takes_lora(tiny_models):
+    import bitsandbytes as bnb
+
+    model, _ = load_base(ModelConfig(base="tiny-t5", device="cpu", quantization="int8"))
+    assert isinstance(model.language_model.encoder.block[0].layer[0].SelfAttention.k, bnb.nn.Linear8bitLt)
+    # Default [q, v] in 6 attentions (2 encoder self, 2 decoder self, 2 decoder cross) of width 128:
+    # 6 × 2 × (8 × 128 + 128 × 8) = 24,576.
+    assert count_parameters(add_lora(model, LoraSettings(r=8, alpha=16)))["language model"][0] == 24_576
