@@ -77,6 +77,9 @@ class Family:
     """Its cache directory's name; changes whenever the build changes, so old caches are rebuilt."""
     build_tiny: Callable[[object], None] | None = None
     """Writes the tiny twin (weights, config, processor) into a directory."""
+    max_positions: Callable[[object], int | None] = lambda text: getattr(text, "max_position_embeddings", None)
+    """``text_config -> `` how many positions its language model holds (learned or rotary position
+    tables: OPT, LLaMA); ``None`` for relative positions with no table to run past (T5)."""
     components: tuple = QFORMER_COMPONENTS
     image_path: tuple[str, ...] = QFORMER_IMAGE_PATH
 

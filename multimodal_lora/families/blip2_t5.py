@@ -82,6 +82,11 @@ def plan_dims(text) -> PlanDims:
     )
 
 
+def no_position_limit(text) -> None:
+    """T5's relative position buckets have no table a long sequence could run past."""
+    return None
+
+
 # --- the tiny twin ------------------------------------------------------------------------------
 
 
@@ -170,6 +175,7 @@ FAMILY = Family(
     matches=_matches,
     make_layout=_layout,
     plan_dims=plan_dims,
+    max_positions=no_position_limit,
     published={
         "Salesforce/blip2-flan-t5-xl": "blip2-flan-t5-xl.json",
         "Salesforce/blip2-flan-t5-xxl": "blip2-flan-t5-xxl.json",

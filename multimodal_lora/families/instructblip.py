@@ -228,4 +228,5 @@ FLAN_T5 = Family(
     matches=_matches_t5,
     make_layout=_t5_layout,
     plan_dims=blip2_t5.plan_dims,
+    max_positions=blip2_t5.no_position_limit,
 )
