@@ -3,7 +3,8 @@
     python -m multimodal_lora.merge --adapter runs/tiny/adapter --out merged/tiny
 
 The result is an ordinary ``transformers`` model directory (safetensors weights,
-config, generation config, processor): ``Blip2ForConditionalGeneration.from_pretrained(OUT)``
+config, generation config, processor): the family's class
+(``Blip2ForConditionalGeneration``, ``InstructBlipForConditionalGeneration``) ``.from_pretrained(OUT)``
 loads it with neither PEFT nor this package, and it captions exactly as the base
 with the adapter does.
 
@@ -126,6 +127,7 @@ def merge_adapter(
         record = {
             "adapter": str(directory.resolve()),
             "base": asdict(info),
+            "model_class": model.__class__.__name__,
             "dtype": dtype,
             "trained_quantization": quantization,
             "task": meta.task if meta else None,
@@ -182,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         dequantize=args.dequantize,
         overwrite=args.overwrite,
     )
-    print(f"merged model written to {out}; load it with Blip2ForConditionalGeneration.from_pretrained({str(out)!r})")
+    model_class = json.loads((out / MERGE_RECORD).read_text())["model_class"]
+    print(f"merged model written to {out}; load it with {model_class}.from_pretrained({str(out)!r})")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Fine-tune BLIP-2's language model with LoRA.
+"""Fine-tune a BLIP-2 family model's language model with LoRA.
 
     python -m multimodal_lora.train RECIPE [key=value ...]
     python -m multimodal_lora.train RECIPE resume=true          # continue after a crash or a stop
@@ -56,6 +56,7 @@ from multimodal_lora.loading import LoadSettings
 from multimodal_lora.logs import RunLog, peak_memory_mb
 from multimodal_lora.model import (
     add_lora,
+    base_family,
     count_parameters,
     enable_gradient_checkpointing,
     format_parameter_table,
@@ -151,6 +152,11 @@ def _train(recipe: Recipe, output_dir: Path) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    # The base's family (from its config alone) checks the LoRA targets before any data or weights load.
+    family = base_family(recipe.model.base, recipe.model.revision)
+    problems = family.target_problems(recipe.lora.target_modules)
+    if problems:
+        raise ConfigError("\n".join(problems))
     # Accumulation is done by hand in train_step, so accelerate sees one micro-batch per step.
     accelerator = Accelerator(cpu=recipe.model.device == "cpu", mixed_precision=_mixed_precision(recipe))
     _check_distributed(recipe, accelerator)
@@ -181,7 +187,7 @@ def _train(recipe: Recipe, output_dir: Path) -> TrainResult:
     model, base = load_base(recipe.model)
     # Recorded with the adapter, so that caption() & co. load the base the same way.
     load_settings = LoadSettings.of(recipe.model, next(model.parameters()).device)
-    layout = text_layout(model, processor.tokenizer)
+    layout = text_layout(model, processor)
     model = add_lora(model, recipe.lora)
     if recipe.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -198,7 +204,7 @@ def _train(recipe: Recipe, output_dir: Path) -> TrainResult:
         max_length=recipe.data.max_length,
     )
     started = time.perf_counter()
-    train_set, val_set, collate = build_datasets(recipe, accelerator, model, processor, encoder, splits, layout.pad_token_id)
+    train_set, val_set, collate = build_datasets(recipe, accelerator, model, processor, encoder, splits, layout)
     cache_seconds = time.perf_counter() - started if recipe.train.cache_image_features else None
     sampler = EpochBatchSampler(
         len(train_set), recipe.train.batch_size, recipe.seed, accelerator.process_index, accelerator.num_processes
@@ -441,11 +447,11 @@ def checkpoint(run: Run) -> None:
 # --- set-up helpers ------------------------------------------------------------------------------
 
 
-def build_datasets(recipe: Recipe, accelerator, model, processor, encoder, splits, pad_token_id):
+def build_datasets(recipe: Recipe, accelerator, model, processor, encoder, splits, layout):
     """Train and validation datasets: pixels decoded per access, or cached visual prefixes."""
     train_encoded = encoder.encode_all(splits.train)
     val_encoded = encoder.encode_all(splits.validation)
-    collate = Collator(pad_token_id)
+    collate = Collator(layout.pad_token_id, layout.padding())
     if not recipe.train.cache_image_features:
         return (
             PairDataset(splits.train, train_encoded, processor.image_processor),
@@ -466,6 +472,9 @@ def build_datasets(recipe: Recipe, accelerator, model, processor, encoder, split
             build=accelerator.is_main_process,
             batch_size=recipe.train.batch_size,
             progress=accelerator.is_local_main_process,
+            # The Q-Former of InstructBLIP reads the prompt: the prefix is per (image, instruction).
+            instructions=[encoder.prompt_of(e) for e in examples] if layout.reads_instruction else None,
+            layout=layout,
         )
     n = len(splits.train)
     return (
@@ -495,7 +504,7 @@ def run_identity(recipe: Recipe, base, splits, processes: int, total_steps: int)
         "lora.r": recipe.lora.r,
         "lora.alpha": recipe.lora.alpha,
         "lora.dropout": recipe.lora.dropout,
-        "lora.target_modules": sorted(recipe.lora.target_modules),
+        "lora.target_modules": sorted(recipe.lora.target_modules or ["(the family's default)"]),
         "data.path": recipe.data.path,
         "data.task": recipe.data.task,
         "data.prompt": recipe.data.prompt,
@@ -779,7 +788,7 @@ class StopRequest:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m multimodal_lora.train",
-        description="Fine-tune BLIP-2's language model with LoRA, as a recipe says.",
+        description="Fine-tune a BLIP-2 family model's language model with LoRA, as a recipe says.",
         epilog="Example: python -m multimodal_lora.train recipes/tiny.yaml output_dir=runs/mine train.epochs=2",
     )
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny.yaml")
