@@ -22,6 +22,7 @@ from multimodal_lora.model import BaseInfo
 META_FILE = "multimodal_lora.json"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+CARD_FILE = "README.md"
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,16 @@ class AdapterMeta:
     prompt_template: str = "Question: {question} Answer:"
 
 
-def save_adapter(peft_model, directory: str | Path, meta: AdapterMeta, adapter_name: str = "default") -> Path:
+def save_adapter(
+    peft_model, directory: str | Path, meta: AdapterMeta, adapter_name: str = "default", card: str | None = None
+) -> Path:
     """Write the adapter to ``directory`` so that it is there whole or not at all.
 
     The files go to a temporary directory beside the target, which is then
     renamed into place; a process killed mid-save leaves the previous adapter
-    (or nothing), never a half-written one.
+    (or nothing), never a half-written one. ``card`` (the model card's text,
+    see :mod:`multimodal_lora.card`) is written as ``README.md`` in the same
+    directory, so the card always describes the weights beside it.
 
     Returns:
         The adapter directory.
@@ -56,7 +61,13 @@ def save_adapter(peft_model, directory: str | Path, meta: AdapterMeta, adapter_n
             (tmp / adapter_name).rmdir()
         _record_base(tmp / CONFIG_FILE, meta.base)
         (tmp / META_FILE).write_text(json.dumps(asdict(meta), indent=2) + "\n")
-        for path in (tmp / CONFIG_FILE, tmp / WEIGHTS_FILE, tmp / META_FILE):
+        written = [tmp / CONFIG_FILE, tmp / WEIGHTS_FILE, tmp / META_FILE]
+        # PEFT's save_pretrained writes a generic README.md; ours replaces it (or none is kept).
+        (tmp / CARD_FILE).unlink(missing_ok=True)
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+            written.append(tmp / CARD_FILE)
+        for path in written:
             _fsync(path)
         _replace_dir(tmp, directory)
     finally:

@@ -87,8 +87,11 @@ def save_checkpoint(
     scaler,
     meta: AdapterMeta,
     keep: int,
+    card: str | None = None,
 ) -> Path:
     """Write a checkpoint for ``state.step`` atomically and delete all but the newest ``keep``.
+
+    ``card`` is the adapter's model card (``adapter/README.md``).
 
     Raises:
         CheckpointError: the checkpoint could not be written (a full disk, no
@@ -99,7 +102,7 @@ def save_checkpoint(
     final = root / f"checkpoint-{state.step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=root))
     try:
-        save_adapter(model, tmp / "adapter", meta)
+        save_adapter(model, tmp / "adapter", meta, card=card)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:

@@ -62,6 +62,7 @@ from multimodal_lora.model import (
     text_layout,
 )
 from multimodal_lora.sampler import EpochBatchSampler
+from multimodal_lora.trackers import resolve_trackers, start_trackers
 
 # Named, not __name__: run as `python -m`, this module is __main__, outside the package logger.
 logger = logging.getLogger("multimodal_lora.train")
@@ -115,6 +116,8 @@ class Run:
     stop: StopRequest
     trainable: list
     """The LoRA parameters, listed once: walking every module each step costs ~1 ms on the tiny model."""
+    parameters: dict
+    """``count_parameters()`` of the model: the model card's table."""
 
 
 def train(recipe: Recipe) -> TrainResult:
@@ -127,9 +130,16 @@ def train(recipe: Recipe) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    # A tracker asked for but not installed fails here, before any data or weights are read.
+    trackers = resolve_trackers(recipe.train.report_to)
     output_dir = prepare_output_dir(Path(recipe.output_dir))
     # Accumulation is done by hand in train_step, so accelerate sees one micro-batch per step.
-    accelerator = Accelerator(cpu=recipe.model.device == "cpu", mixed_precision=_mixed_precision(recipe))
+    accelerator = Accelerator(
+        cpu=recipe.model.device == "cpu",
+        mixed_precision=_mixed_precision(recipe),
+        log_with=trackers or None,
+        project_dir=output_dir / "tensorboard",  # only TensorBoard writes under accelerate's project directory
+    )
     _check_distributed(recipe, accelerator)
     set_seed(recipe.seed)
     resume = resolve_resume(recipe.resume, output_dir)
@@ -152,7 +162,8 @@ def train(recipe: Recipe) -> TrainResult:
     model = add_lora(model, recipe.lora)
     if recipe.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    logger.info("trainable parameters:\n%s", format_parameter_table(count_parameters(model)))
+    parameters = count_parameters(model)
+    logger.info("trainable parameters:\n%s", format_parameter_table(parameters))
 
     # The datasets need the tokenizer (text) and, with the feature cache, the model's frozen image path.
     encoder = ExampleEncoder(
@@ -210,10 +221,12 @@ def train(recipe: Recipe) -> TrainResult:
 
         captioner = Captioner.from_model(accelerator.unwrap_model(model), processor, base, {"default": meta})
         val_groups = group_references(splits.validation)[: recipe.train.eval_max_images]
-    log = RunLog(output_dir, enabled=accelerator.is_main_process, resume_step=state.step if resume else None)
+    resume_step = state.step if resume else None
+    start_trackers(accelerator, trackers, output_dir, recipe.to_dict(), resume_step)
+    log = RunLog(output_dir, enabled=accelerator.is_main_process, resume_step=resume_step, accelerator=accelerator)
     run = Run(
         recipe, accelerator, model, optimizer, scheduler, sampler, train_loader, val_loader, captioner, val_groups,
-        meta, output_dir, log, total_steps, state, StopRequest(), trainable,
+        meta, output_dir, log, total_steps, state, StopRequest(), trainable, parameters,
     )  # fmt: skip
 
     with run.stop.installed():
@@ -224,7 +237,7 @@ def train(recipe: Recipe) -> TrainResult:
         # Not finished: the adapter so far is the checkpoint's; OUTPUT_DIR/adapter is for finished runs.
         adapter_dir = Path(_latest_checkpoint_name(output_dir)) / "adapter"
     elif accelerator.is_main_process:
-        save_adapter(accelerator.unwrap_model(model), adapter_dir, meta)
+        save_adapter(accelerator.unwrap_model(model), adapter_dir, meta, card=model_card(run, adapter_dir))
     if accelerator.is_main_process:
         log.plot()
         log.close()
@@ -389,9 +402,28 @@ def checkpoint(run: Run) -> None:
             scaler=accelerator.scaler,
             meta=run.meta,
             keep=run.recipe.train.keep_checkpoints,
+            card=model_card(run, run.output_dir / "checkpoints" / f"checkpoint-{run.state.step:08d}" / "adapter"),
         )
         logger.debug("checkpoint %s", path)
     accelerator.wait_for_everyone()
+
+
+def model_card(run: Run, adapter_dir: Path) -> str:
+    """The adapter's ``README.md``: the recipe as run, the last evaluation, the parameter table."""
+    from multimodal_lora.card import CardFacts, render_card
+    from multimodal_lora.data.sources import detect_source
+
+    last = run.state.history[-1] if run.state.history else {}
+    facts = CardFacts(
+        recipe=run.recipe.to_dict(),
+        metrics={k: v for k, v in last.items() if k not in ("split", "step", "epoch")},
+        metrics_step=last.get("step"),
+        eval_images=len(run.val_groups) or None,
+        parameters=run.parameters,
+        datasets=(run.recipe.data.path,) if detect_source(run.recipe.data) == "hub" else (),
+        adapter_ref=str(adapter_dir),
+    )
+    return str(render_card(run.meta, facts))
 
 
 # --- set-up helpers ------------------------------------------------------------------------------
@@ -525,7 +557,7 @@ def _summary(run: Run, result: dict, adapter_dir: Path) -> None:
         f"adapter {'so far' if result['stopped_early'] else 'saved to'} {adapter_dir} ({adapter_size_bytes(adapter_dir) / 1024:.1f} KB)",
         f"checkpoints: {run.output_dir / 'checkpoints'}",
         f"metrics: {run.log.path}; loss curve: {run.log.plot_path}"
-        + (f"; TensorBoard: {run.output_dir / 'tensorboard'}" if run.log.tensorboard is not None else ""),
+        + "".join(f"; {t.name}" for t in run.accelerator.trackers),
     ]
     logger.info("\n".join(lines))
 
