@@ -89,14 +89,17 @@ def find_adapters(root: str | Path) -> Found:
     if not root.is_dir():
         found.problems.append(f"{root} does not exist or is not a directory")
         return found
-    configs = sorted(
-        p
-        for p in root.rglob(CONFIG_FILE)
-        if len(p.relative_to(root).parts) <= SEARCH_DEPTH + 1
+    configs = []
+    # os.walk, not rglob: a symlinked run directory is followed (the depth limit ends any loop).
+    for current, dirs, files in os.walk(root, followlinks=True):
+        relative = Path(current).relative_to(root)
         # A run's checkpoints (OUTPUT_DIR/checkpoints/checkpoint-N/adapter) and
-        # half-written temporaries (.tmp-*) are not adapters to offer.
-        and not any(part == CHECKPOINTS or part.startswith(".") for part in p.relative_to(root).parts[:-1])
-    )
+        # half-written temporaries (.tmp-*, .adapter-*) are not adapters to offer.
+        deep = len(relative.parts) >= SEARCH_DEPTH
+        dirs[:] = [] if deep else [d for d in dirs if d != CHECKPOINTS and not d.startswith(".")]
+        if CONFIG_FILE in files:
+            configs.append(Path(current) / CONFIG_FILE)
+    configs.sort()
     for config in configs:
         directory = config.parent
         relative = directory.relative_to(root)

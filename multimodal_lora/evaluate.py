@@ -197,11 +197,7 @@ def evaluate(
     use_meteor = meteor and meteor_available()
     table, captions = {}, {}
     for column, adapter_name in (("base", None), ("adapter", name)):
-        if adapter_name is None:
-            with captioner.model.disable_adapter():
-                sums = token_loss_sums(captioner.model, loader, captioner.device)
-        else:
-            captioner.model.set_adapter(adapter_name)
+        with captioner.using(adapter_name):
             sums = token_loss_sums(captioner.model, loader, captioner.device)
         captions[column] = generate(captioner, adapter_name, groups, recipe.data.task, recipe.train.eval_max_new_tokens)
         table[column] = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item(), **score(captions[column], groups, meteor=use_meteor)}

@@ -9,7 +9,9 @@ free it).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import threading
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -58,6 +60,7 @@ class Captioner:
         self.layout = text_layout(self.model, self.processor.tokenizer)
         self.adapters: dict[str, AdapterMeta | None] = {}
         self._paths: dict[str, Path] = {}
+        self._peft_names: dict[str, str] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -73,6 +76,8 @@ class Captioner:
         self.layout = text_layout(model, processor.tokenizer)
         self.adapters = dict(adapters or {})
         self._paths = {}
+        # The model's own adapters are already PEFT adapters under these names.
+        self._peft_names = {name: name for name in self.adapters}
         self._lock = threading.Lock()
         return self
 
@@ -83,7 +88,10 @@ class Captioner:
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:
         """Load an adapter directory under ``name`` (default: the directory's name).
 
-        Loading the same directory twice under the same name is a no-op.
+        ``name`` is only ours: any string works (a path with dots, spaces or any
+        letters). PEFT gets a derived name that is always a valid module name
+        (see :func:`peft_adapter_name`). Loading the same directory twice under
+        the same name is a no-op.
 
         Raises:
             AdapterError: the directory is not a complete adapter, or it was
@@ -92,22 +100,25 @@ class Captioner:
         directory, meta = read_adapter(path)
         name = name or _default_name(directory)
         if name in self.adapters:
-            if self._paths[name] == directory.resolve():
+            if self._paths.get(name) == directory.resolve():
                 return name
-            raise AdapterError(f"an adapter named {name!r} is already loaded (from {self._paths[name]}); choose another name")
+            where = self._paths.get(name, "the model in memory")
+            raise AdapterError(f"an adapter named {name!r} is already loaded (from {where}); choose another name")
         check_base_matches(directory, meta, self.base)
         from peft import PeftModel
 
+        peft_name = peft_adapter_name(name)
         with self._lock:
             # The first adapter wraps the base in a PeftModel; later ones are added to
             # the same wrapper, so the base's weights are loaded exactly once.
             if isinstance(self.model, PeftModel):
-                self.model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
+                self.model.load_adapter(str(directory), adapter_name=peft_name, is_trainable=False)
             else:
-                self.model = PeftModel.from_pretrained(self.model, str(directory), adapter_name=name, is_trainable=False)
+                self.model = PeftModel.from_pretrained(self.model, str(directory), adapter_name=peft_name, is_trainable=False)
             self.model.eval()
         self.adapters[name] = meta
         self._paths[name] = directory.resolve()
+        self._peft_names[name] = peft_name
         return name
 
     def caption(
@@ -224,7 +235,7 @@ class Captioner:
             chunk = [load_image(i) for i in images[start : start + batch_size]]
             batch = self._inputs(chunk, prompts[start : start + batch_size])
             # Choosing the adapter and generating must not interleave with another thread's choice.
-            with self._lock, self._adapter(adapter):
+            with self._lock, self.using(adapter):
                 output = self.model.generate(**batch, **kwargs)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -253,17 +264,23 @@ class Captioner:
             "attention_mask": attention_mask.to(self.device),
         }
 
-    def _adapter(self, adapter: str | None):
-        """A context in which ``adapter`` (or the bare base, for ``None``) is active."""
+    def using(self, adapter: str | None):
+        """A context in which ``adapter`` (or the bare base, for ``None``) is active.
+
+        For callers that run the model themselves (a validation loss); ``caption``
+        and ``ask`` use it under the lock.
+
+        Raises:
+            AdapterError: ``adapter`` is not loaded.
+        """
         from peft import PeftModel
 
+        self._meta(adapter)  # raises for an unknown name
         if not isinstance(self.model, PeftModel):
-            self._meta(adapter)  # raises for an unknown name
             return nullcontext()
         if adapter is None:
             return self.model.disable_adapter()
-        self._meta(adapter)
-        self.model.set_adapter(adapter)
+        self.model.set_adapter(self._peft_names[adapter])
         return nullcontext()
 
 
@@ -372,4 +389,18 @@ def _check_generation(max_new_tokens, num_beams, do_sample, temperature, top_p, 
 
 
 def _default_name(directory: Path) -> str:
-    return directory.parent.name if directory.name == "adapter" else directory.name
+    directory = directory.absolute()
+    return (directory.parent.name if directory.name == "adapter" else directory.name) or str(directory)
+
+
+def peft_adapter_name(name: str) -> str:
+    """The name PEFT knows an adapter by: always a valid module name, one per ``name``.
+
+    PEFT stores adapters as module attributes, so its names cannot contain "."
+    (and should be identifiers); ours are paths or anything a user types. The
+    readable tail is for debugging, the hash keeps two names that clean up the
+    same way apart.
+    """
+    slug = re.sub(r"[^0-9A-Za-z_]+", "_", name).strip("_")[-32:]
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"adapter_{slug}_{digest}" if slug else f"adapter_{digest}"
