@@ -23,7 +23,7 @@ from pathlib import Path
 
 from multimodal_lora.caption_inputs import check_inputs, count_inputs, iter_inputs
 from multimodal_lora.caption_output import check_out, open_rows, out_format, read_existing, row_fields
-from multimodal_lora.cli import run_cli, setup_logging
+from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
 from multimodal_lora.errors import UserError
 
 
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--adapter", help="adapter directory written by the trainer (default: the bare base)")
     parser.add_argument("--base", help="base model (default: the one the adapter was trained on, else tiny)")
+    add_load_arguments(parser)
     parser.add_argument("--out", help="write the captions to this .jsonl or .csv file instead of the screen")
     parser.add_argument("--resume", action="store_true", help="continue --out where an interrupted run stopped")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -65,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     from multimodal_lora.inference import captioner_for
 
+    load = dict(quantization=args.quantization, dtype=args.dtype, device=args.device)
     if args.validation:
-        captioner, name = captioner_for(args.adapter, args.base)
+        captioner, name = captioner_for(args.adapter, args.base, **load)
         return _caption_validation(captioner, name, args)
     # A bad directory, glob or manifest, or an --out that is in the way, fails before the model loads.
     check_inputs(args.images)
@@ -75,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume and Path(args.out).is_file():
             _check_resume_matches(args, read_existing(Path(args.out), fmt, row_fields(args.question is not None)))
     state = _distributed_state()
-    captioner, name = captioner_for(args.adapter, args.base)
+    if state is not None and state.device.type == "cuda" and args.device is None:
+        load["device"] = str(state.device)  # each process on its own GPU
+    captioner, name = captioner_for(args.adapter, args.base, **load)
     return caption_inputs(captioner, name, args, fmt, state)
 
 
