@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume and Path(args.out).is_file():
             _check_resume_matches(args, read_existing(Path(args.out), fmt, row_fields(args.question is not None)))
     state = _distributed_state()
-    if state is not None and state.device.type == "cuda" and args.device is None:
-        load["device"] = str(state.device)  # each process on its own GPU
+    device = _process_device(state)
+    if device is not None and args.device in (None, "auto", "cuda"):
+        load["device"] = device  # each process on its own GPU
     captioner, name = captioner_for(args.adapter, args.base, **load)
     return caption_inputs(captioner, name, args, fmt, state)
 
@@ -171,17 +172,27 @@ def _check_resume_matches(args, existing) -> None:
 
 
 def _distributed_state():
-    """accelerate's ``PartialState`` when launched on several processes, else ``None`` (one process, as before)."""
+    """accelerate's ``PartialState`` when launched on several processes, else ``None`` (one process, as before).
+
+    The processes only exchange finished rows (a few strings per batch), so they talk over gloo
+    on the CPU whatever the device: that also lets several processes share one GPU, which NCCL refuses.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    import torch
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())
-    if state.device.type == "cuda":
-        # The captioner loads on "cuda": this process's GPU, not GPU 0.
-        torch.cuda.set_device(state.device)
-    return state
+    return PartialState(cpu=True)
+
+
+def _process_device(state) -> str | None:
+    """This process's GPU (``cuda:LOCAL_RANK``, wrapping round when processes outnumber GPUs), or ``None``."""
+    import torch
+
+    if state is None or not torch.cuda.is_available():
+        return None
+    index = state.local_process_index % torch.cuda.device_count()
+    torch.cuda.set_device(index)  # "cuda" anywhere below means this GPU, not GPU 0
+    return f"cuda:{index}"
 
 
 def _input_size(captioner) -> tuple[int, int] | None:
