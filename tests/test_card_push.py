@@ -171,3 +171,16 @@ def test_prepare_upload_checks_everything_before_the_network(tiny_run, tmp_path)
     (broken / "README.md").write_text("---\nbase_model: [unclosed\n---\n")
     with pytest.raises(PushError, match="not a readable model card"):
         prepare_upload(broken, base_model="Salesforce/blip2-opt-2.7b")
+
+
+def test_the_cards_plain_peft_snippet_captions_like_caption(tiny_run, small_shapes_dir, capsys):
+    from huggingface_hub import ModelCard
+
+    from multimodal_lora import caption
+
+    card = ModelCard.load(tiny_run.adapter_dir / "README.md")
+    snippet = card.text.split("With plain transformers + PEFT:")[1].split("```python\n", 1)[1].split("```", 1)[0]
+    image = str(small_shapes_dir / "validation" / "00000.png")
+    capsys.readouterr()
+    exec(snippet.replace('"photo.jpg"', repr(image)), {})  # noqa: S102 - the card's own text, as a user would paste it
+    assert capsys.readouterr().out.strip() == caption(image, adapter=tiny_run.adapter_dir)
