@@ -21,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+from multimodal_lora.callable_module import forward_calls
 from multimodal_lora.caption_inputs import check_inputs, count_inputs, iter_inputs
 from multimodal_lora.caption_output import check_out, open_rows, out_format, read_existing, row_fields
 from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
@@ -237,6 +238,9 @@ def cli() -> None:
     """Console-script entry point."""
     run_cli(main)
 
+
+# `from multimodal_lora import caption` is the caption() function whether or not this module was imported first.
+forward_calls(__name__, "multimodal_lora.inference", "caption")
 
 if __name__ == "__main__":
     cli()

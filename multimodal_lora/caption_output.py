@@ -68,8 +68,15 @@ class RowWriter:
             return
         data = "".join(encode_row(row, self.fields, self.format) for row in rows).encode("utf-8")
         view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            # A full disk: one line naming the file; the rows written so far stay, and --resume continues.
+            from multimodal_lora.atomic import as_write_error
+
+            error = as_write_error(exc, "the captions", self.path)
+            raise (error.with_hint("free space and run again with --resume") if error else exc) from None
 
     def close(self) -> None:
         os.close(self._fd)

@@ -16,18 +16,18 @@ temporary directory and renamed into place whole.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from multimodal_lora.atomic import atomic_dir
 from multimodal_lora.data.images import load_image
 from multimodal_lora.data.sources import Example
 
@@ -116,9 +116,8 @@ def _build(directory, examples, keys, model, image_processor, batch_size, progre
         unique.setdefault(key, example)
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    try:
+    # Another process may build the same cache at once; its content is identical, so the first one stays.
+    with atomic_dir(directory, "the image feature cache", if_exists="keep") as tmp:
         items = list(unique.items())
         features = None
         bar = tqdm(total=len(items), desc="caching image features", unit="image", disable=not progress)
@@ -131,20 +130,14 @@ def _build(directory, examples, keys, model, image_processor, batch_size, progre
                 features = np.lib.format.open_memmap(
                     tmp / FEATURES_FILE, mode="w+", dtype=np.float32, shape=(len(items), *prefix.shape[1:])
                 )
+                # Reserve the blocks now: a memory map over a full disk dies of SIGBUS, not an error.
+                _reserve(tmp / FEATURES_FILE)
             features[start : start + len(chunk)] = prefix
             bar.update(len(chunk))
         bar.close()
         features.flush()
         del features
         (tmp / INDEX_FILE).write_text(json.dumps({key: row for row, (key, _) in enumerate(items)}))
-        try:
-            os.rename(tmp, directory)
-        except OSError:
-            # Another process built the same cache first; its content is identical.
-            if not (directory / INDEX_FILE).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("image features: cached %d images in %s", len(items), directory)
 
 
@@ -185,3 +178,16 @@ def forward_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict
     if "prefix" in batch:
         inputs.update(prefix_inputs(batch["prefix"].to(device)))
     return inputs
+
+
+def _reserve(path: Path) -> None:
+    """Allocate every block of a (sparse) file, so that running out of space is an ``OSError`` here."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return  # a file system without fallocate: nothing to reserve with
+        raise
+    finally:
+        os.close(fd)
