@@ -77,6 +77,9 @@ def run_once(processes: int, gpu: bool, images: Path, adapter: Path, out: Path, 
     args = [str(images), "--adapter", str(adapter), "--out", str(out), "--overwrite"]
     args += ["--batch-size", str(opts.batch_size), "--max-new-tokens", str(opts.max_new_tokens)]
     args += ["--num-workers", str(opts.num_workers)]
+    if gpu:
+        # The adapter was made on the CPU and records it; under accelerate each process then takes cuda:LOCAL_RANK.
+        args += ["--device", "cuda"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     if not gpu:
         env["OMP_NUM_THREADS"] = "1"
