@@ -17,6 +17,7 @@ captioned, 1 when some could not be.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -103,7 +104,8 @@ def caption_inputs(captioner, name, args, fmt: str | None, state) -> int:
 
         skip = broadcast_object_list([skip])[0]
     total = count_inputs(args.images) if main and args.out else None
-    rounds = ImageRounds(lambda: iter_inputs(args.images), skip, args.batch_size, rank, world, _input_size(captioner))
+    # A partial, not a lambda: DataLoader workers started with spawn (macOS) must pickle it.
+    rounds = ImageRounds(functools.partial(iter_inputs, list(args.images)), skip, args.batch_size, rank, world, _input_size(captioner))
     options = dict(
         max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
         temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
