@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_run(small_shapes_dir, tmp_path_factory):
+def short_run(small_shapes_dir, tmp_path_factory):
     """recipes/tiny.yaml on 24 images for 2 epochs (12 steps, two evaluations): seconds, not minutes."""
     from multimodal_lora.config import load_recipe
     from multimodal_lora.train import train
@@ -31,12 +31,12 @@ def _lines_with(text: str, needle: str) -> list[str]:
     return [line for line in text.splitlines() if needle in line]
 
 
-def test_tiny_run_adapter_has_a_card_hub_tools_parse(tiny_run):
+def test_tiny_run_adapter_has_a_card_hub_tools_parse(short_run):
     from huggingface_hub import ModelCard
 
     from multimodal_lora.metrics import SCALES
 
-    adapter = tiny_run.adapter_dir
+    adapter = short_run.adapter_dir
     card = ModelCard.load(adapter / "README.md")
     base = json.loads((adapter / "multimodal_lora.json").read_text())["base"]
     assert card.data.base_model == base["name_or_path"]  # tiny is local: its path, with a note
@@ -54,7 +54,7 @@ def test_tiny_run_adapter_has_a_card_hub_tools_parse(tiny_run):
     for key in ("val_loss", "bleu4", "cider_d", "rouge_l", "exact_match"):
         rows = [line for line in _lines_with(card.text, SCALES[key]) if f"| {last[key]:.4f} |" in line]
         assert len(rows) == 1, (key, last[key])
-    assert tiny_run.metrics["val_loss"] == pytest.approx(last["val_loss"])
+    assert short_run.metrics["val_loss"] == pytest.approx(last["val_loss"])
 
     # The trainable-parameter table and the recipe as run.
     lora_params = sum(
@@ -134,24 +134,24 @@ def _push(adapter: Path, tmp_path: Path, **env) -> subprocess.CompletedProcess:
     ],
     ids=["offline", "no-token", "unreachable"],
 )
-def test_push_that_cannot_happen_says_why_in_one_line(tiny_run, tmp_path, env, message):
-    before = _digest(tiny_run.adapter_dir)
-    proc = _push(tiny_run.adapter_dir, tmp_path, **env)
+def test_push_that_cannot_happen_says_why_in_one_line(short_run, tmp_path, env, message):
+    before = _digest(short_run.adapter_dir)
+    proc = _push(short_run.adapter_dir, tmp_path, **env)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr  # one line
     assert proc.stderr.startswith(message), proc.stderr
     assert "nothing was pushed" in proc.stderr or "token" in proc.stderr
-    assert _digest(tiny_run.adapter_dir) == before  # nothing lost, nothing changed
+    assert _digest(short_run.adapter_dir) == before  # nothing lost, nothing changed
 
 
-def test_prepare_upload_checks_everything_before_the_network(tiny_run, tmp_path):
+def test_prepare_upload_checks_everything_before_the_network(short_run, tmp_path):
     from huggingface_hub import ModelCard
 
     from multimodal_lora.push import PushError, prepare_upload
 
     with pytest.raises(PushError, match="base_model is .* not a hub id.*--base-model"):
-        prepare_upload(tiny_run.adapter_dir)
-    upload = prepare_upload(tiny_run.adapter_dir, base_model="Salesforce/blip2-opt-2.7b")
+        prepare_upload(short_run.adapter_dir)
+    upload = prepare_upload(short_run.adapter_dir, base_model="Salesforce/blip2-opt-2.7b")
     assert sorted(upload.files) == [
         "README.md",
         "adapter_config.json",
@@ -161,26 +161,26 @@ def test_prepare_upload_checks_everything_before_the_network(tiny_run, tmp_path)
     (tmp_path / "README.md").write_bytes(upload.files["README.md"])
     assert ModelCard.load(tmp_path / "README.md").data.base_model == "Salesforce/blip2-opt-2.7b"
     # The directory's own card is untouched (the rewritten card is uploaded from memory).
-    assert ModelCard.load(tiny_run.adapter_dir / "README.md").data.base_model != "Salesforce/blip2-opt-2.7b"
+    assert ModelCard.load(short_run.adapter_dir / "README.md").data.base_model != "Salesforce/blip2-opt-2.7b"
 
     # A broken card is named, not pushed.
     import shutil
 
     broken = tmp_path / "broken"
-    shutil.copytree(tiny_run.adapter_dir, broken)
+    shutil.copytree(short_run.adapter_dir, broken)
     (broken / "README.md").write_text("---\nbase_model: [unclosed\n---\n")
     with pytest.raises(PushError, match="not a readable model card"):
         prepare_upload(broken, base_model="Salesforce/blip2-opt-2.7b")
 
 
-def test_the_cards_plain_peft_snippet_captions_like_caption(tiny_run, small_shapes_dir, capsys):
+def test_the_cards_plain_peft_snippet_captions_like_caption(short_run, small_shapes_dir, capsys):
     from huggingface_hub import ModelCard
 
     from multimodal_lora import caption
 
-    card = ModelCard.load(tiny_run.adapter_dir / "README.md")
+    card = ModelCard.load(short_run.adapter_dir / "README.md")
     snippet = card.text.split("With plain transformers + PEFT:")[1].split("```python\n", 1)[1].split("```", 1)[0]
     image = str(small_shapes_dir / "validation" / "00000.png")
     capsys.readouterr()
     exec(snippet.replace('"photo.jpg"', repr(image)), {})  # noqa: S102 - the card's own text, as a user would paste it
-    assert capsys.readouterr().out.strip() == caption(image, adapter=tiny_run.adapter_dir)
+    assert capsys.readouterr().out.strip() == caption(image, adapter=short_run.adapter_dir)
