@@ -20,8 +20,8 @@ from importlib import resources
 import yaml
 
 from multimodal_lora.adapter import AdapterMeta
+from multimodal_lora.families import tiny_names
 from multimodal_lora.metrics import LABELS, SCALES
-from multimodal_lora.tiny import TINY_NAME
 
 TEMPLATE = "adapter_card.md"
 
@@ -50,6 +50,8 @@ class CardFacts:
     """Hub data set ids the adapter was trained on."""
     adapter_ref: str = "path/to/adapter"
     """How the usage snippet names the adapter (its directory)."""
+    model_class: str = "Blip2ForConditionalGeneration"
+    """The ``transformers`` class that loads the base (its family's), for the plain-PEFT snippet."""
 
 
 def is_hub_id(name: str) -> bool:
@@ -75,9 +77,9 @@ def render_card(meta: AdapterMeta, facts: CardFacts):
     local = not is_hub_id(base.name)
     base_ref = base.name_or_path if local else base.name
     note = None
-    if base.name == TINY_NAME:
+    if base.name in tiny_names():
         note = (
-            f"`tiny`, the offline tiny BLIP-2 that multimodal_lora builds from a config (random weights, "
+            f"`{base.name}`, an offline tiny model that multimodal_lora builds from a config (random weights, "
             f"for tests and try-outs), here at `{base.name_or_path}`. It is not on the hub."
         )
     elif local:
@@ -121,6 +123,7 @@ def render_card(meta: AdapterMeta, facts: CardFacts):
         recipe=yaml.safe_dump(facts.recipe, sort_keys=False) if facts.recipe else None,
         adapter_ref=facts.adapter_ref,
         prompt_code=repr(prompt),
+        model_class=facts.model_class,
     )
 
 

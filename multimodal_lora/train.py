@@ -1,4 +1,4 @@
-"""Fine-tune BLIP-2's language model with LoRA.
+"""Fine-tune a BLIP-2 family model's language model with LoRA.
 
     python -m multimodal_lora.train RECIPE [key=value ...]
     python -m multimodal_lora.train RECIPE resume=true          # continue after a crash or a stop
@@ -56,6 +56,7 @@ from multimodal_lora.loading import LoadSettings
 from multimodal_lora.logs import RunLog, peak_memory_mb
 from multimodal_lora.model import (
     add_lora,
+    base_family,
     count_parameters,
     enable_gradient_checkpointing,
     format_parameter_table,
@@ -124,6 +125,8 @@ class Run:
     """The LoRA parameters, listed once: walking every module each step costs ~1 ms on the tiny model."""
     parameters: dict
     """``count_parameters()`` of the model: the model card's table."""
+    model_class: str
+    """The ``transformers`` class of the base (its family's), for the model card's snippet."""
 
 
 def train(recipe: Recipe) -> TrainResult:
@@ -137,10 +140,11 @@ def train(recipe: Recipe) -> TrainResult:
     # A tracker asked for but not installed fails here, before any data or weights are read.
     trackers = resolve_trackers(recipe.train.report_to)
     output_dir = prepare_output_dir(Path(recipe.output_dir))
-    # Before anything loads: a fresh run never mixes with another run's checkpoints or adapter.
-    check_output_dir(recipe, output_dir)
     try:
-        return _train(recipe, output_dir, trackers)
+        with exclusive(output_dir):
+            # Before anything loads: a fresh run never mixes with another run's checkpoints or adapter.
+            check_output_dir(recipe, output_dir)
+            return _train(recipe, output_dir, trackers)
     except WriteError as exc:
         if exc.hint:
             raise
@@ -155,6 +159,11 @@ def _train(recipe: Recipe, output_dir: Path, trackers: list[str]) -> TrainResult
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    # The base's family (from its config alone) checks the LoRA targets before any data or weights load.
+    family = base_family(recipe.model.base, recipe.model.revision)
+    problems = family.target_problems(recipe.lora.target_modules)
+    if problems:
+        raise ConfigError("\n".join(problems))
     # Accumulation is done by hand in train_step, so accelerate sees one micro-batch per step.
     accelerator = Accelerator(
         cpu=recipe.model.device == "cpu",
@@ -190,7 +199,7 @@ def _train(recipe: Recipe, output_dir: Path, trackers: list[str]) -> TrainResult
     model, base = load_base(recipe.model)
     # Recorded with the adapter, so that caption() & co. load the base the same way.
     load_settings = LoadSettings.of(recipe.model, next(model.parameters()).device)
-    layout = text_layout(model, processor.tokenizer)
+    layout = text_layout(model, processor)
     model = add_lora(model, recipe.lora)
     if recipe.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -208,7 +217,7 @@ def _train(recipe: Recipe, output_dir: Path, trackers: list[str]) -> TrainResult
         max_length=recipe.data.max_length,
     )
     started = time.perf_counter()
-    train_set, val_set, collate = build_datasets(recipe, accelerator, model, processor, encoder, splits, layout.pad_token_id)
+    train_set, val_set, collate = build_datasets(recipe, accelerator, model, processor, encoder, splits, layout)
     cache_seconds = time.perf_counter() - started if recipe.train.cache_image_features else None
     sampler = EpochBatchSampler(
         len(train_set), recipe.train.batch_size, recipe.seed, accelerator.process_index, accelerator.num_processes
@@ -264,7 +273,7 @@ def _train(recipe: Recipe, output_dir: Path, trackers: list[str]) -> TrainResult
     log = RunLog(output_dir, enabled=accelerator.is_main_process, resume_step=resume_step, accelerator=accelerator)
     run = Run(
         recipe, accelerator, model, optimizer, scheduler, sampler, train_loader, val_loader, captioner, val_groups,
-        meta, output_dir, log, total_steps, state, StopRequest(), trainable, parameters,
+        meta, output_dir, log, total_steps, state, StopRequest(), trainable, parameters, family.model_class,
     )  # fmt: skip
 
     with run.stop.installed():
@@ -467,6 +476,7 @@ def model_card(run: Run, adapter_dir: Path) -> str:
         parameters=run.parameters,
         datasets=(run.recipe.data.path,) if detect_source(run.recipe.data) == "hub" else (),
         adapter_ref=str(adapter_dir),
+        model_class=run.model_class,
     )
     return str(render_card(run.meta, facts))
 
@@ -474,11 +484,11 @@ def model_card(run: Run, adapter_dir: Path) -> str:
 # --- set-up helpers ------------------------------------------------------------------------------
 
 
-def build_datasets(recipe: Recipe, accelerator, model, processor, encoder, splits, pad_token_id):
+def build_datasets(recipe: Recipe, accelerator, model, processor, encoder, splits, layout):
     """Train and validation datasets: pixels decoded per access, or cached visual prefixes."""
     train_encoded = encoder.encode_all(splits.train)
     val_encoded = encoder.encode_all(splits.validation)
-    collate = Collator(pad_token_id)
+    collate = Collator(layout.pad_token_id, layout.padding())
     if not recipe.train.cache_image_features:
         return (
             PairDataset(splits.train, train_encoded, processor.image_processor),
@@ -499,6 +509,9 @@ def build_datasets(recipe: Recipe, accelerator, model, processor, encoder, split
             build=accelerator.is_main_process,
             batch_size=recipe.train.batch_size,
             progress=accelerator.is_local_main_process,
+            # The Q-Former of InstructBLIP reads the prompt: the prefix is per (image, instruction).
+            instructions=[encoder.prompt_of(e) for e in examples] if layout.reads_instruction else None,
+            layout=layout,
         )
     n = len(splits.train)
     return (
@@ -528,7 +541,7 @@ def run_identity(recipe: Recipe, base, splits, processes: int, total_steps: int)
         "lora.r": recipe.lora.r,
         "lora.alpha": recipe.lora.alpha,
         "lora.dropout": recipe.lora.dropout,
-        "lora.target_modules": sorted(recipe.lora.target_modules),
+        "lora.target_modules": sorted(recipe.lora.target_modules or ["(the family's default)"]),
         "data.path": recipe.data.path,
         "data.task": recipe.data.task,
         "data.prompt": recipe.data.prompt,
@@ -589,6 +602,33 @@ def check_output_dir(recipe: Recipe, output_dir: Path) -> None:
         f"Continue that run with: {rerun} resume=true — or start afresh with overwrite=true (deletes it) "
         "or another output_dir=..."
     )
+
+
+@contextlib.contextmanager
+def exclusive(output_dir: Path):
+    """Lock ``output_dir`` for the run: a second run started into the same directory stops at once.
+
+    The lock is on the directory itself (``flock``), so nothing is written for it and it goes
+    with the process, however that ends. Only the first process of a launch takes it.
+    """
+    import fcntl
+    import os
+
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        yield
+        return
+    fd = os.open(output_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"output_dir {output_dir} is in use by another training run right now; wait for it to finish, "
+                "or choose another output_dir"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def clear_previous_run(output_dir: Path) -> None:
@@ -785,7 +825,7 @@ class StopRequest:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m multimodal_lora.train",
-        description="Fine-tune BLIP-2's language model with LoRA, as a recipe says.",
+        description="Fine-tune a BLIP-2 family model's language model with LoRA, as a recipe says.",
         epilog="Example: python -m multimodal_lora.train recipes/tiny.yaml output_dir=runs/mine train.epochs=2",
     )
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny.yaml")
