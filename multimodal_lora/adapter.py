@@ -24,6 +24,7 @@ from multimodal_lora.model import BaseInfo, family_of, is_lora_target
 META_FILE = "multimodal_lora.json"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+CARD_FILE = "README.md"
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,12 @@ class AdapterMeta:
 
 
 def save_adapter(
-    peft_model, directory: str | Path, meta: AdapterMeta, adapter_name: str = "default", state_dict: dict | None = None
+    peft_model,
+    directory: str | Path,
+    meta: AdapterMeta,
+    adapter_name: str = "default",
+    state_dict: dict | None = None,
+    card: str | None = None,
 ) -> Path:
     """Write the adapter to ``directory`` so that it is there whole or not at all.
 
@@ -48,7 +54,9 @@ def save_adapter(
 
     The files go to a temporary directory beside the target, which is then
     renamed into place; a process killed mid-save leaves the previous adapter
-    (or nothing), never a half-written one.
+    (or nothing), never a half-written one. ``card`` (the model card's text,
+    see :mod:`multimodal_lora.card`) is written as ``README.md`` in the same
+    directory, so the card always describes the weights beside it.
 
     Returns:
         The adapter directory.
@@ -63,6 +71,10 @@ def save_adapter(
             (tmp / adapter_name).rmdir()
         _record_base(tmp / CONFIG_FILE, meta.base)
         (tmp / META_FILE).write_text(json.dumps(asdict(meta), indent=2) + "\n")
+        # PEFT's save_pretrained writes a generic README.md; ours replaces it (or none is kept).
+        (tmp / CARD_FILE).unlink(missing_ok=True)
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
     return directory
 
 

@@ -1,41 +1,47 @@
-"""Caption images from the command line: files, directories or globs, to the screen or a file.
+"""Caption images from the command line: files, directories, globs, lists or manifests, to the screen or a file.
 
-    python -m multimodal_lora.caption IMAGE|DIR|GLOB ... --adapter DIR [--out captions.jsonl]
+    python -m multimodal_lora.caption IMAGE|DIR|GLOB|LIST.txt|MANIFEST.jsonl ... --adapter DIR [--out captions.jsonl]
+    accelerate launch --num_processes N -m multimodal_lora.caption INPUTS ... --adapter DIR --out captions.jsonl [--resume]
 
 Without ``--out`` it prints one line per image: the path, a tab, the caption.
 With ``--out FILE.jsonl`` or ``FILE.csv`` it writes rows with ``image`` and
-``caption`` (and ``error`` for an image that could not be read), showing a
-progress bar. Images are captioned ``--batch-size`` at a time on the device;
-an unreadable image is reported and skipped, never the end of the run. The
-exit status is 0 when every image was captioned, 1 when some could not be.
+``caption`` (and ``error`` for an image that could not be read), in input
+order, each batch flushed as it is captioned, with a progress bar (images/s
+and ETA over all processes). ``--resume`` continues a file an interrupted run
+left. Under ``accelerate launch`` the processes share the images (see
+:mod:`multimodal_lora.caption_run`). An unreadable image is reported and
+skipped, never the end of the run. The exit status is 0 when every image was
+captioned, 1 when some could not be.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import glob
-import json
+import functools
 import os
 import sys
 from pathlib import Path
 
-from multimodal_lora.atomic import atomic_file
 from multimodal_lora.callable_module import forward_calls
+from multimodal_lora.caption_inputs import check_inputs, count_inputs, iter_inputs
+from multimodal_lora.caption_output import check_out, open_rows, out_format, read_existing, row_fields
 from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
 from multimodal_lora.errors import UserError
-
-# What a directory argument expands to (case-insensitive); other files there are ignored.
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m multimodal_lora.caption", description="Caption images with a BLIP-2 base and a LoRA adapter.")
-    parser.add_argument("images", nargs="*", help="image files, directories (their images), or quoted globs such as 'photos/**/*.jpg'")
+    parser.add_argument(
+        "images", nargs="*",
+        help="image files, directories (their images), quoted globs such as 'photos/**/*.jpg', "
+        "text files of paths (.txt, one per line) or manifests (.jsonl/.csv with an image column)",
+    )  # fmt: skip
     parser.add_argument("--adapter", help="adapter directory written by the trainer (default: the bare base)")
     parser.add_argument("--base", help="base model (default: the one the adapter was trained on, else tiny)")
     add_load_arguments(parser)
     parser.add_argument("--out", help="write the captions to this .jsonl or .csv file instead of the screen")
+    parser.add_argument("--resume", action="store_true", help="continue --out where an interrupted run stopped")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--question", help="ask this question about every image (a VQA adapter) instead of captioning")
     parser.add_argument("--prompt", help="text the caption continues")
     parser.add_argument("--max-new-tokens", type=int, default=30)
@@ -43,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy / beam search")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --do-sample)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per generate call")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per generate call (per process)")
+    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding images ahead of generation (0: none)")
     parser.add_argument(
         "--validation",
         type=int,
@@ -52,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if not args.images and not args.validation:
-        parser.error("give image files, directories or globs, or --validation N with --adapter")
-    out_format = _out_format(args.out) if args.out else None
+        parser.error("give image files, directories, globs, lists or manifests, or --validation N with --adapter")
+    if args.resume and not args.out:
+        parser.error("--resume continues an --out file; give --out")
+    if args.batch_size < 1 or args.num_workers < 0:
+        parser.error("--batch-size must be at least 1 and --num-workers 0 or more")
+    fmt = out_format(args.out) if args.out else None
     setup_logging()
     from multimodal_lora.inference import captioner_for
 
@@ -61,113 +72,137 @@ def main(argv: list[str] | None = None) -> int:
     if args.validation:
         captioner, name = captioner_for(args.adapter, args.base, **load)
         return _caption_validation(captioner, name, args)
-    paths = expand_inputs(args.images)
-    captioner, name = captioner_for(args.adapter, args.base, **load)
-    rows = caption_files(captioner, name, paths, args, progress=args.out is not None)
-    failed = [r for r in rows if "error" in r]
+    # A bad directory, glob or manifest, or an --out that is in the way, fails before the model loads.
+    check_inputs(args.images)
     if args.out:
-        write_rows(rows, Path(args.out), out_format, question=args.question is not None)
-        print(f"wrote {len(rows) - len(failed)} captions to {args.out}", file=sys.stderr)
+        check_out(Path(args.out), resume=args.resume, overwrite=args.overwrite)
+        if args.resume and Path(args.out).is_file():
+            _check_resume_matches(args, read_existing(Path(args.out), fmt, row_fields(args.question is not None)))
+    state = _distributed_state()
+    device = _process_device(state)
+    if device is not None and args.device in (None, "auto", "cuda"):
+        load["device"] = device  # each process on its own GPU
+    captioner, name = captioner_for(args.adapter, args.base, **load)
+    return caption_inputs(captioner, name, args, fmt, state)
+
+
+def caption_inputs(captioner, name, args, fmt: str | None, state) -> int:
+    """Caption ``args.images`` (on this process's share) into ``args.out`` or stdout; returns the exit status."""
+    from multimodal_lora.caption_run import ImageRounds, caption_stream
+
+    main = state is None or state.is_main_process
+    world, rank = (state.num_processes, state.process_index) if state is not None else (1, 0)
+    fields = row_fields(args.question is not None)
+    writer, skip = None, 0
+    if args.out and main:
+        writer, existing = open_rows(Path(args.out), fmt, fields, resume=args.resume, overwrite=args.overwrite)
+        skip = existing.rows
+        if skip:
+            print(f"resuming {args.out}: {skip} rows already written", file=sys.stderr)
+    if state is not None and world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        skip = broadcast_object_list([skip])[0]
+    total = count_inputs(args.images) if main and args.out else None
+    # A partial, not a lambda: DataLoader workers started with spawn (macOS) must pickle it.
+    rounds = ImageRounds(functools.partial(iter_inputs, list(args.images)), skip, args.batch_size, rank, world, _input_size(captioner))
+    options = dict(
+        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
+        temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
+    )  # fmt: skip
+    if args.question is not None:
+
+        def generate(images):
+            return captioner.ask(images, args.question, adapter=name, **options)
+
+        def make_row(path, text):
+            return {"image": path, "question": args.question, "answer": text}
     else:
-        for row in rows:
-            print(f"{row['image']}\t{row.get('answer', row.get('caption')) if 'error' not in row else 'ERROR: ' + row['error']}")
-    if failed:
-        print(f"{len(failed)} of {len(rows)} images could not be captioned:", file=sys.stderr)
-        for row in failed:
-            print(f"  {row['error']}", file=sys.stderr)
+
+        def generate(images):
+            return captioner.caption(images, adapter=name, prompt=args.prompt, **options)
+
+        def make_row(path, text):
+            return {"image": path, "caption": text}
+
+    write = writer.write if writer is not None else _print_rows
+    try:
+        result = caption_stream(
+            generate, rounds, total=total, write=write, make_row=make_row, num_workers=args.num_workers,
+            state=state, progress=args.out is not None,
+        )  # fmt: skip
+    finally:
+        if writer is not None:
+            writer.close()
+    if not main:
+        return 0
+    if args.out:
+        rate = result.written / result.seconds if result.seconds else 0.0
+        print(
+            f"wrote {result.written - result.failed} captions to {args.out}"
+            + (f" ({result.skipped} already there)" if result.skipped else "")
+            + f" in {result.seconds:.1f} s, {rate:.1f} images/s on {world} process{'es' if world > 1 else ''}",
+            file=sys.stderr,
+        )
+    if result.failed:
+        print(f"{result.failed} of {result.written} images could not be captioned:", file=sys.stderr)
+        for error in result.errors:
+            print(f"  {error}", file=sys.stderr)
+        if result.failed > len(result.errors):
+            print(f"  ... and {result.failed - len(result.errors)} more (rows with an error in {args.out})", file=sys.stderr)
         return 1
     return 0
 
 
-def expand_inputs(items: list[str]) -> list[str]:
-    """Files as given, a directory's images (sorted), a glob's matches (sorted).
+def _print_rows(rows: list[dict]) -> None:
+    for row in rows:
+        text = "ERROR: " + row["error"] if "error" in row else row.get("answer", row.get("caption"))
+        print(f"{row['image']}\t{text}", flush=True)
 
-    A name that is neither a file, a directory nor a glob with matches is kept,
-    so that it is reported as missing in the output like any unreadable image.
 
-    Raises:
-        UserError: a directory or glob matched no image at all.
+def _check_resume_matches(args, existing) -> None:
+    """The file's last row must be the input at that position: else it is another job's output."""
+    import itertools
+
+    if not existing.rows:
+        return
+    expected = next(itertools.islice(iter_inputs(args.images), existing.rows - 1, None), None)
+    if expected != existing.last_image:
+        raise UserError(
+            f"--resume: {args.out} has {existing.rows} rows and the last is {existing.last_image!r}, but input "
+            f"{existing.rows} is {expected!r}; these are other inputs. Use another --out, or --overwrite"
+        )
+
+
+def _distributed_state():
+    """accelerate's ``PartialState`` when launched on several processes, else ``None`` (one process, as before).
+
+    The processes only exchange finished rows (a few strings per batch), so they talk over gloo
+    on the CPU whatever the device: that also lets several processes share one GPU, which NCCL refuses.
     """
-    paths: list[str] = []
-    for item in items:
-        if os.path.isdir(item):
-            found = sorted(str(p) for p in Path(item).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise UserError(f"{item}: directory has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            paths.extend(found)
-        elif glob.has_magic(item) and not os.path.exists(item):
-            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
-            if not found:
-                raise UserError(f"{item}: no files match this pattern")
-            paths.extend(found)
-        else:
-            paths.append(item)
-    return paths
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=True)
 
 
-def caption_files(captioner, name, paths: list[str], args, progress: bool = True) -> list[dict]:
-    """Caption ``paths`` in batches; a file that cannot be read gets an ``error`` instead."""
-    from tqdm import tqdm
+def _process_device(state) -> str | None:
+    """This process's GPU (``cuda:LOCAL_RANK``, wrapping round when processes outnumber GPUs), or ``None``."""
+    import torch
 
-    from multimodal_lora.data.images import load_image
-    from multimodal_lora.errors import ImageError
-
-    rows: list[dict] = []
-    options = dict(
-        max_new_tokens=args.max_new_tokens,
-        num_beams=args.num_beams,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        batch_size=args.batch_size,
-    )
-    bar = tqdm(total=len(paths), unit="image", desc="captioning", disable=not progress, file=sys.stderr)
-    for start in range(0, len(paths), args.batch_size):
-        chunk = paths[start : start + args.batch_size]
-        # Decode this batch first, so one bad file costs only its own row.
-        chunk_rows: list[dict] = []
-        good = []
-        for path in chunk:
-            try:
-                good.append((len(chunk_rows), load_image(path)))
-                chunk_rows.append({"image": path})
-            except ImageError as exc:
-                chunk_rows.append({"image": path, "error": str(exc)})
-        if good:
-            images = [image for _, image in good]
-            if args.question is not None:
-                texts = captioner.ask(images, args.question, adapter=name, **options)
-            else:
-                texts = captioner.caption(images, adapter=name, prompt=args.prompt, **options)
-            for (i, _), text in zip(good, texts):
-                if args.question is not None:
-                    chunk_rows[i].update(question=args.question, answer=text)
-                else:
-                    chunk_rows[i]["caption"] = text
-        rows.extend(chunk_rows)
-        bar.update(len(chunk))
-    bar.close()
-    return rows
+    if state is None or not torch.cuda.is_available():
+        return None
+    index = state.local_process_index % torch.cuda.device_count()
+    torch.cuda.set_device(index)  # "cuda" anywhere below means this GPU, not GPU 0
+    return f"cuda:{index}"
 
 
-def write_rows(rows: list[dict], out: Path, out_format: str, question: bool = False) -> None:
-    """Write rows as JSONL or CSV, atomically (a temporary file renamed into place)."""
-    fields = ["image", "question", "answer", "error"] if question else ["image", "caption", "error"]
-    with atomic_file(out, "the captions") as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-        if out_format == "jsonl":
-            for row in rows:
-                f.write(json.dumps({k: row[k] for k in fields if k in row}, ensure_ascii=False) + "\n")
-        else:
-            writer = csv.DictWriter(f, fieldnames=fields, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-
-
-def _out_format(out: str) -> str:
-    suffix = Path(out).suffix.lower()
-    if suffix in (".jsonl", ".csv"):
-        return suffix[1:]
-    raise UserError(f"--out {out}: name a .jsonl or .csv file")
+def _input_size(captioner) -> tuple[int, int] | None:
+    size = getattr(captioner.processor.image_processor, "size", None) or {}
+    if "height" in size and "width" in size:
+        return (int(size["width"]), int(size["height"]))
+    return None
 
 
 def _caption_validation(captioner, name, args) -> int:

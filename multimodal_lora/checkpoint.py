@@ -88,10 +88,12 @@ def save_checkpoint(
     meta: AdapterMeta,
     keep: int,
     model_state: dict | None = None,
+    card: str | None = None,
 ) -> Path:
     """Write a checkpoint for ``state.step`` atomically and delete all but the newest ``keep``.
 
-    ``model_state`` is the model's state gathered from a sharded (FSDP) run, for the adapter.
+    ``model_state`` is the model's state gathered from a sharded (FSDP) run, for the adapter;
+    ``card`` is the adapter's model card (``adapter/README.md``).
 
     Raises:
         CheckpointError: the checkpoint could not be written (a full disk, no
@@ -105,7 +107,7 @@ def save_checkpoint(
         # About the size of the last one (all checkpoints of a run hold the same tensors).
         needed = sum(p.stat().st_size for p in previous[-1].rglob("*") if p.is_file()) if previous else None
         with atomic_dir(final, f"checkpoint {final.name}", needed=needed) as tmp:
-            save_adapter(model, tmp / "adapter", meta, state_dict=model_state)
+            save_adapter(model, tmp / "adapter", meta, state_dict=model_state, card=card)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             if scaler is not None:

@@ -212,6 +212,10 @@ class TrainConfig:
     """Caption at most this many validation images per evaluation (``null``: all of them)."""
     eval_max_new_tokens: int = 30
     """The longest caption generated during evaluation, in tokens."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] | Literal["all", "none"] = field(default_factory=list)
+    """Experiment trackers that get the scalars of ``metrics.jsonl`` and the recipe, through accelerate:
+    a list of ``tensorboard``, ``wandb``, ``mlflow``, or ``all`` (those installed). Each is an extra:
+    ``pip install 'multimodal-lora[wandb]'``."""
 
     def problems(self) -> list[str]:
         out = []
@@ -241,6 +245,8 @@ class TrainConfig:
             out.append(f"train.eval_max_images: must be at least 1 or null (got {self.eval_max_images})")
         if self.eval_max_new_tokens < 1:
             out.append(f"train.eval_max_new_tokens: must be at least 1 (got {self.eval_max_new_tokens})")
+        if isinstance(self.report_to, list) and len(set(self.report_to)) != len(self.report_to):
+            out.append("train.report_to: lists a tracker twice")
         return out
 
 
@@ -500,6 +506,8 @@ def _describe_hint(hint: Any) -> str:
         return "null"
     if origin is Literal:
         return "one of " + ", ".join(args)
+    if origin is list and typing.get_origin(args[0]) is Literal:
+        return "a list drawn from " + ", ".join(typing.get_args(args[0]))
     if origin is list:
         return f"a list of {_describe_hint(args[0])}s"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]

@@ -1,11 +1,12 @@
-"""What a run reports as it goes: ``metrics.jsonl``, ``loss.png``, TensorBoard.
+"""What a run reports as it goes: ``metrics.jsonl``, ``loss.png``, experiment trackers.
 
 ``OUTPUT_DIR/metrics.jsonl`` has one JSON object per line: a ``"split": "train"``
 line every ``train.log_every`` steps (step, epoch, loss, lr, samples/s, peak
 memory) and a ``"split": "validation"`` line per evaluation (validation loss and
 captioning metrics). ``loss.png`` plots both losses and is redrawn after each
-evaluation. When the ``tensorboard`` package is installed the same scalars go
-to ``OUTPUT_DIR/tensorboard``. Only the main process writes.
+evaluation. The trackers of ``train.report_to`` (TensorBoard, W&B, MLflow; see
+:mod:`multimodal_lora.trackers`) get the same scalars through
+``accelerator.log``. Only the main process writes.
 
 A resumed run first drops the lines logged after its checkpoint's step, so the
 file reads as if the run had never stopped.
@@ -29,29 +30,24 @@ PLOT_FILE = "loss.png"
 
 
 class RunLog:
-    """Appends metric records to ``metrics.jsonl`` (and TensorBoard), and draws ``loss.png``.
+    """Appends metric records to ``metrics.jsonl`` (and the trackers), and draws ``loss.png``.
 
     Args:
         output_dir: the run directory.
         enabled: ``False`` on every process but the main one.
         resume_step: drop records after this step (a resumed run); ``None`` starts a new file.
+        accelerator: whose started trackers (``accelerator.log``) get every record too; ``None``: none.
     """
 
-    def __init__(self, output_dir: Path, enabled: bool = True, resume_step: int | None = None):
+    def __init__(self, output_dir: Path, enabled: bool = True, resume_step: int | None = None, accelerator=None):
         self.path = Path(output_dir) / METRICS_FILE
         self.plot_path = Path(output_dir) / PLOT_FILE
         self.enabled = enabled
-        self.tensorboard = None
+        self.accelerator = accelerator
         if not enabled:
             return
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step is not None else []
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept), "the metrics log")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=resume_step)
-        except ImportError:
-            logger.debug("tensorboard is not installed; metrics go to %s only", self.path)
 
     def log(self, record: dict) -> None:
         """Append one record (must have ``step`` and ``split``)."""
@@ -63,11 +59,10 @@ class RunLog:
         except OSError as exc:
             # An append cannot be staged; a full disk still gets the one-line message.
             raise as_write_error(exc, "the metrics log", self.path) or exc from None
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                    self.tensorboard.add_scalar(f"{record['split']}/{key}", value, record["step"])
-            self.tensorboard.flush()
+        if self.accelerator is not None and self.accelerator.trackers:
+            from multimodal_lora.trackers import tracker_scalars
+
+            self.accelerator.log(tracker_scalars(record), step=record["step"])
 
     def plot(self) -> Path | None:
         """Redraw ``loss.png`` from ``metrics.jsonl``."""
@@ -76,8 +71,13 @@ class RunLog:
         return plot_losses(read_metrics(self.path), self.plot_path)
 
     def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        """Finish the trackers' runs (W&B and MLflow mark them finished, TensorBoard flushes)."""
+        # Not accelerator.end_training(): it also tears down the process group, which the other
+        # processes still need for the final barrier.
+        if self.accelerator is not None:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator = None
 
 
 def read_metrics(path: Path) -> list[dict]:

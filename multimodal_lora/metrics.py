@@ -27,6 +27,16 @@ METRICS = ("bleu4", "cider_d", "rouge_l", "meteor", "exact_match")
 
 LABELS = {"bleu4": "BLEU-4", "cider_d": "CIDEr-D", "rouge_l": "ROUGE-L", "meteor": "METEOR", "exact_match": "exact match"}
 
+SCALES = {
+    "val_loss": "cross-entropy per target token, in nats (0 and up, lower is better)",
+    "bleu4": "0 to 1, higher is better",
+    "cider_d": "0 to 10 (CIDEr-D's x10), higher is better",
+    "rouge_l": "0 to 1 (ROUGE-L F-measure), higher is better",
+    "meteor": "0 to 1, higher is better",
+    "exact_match": "fraction of images whose caption equals a reference after normalisation, 0 to 1",
+}
+"""What each reported number is measured in: reports and model cards print it beside the value."""
+
 _PUNCTUATION = re.compile(r"[^\w\s]")
 
 

@@ -24,7 +24,10 @@ memory), adds the recipe's LoRA there, and adds up:
   attention output, the MLP's two wide tensors), plus the logits over the
   vocabulary in fp32 for the loss. With gradient checkpointing each layer keeps
   only its input, and one layer's activations exist at a time while it is
-  recomputed.
+  recomputed. An **int8** base keeps its activations in fp32 (4 bytes), and
+  under checkpointing still keeps each layer's quantized-projection inputs,
+  which bitsandbytes holds outside autograd's saved tensors (checked against
+  ``bench/gpu_full_size.py`` on an H100: see the README's Performance section).
 
 What it leaves out: the CUDA context (about 0.5 GB per process, outside
 ``torch.cuda.max_memory_allocated``), the allocator's fragmentation, and the
@@ -159,9 +162,12 @@ def plan_memory(config, *, quantization: str, dtype: str, lora: LoraSettings, ba
     seq = int(config.num_query_tokens) + max_length
     tokens = batch_size * seq
     # On a GPU the trainer runs under autocast in the recipe's dtype (accelerate's
-    # mixed precision), so the saved matmul outputs are 2 bytes unless dtype is fp32
-    # (the fp32 residual stream of a quantized base makes this a slight underestimate).
-    act = BYTES[dtype]
+    # mixed precision), so the saved matmul outputs are 2 bytes unless dtype is fp32.
+    # An int8 base is the exception: prepare_model_for_kbit_training keeps its layer
+    # norms in fp32, and bitsandbytes' int8 matmul returns its input's dtype, so the
+    # whole residual stream and every projection's output stay fp32 (measured on an
+    # H100: int8 activations are 1.7-2x bf16's at the same batch).
+    act = 4 if quantization == "int8" else BYTES[dtype]
     hidden, ffn, layers = dims.hidden, dims.ffn, dims.layers
     per_layer = 8 * hidden + 2 * ffn
     if lora.dropout > 0:
@@ -172,6 +178,12 @@ def plan_memory(config, *, quantization: str, dtype: str, lora: LoraSettings, ba
     logits = tokens * dims.vocab * (act + 4 + 4 + 4)
     full = tokens * per_layer * layers * act + logits
     checkpointed = tokens * (hidden * layers + per_layer) * act + logits
+    if quantization == "int8":
+        # bitsandbytes' MatMul8bitLt keeps its input for the backward pass on ``ctx``
+        # rather than in autograd's saved tensors, so gradient checkpointing cannot drop
+        # it: every layer keeps the inputs of its quantized projections (the attention
+        # input, shared by q/k/v; the attention output; the MLP's input and inner width).
+        checkpointed += tokens * (3 * hidden + ffn) * layers * act
     return MemoryPlan(
         parameter_table=table,
         quantization=quantization,

@@ -67,6 +67,7 @@ from multimodal_lora.model import (
     text_layout,
 )
 from multimodal_lora.sampler import EpochBatchSampler
+from multimodal_lora.trackers import resolve_trackers, start_trackers
 
 # Named, not __name__: run as `python -m`, this module is __main__, outside the package logger.
 logger = logging.getLogger("multimodal_lora.train")
@@ -122,6 +123,10 @@ class Run:
     stop: StopRequest
     trainable: list
     """The LoRA parameters, listed once: walking every module each step costs ~1 ms on the tiny model."""
+    parameters: dict
+    """``count_parameters()`` of the model: the model card's table."""
+    model_class: str
+    """The ``transformers`` class of the base (its family's), for the model card's snippet."""
 
 
 def train(recipe: Recipe) -> TrainResult:
@@ -132,12 +137,14 @@ def train(recipe: Recipe) -> TrainResult:
             a used ``output_dir``, a full disk (:class:`~multimodal_lora.atomic.WriteError`, naming the
             last intact checkpoint), or a non-finite loss (:class:`TrainingError`).
     """
+    # A tracker asked for but not installed fails here, before any data or weights are read.
+    trackers = resolve_trackers(recipe.train.report_to)
     output_dir = prepare_output_dir(Path(recipe.output_dir))
     try:
         with exclusive(output_dir):
             # Before anything loads: a fresh run never mixes with another run's checkpoints or adapter.
             check_output_dir(recipe, output_dir)
-            return _train(recipe, output_dir)
+            return _train(recipe, output_dir, trackers)
     except WriteError as exc:
         if exc.hint:
             raise
@@ -148,7 +155,7 @@ def train(recipe: Recipe) -> TrainResult:
         raise exc.with_hint(hint) from None
 
 
-def _train(recipe: Recipe, output_dir: Path) -> TrainResult:
+def _train(recipe: Recipe, output_dir: Path, trackers: list[str]) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -158,7 +165,12 @@ def _train(recipe: Recipe, output_dir: Path) -> TrainResult:
     if problems:
         raise ConfigError("\n".join(problems))
     # Accumulation is done by hand in train_step, so accelerate sees one micro-batch per step.
-    accelerator = Accelerator(cpu=recipe.model.device == "cpu", mixed_precision=_mixed_precision(recipe))
+    accelerator = Accelerator(
+        cpu=recipe.model.device == "cpu",
+        mixed_precision=_mixed_precision(recipe),
+        log_with=trackers or None,
+        project_dir=output_dir / "tensorboard",  # only TensorBoard writes under accelerate's project directory
+    )
     _check_distributed(recipe, accelerator)
     set_seed(recipe.seed)
     if accelerator.is_main_process:
@@ -191,8 +203,9 @@ def _train(recipe: Recipe, output_dir: Path) -> TrainResult:
     model = add_lora(model, recipe.lora)
     if recipe.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    parameters = count_parameters(model)
     if accelerator.is_main_process:
-        logger.info("trainable parameters:\n%s", format_parameter_table(count_parameters(model)))
+        logger.info("trainable parameters:\n%s", format_parameter_table(parameters))
 
     # The datasets need the tokenizer (text) and, with the feature cache, the model's frozen image path.
     encoder = ExampleEncoder(
@@ -255,10 +268,12 @@ def _train(recipe: Recipe, output_dir: Path) -> TrainResult:
 
         captioner = Captioner.from_model(accelerator.unwrap_model(model), processor, base, {"default": meta})
         val_groups = group_references(splits.validation)[: recipe.train.eval_max_images]
-    log = RunLog(output_dir, enabled=accelerator.is_main_process, resume_step=state.step if resume else None)
+    resume_step = state.step if resume else None
+    start_trackers(accelerator, trackers, output_dir, recipe.to_dict(), resume_step)
+    log = RunLog(output_dir, enabled=accelerator.is_main_process, resume_step=resume_step, accelerator=accelerator)
     run = Run(
         recipe, accelerator, model, optimizer, scheduler, sampler, train_loader, val_loader, captioner, val_groups,
-        meta, output_dir, log, total_steps, state, StopRequest(), trainable,
+        meta, output_dir, log, total_steps, state, StopRequest(), trainable, parameters, family.model_class,
     )  # fmt: skip
 
     with run.stop.installed():
@@ -271,7 +286,9 @@ def _train(recipe: Recipe, output_dir: Path) -> TrainResult:
     else:
         state = full_state_dict(accelerator, model)  # every process takes part in gathering a sharded model
         if accelerator.is_main_process:
-            save_adapter(accelerator.unwrap_model(model), adapter_dir, meta, state_dict=state)
+            save_adapter(
+                accelerator.unwrap_model(model), adapter_dir, meta, state_dict=state, card=model_card(run, adapter_dir)
+            )
     if accelerator.is_main_process:
         log.plot()
         log.close()
@@ -439,9 +456,29 @@ def checkpoint(run: Run) -> None:
             scaler=accelerator.scaler,
             meta=run.meta,
             keep=run.recipe.train.keep_checkpoints,
+            card=model_card(run, run.output_dir / "checkpoints" / f"checkpoint-{run.state.step:08d}" / "adapter"),
         )
         logger.debug("checkpoint %s", path)
     accelerator.wait_for_everyone()
+
+
+def model_card(run: Run, adapter_dir: Path) -> str:
+    """The adapter's ``README.md``: the recipe as run, the last evaluation, the parameter table."""
+    from multimodal_lora.card import CardFacts, render_card
+    from multimodal_lora.data.sources import detect_source
+
+    last = run.state.history[-1] if run.state.history else {}
+    facts = CardFacts(
+        recipe=run.recipe.to_dict(),
+        metrics={k: v for k, v in last.items() if k not in ("split", "step", "epoch")},
+        metrics_step=last.get("step"),
+        eval_images=len(run.val_groups) or None,
+        parameters=run.parameters,
+        datasets=(run.recipe.data.path,) if detect_source(run.recipe.data) == "hub" else (),
+        adapter_ref=str(adapter_dir),
+        model_class=run.model_class,
+    )
+    return str(render_card(run.meta, facts))
 
 
 # --- set-up helpers ------------------------------------------------------------------------------
@@ -741,7 +778,7 @@ def _summary(run: Run, result: dict, adapter_dir: Path) -> None:
         f"adapter {'so far' if result['stopped_early'] else 'saved to'} {adapter_dir} ({adapter_size_bytes(adapter_dir) / 1024:.1f} KB)",
         f"checkpoints: {run.output_dir / 'checkpoints'}",
         f"metrics: {run.log.path}; loss curve: {run.log.plot_path}"
-        + (f"; TensorBoard: {run.output_dir / 'tensorboard'}" if run.log.tensorboard is not None else ""),
+        + "".join(f"; {t.name}" for t in run.accelerator.trackers),
     ]
     logger.info("\n".join(lines))
 
