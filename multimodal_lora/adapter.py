@@ -68,7 +68,7 @@ def save_adapter(
 
 def find_adapter_dir(path: str | Path) -> Path:
     """Accept an adapter directory, or a run directory holding ``adapter/``."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if is_staging(path.absolute()):
         raise AdapterError(
             f"adapter {str(path)!r} is a staging directory left by an interrupted save, not an adapter; "

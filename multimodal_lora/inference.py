@@ -271,7 +271,7 @@ class Captioner:
         items = [images] if single else list(images)
         questions = [question] * len(items) if isinstance(question, str) else list(question)
         if len(questions) != len(items):
-            raise ValueError(f"{len(items)} images but {len(questions)} questions")
+            raise ConfigError(f"{len(items)} images but {len(questions)} questions; give one question, or one per image")
         meta = self._meta(adapter)
         template = meta.prompt_template if meta is not None else DEFAULT_PROMPT_TEMPLATE
         prompts = [prompt_text("vqa", q, None, template) for q in questions]

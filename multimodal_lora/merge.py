@@ -120,7 +120,8 @@ def merge_adapter(
     model = model.merge_and_unload(safe_merge=True)
     model.eval()
 
-    with atomic_dir(out, "the merged model") as tmp:
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    with atomic_dir(out, "the merged model", needed=needed) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         record = {

@@ -133,10 +133,11 @@ def train(recipe: Recipe) -> TrainResult:
             last intact checkpoint), or a non-finite loss (:class:`TrainingError`).
     """
     output_dir = prepare_output_dir(Path(recipe.output_dir))
-    # Before anything loads: a fresh run never mixes with another run's checkpoints or adapter.
-    check_output_dir(recipe, output_dir)
     try:
-        return _train(recipe, output_dir)
+        with exclusive(output_dir):
+            # Before anything loads: a fresh run never mixes with another run's checkpoints or adapter.
+            check_output_dir(recipe, output_dir)
+            return _train(recipe, output_dir)
     except WriteError as exc:
         if exc.hint:
             raise
@@ -564,6 +565,33 @@ def check_output_dir(recipe: Recipe, output_dir: Path) -> None:
         f"Continue that run with: {rerun} resume=true — or start afresh with overwrite=true (deletes it) "
         "or another output_dir=..."
     )
+
+
+@contextlib.contextmanager
+def exclusive(output_dir: Path):
+    """Lock ``output_dir`` for the run: a second run started into the same directory stops at once.
+
+    The lock is on the directory itself (``flock``), so nothing is written for it and it goes
+    with the process, however that ends. Only the first process of a launch takes it.
+    """
+    import fcntl
+    import os
+
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        yield
+        return
+    fd = os.open(output_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"output_dir {output_dir} is in use by another training run right now; wait for it to finish, "
+                "or choose another output_dir"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def clear_previous_run(output_dir: Path) -> None:
