@@ -65,9 +65,9 @@ CASES = {
     "inf": (_inf, r"tensor .*q_proj\.lora_A\.weight has 1 non-finite values"),
     "shape": (_shape, r"tensor .*q_proj\.lora_A\.weight has shape \[4, 64\], but .* needs \[4, 128\]"),
     "rank": (_rank, r"_proj\.lora_A\.weight has shape \[4, 128\], but .* with r=8 needs \[8, 128\]"),
-    "vision": (_vision, r"tensor .*vision_model.*fc1\.lora_A\.weight adapts .* not an attention projection of the language model"),
+    "vision": (_vision, r"tensor .*vision_model.*fc1\.lora_A\.weight adapts .* not an attention projection of the .*language model"),
     "no-target": (_no_target, r"adapter_config\.json: its target_modules .*c_attn.* match none of the base's modules"),
-    "renamed": (_renamed, r"tensor base_model\.model\.model\.decoder.* not an attention projection of the language model"),
+    "renamed": (_renamed, r"tensor base_model\.model\.model\.decoder.* not an attention projection of the .*language model"),
     "missing": (_missing, r"has no weights for 2 of the 8 modules its target_modules select .*q_proj"),
 }
 

@@ -102,7 +102,7 @@ def test_overrides(tmp_path):
 
 
 def test_bad_overrides(tmp_path):
-    path = write(tmp_path, "")
+    path = write(tmp_path, "seed: 0\n")
     with pytest.raises(ConfigError) as err:
         load_recipe(path, ["lora.rank=8", "nonsense"])
     assert "lora.rank: unknown key (did you mean lora.r?)" in str(err.value)

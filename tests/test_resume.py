@@ -211,7 +211,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(small_shapes_di
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err
-    assert "could not write checkpoint checkpoint-00000004" in lines[0] and "no space left on device" in lines[0]
+    assert "could not write checkpoint checkpoint-00000003" in lines[0] and "no space left on device" in lines[0]
     assert "checkpoint-00000002 is intact" in lines[0] and "continue with resume=true" in lines[0]
     assert [p.name for p in find_checkpoints(out)] == ["checkpoint-00000002"]
     verify_checkpoint(find_checkpoints(out)[0])
