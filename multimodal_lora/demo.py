@@ -26,6 +26,7 @@ from pathlib import Path
 
 from multimodal_lora.cli import run_cli, setup_logging
 from multimodal_lora.errors import AdapterError, UserError
+from multimodal_lora.report import legible
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ BASE_CHOICE = "(base)"
 MAX_PIXELS = 40_000_000
 EXAMPLES = 4
 SEARCH_DEPTH = 4
+TOAST_SECONDS = 8
 
 
 @dataclass
@@ -163,6 +165,43 @@ def status_text(found: Found, adapters_dir: str | Path, base: str) -> str:
     return "\n\n".join(lines)
 
 
+def base_note(base: str, found: Found) -> str:
+    """One line near the upload on what the loaded model can be expected to know."""
+    from multimodal_lora.tiny import TINY_NAME
+
+    tasks = sorted(set(found.tasks.values()))
+    taught = f" Its adapters add: {', '.join(tasks)}." if tasks else ""
+    if base == TINY_NAME:
+        return (
+            "**What this model knows:** the built-in *tiny* base has random weights, so on its own it "
+            "produces noise. Its adapters were trained only on **coloured shapes** (\"a red circle\", "
+            "\"What colour is the shape?\"): any image, a photo included, gets a shape answer. "
+            "Try the bundled examples below."
+        )
+    return f"**What this model knows:** `{base}`, a pretrained image captioner, and whatever its adapters were trained on.{taught}"
+
+
+def error(message: str) -> Exception:
+    """A message in the page that closes by itself, so that a few mistakes do not pile up toasts."""
+    import gradio as gr
+
+    return gr.Error(message, duration=TOAST_SECONDS)
+
+
+def theme():
+    """Gradio's default look with a system font first: the Source Sans Pro that gradio serves
+    locally renders capitals smaller than lower case in headings ("BLIP-2", "LoRA")."""
+    import gradio as gr
+
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "Liberation Sans", "DejaVu Sans", "Arial", "sans-serif"])
+
+
+CSS = """
+#base-note { font-size: 0.95em; border-left: 3px solid var(--color-accent); padding-left: 0.6em; }
+#preview img { object-fit: contain; }
+"""
+
+
 def read_upload(path: str | None):
     """Decode an uploaded file as an RGB image, or raise a ``gr.Error`` the page shows."""
     import gradio as gr
@@ -171,13 +210,13 @@ def read_upload(path: str | None):
     from multimodal_lora.data.images import load_image
 
     if not path:
-        raise gr.Error("Upload an image first (or click one of the examples).")
+        raise error("Upload an image first (or click one of the examples).")
     label = Path(path).name
     try:
         with Image.open(path) as probe:
             pixels = probe.width * probe.height
         if pixels > MAX_PIXELS:
-            raise gr.Error(f"{label}: {probe.width}×{probe.height} pixels is more than this demo takes ({MAX_PIXELS:,}); resize it.")
+            raise error(f"{label}: {probe.width}×{probe.height} pixels is more than this demo takes ({MAX_PIXELS:,}); resize it.")
     except gr.Error:
         raise
     except Exception:
@@ -185,7 +224,7 @@ def read_upload(path: str | None):
     try:
         return load_image(path, name=label)
     except UserError as exc:
-        raise gr.Error(str(exc)) from None
+        raise error(str(exc)) from None
 
 
 def build_app(
@@ -213,7 +252,7 @@ def build_app(
         if not choice or choice == BASE_CHOICE:
             return None
         if choice not in found.adapters:
-            raise gr.Error(f"No adapter named {choice!r} is loaded; choose one from the list.")
+            raise error(f"No adapter named {choice!r} is loaded; choose one from the list.")
         return choice
 
     def options(max_new_tokens, num_beams, do_sample, temperature, top_p) -> dict:
@@ -232,10 +271,10 @@ def build_app(
         except gr.Error:
             raise
         except UserError as exc:
-            raise gr.Error(str(exc)) from None
+            raise error(str(exc)) from None
         except Exception:
             logger.exception("generation failed")
-            raise gr.Error("Something went wrong while generating; the server log has the details.") from None
+            raise error("Something went wrong while generating; the server log has the details.") from None
 
     def caption_fn(path, choice, side_by_side, prompt, max_new_tokens, num_beams, do_sample, temperature, top_p):
         image = read_upload(path)
@@ -244,24 +283,43 @@ def build_app(
         text = run(lambda: captioner.caption(image, adapter=adapter, prompt=prompt or None, **opts))
         base_text = ""
         if side_by_side and adapter is not None:
-            base_text = run(lambda: captioner.caption(image, adapter=None, prompt=prompt or None, **opts))
-        return path, text, base_text
+            base_text = legible(run(lambda: captioner.caption(image, adapter=None, prompt=prompt or None, **opts)))
+        return path, text if adapter is not None else legible(text), base_text
 
     def ask_fn(path, question, choice, max_new_tokens, num_beams, do_sample, temperature, top_p):
         image = read_upload(path)
         if not question or not question.strip():
-            raise gr.Error("Type a question about the image.")
+            raise error("Type a question about the image.")
         adapter = to_adapter(choice)
         opts = options(max_new_tokens, num_beams, do_sample, temperature, top_p)
-        return path, run(lambda: captioner.ask(image, question.strip(), adapter=adapter, **opts))
+        answer = run(lambda: captioner.ask(image, question.strip(), adapter=adapter, **opts))
+        return path, answer if adapter is not None else legible(answer)
+
+    def preview_fn(path):
+        """Show the upload at once (and say at once if it is not an image), before any button is pressed."""
+        if not path:
+            return None
+        read_upload(path)
+        return path
 
     examples = example_images(examples_dir) if examples_dir is not None else []
-    # The image shown beside the answer is the uploaded file itself, served from the
-    # upload directory: re-encoding it would write one cache file per image content,
-    # which gradio rewrites in place while concurrent requests may be reading it.
+    # One upload for both tabs, so an image chosen on Caption is still there on VQA. It is a
+    # File (not an Image) so that a bad file reaches read_upload and gets its message; the
+    # preview beside it shows the uploaded file itself, served from the upload directory:
+    # re-encoding it would write one cache file per image content, which gradio rewrites in
+    # place while concurrent requests may be reading it.
     with gr.Blocks(title="multimodal_lora demo", analytics_enabled=False) as app:
         gr.Markdown("# multimodal_lora: BLIP-2 with LoRA adapters")
         gr.Markdown(status_text(found, adapters_dir, captioner.base.name), elem_id="status")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=260):
+                upload = gr.File(label="Image (used by both tabs)", file_types=["image"], type="filepath", elem_id="upload")
+                gr.Markdown(base_note(captioner.base.name, found), elem_id="base-note")
+                if examples:
+                    gr.Examples(examples=[[p] for p in examples], inputs=[upload], label="Examples (bundled shapes)")
+            with gr.Column(scale=1, min_width=260):
+                seen = gr.Image(label="Preview", interactive=False, type="filepath", height=240, elem_id="preview")
+        upload.change(preview_fn, [upload], [seen], api_name=False, show_progress="hidden")
         with gr.Accordion("Generation settings", open=False):
             prompt = gr.Textbox(label="Caption prefix (optional)", placeholder="text the caption continues")
             max_new_tokens = gr.Slider(1, 60, value=30, step=1, label="max new tokens")
@@ -273,41 +331,37 @@ def build_app(
         with gr.Tab("Caption"):
             with gr.Row():
                 with gr.Column():
-                    c_file = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="caption-upload")
                     c_adapter = gr.Dropdown(
                         choices, value=caption_names[0] if caption_names else BASE_CHOICE, label="Adapter", elem_id="caption-adapter"
                     )
-                    c_compare = gr.Checkbox(value=False, label="Side by side: also caption with the base")
+                    c_compare = gr.Checkbox(value=False, label="Side by side: also caption with the base alone")
                     c_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 with gr.Column():
-                    c_seen = gr.Image(label="Image", interactive=False, type="filepath", height=240)
                     c_text = gr.Textbox(label="Caption", elem_id="caption-output", interactive=False)
-                    c_base = gr.Textbox(label="Base model's caption (side by side)", interactive=False)
-            if examples:
-                gr.Examples(examples=[[p] for p in examples], inputs=[c_file], label="Examples (bundled shapes)")
+                    c_base = gr.Textbox(
+                        label="Base model alone, no adapter (untrained output: · marks bytes that are not text)",
+                        interactive=False,
+                        elem_id="caption-base",
+                    )
             c_button.click(
                 caption_fn,
-                [c_file, c_adapter, c_compare, prompt, *settings],
-                [c_seen, c_text, c_base],
+                [upload, c_adapter, c_compare, prompt, *settings],
+                [seen, c_text, c_base],
                 api_name="caption",
                 concurrency_limit=concurrency_limit,
             )
         with gr.Tab("VQA"):
             with gr.Row():
                 with gr.Column():
-                    q_file = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="vqa-upload")
                     q_question = gr.Textbox(label="Question", value="What colour is the shape?", elem_id="vqa-question")
                     q_adapter = gr.Dropdown(choices, value=vqa_names[0] if vqa_names else BASE_CHOICE, label="Adapter")
                     q_button = gr.Button("Ask", variant="primary", elem_id="vqa-button")
                 with gr.Column():
-                    q_seen = gr.Image(label="Image", interactive=False, type="filepath", height=240)
                     q_answer = gr.Textbox(label="Answer", elem_id="vqa-output", interactive=False)
-            if examples:
-                gr.Examples(examples=[[p] for p in examples], inputs=[q_file], label="Examples (bundled shapes)")
             q_button.click(
                 ask_fn,
-                [q_file, q_question, q_adapter, *settings],
-                [q_seen, q_answer],
+                [upload, q_question, q_adapter, *settings],
+                [seen, q_answer],
                 api_name="ask",
                 concurrency_limit=concurrency_limit,
             )
@@ -376,6 +430,8 @@ def serve(
         mcp_server=False,
         footer_links=["api"],
         prevent_thread_lock=not block,
+        theme=theme(),
+        css=CSS,
         quiet=False,
     )
     return app

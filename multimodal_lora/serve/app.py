@@ -16,6 +16,12 @@ import json
 import logging
 from dataclasses import dataclass, field
 
+# Module level, not inside create_app: FastAPI resolves the handlers' (string) annotations here.
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from multimodal_lora.errors import UserError
 from multimodal_lora.serve.batcher import Batcher
 from multimodal_lora.serve.engine import Job
@@ -80,11 +86,6 @@ def create_app(captioner, batcher: Batcher, settings: ServerSettings = ServerSet
     Model names: the base's name (``captioner.base.name``, e.g. ``tiny``) means
     no adapter; every loaded adapter by its name.
     """
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
     base_name = captioner.base.name
     app = FastAPI(title="multimodal_lora", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.captioner = captioner
