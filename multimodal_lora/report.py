@@ -80,7 +80,9 @@ def render_html(
     for key in ["val_loss", *METRICS]:
         values = {c: table[c].get(key) for c in columns}
         known = [v for v in values.values() if v is not None]
-        best = (min(known) if key == "val_loss" else max(known)) if len(known) > 1 and len(set(known)) > 1 else None
+        # Highlight the better column only where the shown figures differ (0.0000 against 0.0000 is a tie).
+        shown = {_cell(key, v) for v in known}
+        best = (min(known) if key == "val_loss" else max(known)) if len(known) > 1 and len(shown) > 1 else None
         label = "validation loss" if key == "val_loss" else LABELS[key]
         rows.append(
             {

@@ -121,6 +121,13 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as probe:
             width, height, fmt = probe.width, probe.height, probe.format
+    except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: refused at open
+        raise APIError(
+            400,
+            f"image_url: too many pixels ({exc}); this server takes at most {limits.max_pixels:,}; resize it",
+            param="messages",
+            code="too_many_pixels",
+        ) from None
     except Exception:
         raise APIError(
             400,
@@ -138,7 +145,8 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     if width * height > limits.max_pixels:
         raise APIError(
             400,
-            f"image_url: {width}×{height} = {width * height:,} pixels is more than this server takes ({limits.max_pixels:,}); resize it",
+            f"image_url: too many pixels: {width}×{height} = {width * height:,} is more than this server takes "
+            f"({limits.max_pixels:,}); resize it",
             param="messages",
             code="too_many_pixels",
         )
