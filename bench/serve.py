@@ -55,11 +55,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_setup(workdir: Path, steps: int) -> tuple[list[str], Path]:
-    """An adapter from a short tiny run; returns the server's model arguments and the images."""
+def tiny_setup(workdir: Path, steps: int, adapter: str | None) -> tuple[list[str], Path]:
+    """An adapter (``adapter``, or one from a short tiny run); returns the server's model arguments and the images."""
     from multimodal_lora.config import load_recipe
     from multimodal_lora.data.shapes import ensure_builtin
     from multimodal_lora.train import train
+
+    if adapter is not None:
+        return ["--base", "tiny", "--device", "cpu", "--adapter", f"shapes={adapter}"], ensure_builtin(
+            "shapes"
+        ) / "validation"
 
     recipe = load_recipe(
         REPO / "recipes" / "tiny.yaml",
@@ -241,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=1, help="torch threads per server (default 1: the machine is shared)"
     )
     parser.add_argument("--steps", type=int, default=40, help="training steps of the tiny adapter")
+    parser.add_argument("--adapter", default=None, help="a tiny-base adapter to serve instead of training one")
     parser.add_argument("--full-size", action="store_true", help="BLIP-2 OPT-2.7B with random weights (needs a GPU)")
     parser.add_argument("--device", default="cpu", help="the servers' --device (cuda with --full-size)")
     parser.add_argument("--dtype", default=None, help="the servers' --dtype (default fp32; bf16 with --full-size)")
@@ -261,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-            model_args, images = tiny_setup(workdir, args.steps)
+            model_args, images = tiny_setup(workdir, args.steps, args.adapter)
             model = "shapes"
         bodies = request_bodies(images, model, max_tokens)
         batching = ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]

@@ -21,7 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from multimodal_lora.cli import run_cli, setup_logging
+from multimodal_lora.callable_module import forward_calls
+from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
 from multimodal_lora.errors import UserError
 
 # What a directory argument expands to (case-insensitive); other files there are ignored.
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", nargs="*", help="image files, directories (their images), or quoted globs such as 'photos/**/*.jpg'")
     parser.add_argument("--adapter", help="adapter directory written by the trainer (default: the bare base)")
     parser.add_argument("--base", help="base model (default: the one the adapter was trained on, else tiny)")
+    add_load_arguments(parser)
     parser.add_argument("--out", help="write the captions to this .jsonl or .csv file instead of the screen")
     parser.add_argument("--question", help="ask this question about every image (a VQA adapter) instead of captioning")
     parser.add_argument("--prompt", help="text the caption continues")
@@ -55,11 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     from multimodal_lora.inference import captioner_for
 
+    load = dict(quantization=args.quantization, dtype=args.dtype, device=args.device)
     if args.validation:
-        captioner, name = captioner_for(args.adapter, args.base)
+        captioner, name = captioner_for(args.adapter, args.base, **load)
         return _caption_validation(captioner, name, args)
     paths = expand_inputs(args.images)
-    captioner, name = captioner_for(args.adapter, args.base)
+    captioner, name = captioner_for(args.adapter, args.base, **load)
     rows = caption_files(captioner, name, paths, args, progress=args.out is not None)
     failed = [r for r in rows if "error" in r]
     if args.out:
@@ -209,6 +212,9 @@ def cli() -> None:
     """Console-script entry point."""
     run_cli(main)
 
+
+# `from multimodal_lora import caption` is the caption() function whether or not this module was imported first.
+forward_calls(__name__, "multimodal_lora.inference", "caption")
 
 if __name__ == "__main__":
     cli()

@@ -17,7 +17,7 @@ import logging
 import os
 from pathlib import Path
 
-from multimodal_lora.cli import run_cli, setup_logging
+from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
 from multimodal_lora.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -66,9 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve this adapter under NAME (repeatable)",
     )
     model.add_argument("--base", help="base model (default: the base the adapters record, else tiny)")
-    model.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    model.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    model.add_argument("--quantization", default="none", choices=["none", "int8", "4bit"])
+    add_load_arguments(model, what="the base")
     model.add_argument("--torch-threads", type=int, help="torch CPU threads (default: torch's choice)")
     net = parser.add_argument_group("network and safety")
     net.add_argument(
@@ -138,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import uvicorn
 
+    from multimodal_lora.adapter import read_adapter
     from multimodal_lora.demo import find_adapters, load_captioner
     from multimodal_lora.serve.app import ServerSettings, create_app
     from multimodal_lora.serve.batcher import Batcher
@@ -154,8 +153,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(
                 f"--adapter {name}: an adapter named {name!r} was also found under {args.adapters_dir}; choose another name"
             )
+        directory, meta = read_adapter(directory)
         found.adapters[name] = directory
-        found.tasks[name] = "caption"  # unused here: the server asks the captioner for each adapter's task
+        found.tasks[name] = meta.task if meta is not None else "caption"
+        if found.base is None and meta is not None:
+            # The base loads the way this adapter was trained (recorded quantization, dtype, device kind).
+            found.base, found.load = meta.base.name, meta.load
     captioner = load_captioner(found, args.base, args.device, args.dtype, args.quantization)
     for problem in found.problems:
         logger.warning("%s", problem)
