@@ -76,8 +76,11 @@ def tiny_setup(workdir: Path, steps: int, adapter: str | None) -> tuple[list[str
     ) / "validation"
 
 
-def full_size_setup(workdir: Path, device: str, dtype: str, quantization: str) -> tuple[list[str], Path]:
-    """Random-weight BLIP-2 OPT-2.7B + processor + a random LoRA adapter, saved under ``workdir``."""
+def full_size_setup(
+    workdir: Path, device: str, dtype: str, quantization: str, small: bool = False
+) -> tuple[list[str], Path]:
+    """Random-weight BLIP-2 OPT-2.7B (``small``: a small config of the same structure) + processor
+    + a random LoRA adapter, saved under ``workdir``."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoProcessor, Blip2ForConditionalGeneration
@@ -86,7 +89,12 @@ def full_size_setup(workdir: Path, device: str, dtype: str, quantization: str) -
     from multimodal_lora.model import published_config
     from multimodal_lora.tiny import ensure_tiny_base
 
-    config = published_config()
+    if small:
+        from gpu_full_size import small_config
+
+        config = small_config()
+    else:
+        config = published_config()
     checkpoint = workdir / "blip2-opt-2.7b-random"
     torch.manual_seed(0)
     with torch.device(device if device != "auto" else "cuda"):
@@ -248,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="training steps of the tiny adapter")
     parser.add_argument("--adapter", default=None, help="a tiny-base adapter to serve instead of training one")
     parser.add_argument("--full-size", action="store_true", help="BLIP-2 OPT-2.7B with random weights (needs a GPU)")
+    parser.add_argument(
+        "--small", action="store_true", help="with --full-size: a small config, same code (runs on a CPU; for tests)"
+    )
     parser.add_argument("--device", default="cpu", help="the servers' --device (cuda with --full-size)")
     parser.add_argument("--dtype", default=None, help="the servers' --dtype (default fp32; bf16 with --full-size)")
     parser.add_argument("--quantization", default="none", choices=["none", "int8", "4bit"])
@@ -261,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     servers = {}
     try:
         if args.full_size:
-            model_args, images = full_size_setup(workdir, args.device, dtype, args.quantization)
+            model_args, images = full_size_setup(workdir, args.device, dtype, args.quantization, args.small)
             model = "random-lora"
         else:
             import torch
@@ -307,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             printable.append([clients, r["batching"], r["requests_per_second"], r["p50_ms"], r["p95_ms"], r["mean_batch"],
                               speedup if r is on else 1.0, r["p95_ms"] / single["p50_ms"] if single else float("nan")])  # fmt: skip
     title = (
-        f"{'BLIP-2 OPT-2.7B (random weights)' if args.full_size else 'tiny base'}, {dtype}, quantization {args.quantization}, "
+        f"{('small BLIP-2 config' if args.small else 'BLIP-2 OPT-2.7B') + ' (random weights)' if args.full_size else 'tiny base'}, {dtype}, quantization {args.quantization}, "
         f"device {args.device}, torch threads {args.threads}; batching on = up to {args.max_batch_size} per generate, {args.max_wait_ms:g} ms wait"
     )
     print(
@@ -327,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(f"at 16 clients: {summary['speedup_at_16']:.2f}× the requests/s of one at a time (target ≥ 3); "
               f"p95 {on16['p95_ms']:.0f} ms = {summary['p95_at_16_over_one_alone']:.2f}× one request alone ({single['p50_ms']:.0f} ms; target ≤ 2)")  # fmt: skip
-    name = "serve_full_size" if args.full_size else "serve"
+    name = ("serve_full_size_small" if args.small else "serve_full_size") if args.full_size else "serve"
     path = write_result(name, {
         "base": "Salesforce/blip2-opt-2.7b (published config, random weights)" if args.full_size else "tiny",
         "dtype": dtype, "quantization": args.quantization, "device": args.device, "seconds_per_level": args.seconds,
