@@ -42,7 +42,8 @@ CACHE_KEY = "cache_image_features"
 
 def overrides(output_dir: Path, steps: int, cache: bool | None) -> list[str]:
     # No validation split: the reference loop evaluates nothing, so neither do we.
-    out = [f"output_dir={output_dir}", f"train.max_steps={steps}", "data.val_split=null", "data.val_fraction=0"]
+    # Every run reuses one output_dir: overwrite=true (a fresh run into a used directory is refused otherwise).
+    out = [f"output_dir={output_dir}", "overwrite=true", f"train.max_steps={steps}", "data.val_split=null", "data.val_fraction=0"]
     if cache is not None:
         out.append(f"{CACHE_KEY}={'true' if cache else 'false'}")
     return out

@@ -48,6 +48,7 @@ MAX_PIXELS = 40_000_000
 EXAMPLES = 4
 SEARCH_DEPTH = 4
 TOAST_SECONDS = 8
+"""Error messages close by themselves after this long, so that a few mistakes do not pile them up."""
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Found:
     tasks: dict[str, str] = field(default_factory=dict)
     """Dropdown name → ``caption`` or ``vqa``."""
     problems: list[str] = field(default_factory=list)
-    """Adapters that were skipped, and why."""
+    """Adapters that cannot be used (listed as unusable in the page), and why."""
     base: str | None = None
     """The base the first usable adapter was trained on."""
     load: LoadSettings | None = None
@@ -116,8 +117,8 @@ def find_adapters(root: str | Path) -> Found:
         name = relative.as_posix() if relative.parts else directory.name
         try:
             directory, meta = read_adapter(directory)
-        except AdapterError as exc:
-            found.problems.append(f"skipped {name}: {exc}")
+        except (AdapterError, OSError) as exc:
+            found.problems.append(f"unusable: {name}: {exc}")
             continue
         found.adapters[name] = directory
         found.tasks[name] = meta.task if meta is not None else "caption"
@@ -151,8 +152,10 @@ def load_captioner(
     for name, directory in list(found.adapters.items()):
         try:
             captioner.load_adapter(directory, name=name)
-        except AdapterError as exc:
-            found.problems.append(f"skipped {name}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - one bad adapter must not stop the demo; it is listed
+            if not isinstance(exc, (AdapterError, OSError)):
+                logger.exception("loading adapter %s failed", directory)
+            found.problems.append(f"unusable: {name}: {exc}")
             del found.adapters[name]
             del found.tasks[name]
     return captioner
@@ -187,12 +190,22 @@ def status_text(found: Found, adapters_dir: str | Path, base: str) -> str:
             f"**No adapter found under `{adapters_dir}`**: captions come from the base alone. Train one with "
             "`python -m multimodal_lora.train recipes/tiny.yaml` and restart the demo."
         )
-    lines.extend(f"- {problem}" for problem in found.problems)
+    if found.problems:
+        lines.append(f"**{len(found.problems)} unusable** (not offered):")
+        lines.extend(f"- {problem}" for problem in found.problems)
     return "\n\n".join(lines)
 
 
+def refused(message: str):
+    """A ``gr.Error`` for the page, and one line in the server log (gradio would print a whole traceback)."""
+    import gradio as gr
+
+    logger.warning("refused: %s", message)
+    return gr.Error(message, duration=TOAST_SECONDS, print_exception=False)
+
+
 def base_note(base: str, found: Found) -> str:
-    """One line near the upload on what the loaded model can be expected to know."""
+    """One paragraph near the upload on what the loaded model can be expected to know."""
     from multimodal_lora.tiny import TINY_NAME
 
     tasks = sorted(set(found.tasks.values()))
@@ -200,18 +213,11 @@ def base_note(base: str, found: Found) -> str:
     if base == TINY_NAME:
         return (
             "**What this model knows:** the built-in *tiny* base has random weights, so on its own it "
-            "produces noise. Its adapters were trained only on **coloured shapes** (\"a red circle\", "
-            "\"What colour is the shape?\"): any image, a photo included, gets a shape answer. "
+            'produces noise. Its adapters were trained only on **coloured shapes** ("a red circle", '
+            '"What colour is the shape?"): any image, a photo included, gets a shape answer. '
             "Try the bundled examples below."
         )
     return f"**What this model knows:** `{base}`, a pretrained image captioner, and whatever its adapters were trained on.{taught}"
-
-
-def error(message: str) -> Exception:
-    """A message in the page that closes by itself, so that a few mistakes do not pile up toasts."""
-    import gradio as gr
-
-    return gr.Error(message, duration=TOAST_SECONDS)
 
 
 def theme():
@@ -228,6 +234,21 @@ CSS = """
 """
 
 
+def _quiet_file_checks(component) -> None:
+    """Gradio's own upload checks (the file type) raise errors it prints with a traceback: make them one line."""
+    check = component._process_single_file
+
+    def process(payload):
+        import gradio as gr
+
+        try:
+            return check(payload)
+        except gr.Error as exc:
+            raise refused(exc.message) from None
+
+    component._process_single_file = process
+
+
 def read_upload(path: str | None):
     """Decode an uploaded file as an RGB image, or raise a ``gr.Error`` the page shows."""
     import gradio as gr
@@ -236,13 +257,13 @@ def read_upload(path: str | None):
     from multimodal_lora.data.images import load_image
 
     if not path:
-        raise error("Upload an image first (or click one of the examples).")
+        raise refused("Upload an image first (or click one of the examples).")
     label = Path(path).name
     try:
         with Image.open(path) as probe:
             pixels = probe.width * probe.height
         if pixels > MAX_PIXELS:
-            raise error(f"{label}: {probe.width}×{probe.height} pixels is more than this demo takes ({MAX_PIXELS:,}); resize it.")
+            raise refused(f"{label}: {probe.width}×{probe.height} pixels is more than this demo takes ({MAX_PIXELS:,}); resize it.")
     except gr.Error:
         raise
     except Exception:
@@ -250,7 +271,7 @@ def read_upload(path: str | None):
     try:
         return load_image(path, name=label)
     except UserError as exc:
-        raise error(str(exc)) from None
+        raise refused(str(exc)) from None
 
 
 def build_app(
@@ -272,13 +293,20 @@ def build_app(
     names = list(found.adapters)
     caption_names = [n for n in names if found.tasks[n] != "vqa"]
     vqa_names = [n for n in names if found.tasks[n] == "vqa"]
-    choices = [("base model (no adapter)", BASE_CHOICE)] + [(f"{n} ({found.tasks[n]})", n) for n in names]
+    # Each tab offers its own task's adapters: a VQA adapter asked for a caption (or the
+    # reverse) answers in the wrong form, so the two are never mixed.
+    base_choice = [("base model (no adapter)", BASE_CHOICE)]
+    caption_choices = base_choice + [(n, n) for n in caption_names]
+    vqa_choices = base_choice + [(n, n) for n in vqa_names]
 
-    def to_adapter(choice: str | None) -> str | None:
+    def to_adapter(choice: str | None, task: str) -> str | None:
         if not choice or choice == BASE_CHOICE:
             return None
         if choice not in found.adapters:
-            raise error(f"No adapter named {choice!r} is loaded; choose one from the list.")
+            raise refused(f"No adapter named {choice!r} is loaded; choose one from the list.")
+        if found.tasks[choice] != task:
+            tab = "VQA" if found.tasks[choice] == "vqa" else "Caption"
+            raise refused(f"{choice!r} is a {found.tasks[choice]} adapter, not a {task} one; use it in the {tab} tab.")
         return choice
 
     def options(max_new_tokens, num_beams, do_sample, temperature, top_p) -> dict:
@@ -297,14 +325,14 @@ def build_app(
         except gr.Error:
             raise
         except UserError as exc:
-            raise error(str(exc)) from None
+            raise refused(str(exc)) from None
         except Exception:
             logger.exception("generation failed")
-            raise error("Something went wrong while generating; the server log has the details.") from None
+            raise refused("Something went wrong while generating; the server log has the details.") from None
 
     def caption_fn(path, choice, side_by_side, prompt, max_new_tokens, num_beams, do_sample, temperature, top_p):
         image = read_upload(path)
-        adapter = to_adapter(choice)
+        adapter = to_adapter(choice, "caption")
         opts = options(max_new_tokens, num_beams, do_sample, temperature, top_p)
         text = run(lambda: captioner.caption(image, adapter=adapter, prompt=prompt or None, **opts))
         base_text = ""
@@ -315,8 +343,8 @@ def build_app(
     def ask_fn(path, question, choice, max_new_tokens, num_beams, do_sample, temperature, top_p):
         image = read_upload(path)
         if not question or not question.strip():
-            raise error("Type a question about the image.")
-        adapter = to_adapter(choice)
+            raise refused("Type a question about the image.")
+        adapter = to_adapter(choice, "vqa")
         opts = options(max_new_tokens, num_beams, do_sample, temperature, top_p)
         answer = run(lambda: captioner.ask(image, question.strip(), adapter=adapter, **opts))
         return path, answer if adapter is not None else legible(answer)
@@ -340,6 +368,7 @@ def build_app(
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=260):
                 upload = gr.File(label="Image (used by both tabs)", file_types=["image"], type="filepath", elem_id="upload")
+                _quiet_file_checks(upload)
                 gr.Markdown(base_note(captioner.base.name, found), elem_id="base-note")
                 if examples:
                     gr.Examples(examples=[[p] for p in examples], inputs=[upload], label="Examples (bundled shapes)")
@@ -358,7 +387,10 @@ def build_app(
             with gr.Row():
                 with gr.Column():
                     c_adapter = gr.Dropdown(
-                        choices, value=caption_names[0] if caption_names else BASE_CHOICE, label="Adapter", elem_id="caption-adapter"
+                        caption_choices,
+                        value=caption_names[0] if caption_names else BASE_CHOICE,
+                        label="Adapter (caption)",
+                        elem_id="caption-adapter",
                     )
                     c_compare = gr.Checkbox(value=False, label="Side by side: also caption with the base alone")
                     c_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
@@ -380,7 +412,9 @@ def build_app(
             with gr.Row():
                 with gr.Column():
                     q_question = gr.Textbox(label="Question", value="What colour is the shape?", elem_id="vqa-question")
-                    q_adapter = gr.Dropdown(choices, value=vqa_names[0] if vqa_names else BASE_CHOICE, label="Adapter")
+                    q_adapter = gr.Dropdown(
+                        vqa_choices, value=vqa_names[0] if vqa_names else BASE_CHOICE, label="Adapter (VQA)", elem_id="vqa-adapter"
+                    )
                     q_button = gr.Button("Ask", variant="primary", elem_id="vqa-button")
                 with gr.Column():
                     q_answer = gr.Textbox(label="Answer", elem_id="vqa-output", interactive=False)

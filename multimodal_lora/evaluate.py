@@ -69,8 +69,9 @@ def token_loss_sums(model, loader, device: torch.device) -> torch.Tensor:
     total = torch.zeros(2, device=device, dtype=torch.float64)
     for batch in loader:
         loss = model(**forward_inputs(batch, device)).loss
-        # The model's loss is the mean over target tokens (labels shifted by one).
-        tokens = (batch["labels"][:, 1:] != -100).sum().to(device)
+        # The model's loss is the mean over the learned labels (a decoder-only model shifts them by
+        # one, but its first label is always an image placeholder's -100, so the count is the same).
+        tokens = (batch["labels"] != -100).sum().to(device)
         total += torch.stack([loss.detach().double() * tokens, tokens.double()])
     return total
 
@@ -102,18 +103,28 @@ def evaluate(
     Raises:
         UserError: the data has no validation split, or the adapter cannot be used with the base.
     """
-    from multimodal_lora.adapter import find_adapter_dir, read_adapter
+    from multimodal_lora.adapter import read_adapter
     from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
     from multimodal_lora.data.sources import load_splits
     from multimodal_lora.inference import Captioner
 
+    adapter_dir, meta = read_adapter(adapter)
+    if meta is not None and meta.task != recipe.data.task:
+        raise UserError(
+            f"adapter {adapter_dir} was trained for task {meta.task!r}, but the recipe's data.task is "
+            f"{recipe.data.task!r}: its scores would be meaningless. Evaluate it with the recipe it was trained with "
+            f"({adapter_dir.parent / 'recipe.yaml'} when it is there)"
+        )
+    from multimodal_lora.model import load_processor, recipe_length_problems
+
+    lengths = recipe_length_problems(recipe, load_processor(recipe.model.base, recipe.model.revision).tokenizer)
+    if lengths:
+        raise UserError("lengths the base cannot hold: " + "; ".join(lengths))
     splits = load_splits(recipe.data)
     if not splits.validation:
         raise UserError(f"data.path {recipe.data.path!r} has no validation split ({recipe.data.val_split}); nothing to evaluate on")
-    adapter_dir = find_adapter_dir(adapter)
     out = Path(out) if out is not None else adapter_dir.parent / "eval"
     cfg = recipe.model
-    _, meta = read_adapter(adapter_dir)
     if meta is None or meta.load is None:
         # Written before load settings were recorded: the recipe says how, as it always did.
         quantization, dtype, device = quantization or cfg.quantization, dtype or cfg.dtype, device or cfg.device
@@ -135,7 +146,8 @@ def evaluate(
     chosen = {g.image_id for g in groups}
     rows = [e for e in splits.validation if e.image_id in chosen]
     val_set = PairDataset(rows, encoder.encode_all(rows), captioner.processor.image_processor)
-    loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.train.batch_size, collate_fn=Collator(captioner.layout.pad_token_id))
+    layout = captioner.layout
+    loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.train.batch_size, collate_fn=Collator(layout.pad_token_id, layout.padding()))
     use_meteor = meteor and meteor_available()
     table, captions = {}, {}
     for column, adapter_name in (("base", None), ("adapter", name)):

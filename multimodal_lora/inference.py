@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from multimodal_lora.adapter import AdapterMeta, base_of, check_base_matches, read_adapter
+from multimodal_lora.adapter import AdapterMeta, base_of, check_base_matches, check_fits, read_adapter
 from multimodal_lora.config import ModelConfig
 from multimodal_lora.data.encoding import prompt_text
 from multimodal_lora.data.images import ImageSource, load_image
 from multimodal_lora.errors import AdapterError, ConfigError
 from multimodal_lora.loading import LoadSettings, resolve
-from multimodal_lora.model import load_base, load_processor, text_layout
+from multimodal_lora.model import load_base, load_processor, position_limit, text_layout
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ DEFAULT_PROMPT_TEMPLATE = "Question: {question} Answer:"
 
 
 class Captioner:
-    """A BLIP-2 base with named LoRA adapters, for captioning and visual question answering.
+    """A base (any family: BLIP-2 OPT or Flan-T5, InstructBLIP) with named LoRA adapters,
+    for captioning and visual question answering.
 
     The active adapter is state of the one shared model, so each ``generate``
     call holds a lock while it picks its adapter: several threads (a web
@@ -74,7 +75,8 @@ class Captioner:
         self.settings = LoadSettings.of(cfg, self.device)
         """How the base was loaded (``device`` is the kind it landed on)."""
         self.model.eval()
-        self.layout = text_layout(self.model, self.processor.tokenizer)
+        self.layout = text_layout(self.model, self.processor)
+        self.max_positions = position_limit(self.model.config)
         self.adapters: dict[str, AdapterMeta | None] = {}
         self._paths: dict[str, Path] = {}
         self._peft_names: dict[str, str] = {}
@@ -91,7 +93,8 @@ class Captioner:
         self.model = model
         self.base = base
         self.settings = None
-        self.layout = text_layout(model, processor.tokenizer)
+        self.layout = text_layout(model, processor)
+        self.max_positions = position_limit(model.config)
         self.adapters = dict(adapters or {})
         self._paths = {}
         # The model's own adapters are already PEFT adapters under these names.
@@ -174,6 +177,8 @@ class Captioner:
 
         peft_name = peft_adapter_name(name)
         with self._lock:
+            # Checked against the model before PEFT changes it: a refused adapter leaves it as it was.
+            check_fits(directory, self.model)
             # The first adapter wraps the base in a PeftModel; later ones are added to
             # the same wrapper, so the base's weights are loaded exactly once.
             if isinstance(self.model, PeftModel):
@@ -263,7 +268,7 @@ class Captioner:
         items = [images] if single else list(images)
         questions = [question] * len(items) if isinstance(question, str) else list(question)
         if len(questions) != len(items):
-            raise ValueError(f"{len(items)} images but {len(questions)} questions")
+            raise ConfigError(f"{len(items)} images but {len(questions)} questions; give one question, or one per image")
         prompts = [self.vqa_prompt(adapter, q) for q in questions]
         out = self._generate(items, prompts, adapter, max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size)
         return out[0] if single else out
@@ -294,15 +299,14 @@ class Captioner:
         return self.layout.num_query_tokens + 1 + len(ids)
 
     @property
-    def context_length(self) -> int:
-        """The most tokens (prompt + generated) the language model has positions for."""
-        return int(self.model.config.text_config.max_position_embeddings)
+    def context_length(self) -> int | None:
+        """The most positions (prompt + generated) the language model has, or ``None`` (relative positions, T5)."""
+        return self.max_positions
 
     @property
     def stop_token_ids(self) -> set[int]:
-        """The tokens that end a generation (BLIP-2 OPT: "\\n")."""
-        eos = self.model.generation_config.eos_token_id
-        return set(eos) if isinstance(eos, (list, tuple)) else {eos}
+        """The tokens that end a generation: the one training taught (BLIP-2 OPT: "\\n")."""
+        return {self.layout.stop_token_id}
 
     @torch.no_grad()
     def generate_batch(
@@ -332,14 +336,15 @@ class Captioner:
         """
         _check_generation(max_new_tokens, num_beams, do_sample, temperature, top_p, 1)
         self._meta(adapter)  # an unknown name fails before any work
-        kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, **generate_kwargs)
+        # Stop on the token training taught (the layout's), whatever the base's generation config says.
+        kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, eos_token_id=self.layout.stop_token_id, **generate_kwargs)
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
         batch = self._inputs(list(images), list(prompts))
         # Choosing the adapter and generating must not interleave with another thread's choice.
         with self._lock, self.using(adapter):
             output = self.model.generate(**batch, **kwargs)
-        return output[:, batch["input_ids"].shape[1] :]
+        return self.layout.new_tokens(output, batch)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -370,6 +375,7 @@ class Captioner:
     def _generate(self, images, prompts, adapter, max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size) -> list[str]:
         _check_generation(max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size)
         self._meta(adapter)  # an unknown name fails before any image is read
+        self._check_length(prompts, max_new_tokens)
         options = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_p=top_p)
         results: list[str] = []
         for start in range(0, len(images), batch_size):
@@ -379,27 +385,31 @@ class Captioner:
             results.extend(t.strip() for t in texts)
         return results
 
+    def _check_length(self, prompts: list[str], max_new_tokens: int) -> None:
+        """Refuse, before any image is read, a prompt and length the base's positions cannot hold."""
+        tokenizer, layout = self.processor.tokenizer, self.layout
+        if self.max_positions is None:
+            return  # relative positions (T5): no table to run past
+        longest = max((len(tokenizer(p, add_special_tokens=False).input_ids) if p else 0 for p in set(prompts)), default=0)
+        start = layout.num_query_tokens + 1 + longest  # image queries, </s>, the prompt
+        # The last new token is returned, never fed back: it needs no position.
+        if start + max_new_tokens - 1 > self.max_positions:
+            room = self.max_positions - start + 1
+            fix = f"lower max_new_tokens to at most {room}" if room >= 1 else "shorten the prompt"
+            raise ConfigError(
+                f"the prompt takes {start} positions ({layout.num_query_tokens} image query tokens, 1 start token, "
+                f"{longest} prompt tokens) and max_new_tokens={max_new_tokens} needs {max_new_tokens - 1} more, but "
+                f"the base holds {self.max_positions}; {fix}"
+            )
+
     def _inputs(self, images, prompts) -> dict[str, torch.Tensor]:
-        """Left-padded ``<image>``×Q ``</s>`` prompt, so every row ends where generation starts."""
-        tokenizer = self.processor.tokenizer
-        layout = self.layout
-        rows = []
-        for text in prompts:
-            ids = tokenizer(text, add_special_tokens=False).input_ids if text else []
-            rows.append([layout.image_token_id] * layout.num_query_tokens + [layout.bos_token_id, *ids])
-        length = max(map(len, rows))
-        input_ids = torch.full((len(rows), length), layout.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, length - len(row) :] = torch.tensor(row)
-            attention_mask[i, length - len(row) :] = 1
+        """The layout's generation inputs for these prompts, and the images' pixels, on the model's device."""
+        batch = self.layout.generation_inputs(self.processor.tokenizer, prompts)
         pixel_values = self.processor.image_processor(images, return_tensors="pt").pixel_values
         dtype = self.model.get_input_embeddings().weight.dtype
-        return {
-            "pixel_values": pixel_values.to(self.device, dtype=dtype if dtype.is_floating_point else torch.float32),
-            "input_ids": input_ids.to(self.device),
-            "attention_mask": attention_mask.to(self.device),
-        }
+        out = {k: v.to(self.device) for k, v in batch.items()}
+        out["pixel_values"] = pixel_values.to(self.device, dtype=dtype if dtype.is_floating_point else torch.float32)
+        return out
 
     def using(self, adapter: str | None):
         """A context in which ``adapter`` (or the bare base, for ``None``) is active.

@@ -3,7 +3,8 @@
     python -m multimodal_lora.merge --adapter runs/tiny/adapter --out merged/tiny
 
 The result is an ordinary ``transformers`` model directory (safetensors weights,
-config, generation config, processor): ``Blip2ForConditionalGeneration.from_pretrained(OUT)``
+config, generation config, processor): the family's class
+(``Blip2ForConditionalGeneration``, ``InstructBlipForConditionalGeneration``) ``.from_pretrained(OUT)``
 loads it with neither PEFT nor this package, and it captions exactly as the base
 with the adapter does.
 
@@ -19,12 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from multimodal_lora.adapter import _replace_dir, base_of, check_base_matches, read_adapter
-from multimodal_lora.atomic import staging_dir
+from multimodal_lora.adapter import base_of, check_base_matches, check_fits, read_adapter
+from multimodal_lora.atomic import atomic_dir
 from multimodal_lora.cli import run_cli, setup_logging
 from multimodal_lora.config import ModelConfig
 from multimodal_lora.errors import UserError
@@ -114,19 +114,20 @@ def merge_adapter(
     processor = load_processor(base_name, revision)
     model, info = load_base(cfg, for_training=False)
     check_base_matches(directory, meta, info)
+    check_fits(directory, model)
     model = PeftModel.from_pretrained(model, str(directory), is_trainable=False)
     # safe_merge: check the merged weights for NaNs before replacing the originals.
     model = model.merge_and_unload(safe_merge=True)
     model.eval()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_dir(out)
-    try:
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    with atomic_dir(out, "the merged model", needed=needed) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         record = {
             "adapter": str(directory.resolve()),
             "base": asdict(info),
+            "model_class": model.__class__.__name__,
             "dtype": dtype,
             "trained_quantization": quantization,
             "task": meta.task if meta else None,
@@ -134,9 +135,6 @@ def merge_adapter(
             "prompt_template": meta.prompt_template if meta else None,
         }
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("merged model written to %s", out)
     return out
 
@@ -186,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         dequantize=args.dequantize,
         overwrite=args.overwrite,
     )
-    print(f"merged model written to {out}; load it with Blip2ForConditionalGeneration.from_pretrained({str(out)!r})")
+    model_class = json.loads((out / MERGE_RECORD).read_text())["model_class"]
+    print(f"merged model written to {out}; load it with {model_class}.from_pretrained({str(out)!r})")
     return 0
 
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
-import shutil
 from pathlib import Path
 
-from multimodal_lora.atomic import staging_dir
+from multimodal_lora.atomic import atomic_dir
 from multimodal_lora.metrics import LABELS, METRICS, normalize
 
 TEMPLATE = "report.html.j2"
@@ -147,11 +145,9 @@ def write_report(
         notes: lines printed under the table (e.g. why METEOR is missing).
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_dir(directory)
-    try:
+    thumbnails = [_thumbnail(sample["image"]) for sample in samples]
+    with atomic_dir(directory, "the evaluation report") as tmp:
         (tmp / "thumbnails").mkdir()
-        thumbnails = [_thumbnail(sample["image"]) for sample in samples]
         names = []
         for i, data in enumerate(thumbnails):
             name = f"thumbnails/{i:03d}.png"
@@ -159,9 +155,4 @@ def write_report(
             names.append(name)
         (tmp / "report.md").write_text(render_markdown(title, table, samples, notes, names))
         (tmp / "report.html").write_text(render_html(title, subtitle, table, samples, notes, thumbnails))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.rename(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory

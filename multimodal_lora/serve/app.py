@@ -186,10 +186,11 @@ def create_app(captioner, batcher: Batcher, settings: ServerSettings = ServerSet
         prompt_tokens = captioner.prompt_tokens(prompt)
         max_tokens = chat.max_tokens or settings.default_max_tokens
         context = captioner.context_length
-        if prompt_tokens + max_tokens > context:
+        # The last new token is returned, never fed back: it needs no position.
+        if context is not None and prompt_tokens + max_tokens - 1 > context:
             raise APIError(
                 400,
-                f"this model's context is {context} tokens, but the request needs {prompt_tokens + max_tokens} "
+                f"this model's context is {context} tokens, but the request needs {prompt_tokens + max_tokens - 1} "
                 f"({prompt_tokens} for the image and prompt, {max_tokens} for max_tokens); shorten the text or lower max_tokens",
                 param="messages",
                 code="context_length_exceeded",
