@@ -210,8 +210,8 @@ def check_fits(directory: Path, model) -> None:
                 raise AdapterError(f"{where} is not a LoRA A/B matrix; this package loads plain LoRA adapters only")
             if not is_lora_target(module_name, family):
                 raise AdapterError(
-                    f"{where} adapts {module_name}, which is not an attention projection of the {family.name} language "
-                    f"model ({', '.join(family.lora_targets)}); PEFT would drop or misapply it"
+                    f"{where} adapts {module_name}, which is not an attention projection of the language model "
+                    f"({family.name}: {', '.join(family.lora_targets)}); PEFT would drop or misapply it"
                 )
             if module_name not in modules:
                 raise AdapterError(f"{where}: the base has no module {module_name}; the adapter was made for another model")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
 from multimodal_lora.errors import AdapterError, UserError
+from multimodal_lora.report import legible
 
 if TYPE_CHECKING:
     from multimodal_lora.loading import LoadSettings
@@ -46,6 +47,8 @@ BASE_CHOICE = "(base)"
 MAX_PIXELS = 40_000_000
 EXAMPLES = 4
 SEARCH_DEPTH = 4
+TOAST_SECONDS = 8
+"""Error messages close by themselves after this long, so that a few mistakes do not pile them up."""
 
 
 @dataclass
@@ -198,7 +201,37 @@ def refused(message: str):
     import gradio as gr
 
     logger.warning("refused: %s", message)
-    return gr.Error(message, print_exception=False)
+    return gr.Error(message, duration=TOAST_SECONDS, print_exception=False)
+
+
+def base_note(base: str, found: Found) -> str:
+    """One paragraph near the upload on what the loaded model can be expected to know."""
+    from multimodal_lora.tiny import TINY_NAME
+
+    tasks = sorted(set(found.tasks.values()))
+    taught = f" Its adapters add: {', '.join(tasks)}." if tasks else ""
+    if base == TINY_NAME:
+        return (
+            "**What this model knows:** the built-in *tiny* base has random weights, so on its own it "
+            'produces noise. Its adapters were trained only on **coloured shapes** ("a red circle", '
+            '"What colour is the shape?"): any image, a photo included, gets a shape answer. '
+            "Try the bundled examples below."
+        )
+    return f"**What this model knows:** `{base}`, a pretrained image captioner, and whatever its adapters were trained on.{taught}"
+
+
+def theme():
+    """Gradio's default look with a system font first: the Source Sans Pro that gradio serves
+    locally renders capitals smaller than lower case in headings ("BLIP-2", "LoRA")."""
+    import gradio as gr
+
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "Liberation Sans", "DejaVu Sans", "Arial", "sans-serif"])
+
+
+CSS = """
+#base-note { font-size: 0.95em; border-left: 3px solid var(--color-accent); padding-left: 0.6em; }
+#preview img { object-fit: contain; }
+"""
 
 
 def _quiet_file_checks(component) -> None:
@@ -304,8 +337,8 @@ def build_app(
         text = run(lambda: captioner.caption(image, adapter=adapter, prompt=prompt or None, **opts))
         base_text = ""
         if side_by_side and adapter is not None:
-            base_text = run(lambda: captioner.caption(image, adapter=None, prompt=prompt or None, **opts))
-        return path, text, base_text
+            base_text = legible(run(lambda: captioner.caption(image, adapter=None, prompt=prompt or None, **opts)))
+        return path, text if adapter is not None else legible(text), base_text
 
     def ask_fn(path, question, choice, max_new_tokens, num_beams, do_sample, temperature, top_p):
         image = read_upload(path)
@@ -313,15 +346,35 @@ def build_app(
             raise refused("Type a question about the image.")
         adapter = to_adapter(choice, "vqa")
         opts = options(max_new_tokens, num_beams, do_sample, temperature, top_p)
-        return path, run(lambda: captioner.ask(image, question.strip(), adapter=adapter, **opts))
+        answer = run(lambda: captioner.ask(image, question.strip(), adapter=adapter, **opts))
+        return path, answer if adapter is not None else legible(answer)
+
+    def preview_fn(path):
+        """Show the upload at once (and say at once if it is not an image), before any button is pressed."""
+        if not path:
+            return None
+        read_upload(path)
+        return path
 
     examples = example_images(examples_dir) if examples_dir is not None else []
-    # The image shown beside the answer is the uploaded file itself, served from the
-    # upload directory: re-encoding it would write one cache file per image content,
-    # which gradio rewrites in place while concurrent requests may be reading it.
+    # One upload for both tabs, so an image chosen on Caption is still there on VQA. It is a
+    # File (not an Image) so that a bad file reaches read_upload and gets its message; the
+    # preview beside it shows the uploaded file itself, served from the upload directory:
+    # re-encoding it would write one cache file per image content, which gradio rewrites in
+    # place while concurrent requests may be reading it.
     with gr.Blocks(title="multimodal_lora demo", analytics_enabled=False) as app:
         gr.Markdown("# multimodal_lora: BLIP-2 with LoRA adapters")
         gr.Markdown(status_text(found, adapters_dir, captioner.base.name), elem_id="status")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=260):
+                upload = gr.File(label="Image (used by both tabs)", file_types=["image"], type="filepath", elem_id="upload")
+                _quiet_file_checks(upload)
+                gr.Markdown(base_note(captioner.base.name, found), elem_id="base-note")
+                if examples:
+                    gr.Examples(examples=[[p] for p in examples], inputs=[upload], label="Examples (bundled shapes)")
+            with gr.Column(scale=1, min_width=260):
+                seen = gr.Image(label="Preview", interactive=False, type="filepath", height=240, elem_id="preview")
+        upload.change(preview_fn, [upload], [seen], api_name=False, show_progress="hidden")
         with gr.Accordion("Generation settings", open=False):
             prompt = gr.Textbox(label="Caption prefix (optional)", placeholder="text the caption continues")
             max_new_tokens = gr.Slider(1, 60, value=30, step=1, label="max new tokens")
@@ -333,48 +386,42 @@ def build_app(
         with gr.Tab("Caption"):
             with gr.Row():
                 with gr.Column():
-                    c_file = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="caption-upload")
-                    _quiet_file_checks(c_file)
                     c_adapter = gr.Dropdown(
                         caption_choices,
                         value=caption_names[0] if caption_names else BASE_CHOICE,
                         label="Adapter (caption)",
                         elem_id="caption-adapter",
                     )
-                    c_compare = gr.Checkbox(value=False, label="Side by side: also caption with the base")
+                    c_compare = gr.Checkbox(value=False, label="Side by side: also caption with the base alone")
                     c_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 with gr.Column():
-                    c_seen = gr.Image(label="Image", interactive=False, type="filepath", height=240)
                     c_text = gr.Textbox(label="Caption", elem_id="caption-output", interactive=False)
-                    c_base = gr.Textbox(label="Base model's caption (side by side)", interactive=False)
-            if examples:
-                gr.Examples(examples=[[p] for p in examples], inputs=[c_file], label="Examples (bundled shapes)")
+                    c_base = gr.Textbox(
+                        label="Base model alone, no adapter (untrained output: · marks bytes that are not text)",
+                        interactive=False,
+                        elem_id="caption-base",
+                    )
             c_button.click(
                 caption_fn,
-                [c_file, c_adapter, c_compare, prompt, *settings],
-                [c_seen, c_text, c_base],
+                [upload, c_adapter, c_compare, prompt, *settings],
+                [seen, c_text, c_base],
                 api_name="caption",
                 concurrency_limit=concurrency_limit,
             )
         with gr.Tab("VQA"):
             with gr.Row():
                 with gr.Column():
-                    q_file = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="vqa-upload")
-                    _quiet_file_checks(q_file)
                     q_question = gr.Textbox(label="Question", value="What colour is the shape?", elem_id="vqa-question")
                     q_adapter = gr.Dropdown(
                         vqa_choices, value=vqa_names[0] if vqa_names else BASE_CHOICE, label="Adapter (VQA)", elem_id="vqa-adapter"
                     )
                     q_button = gr.Button("Ask", variant="primary", elem_id="vqa-button")
                 with gr.Column():
-                    q_seen = gr.Image(label="Image", interactive=False, type="filepath", height=240)
                     q_answer = gr.Textbox(label="Answer", elem_id="vqa-output", interactive=False)
-            if examples:
-                gr.Examples(examples=[[p] for p in examples], inputs=[q_file], label="Examples (bundled shapes)")
             q_button.click(
                 ask_fn,
-                [q_file, q_question, q_adapter, *settings],
-                [q_seen, q_answer],
+                [upload, q_question, q_adapter, *settings],
+                [seen, q_answer],
                 api_name="ask",
                 concurrency_limit=concurrency_limit,
             )
@@ -445,6 +492,8 @@ def serve(
         mcp_server=False,
         footer_links=["api"],
         prevent_thread_lock=not block,
+        theme=theme(),
+        css=CSS,
         quiet=False,
     )
     return app

@@ -14,21 +14,18 @@ The same functions evaluate the model being trained at the end of each epoch.
 from __future__ import annotations
 
 import argparse
-import base64
-import html
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from multimodal_lora.atomic import atomic_dir
 from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
 from multimodal_lora.data.sources import Example
 from multimodal_lora.data.sources import group_references as data_group_references
 from multimodal_lora.errors import UserError
-from multimodal_lora.metrics import LABELS, METRICS, caption_metrics, meteor_available
+from multimodal_lora.metrics import METRICS, caption_metrics, meteor_available
+from multimodal_lora.report import write_report
 
 logger = logging.getLogger("multimodal_lora.evaluate")  # not __name__: it is __main__ under python -m
 
@@ -77,65 +74,6 @@ def token_loss_sums(model, loader, device: torch.device) -> torch.Tensor:
         tokens = (batch["labels"] != -100).sum().to(device)
         total += torch.stack([loss.detach().double() * tokens, tokens.double()])
     return total
-
-
-# --- the report ----------------------------------------------------------------------------------
-
-
-def write_report(directory: Path, title: str, table: dict[str, dict], samples: list[dict], notes: list[str]) -> Path:
-    """Write ``report.md``, ``report.html`` and ``thumbnails/`` into ``directory``, atomically.
-
-    Args:
-        table: column name (e.g. ``base``, ``adapter``) → metric key → value.
-        samples: dicts with ``image_id``, ``image``, ``references``, and one caption per column.
-        notes: lines printed under the table (e.g. why METEOR is missing).
-    """
-    from multimodal_lora.data.images import load_image
-
-    directory = Path(directory)
-    with atomic_dir(directory, "the evaluation report") as tmp:
-        (tmp / "thumbnails").mkdir()
-        thumbs = []
-        for i, sample in enumerate(samples):
-            image = load_image(sample["image"])
-            image.thumbnail((128, 128))
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            name = f"thumbnails/{i:03d}.png"
-            (tmp / name).write_bytes(buffer.getvalue())
-            thumbs.append((name, base64.b64encode(buffer.getvalue()).decode()))
-        columns = list(table)
-        rows = ["val_loss", *METRICS]
-        labels = {"val_loss": "validation loss (lower is better)", **LABELS}
-
-        def cell(value):
-            return "n/a" if value is None else f"{value:.4f}"
-
-        md = [f"# {title}", "", "| metric | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
-        md += [f"| {labels[r]} | " + " | ".join(cell(table[c].get(r)) for c in columns) + " |" for r in rows]
-        md += ["", *[f"- {n}" for n in notes], "", "## Samples", ""]
-        for sample, (name, _) in zip(samples, thumbs):
-            md += [f"### {sample['image_id']}", "", f"![{sample['image_id']}]({name})", ""]
-            md += [f"- references: {' / '.join(sample['references'])}"]
-            md += [f"- {c}: {sample[c]}" for c in columns] + [""]
-        (tmp / "report.md").write_text("\n".join(md))
-
-        esc = html.escape
-        page = [f"<!doctype html><meta charset='utf-8'><title>{esc(title)}</title>", f"<h1>{esc(title)}</h1>"]
-        page += ["<table border='1' cellpadding='4'><tr><th>metric</th>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr>"]
-        page += [f"<tr><td>{esc(labels[r])}</td>" + "".join(f"<td>{cell(table[c].get(r))}</td>" for c in columns) + "</tr>" for r in rows]
-        page += ["</table>", *[f"<p>{esc(n)}</p>" for n in notes], "<h2>Samples</h2>", "<table border='1' cellpadding='4'>"]
-        page += ["<tr><th>image</th><th>references</th>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr>"]
-        for sample, (_, data) in zip(samples, thumbs):
-            page.append(
-                f"<tr><td><img src='data:image/png;base64,{data}' alt='{esc(sample['image_id'])}'><br>{esc(sample['image_id'])}</td>"
-                f"<td>{'<br>'.join(esc(r) for r in sample['references'])}</td>"
-                + "".join(f"<td>{esc(sample[c])}</td>" for c in columns)
-                + "</tr>"
-            )
-        page.append("</table>")
-        (tmp / "report.html").write_text("\n".join(page))
-    return directory
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -222,12 +160,21 @@ def evaluate(
     notes = [f"{len(groups)} validation images ({len(rows)} references) from {splits.description}; adapter {adapter_dir}"]
     if not use_meteor:
         notes.append("METEOR not computed: " + ("java is not on the PATH (METEOR 1.5 is a Java program)" if meteor else "--no-meteor"))
-    notes.append("CIDEr-D is on a 0–10 scale; the other metrics on 0–1. Captions are lower-cased and stripped of punctuation before scoring.")
+    notes.append("Outputs are lower-cased and stripped of punctuation before scoring. The base column is the base model with no adapter.")
     sample_rows = [
-        {"image_id": g.image_id, "image": g.image, "references": g.references, "base": captions["base"][i], "adapter": captions["adapter"][i]}
+        {
+            "image_id": g.image_id,
+            "image": g.image,
+            "references": g.references,
+            "question": g.question,
+            "base": captions["base"][i],
+            "adapter": captions["adapter"][i],
+        }
         for i, g in enumerate(groups[:samples])
     ]
-    write_report(out, f"Evaluation of {adapter_dir} on {recipe.data.path} ({recipe.data.val_split})", table, sample_rows, notes)
+    task = "visual question answering" if recipe.data.task == "vqa" else "captioning"
+    subtitle = f"Base {cfg.base} alone against base + adapter, {task}, on {len(groups)} validation images of {recipe.data.path}."
+    write_report(out, f"Evaluation of {adapter_dir.parent.name if adapter_dir.name == 'adapter' else adapter_dir.name}", table, sample_rows, notes, subtitle=subtitle)
     return out, table
 
 

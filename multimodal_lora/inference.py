@@ -231,10 +231,7 @@ class Captioner:
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
-        meta = self._meta(adapter)
-        if prompt is None and meta is not None:
-            prompt = meta.prompt
-        prompts = [prompt_text("caption", None, prompt, DEFAULT_PROMPT_TEMPLATE)] * len(items)
+        prompts = [self.caption_prompt(adapter, prompt)] * len(items)
         out = self._generate(items, prompts, adapter, max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size)
         return out[0] if single else out
 
@@ -272,11 +269,82 @@ class Captioner:
         questions = [question] * len(items) if isinstance(question, str) else list(question)
         if len(questions) != len(items):
             raise ConfigError(f"{len(items)} images but {len(questions)} questions; give one question, or one per image")
-        meta = self._meta(adapter)
-        template = meta.prompt_template if meta is not None else DEFAULT_PROMPT_TEMPLATE
-        prompts = [prompt_text("vqa", q, None, template) for q in questions]
+        prompts = [self.vqa_prompt(adapter, q) for q in questions]
         out = self._generate(items, prompts, adapter, max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size)
         return out[0] if single else out
+
+    # -- prompts and single batches (what a server needs) ----------------------------------------
+
+    def task(self, adapter: str | None) -> str:
+        """``caption`` or ``vqa``: what ``adapter`` was trained for (the bare base captions)."""
+        meta = self._meta(adapter)
+        return meta.task if meta is not None else "caption"
+
+    def caption_prompt(self, adapter: str | None, prefix: str | None = None) -> str:
+        """The text a caption continues: ``prefix``, else the adapter's training prompt, else nothing."""
+        meta = self._meta(adapter)
+        if prefix is None and meta is not None:
+            prefix = meta.prompt
+        return prompt_text("caption", None, prefix, DEFAULT_PROMPT_TEMPLATE)
+
+    def vqa_prompt(self, adapter: str | None, question: str) -> str:
+        """``question`` in the template the adapter was trained with (the base: ``Question: ... Answer:``)."""
+        meta = self._meta(adapter)
+        template = meta.prompt_template if meta is not None else DEFAULT_PROMPT_TEMPLATE
+        return prompt_text("vqa", question, None, template)
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """Tokens the model reads before generating: the image placeholders, ``</s>`` and ``prompt``."""
+        ids = self.processor.tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
+        return self.layout.num_query_tokens + 1 + len(ids)
+
+    @property
+    def context_length(self) -> int | None:
+        """The most positions (prompt + generated) the language model has, or ``None`` (relative positions, T5)."""
+        return self.max_positions
+
+    @property
+    def stop_token_ids(self) -> set[int]:
+        """The tokens that end a generation: the one training taught (BLIP-2 OPT: "\\n")."""
+        return {self.layout.stop_token_id}
+
+    @torch.no_grad()
+    def generate_batch(
+        self,
+        images: Sequence,
+        prompts: Sequence[str],
+        adapter: str | None = None,
+        *,
+        max_new_tokens: int = 30,
+        num_beams: int = 1,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """One ``generate`` call on decoded images, one prompt each; returns the new tokens, a row per image.
+
+        The building block of :meth:`caption` and :meth:`ask`, for callers that
+        need the tokens (a server counting them, or streaming them through a
+        ``streamer`` in ``generate_kwargs``). Rows that stop early are padded.
+
+        Args:
+            images: ``PIL.Image`` objects (see :func:`~multimodal_lora.data.images.load_image`).
+            prompts: one prompt per image, as :meth:`caption_prompt` or :meth:`vqa_prompt` make them.
+            adapter, max_new_tokens, num_beams, do_sample, temperature, top_p: as in :meth:`caption`.
+            generate_kwargs: passed to ``generate`` (``streamer``, ``stopping_criteria``).
+        """
+        _check_generation(max_new_tokens, num_beams, do_sample, temperature, top_p, 1)
+        self._meta(adapter)  # an unknown name fails before any work
+        # Stop on the token training taught (the layout's), whatever the base's generation config says.
+        kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, eos_token_id=self.layout.stop_token_id, **generate_kwargs)
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        batch = self._inputs(list(images), list(prompts))
+        # Choosing the adapter and generating must not interleave with another thread's choice.
+        with self._lock, self.using(adapter):
+            output = self.model.generate(**batch, **kwargs)
+        return self.layout.new_tokens(output, batch)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -304,23 +372,15 @@ class Captioner:
         """The names of the loaded adapters, in the order they were loaded."""
         return list(self.adapters)
 
-    @torch.no_grad()
     def _generate(self, images, prompts, adapter, max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size) -> list[str]:
         _check_generation(max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size)
         self._meta(adapter)  # an unknown name fails before any image is read
-        # Stop on the token training taught (the layout's), whatever the base's generation config says.
-        kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, eos_token_id=self.layout.stop_token_id)
-        if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p)
         self._check_length(prompts, max_new_tokens)
+        options = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_p=top_p)
         results: list[str] = []
         for start in range(0, len(images), batch_size):
             chunk = [load_image(i) for i in images[start : start + batch_size]]
-            batch = self._inputs(chunk, prompts[start : start + batch_size])
-            # Choosing the adapter and generating must not interleave with another thread's choice.
-            with self._lock, self.using(adapter):
-                output = self.model.generate(**batch, **kwargs)
-            new_tokens = self.layout.new_tokens(output, batch)
+            new_tokens = self.generate_batch(chunk, prompts[start : start + batch_size], adapter, **options)
             texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             results.extend(t.strip() for t in texts)
         return results

@@ -365,33 +365,31 @@ def test_browser_caption_vqa_and_a_bad_upload(server, expected, tmp_path):
             page.goto(server["url"], wait_until="networkidle")
             expect(page.locator("#status")).to_contain_text("shapes")
 
-            # Caption tab: upload, press the button, read the caption.
-            page.locator("#caption-upload input[type=file]").set_input_files(expected["images"][0])
-            expect(page.locator("#caption-upload")).to_contain_text(Path(expected["images"][0]).name, timeout=60_000)
+            expect(page.locator("#base-note")).to_contain_text("coloured shapes")  # what this base knows
+
+            # One upload for both tabs, previewed at once, before any button is pressed.
+            page.locator("#upload input[type=file]").set_input_files(expected["images"][0])
+            expect(page.locator("#upload")).to_contain_text(Path(expected["images"][0]).name, timeout=60_000)
+            expect(page.locator("#preview img")).to_be_visible(timeout=60_000)
             page.locator("#caption-button").click()
             output = page.locator("#caption-output textarea")
             expect(output).to_have_value(expected["caption"]["shapes"][0], timeout=120_000)
-            shot = tmp_path / "demo-caption.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000  # kept in the test's temporary directory: tests never touch tracked files
+            page.screenshot(path=str(tmp_path / "demo-caption.png"), full_page=True)
 
-            # A bad upload: the message shows in the page.
-            bad = tmp_path / "letter.png"
-            bad.write_text("not a picture")
-            page.locator("#caption-upload button[aria-label*='Clear'], #caption-upload button[aria-label*='clear']").first.click()
-            page.locator("#caption-upload input[type=file]").set_input_files(str(bad))
-            expect(page.locator("#caption-upload")).to_contain_text("letter.png", timeout=60_000)
-            page.locator("#caption-button").click()
-            expect(page.get_by_text("not an image Pillow can read").first).to_be_visible(timeout=60_000)
-            page.screenshot(path=str(tmp_path / "demo-bad-upload.png"), full_page=True)
-
-            # VQA tab.
+            # The VQA tab answers about the same image, without a second upload.
             page.get_by_role("tab", name="VQA").click()
-            page.locator("#vqa-upload input[type=file]").set_input_files(expected["images"][0])
-            expect(page.locator("#vqa-upload")).to_contain_text(Path(expected["images"][0]).name, timeout=60_000)
             page.locator("#vqa-button").click()
             expect(page.locator("#vqa-output textarea")).to_have_value(expected["answer"]["shapes-vqa"][0], timeout=120_000)
             page.screenshot(path=str(tmp_path / "demo-vqa.png"), full_page=True)
+
+            # A bad upload: the message shows in the page as soon as it is uploaded.
+            bad = tmp_path / "letter.png"
+            bad.write_text("not a picture")
+            page.locator("#upload button[aria-label*='Clear'], #upload button[aria-label*='clear']").first.click()
+            page.locator("#upload input[type=file]").set_input_files(str(bad))
+            expect(page.get_by_text("not an image Pillow can read").first).to_be_visible(timeout=60_000)
+            page.locator("#vqa-button").click()
+            page.screenshot(path=str(tmp_path / "demo-bad-upload.png"), full_page=True)
         finally:
             browser.close()
     assert server["proc"].poll() is None

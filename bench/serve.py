@@ -1,0 +1,353 @@
+"""The OpenAI-compatible server under load: requests/s and latency, batching on against off.
+
+    python bench/serve.py                                   # tiny base, CPU (a minute or two)
+    python bench/serve.py --full-size --device cuda         # BLIP-2 OPT-2.7B, random weights, on a GPU
+
+Two servers (``python -m multimodal_lora.serve``, each its own process) serve
+the same base and adapter: one batching (``--max-batch-size``, ``--max-wait-ms``),
+one answering one request at a time (``--no-batching``). For each number of
+concurrent clients (1, 4, 16, 64), each client sends chat-completion requests
+back to back (a closed loop, keep-alive connections, a validation image as a
+``data:`` URL) for ``--seconds``; the two servers are measured alternately,
+level by level, so a change in the machine's load hits both alike. Reported:
+requests/s (completed requests over the time from the first send to the last
+answer), p50 and p95 latency, and mean requests per ``generate`` call.
+
+Targets (issue 13): at 16 clients, batching gives at least 3× the requests/s
+of one at a time, with p95 latency no more than twice the latency of one
+request alone (1 client, no batching).
+
+The tiny base gets an adapter from a short run of ``recipes/tiny.yaml``. With
+``--full-size`` the published ``Salesforce/blip2-opt-2.7b`` architecture is
+built with random weights (no download) and saved as a bf16 checkpoint with a
+processor (the tiny base's tokenizer, the real image size), plus a random LoRA
+adapter (r=16 on q_proj, v_proj, as ``recipes/football.yaml``); every request
+then generates ``--max-tokens`` tokens (random weights rarely stop early).
+Writes ``bench/results/serve.json`` (``serve_full_size.json`` with ``--full-size``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from harness import quiet, table, write_result
+
+REPO = Path(__file__).resolve().parents[1]
+LEVELS = (1, 4, 16, 64)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_setup(workdir: Path, steps: int, adapter: str | None) -> tuple[list[str], Path]:
+    """An adapter (``adapter``, or one from a short tiny run); returns the server's model arguments and the images."""
+    from multimodal_lora.config import load_recipe
+    from multimodal_lora.data.shapes import ensure_builtin
+    from multimodal_lora.train import train
+
+    if adapter is not None:
+        return ["--base", "tiny", "--device", "cpu", "--adapter", f"shapes={adapter}"], ensure_builtin(
+            "shapes"
+        ) / "validation"
+
+    recipe = load_recipe(
+        REPO / "recipes" / "tiny.yaml",
+        [f"output_dir={workdir / 'run'}", f"train.max_steps={steps}", "data.val_split=null", "data.val_fraction=0"],
+    )
+    adapter = train(recipe).adapter_dir
+    return ["--base", "tiny", "--device", "cpu", "--adapter", f"shapes={adapter}"], ensure_builtin(
+        "shapes"
+    ) / "validation"
+
+
+def full_size_setup(
+    workdir: Path, device: str, dtype: str, quantization: str, small: bool = False
+) -> tuple[list[str], Path]:
+    """Random-weight BLIP-2 OPT-2.7B (``small``: a small config of the same structure) + processor
+    + a random LoRA adapter, saved under ``workdir``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+    from multimodal_lora.data.shapes import ensure_builtin
+    from multimodal_lora.model import published_config
+    from multimodal_lora.tiny import ensure_tiny_base
+
+    if small:
+        from gpu_full_size import small_config
+
+        config = small_config()
+    else:
+        config = published_config()
+    checkpoint = workdir / "blip2-opt-2.7b-random"
+    torch.manual_seed(0)
+    with torch.device(device if device != "auto" else "cuda"):
+        model = Blip2ForConditionalGeneration(config).to(torch.bfloat16)
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.save_pretrained(checkpoint)
+    processor = AutoProcessor.from_pretrained(ensure_tiny_base())
+    size = config.vision_config.image_size
+    processor.image_processor.size = {"height": size, "width": size}
+    processor.num_query_tokens = config.num_query_tokens
+    processor.save_pretrained(checkpoint)
+    lora = LoraConfig(
+        r=16, lora_alpha=32, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False
+    )
+    adapter = workdir / "adapter"
+    get_peft_model(model, lora).save_pretrained(adapter, safe_serialization=True)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    args = [
+        "--base",
+        str(checkpoint),
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+        "--quantization",
+        quantization,
+        "--adapter",
+        f"random-lora={adapter}",
+    ]
+    return args, ensure_builtin("shapes") / "validation"
+
+
+class Server:
+    """``python -m multimodal_lora.serve`` in a subprocess on a free loopback port."""
+
+    def __init__(self, model_args: list[str], extra: list[str], log: Path, threads: int):
+        self.port = free_port()
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+        self.log = log
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "multimodal_lora.serve", "--port", str(self.port), "--adapters-dir", str(log.parent / "none"),
+                 "--torch-threads", str(threads), "--max-queue", "1024", *model_args, *extra],
+                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def wait(self, timeout: float = 900) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the server exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                self.health()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"the server did not start:\n{self.log.read_text()}") from None
+                time.sleep(0.5)
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=10) as response:
+            return json.loads(response.read())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def request_bodies(images: Path, model: str, max_tokens: int | None, count: int = 8) -> list[bytes]:
+    bodies = []
+    for path in sorted(images.glob("*.png"))[:count]:
+        url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}],
+        }
+        if max_tokens:
+            body["max_tokens"] = max_tokens
+        bodies.append(json.dumps(body).encode())
+    return bodies
+
+
+def load(port: int, clients: int, seconds: float, bodies: list[bytes]) -> dict:
+    """``clients`` threads sending requests back to back for ``seconds``; latencies and throughput."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    start_gate = threading.Barrier(clients + 1)
+    state = {"deadline": 0.0, "last": 0.0}
+
+    def client(index: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        start_gate.wait()
+        n = index
+        while time.perf_counter() < state["deadline"]:
+            body = bodies[n % len(bodies)]
+            n += clients
+            sent = time.perf_counter()
+            connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            payload = response.read()
+            done = time.perf_counter()
+            with lock:
+                if response.status == 200:
+                    latencies.append(done - sent)
+                    state["last"] = max(state["last"], done)
+                else:
+                    errors.append(f"{response.status}: {payload[:200]!r}")
+        connection.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    begin = time.perf_counter()
+    state["deadline"] = begin + seconds
+    start_gate.wait()
+    for thread in threads:
+        thread.join()
+    latencies.sort()
+    elapsed = state["last"] - begin
+
+    def pct(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(round(p / 100 * (len(latencies) - 1))))]
+
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": errors[:5],
+        "error_count": len(errors),
+        "seconds": elapsed,
+        "requests_per_second": len(latencies) / elapsed if elapsed > 0 else 0.0,
+        "p50_ms": pct(50) * 1000,
+        "p95_ms": pct(95) * 1000,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--levels", default=",".join(map(str, LEVELS)), help="concurrent clients to try (default 1,4,16,64)"
+    )
+    parser.add_argument("--seconds", type=float, default=6.0, help="load time per level and server (default 6)")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="tokens per answer (default: the server's 30, and 20 with --full-size)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per server (default 1: the machine is shared)"
+    )
+    parser.add_argument("--steps", type=int, default=40, help="training steps of the tiny adapter")
+    parser.add_argument("--adapter", default=None, help="a tiny-base adapter to serve instead of training one")
+    parser.add_argument("--full-size", action="store_true", help="BLIP-2 OPT-2.7B with random weights (needs a GPU)")
+    parser.add_argument(
+        "--small", action="store_true", help="with --full-size: a small config, same code (runs on a CPU; for tests)"
+    )
+    parser.add_argument("--device", default="cpu", help="the servers' --device (cuda with --full-size)")
+    parser.add_argument("--dtype", default=None, help="the servers' --dtype (default fp32; bf16 with --full-size)")
+    parser.add_argument("--quantization", default="none", choices=["none", "int8", "4bit"])
+    parser.add_argument("--out", default=None, help="directory for the JSON (default bench/results)")
+    args = parser.parse_args(argv)
+    quiet()
+    levels = [int(x) for x in args.levels.split(",")]
+    dtype = args.dtype or ("bf16" if args.full_size else "fp32")
+    max_tokens = args.max_tokens or (20 if args.full_size else None)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    servers = {}
+    try:
+        if args.full_size:
+            model_args, images = full_size_setup(workdir, args.device, dtype, args.quantization, args.small)
+            model = "random-lora"
+        else:
+            import torch
+
+            torch.set_num_threads(args.threads)
+            model_args, images = tiny_setup(workdir, args.steps, args.adapter)
+            model = "shapes"
+        bodies = request_bodies(images, model, max_tokens)
+        batching = ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
+        for name, extra in (("off", ["--no-batching"]), ("on", batching)):
+            (workdir / name).mkdir()
+            servers[name] = Server(model_args, extra, workdir / name / "server.log", args.threads)
+        for server in servers.values():
+            server.wait()
+        for server in servers.values():  # warm-up: first calls pay for lazy initialisation
+            load(server.port, 4, 1.0, bodies)
+        rows = []
+        for i, clients in enumerate(levels):
+            order = ("off", "on") if i % 2 == 0 else ("on", "off")
+            for name in order:
+                before = servers[name].health()
+                result = load(servers[name].port, clients, args.seconds, bodies)
+                after = servers[name].health()
+                calls = after["batches"] - before["batches"]
+                result.update(
+                    batching=name, mean_batch=(after["batched_requests"] - before["batched_requests"]) / max(calls, 1)
+                )
+                rows.append(result)
+                print(f"{clients:>3} clients, batching {name:>3}: {result['requests_per_second']:.1f} req/s, "
+                      f"p50 {result['p50_ms']:.0f} ms, p95 {result['p95_ms']:.0f} ms, {result['mean_batch']:.1f} per generate", flush=True)  # fmt: skip
+    finally:
+        for server in servers.values():
+            server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    by = {(r["clients"], r["batching"]): r for r in rows}
+    single = by.get((1, "off"))
+    printable = []
+    for clients in levels:
+        off, on = by[(clients, "off")], by[(clients, "on")]
+        speedup = on["requests_per_second"] / off["requests_per_second"] if off["requests_per_second"] else float("nan")
+        for r in (off, on):
+            printable.append([clients, r["batching"], r["requests_per_second"], r["p50_ms"], r["p95_ms"], r["mean_batch"],
+                              speedup if r is on else 1.0, r["p95_ms"] / single["p50_ms"] if single else float("nan")])  # fmt: skip
+    title = (
+        f"{('small BLIP-2 config' if args.small else 'BLIP-2 OPT-2.7B') + ' (random weights)' if args.full_size else 'tiny base'}, {dtype}, quantization {args.quantization}, "
+        f"device {args.device}, torch threads {args.threads}; batching on = up to {args.max_batch_size} per generate, {args.max_wait_ms:g} ms wait"
+    )
+    print(
+        table(
+            ["clients", "batching", "req/s", "p50 ms", "p95 ms", "per generate", "× off", "p95 / 1 alone"],
+            printable,
+            title=title,
+        )
+    )
+    summary = {}
+    if (16, "on") in by and single:
+        on16, off16 = by[(16, "on")], by[(16, "off")]
+        summary = {
+            "speedup_at_16": on16["requests_per_second"] / off16["requests_per_second"],
+            "p95_at_16_over_one_alone": on16["p95_ms"] / single["p50_ms"],
+            "targets": {"speedup_at_16": ">= 3", "p95_at_16_over_one_alone": "<= 2"},
+        }
+        print(f"at 16 clients: {summary['speedup_at_16']:.2f}× the requests/s of one at a time (target ≥ 3); "
+              f"p95 {on16['p95_ms']:.0f} ms = {summary['p95_at_16_over_one_alone']:.2f}× one request alone ({single['p50_ms']:.0f} ms; target ≤ 2)")  # fmt: skip
+    name = ("serve_full_size_small" if args.small else "serve_full_size") if args.full_size else "serve"
+    path = write_result(name, {
+        "base": "Salesforce/blip2-opt-2.7b (published config, random weights)" if args.full_size else "tiny",
+        "dtype": dtype, "quantization": args.quantization, "device": args.device, "seconds_per_level": args.seconds,
+        "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms, "max_tokens": max_tokens,
+        "rows": rows, "summary": summary,
+    }, args.out)  # fmt: skip
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""An OpenAI-compatible server for a base and its adapters, batching concurrent requests.
+
+    python -m multimodal_lora.serve --adapters-dir runs          # http://127.0.0.1:8000/v1
+
+One module per job: :mod:`~multimodal_lora.serve.protocol` (requests, responses,
+errors), :mod:`~multimodal_lora.serve.images` (data URLs, limits, the remote-URL
+policy), :mod:`~multimodal_lora.serve.engine` (one batched ``generate`` call,
+followed row by row), :mod:`~multimodal_lora.serve.batcher` (gathering requests
+into batches), :mod:`~multimodal_lora.serve.app` (the FastAPI routes) and
+:mod:`~multimodal_lora.serve.cli` (the command).
+"""
+
+from multimodal_lora.serve.app import ServerSettings, create_app
+from multimodal_lora.serve.batcher import Batcher
+
+__all__ = ["Batcher", "ServerSettings", "create_app"]

@@ -1,0 +1,3 @@
+from multimodal_lora.serve.cli import cli
+
+cli()

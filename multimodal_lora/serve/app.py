@@ -1,0 +1,249 @@
+"""The HTTP app: ``GET /v1/models`` and ``POST /v1/chat/completions`` on FastAPI.
+
+Each request is checked completely before it joins a batch (key, body size,
+JSON, model, image, prompt length), so a bad request is answered with a 4xx
+at once and never reaches the model with other people's requests. Then it
+waits for its :class:`~multimodal_lora.serve.batcher.Batcher` batch, and is
+answered as one JSON object or, with ``stream: true``, as server-sent events in
+OpenAI's ``chat.completion.chunk`` format ending with ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from dataclasses import dataclass, field
+
+# Module level, not inside create_app: FastAPI resolves the handlers' (string) annotations here.
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from multimodal_lora.errors import UserError
+from multimodal_lora.serve.batcher import Batcher
+from multimodal_lora.serve.engine import Job
+from multimodal_lora.serve.images import ImageLimits, RemotePolicy, read_image
+from multimodal_lora.serve.protocol import (
+    APIError,
+    chunk_body,
+    completion_body,
+    models_body,
+    new_id,
+    parse_request,
+    usage_body,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything about the server that is not the model."""
+
+    api_key: str | None = None
+    """Clients must send ``Authorization: Bearer KEY`` (``None``: no key, for loopback only)."""
+    max_body_bytes: int = 25 * 1024 * 1024
+    default_max_tokens: int = 30
+    """``max_tokens`` when a request gives none (as :func:`~multimodal_lora.caption`)."""
+    images: ImageLimits = field(default_factory=ImageLimits)
+    remote: RemotePolicy = field(default_factory=RemotePolicy)
+
+
+class _QueueSink:
+    """Carries a job's results from the batcher's thread into the request's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def _put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def delta(self, text: str) -> None:
+        self._put(("delta", text))
+
+    def finish(self, finish_reason: str, completion_tokens: int) -> None:
+        self._put(("finish", finish_reason, completion_tokens))
+
+    def fail(self, error: BaseException) -> None:
+        self._put(("fail", error))
+
+
+def _as_api_error(error: BaseException) -> APIError:
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, UserError):
+        return APIError(400, str(error))
+    return APIError(500, "generation failed; the server log has the details", type="server_error")
+
+
+def create_app(captioner, batcher: Batcher, settings: ServerSettings = ServerSettings()):
+    """The FastAPI app serving ``captioner``'s base and adapters through ``batcher``.
+
+    Model names: the base's name (``captioner.base.name``, e.g. ``tiny``) means
+    no adapter; every loaded adapter by its name.
+    """
+    base_name = captioner.base.name
+    app = FastAPI(title="multimodal_lora", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.captioner = captioner
+    app.state.batcher = batcher
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        headers = {"Retry-After": "1"} if exc.code == "queue_full" else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        error = APIError(
+            exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type="invalid_request_error"
+        )
+        return JSONResponse(error.body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return JSONResponse(APIError(400, str(exc)).body(), status_code=400)
+
+    def check_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        # Constant time: how much of a guess matched must not show in the response time.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.api_key.encode()):
+            raise APIError(
+                401,
+                "missing or wrong API key; send the header Authorization: Bearer KEY",
+                type="invalid_request_error",
+                code="invalid_api_key",
+            )
+
+    async def read_body(request: Request) -> bytes:
+        limit = settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        too_large = APIError(
+            413,
+            f"the request body is over {limit:,} bytes (--max-body-bytes); send a smaller image",
+            code="body_too_large",
+        )
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:  # a chunked body gives no length up front
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def to_adapter(model: str) -> str | None:
+        if model == base_name:
+            return None
+        if model in captioner.adapters:
+            return model
+        known = ", ".join([base_name, *captioner.adapter_names])
+        raise APIError(
+            404,
+            f"model {model!r} does not exist; GET /v1/models lists them: {known}",
+            param="model",
+            code="model_not_found",
+        )
+
+    @app.get("/health")
+    async def health():
+        # Batches against requests answered: how much batching happened (the tests and the bench read it).
+        return {
+            "status": "ok",
+            "waiting": batcher.waiting,
+            "batches": batcher.batches,
+            "batched_requests": batcher.batched_jobs,
+        }
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        return models_body([base_name, *captioner.adapter_names])
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_key(request)
+        chat = parse_request(await read_body(request))
+        adapter = to_adapter(chat.model)
+        if captioner.task(adapter) == "vqa":
+            if not chat.text:
+                raise APIError(
+                    400,
+                    f"messages: {chat.model!r} answers questions; add a text part with the question",
+                    param="messages",
+                    code="missing_question",
+                )
+            prompt = captioner.vqa_prompt(adapter, chat.text)
+        else:
+            prompt = captioner.caption_prompt(adapter, chat.text)
+        prompt_tokens = captioner.prompt_tokens(prompt)
+        max_tokens = chat.max_tokens or settings.default_max_tokens
+        context = captioner.context_length
+        # The last new token is returned, never fed back: it needs no position.
+        if context is not None and prompt_tokens + max_tokens - 1 > context:
+            raise APIError(
+                400,
+                f"this model's context is {context} tokens, but the request needs {prompt_tokens + max_tokens - 1} "
+                f"({prompt_tokens} for the image and prompt, {max_tokens} for max_tokens); shorten the text or lower max_tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        image = await asyncio.to_thread(read_image, chat.image_url, settings.images, settings.remote)
+        sink = _QueueSink(asyncio.get_running_loop())
+        job = Job(adapter, image, prompt, prompt_tokens, max_tokens, chat.sampling, chat.stop, sink)
+        batcher.submit(job)
+        completion_id = new_id()
+        if chat.stream:
+            return StreamingResponse(
+                _events(job, sink, completion_id, chat.model, chat.include_usage), media_type="text/event-stream"
+            )
+        try:
+            parts = []
+            while True:
+                item = await sink.queue.get()
+                if item[0] == "delta":
+                    parts.append(item[1])
+                elif item[0] == "finish":
+                    return completion_body(completion_id, chat.model, "".join(parts), item[1], prompt_tokens, item[2])
+                else:
+                    raise _as_api_error(item[1])
+        finally:
+            job.cancelled.set()  # a no-op once done; stops the row if the client went away
+
+    return app
+
+
+async def _events(job: Job, sink: _QueueSink, completion_id: str, model: str, include_usage: bool):
+    """Server-sent events: a role chunk, content deltas, a finish chunk, usage if asked, ``[DONE]``."""
+
+    def event(body: dict) -> str:
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    try:
+        yield event(chunk_body(completion_id, model, {"role": "assistant", "content": ""}))
+        while True:
+            item = await sink.queue.get()
+            if item[0] == "delta":
+                yield event(chunk_body(completion_id, model, {"content": item[1]}))
+            elif item[0] == "finish":
+                yield event(chunk_body(completion_id, model, {}, finish_reason=item[1]))
+                if include_usage:
+                    yield event(
+                        chunk_body(
+                            completion_id, model, {}, usage=usage_body(job.prompt_tokens, item[2]), choices=False
+                        )
+                    )
+                break
+            else:
+                yield event(_as_api_error(item[1]).body())
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled.set()

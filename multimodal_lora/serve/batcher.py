@@ -1,0 +1,151 @@
+"""Gathering concurrent requests into batches: one worker thread, one model.
+
+Requests wait in one queue. The worker takes the oldest waiting request, waits
+up to ``max_wait_ms`` after its arrival for more requests that may share its
+``generate`` call (same adapter, same sampling settings; see
+:attr:`~multimodal_lora.serve.engine.Job.key`), and runs up to
+``max_batch_size`` of them together. Requests for other adapters keep their
+place in the queue, so no adapter starves and no batch runs with the wrong
+adapter active.
+
+A failing batch does not take its members down with it: every member that has
+not yet sent anything is run again alone, so only the request that fails alone
+gets the error. ``max_batch_size=1`` with ``max_wait_ms=0`` is one request at
+a time (the ``--no-batching`` of the server, and the bench's baseline).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from multimodal_lora.serve.engine import Job
+from multimodal_lora.serve.protocol import APIError
+
+logger = logging.getLogger(__name__)
+
+
+class Batcher:
+    """A queue of :class:`Job`\\ s and the thread that answers them in batches.
+
+    Args:
+        run: answers a list of jobs with one ``generate`` call (raises on failure).
+        max_batch_size: the most jobs in one call.
+        max_wait_ms: how long the oldest job may wait for batch-mates.
+        max_queue: jobs that may wait; one more is refused with a 503.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[Job]], None],
+        *,
+        max_batch_size: int = 16,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 256,
+    ):
+        if max_batch_size < 1 or max_wait_ms < 0 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be at least 1, max_wait_ms at least 0")
+        self.run = run
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self._waiting: list[Job] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self.batches = 0
+        """Batches run so far (one per ``generate`` call, retries included)."""
+        self.batched_jobs = 0
+        self._thread = threading.Thread(target=self._loop, name="multimodal-lora-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; its sink hears the result. Raises a 503 :class:`APIError` when the queue is full."""
+        with self._cond:
+            if self._stopping:
+                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            if len(self._waiting) >= self.max_queue:
+                raise APIError(
+                    503,
+                    f"the server is busy: {len(self._waiting)} requests are already waiting (--max-queue {self.max_queue}); retry shortly",
+                    type="server_error",
+                    code="queue_full",
+                )
+            self._waiting.append(job)
+            self._cond.notify()
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    def close(self, timeout: float = 30) -> None:
+        """Stop taking jobs; the worker finishes what is queued, then ends."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _next_batch(self) -> list[Job] | None:
+        with self._cond:
+            while not self._waiting:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            first = self._waiting[0]
+            deadline = first.arrived + self.max_wait
+            while True:
+                mates = [job for job in self._waiting if job.key == first.key and not job.cancelled.is_set()]
+                left = deadline - time.monotonic()
+                if len(mates) >= self.max_batch_size or left <= 0 or self._stopping:
+                    break
+                self._cond.wait(left)
+            batch = mates[: self.max_batch_size]
+            # Cancelled jobs (the client went away) leave the queue without running.
+            taken = {id(job) for job in batch}
+            self._waiting = [
+                job
+                for job in self._waiting
+                if id(job) not in taken and not (job.key == first.key and job.cancelled.is_set())
+            ]
+            if not batch:  # the oldest job was cancelled while waiting
+                return []
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            if batch:
+                self._answer(batch)
+
+    def _answer(self, batch: list[Job]) -> None:
+        try:
+            self._run(batch)
+            return
+        except Exception as exc:
+            if len(batch) == 1:
+                logger.exception("generation failed")
+                batch[0].sink.fail(exc)
+                return
+            logger.warning(
+                "a batch of %d failed (%s: %s); running its requests one by one", len(batch), type(exc).__name__, exc
+            )
+        for job in batch:
+            if job.done or job.cancelled.is_set():
+                continue
+            if job.started_output:
+                job.sink.fail(RuntimeError("generation failed after the answer had started; retry the request"))
+                continue
+            try:
+                self._run([job])
+            except Exception as exc:
+                logger.exception("generation failed")
+                job.sink.fail(exc)
+
+    def _run(self, batch: list[Job]) -> None:
+        self.batches += 1
+        self.batched_jobs += len(batch)
+        self.run(batch)

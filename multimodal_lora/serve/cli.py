@@ -1,0 +1,204 @@
+"""``python -m multimodal_lora.serve``: load the base and adapters, start uvicorn.
+
+    python -m multimodal_lora.serve                                   # adapters under runs/, http://127.0.0.1:8000/v1
+    python -m multimodal_lora.serve --adapter shapes=runs/tiny/adapter --port 8001
+    MULTIMODAL_LORA_API_KEY=... python -m multimodal_lora.serve --host 0.0.0.0
+
+Safe by default: it binds 127.0.0.1, and binding anything else needs an API
+key; remote image URLs are not fetched unless ``--allow-remote-images`` names
+the hosts; bodies, pixels and the queue are limited.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+from pathlib import Path
+
+from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
+from multimodal_lora.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "MULTIMODAL_LORA_API_KEY"
+DEFAULT_PORT = 8000
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_adapter_args(values: list[str]) -> dict[str, Path]:
+    """``NAME=DIR`` pairs into a dict, refusing malformed or repeated names."""
+    adapters: dict[str, Path] = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep or not name or not directory:
+            raise ConfigError(f"--adapter {value!r}: expected NAME=DIR, e.g. --adapter shapes=runs/tiny/adapter")
+        if name in adapters:
+            raise ConfigError(f"--adapter: the name {name!r} is given twice")
+        adapters[name] = Path(directory)
+    return adapters
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m multimodal_lora.serve",
+        description="An OpenAI-compatible chat-completions server for a base and its adapters, with request batching.",
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--adapters-dir", default="runs", help="directory searched for adapters, as the demo's (default: runs)"
+    )
+    model.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also serve this adapter under NAME (repeatable)",
+    )
+    model.add_argument("--base", help="base model (default: the base the adapters record, else tiny)")
+    add_load_arguments(model, what="the base")
+    model.add_argument("--torch-threads", type=int, help="torch CPU threads (default: torch's choice)")
+    net = parser.add_argument_group("network and safety")
+    net.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; anything else needs --api-key)"
+    )
+    net.add_argument("--port", type=int, default=DEFAULT_PORT)
+    net.add_argument(
+        "--api-key", default=None, help=f"clients must send 'Authorization: Bearer KEY' (or set {API_KEY_ENV})"
+    )
+    net.add_argument(
+        "--max-body-bytes", type=int, default=25 * 1024 * 1024, help="largest request body (default 25 MiB)"
+    )
+    net.add_argument(
+        "--max-image-bytes", type=int, default=20 * 1024 * 1024, help="largest encoded image (default 20 MiB)"
+    )
+    net.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, width × height (default 40 M)")
+    net.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="fetch http(s) image URLs from --allowed-hosts (public addresses only)",
+    )
+    net.add_argument(
+        "--allowed-hosts",
+        default="",
+        help="comma-separated host names remote images may come from ('*': any public host)",
+    )
+    batch = parser.add_argument_group("batching")
+    batch.add_argument(
+        "--max-batch-size", type=int, default=16, help="requests answered by one generate call (default 16)"
+    )
+    batch.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long a request waits for batch-mates (default 5 ms)"
+    )
+    batch.add_argument(
+        "--no-batching", action="store_true", help="one request at a time (same as --max-batch-size 1 --max-wait-ms 0)"
+    )
+    batch.add_argument(
+        "--max-queue", type=int, default=256, help="requests that may wait; more get a 503 (default 256)"
+    )
+    batch.add_argument(
+        "--default-max-tokens", type=int, default=30, help="max_tokens when a request gives none (default 30)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    problems = []
+    if not is_loopback(args.host) and api_key is None:
+        problems.append(
+            f"--host {args.host} is reachable from other machines: set --api-key (or {API_KEY_ENV}) so that not everyone can use it"
+        )
+    if args.allow_remote_images and not args.allowed_hosts.strip():
+        problems.append(
+            "--allow-remote-images needs --allowed-hosts (comma-separated host names, or '*' for any public host)"
+        )
+    if args.max_batch_size < 1 or args.max_queue < 1 or args.max_wait_ms < 0 or args.default_max_tokens < 1:
+        problems.append(
+            "--max-batch-size, --max-queue and --default-max-tokens must be at least 1, --max-wait-ms at least 0"
+        )
+    if problems:
+        raise ConfigError("; ".join(problems))
+    explicit = parse_adapter_args(args.adapter)
+
+    import torch
+    import uvicorn
+
+    from multimodal_lora.adapter import read_adapter
+    from multimodal_lora.demo import find_adapters, load_captioner
+    from multimodal_lora.serve.app import ServerSettings, create_app
+    from multimodal_lora.serve.batcher import Batcher
+    from multimodal_lora.serve.engine import run_batch
+    from multimodal_lora.serve.images import ImageLimits, RemotePolicy
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    found = find_adapters(args.adapters_dir)
+    if explicit and args.adapters_dir == "runs" and not Path("runs").is_dir():
+        found.problems.clear()  # only --adapter was meant: the missing default directory is no problem
+    for name, directory in explicit.items():
+        if name in found.adapters:
+            raise ConfigError(
+                f"--adapter {name}: an adapter named {name!r} was also found under {args.adapters_dir}; choose another name"
+            )
+        directory, meta = read_adapter(directory)
+        found.adapters[name] = directory
+        found.tasks[name] = meta.task if meta is not None else "caption"
+        if found.base is None and meta is not None:
+            # The base loads the way this adapter was trained (recorded quantization, dtype, device kind).
+            found.base, found.load = meta.base.name, meta.load
+    captioner = load_captioner(found, args.base, args.device, args.dtype, args.quantization)
+    for problem in found.problems:
+        logger.warning("%s", problem)
+    missing = sorted(set(explicit) - set(captioner.adapter_names))
+    if missing:
+        raise ConfigError(f"--adapter {', '.join(missing)} could not be loaded: " + "; ".join(found.problems))
+
+    if args.no_batching:
+        args.max_batch_size, args.max_wait_ms = 1, 0.0
+    batcher = Batcher(
+        lambda jobs: run_batch(captioner, jobs),
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+    )
+    hosts = frozenset(h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
+    settings = ServerSettings(
+        api_key=api_key,
+        max_body_bytes=args.max_body_bytes,
+        default_max_tokens=args.default_max_tokens,
+        images=ImageLimits(max_pixels=args.max_pixels, max_bytes=args.max_image_bytes),
+        remote=RemotePolicy(allow=args.allow_remote_images, hosts=hosts),
+    )
+    app = create_app(captioner, batcher, settings)
+    names = [captioner.base.name, *captioner.adapter_names]
+    logger.info(
+        "serving %s on http://%s:%d/v1 (batching: up to %d requests, %.0f ms)",
+        ", ".join(names),
+        args.host,
+        args.port,
+        args.max_batch_size,
+        args.max_wait_ms,
+    )
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, server_header=False)
+    finally:
+        batcher.close()
+    return 0
+
+
+def cli() -> None:
+    """Console-script entry point."""
+    run_cli(main)
