@@ -201,7 +201,9 @@ def evaluate(
             with captioner.model.disable_adapter():
                 sums = token_loss_sums(captioner.model, loader, captioner.device)
         else:
-            captioner.model.set_adapter(adapter_name)
+            # One adapter serves every image now: merged, it costs nothing per token (never on int8/4-bit).
+            if not captioner.merge(adapter_name):
+                captioner.model.set_adapter(adapter_name)
             sums = token_loss_sums(captioner.model, loader, captioner.device)
         captions[column] = generate(captioner, adapter_name, groups, recipe.data.task, recipe.train.eval_max_new_tokens)
         table[column] = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item(), **score(captions[column], groups, meteor=use_meteor)}

@@ -3,8 +3,9 @@
 ``OUTPUT_DIR/metrics.jsonl`` has one JSON object per line: a ``"split": "train"``
 line every ``train.log_every`` steps (step, epoch, loss, lr, samples/s, peak
 memory) and a ``"split": "validation"`` line per evaluation (validation loss and
-captioning metrics). ``loss.png`` plots both losses and is redrawn after each
-evaluation. When the ``tensorboard`` package is installed the same scalars go
+captioning metrics). ``loss.png`` plots both losses; it is redrawn after an
+evaluation at most every ``train.plot_every_seconds`` (drawing one costs about
+0.2 s) and always at the end of the run. When the ``tensorboard`` package is installed the same scalars go
 to ``OUTPUT_DIR/tensorboard``. Only the main process writes.
 
 A resumed run first drops the lines logged after its checkpoint's step, so the
@@ -17,6 +18,7 @@ import json
 import logging
 import os
 import resource
+import time
 from pathlib import Path
 
 import torch
@@ -36,10 +38,14 @@ class RunLog:
         resume_step: drop records after this step (a resumed run); ``None`` starts a new file.
     """
 
-    def __init__(self, output_dir: Path, enabled: bool = True, resume_step: int | None = None):
+    def __init__(
+        self, output_dir: Path, enabled: bool = True, resume_step: int | None = None, plot_every_seconds: float = 0.0
+    ):
         self.path = Path(output_dir) / METRICS_FILE
         self.plot_path = Path(output_dir) / PLOT_FILE
         self.enabled = enabled
+        self.plot_every_seconds = plot_every_seconds
+        self._plotted_at: float | None = None
         self.tensorboard = None
         if not enabled:
             return
@@ -64,10 +70,19 @@ class RunLog:
                     self.tensorboard.add_scalar(f"{record['split']}/{key}", value, record["step"])
             self.tensorboard.flush()
 
-    def plot(self) -> Path | None:
-        """Redraw ``loss.png`` from ``metrics.jsonl``."""
+    def plot(self, force: bool = True) -> Path | None:
+        """Redraw ``loss.png`` from ``metrics.jsonl``.
+
+        Args:
+            force: ``False`` skips the redraw when the last one was less than
+                ``plot_every_seconds`` ago (returns ``None`` then).
+        """
         if not self.enabled:
             return None
+        now = time.monotonic()
+        if not force and self._plotted_at is not None and now - self._plotted_at < self.plot_every_seconds:
+            return None
+        self._plotted_at = now
         return plot_losses(read_metrics(self.path), self.plot_path)
 
     def close(self) -> None:

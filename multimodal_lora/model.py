@@ -282,6 +282,11 @@ def quantized_linears(model) -> set[str]:
     return out
 
 
+def is_quantized(model) -> bool:
+    """Whether the loaded base holds bitsandbytes int8 or 4-bit weights (which must not be merged into)."""
+    return any(type(p).__module__.startswith("bitsandbytes") or p.dtype in (torch.int8, torch.uint8) for p in model.parameters())
+
+
 def meta_model(config):
     """Build a BLIP-2 on the ``meta`` device: shapes without memory, for counting and planning."""
     from transformers import Blip2ForConditionalGeneration
@@ -380,6 +385,21 @@ def visual_prefix(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """
     blip2 = _blip2(model)
     return blip2.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+
+
+def prefix_shape(model) -> tuple[int, int]:
+    """``(query tokens, text hidden size)``: the shape of one image's visual prefix."""
+    config = _blip2(model).config
+    return config.num_query_tokens, config.text_config.hidden_size
+
+
+def image_path_trainable(model) -> list[str]:
+    """The parts of the image path (vision, Q-Former, queries, projection) with trainable parameters."""
+    blip2 = _blip2(model)
+    parts = [name for name in _FROZEN_IMAGE_PATH if any(p.requires_grad for p in getattr(blip2, name).parameters())]
+    if blip2.query_tokens.requires_grad:
+        parts.append("query_tokens")
+    return parts
 
 
 def prefix_inputs(prefix: torch.Tensor) -> dict:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -163,19 +164,28 @@ def train(recipe: Recipe) -> TrainResult:
         prompt_template=recipe.data.prompt_template,
         max_length=recipe.data.max_length,
     )
-    started = time.perf_counter()
-    train_set, val_set, collate = build_datasets(recipe, accelerator, model, processor, encoder, splits, layout.pad_token_id)
-    cache_seconds = time.perf_counter() - started if recipe.train.cache_image_features else None
     sampler = EpochBatchSampler(
-        len(train_set), recipe.train.batch_size, recipe.seed, accelerator.process_index, accelerator.num_processes
+        len(splits.train), recipe.train.batch_size, recipe.seed, accelerator.process_index, accelerator.num_processes
     )
+    steps_per_epoch = math.ceil(sampler.batches_per_epoch / recipe.train.grad_accum)
+    total_steps = recipe.train.max_steps or steps_per_epoch * recipe.train.epochs
+    use_cache = cache_features(recipe, model, total_steps / steps_per_epoch)
+    workers = loader_workers(recipe.data.num_workers, use_cache)
+    started = time.perf_counter()
+    train_set, val_set, collate = build_datasets(
+        recipe, accelerator, model, processor, encoder, splits, layout.pad_token_id, use_cache
+    )
+    cache_seconds = time.perf_counter() - started if use_cache else None
     # A loader draws a worker seed from its generator each epoch; without its own it would draw from
     # the global RNG, which a resumed run starting mid-epoch would then be one draw behind on.
+    # The workers only decode and resize images (no randomness), so they change no result; they
+    # persist across epochs, since starting them again costs more than an epoch of the tiny recipe.
     train_loader = torch.utils.data.DataLoader(
         train_set,
         batch_sampler=sampler,
         collate_fn=collate,
-        num_workers=recipe.data.num_workers,
+        num_workers=workers,
+        persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(recipe.seed),
     )
     val_loader = None
@@ -187,10 +197,8 @@ def train(recipe: Recipe) -> TrainResult:
         )
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
+    optimizer = build_optimizer(trainable, recipe.train.lr, recipe.train.weight_decay, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
-    steps_per_epoch = math.ceil(sampler.batches_per_epoch / recipe.train.grad_accum)
-    total_steps = recipe.train.max_steps or steps_per_epoch * recipe.train.epochs
     scheduler = _scheduler(recipe, optimizer, total_steps)
 
     identity = run_identity(recipe, base, splits, accelerator.num_processes)
@@ -210,7 +218,12 @@ def train(recipe: Recipe) -> TrainResult:
 
         captioner = Captioner.from_model(accelerator.unwrap_model(model), processor, base, {"default": meta})
         val_groups = group_references(splits.validation)[: recipe.train.eval_max_images]
-    log = RunLog(output_dir, enabled=accelerator.is_main_process, resume_step=state.step if resume else None)
+    log = RunLog(
+        output_dir,
+        enabled=accelerator.is_main_process,
+        resume_step=state.step if resume else None,
+        plot_every_seconds=recipe.train.plot_every_seconds,
+    )
     run = Run(
         recipe, accelerator, model, optimizer, scheduler, sampler, train_loader, val_loader, captioner, val_groups,
         meta, output_dir, log, total_steps, state, StopRequest(), trainable,
@@ -288,7 +301,8 @@ def fit(run: Run) -> dict:
                 epoch_seconds.append(time.perf_counter() - epoch_start)
                 state.epoch += 1
                 state.batches_done = 0
-            if epoch_done or finished:
+            due_eval = cfg.eval_every is not None and state.step % cfg.eval_every == 0
+            if epoch_done or finished or due_eval:
                 last_eval = validate(run) or last_eval
                 set_train_mode(run.model)
             due = cfg.checkpoint_every is not None and state.step % cfg.checkpoint_every == 0
@@ -332,7 +346,8 @@ def train_step(run: Run, group: list[dict]) -> float:
         sync = index == len(group) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             with accelerator.autocast():
-                loss = model(**forward_inputs(batch, accelerator.device)).loss
+                # No KV cache in training: nothing reads it, and filling it costs ~1% of a step.
+                loss = model(**forward_inputs(batch, accelerator.device), use_cache=False).loss
             accelerator.backward(loss / len(group))
         losses.append(loss.detach().float())
     step_loss = torch.stack(losses).mean()
@@ -371,7 +386,7 @@ def validate(run: Run) -> dict:
     record = {"split": "validation", "step": state.step, "epoch": state.epoch, **result}
     state.history.append(record)
     run.log.log(record)
-    run.log.plot()
+    run.log.plot(force=False)  # throttled: redrawing costs ~0.2 s; it is always drawn at the end
     logger.info("epoch %d, step %d: %s", state.epoch, state.step, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
     return result
 
@@ -397,12 +412,65 @@ def checkpoint(run: Run) -> None:
 # --- set-up helpers ------------------------------------------------------------------------------
 
 
-def build_datasets(recipe: Recipe, accelerator, model, processor, encoder, splits, pad_token_id):
+def cache_features(recipe: Recipe, model, epochs: float) -> bool:
+    """Whether this run trains from cached image features (``train.cache_image_features``, ``auto`` resolved).
+
+    ``auto`` caches when the images are seen more than once: building the cache runs the
+    frozen image path once per image, about what one epoch costs, and from then on each
+    epoch skips it. It cannot cache when any part of the image path is being trained.
+    """
+    from multimodal_lora.model import image_path_trainable
+
+    setting = recipe.train.cache_image_features
+    trained = image_path_trainable(model)
+    if setting is True and trained:
+        raise ConfigError(
+            f"train.cache_image_features: true, but {', '.join(trained)} of the image path are trained, "
+            "so their features change every step; set it to false or auto"
+        )
+    if setting != "auto":
+        logger.info("image feature cache: %s (cache_image_features=%s)", "on" if setting else "off", str(setting).lower())
+        return setting
+    use = epochs > 1 and not trained
+    why = (
+        f"{', '.join(trained)} of the image path are trained"
+        if trained
+        else f"the run sees each image {epochs:.3g} times" if epochs > 1 else "the run sees each image once"
+    )
+    logger.info("image feature cache: %s (cache_image_features=auto: %s)", "on" if use else "off", why)
+    return use
+
+
+def loader_workers(setting: int | str, use_cache: bool) -> int:
+    """DataLoader worker processes (``data.num_workers``, ``auto`` resolved).
+
+    With the cache nothing is decoded, and a worker would only add inter-process copies.
+    Without it, workers decode and resize images on the cores the training step leaves idle.
+    """
+    if setting != "auto":
+        return setting
+    if use_cache:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(4, cores - 1))
+
+
+def build_optimizer(params: list, lr: float, weight_decay: float, device: torch.device):
+    """AdamW updating all LoRA tensors in a few fused kernels instead of a loop over them.
+
+    ``fused`` needs a floating-point device kernel (CUDA, or a CPU on recent torch);
+    ``foreach`` (multi-tensor) works everywhere. Both compute what the single-tensor loop does.
+    """
+    fused = device.type == "cuda" and all(p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None, foreach=None if fused else True)
+
+
+def build_datasets(recipe: Recipe, accelerator, model, processor, encoder, splits, pad_token_id, use_cache: bool):
     """Train and validation datasets: pixels decoded per access, or cached visual prefixes."""
     train_encoded = encoder.encode_all(splits.train)
     val_encoded = encoder.encode_all(splits.validation)
     collate = Collator(pad_token_id)
-    if not recipe.train.cache_image_features:
+    if not use_cache:
         return (
             PairDataset(splits.train, train_encoded, processor.image_processor),
             PairDataset(splits.validation, val_encoded, processor.image_processor),
