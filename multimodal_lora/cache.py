@@ -68,7 +68,13 @@ def entries(root: Path | None = None) -> list[Entry]:
     return out
 
 
-def clear(keys: list[str] | None = None, *, everything: bool = False, older_than_days: float | None = None, root: Path | None = None) -> list[Entry]:
+def clear(
+    keys: list[str] | None = None,
+    *,
+    everything: bool = False,
+    older_than_days: float | None = None,
+    root: Path | None = None,
+) -> list[Entry]:
     """Remove feature caches (all, the named ones, or the unused ones); ``everything`` removes all entries.
 
     Returns:
@@ -114,7 +120,9 @@ def _size_and_time(path: Path) -> tuple[int, float]:
 def main(argv: list[str] | None = None) -> int:
     from multimodal_lora.atomic import format_bytes
 
-    parser = argparse.ArgumentParser(prog="python -m multimodal_lora.cache", description="List or remove what multimodal_lora has cached.")
+    parser = argparse.ArgumentParser(
+        prog="python -m multimodal_lora.cache", description="List or remove what multimodal_lora has cached."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="every entry with its size and when it was last used")
     remove = commands.add_parser("clear", help="remove image feature caches (all, named, or unused ones)")
