@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {name: {"many": [], "one": []} for name in checkouts}
     matches = {}
     with tempfile.TemporaryDirectory(prefix="caption-cli-") as tmp:
-        for name, checkout in checkouts.items():  # warm-up: imports compiled, files in the page cache
+        for checkout in checkouts.values():  # warm-up: imports compiled, files in the page cache
             caption(checkout, Path(args.adapter), images[:1], Path(tmp) / "warm.jsonl", args.threads)
         for _ in range(args.repeats):
             for name, checkout in checkouts.items():

@@ -126,7 +126,13 @@ def bf16_setup(small_shapes_dir):
 
 
 def test_feature_cache_is_stored_in_bf16_at_two_bytes_a_value(bf16_setup, tmp_path, caplog):
-    from multimodal_lora.feature_cache import FEATURES_FILE, CachedPairDataset, PrefixCollator, forward_inputs, open_or_build
+    from multimodal_lora.feature_cache import (
+        FEATURES_FILE,
+        CachedPairDataset,
+        PrefixCollator,
+        forward_inputs,
+        open_or_build,
+    )
 
     model, processor, layout, examples, encoded = bf16_setup
     model.eval()
