@@ -46,7 +46,11 @@ def caption(checkout: Path, adapter: Path, images: list[str], out: Path, threads
     if done.returncode != 0:
         raise RuntimeError(f"{checkout}: caption failed:\n{done.stderr[-3000:]}")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    return {"seconds": wall, "cpu_seconds": after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, "rows": rows}
+    return {
+        "seconds": wall,
+        "cpu_seconds": after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime,
+        "rows": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = {}
     for name, found in runs.items():
         many, one = median(r["seconds"] for r in found["many"]), median(r["seconds"] for r in found["one"])
-        cpu_many, cpu_one = median(r["cpu_seconds"] for r in found["many"]), median(r["cpu_seconds"] for r in found["one"])
+        cpu_many, cpu_one = (
+            median(r["cpu_seconds"] for r in found["many"]),
+            median(r["cpu_seconds"] for r in found["one"]),
+        )
         summary[name] = {
             "images_per_second": len(images) / many,
             "images_per_second_after_startup": (len(images) - 1) / max(many - one, 1e-9),

@@ -70,10 +70,13 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(features, ignore_errors=True)  # the cached run must build its features
             runs["cached image features"].append(run(True, Path(tmp) / "cached", args.overrides))
     summary = {
-        name: {key: median(r[key] for r in found) for key in ("epoch1_s", "epoch2_s", "total_s")} | {"final_loss": found[0]["final_loss"]}
+        name: {key: median(r[key] for r in found) for key in ("epoch1_s", "epoch2_s", "total_s")}
+        | {"final_loss": found[0]["final_loss"]}
         for name, found in runs.items()
     }
-    summary["cached image features"]["cache_build_s"] = median(r["cache_build_s"] for r in runs["cached image features"])
+    summary["cached image features"]["cache_build_s"] = median(
+        r["cache_build_s"] for r in runs["cached image features"]
+    )
     plain, cached = summary["pixels every step"], summary["cached image features"]
     ratio = plain["epoch2_s"] / cached["epoch2_s"]
     print(table(

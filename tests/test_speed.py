@@ -54,7 +54,9 @@ def test_recipe_defaults_are_the_fast_ones_and_new_keys_are_checked(tmp_path):
     from multimodal_lora.errors import ConfigError
 
     with pytest.raises(ConfigError) as raised:
-        load_recipe(RECIPES / "tiny.yaml", ["train.eval_every=0", "train.cache_image_features=sometimes", "data.num_workers=-1"])
+        load_recipe(
+            RECIPES / "tiny.yaml", ["train.eval_every=0", "train.cache_image_features=sometimes", "data.num_workers=-1"]
+        )
     message = str(raised.value)
     assert "train.eval_every: must be at least 1" in message
     assert "train.cache_image_features: expected true or false or one of auto" in message
@@ -121,7 +123,9 @@ def bf16_setup(small_shapes_dir):
     layout = text_layout(model, processor.tokenizer)
     model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
     examples = read_imagefolder(small_shapes_dir / "train", DataConfig())[:6]
-    encoder = ExampleEncoder(processor.tokenizer, layout, task="caption", prompt=None, prompt_template="{question}", max_length=16)
+    encoder = ExampleEncoder(
+        processor.tokenizer, layout, task="caption", prompt=None, prompt_template="{question}", max_length=16
+    )
     return model, processor, layout, examples, encoder.encode_all(examples)
 
 
