@@ -18,13 +18,17 @@ checkpoint in a temporary directory, and then loaded through
     tokens) was computed once beforehand and each step runs only the language
     model, which is what caching frozen image features buys;
   - **gradient checkpointing** (non-reentrant) on the language model;
+* model FLOP/s and bf16 model-FLOPs utilisation (MFU) of each training
+  variant: :func:`model_flops_per_sample` × samples/s over the GPU's dense bf16
+  peak (from its name; ``--peak-tflops`` to set it);
 * the memory plan (``multimodal_lora.plan``) for the same base and batch,
   beside the measured peak;
 * caption latency for one image (greedy, exactly ``--new-tokens`` new tokens,
   the adapter active and unmerged).
 
 Compute runs under bf16 autocast on a GPU, as the trainer's ``accelerate``
-mixed precision does. Text is random token ids and images random pixels:
+mixed precision does, with the trainer's optimizer (fused AdamW on a GPU),
+train mode (frozen parts in eval) and no KV cache in the training forward. Text is random token ids and images random pixels:
 speed and memory do not depend on the values.
 
 On the ``device`` tool's H100/H200 (PyTorch, transformers, peft, accelerate
@@ -33,7 +37,7 @@ are installed; bitsandbytes is not), carry the bitsandbytes wheel that
 
     run(carry=[".whl"], command="python3 -m pip install -q --no-index --no-deps --no-compile
         --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-        PYTHONUNBUFFERED=1 && python3 bench/gpu_full_size.py --out $OUT")
+        PYTHONUNBUFFERED=1 && python3 bench/gpu_full_size.py --bases int8,bf16 --out $OUT")
 
 Writes ``OUT/gpu_full_size.json`` (default ``bench/results/``; ``--small``
 writes ``gpu_full_size_small.json``).

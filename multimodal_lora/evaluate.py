@@ -73,7 +73,7 @@ def token_loss_sums(model, loader, device: torch.device) -> torch.Tensor:
 
     total = torch.zeros(2, device=device, dtype=torch.float64)
     for batch in loader:
-        loss = model(**forward_inputs(batch, device)).loss
+        loss = model(**forward_inputs(batch, device), use_cache=False).loss
         # The model's loss is the mean over target tokens (labels shifted by one).
         tokens = (batch["labels"][:, 1:] != -100).sum().to(device)
         total += torch.stack([loss.detach().double() * tokens, tokens.double()])

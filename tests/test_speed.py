@@ -236,3 +236,22 @@ def test_cache_index_records_format_and_dtype(bf16_setup, tmp_path):
     cache, keys = open_or_build(examples, model.eval(), processor.image_processor, tmp_path, progress=False)
     index = json.loads((cache.directory / INDEX_FILE).read_text())
     assert index["format"] == FORMAT and index["dtype"] == "bfloat16" and set(index["rows"]) == set(keys)
+
+
+def test_dataloader_workers_change_no_result(small_shapes_dir, tmp_path):
+    from multimodal_lora.train import train
+
+    adapters = []
+    for workers in (0, 1):
+        out = tmp_path / f"workers-{workers}"
+        recipe = load_recipe(
+            RECIPES / "tiny.yaml",
+            [
+                f"output_dir={out}", f"data.path={small_shapes_dir}", "train.batch_size=4", "train.max_steps=5",
+                "train.cache_image_features=false", f"data.num_workers={workers}", "lora.dropout=0.1",
+                "train.eval_captions=false",
+            ],
+        )  # fmt: skip
+        train(recipe)
+        adapters.append((out / "adapter" / "adapter_model.safetensors").read_bytes())
+    assert adapters[0] == adapters[1]
