@@ -283,7 +283,10 @@ def fit(run: Run) -> dict:
             window_losses.append(loss_value)
             progress.update(1)
             rate = (state.samples - start_samples) / max(time.perf_counter() - start, 1e-9)
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}", samples_s=f"{rate:.1f}")
+            # refresh=False: the bar is redrawn on its own schedule (mininterval), not on every step.
+            progress.set_postfix(
+                loss=f"{loss_value:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}", samples_s=f"{rate:.1f}", refresh=False
+            )
 
             if state.step % cfg.log_every == 0 or state.step == run.total_steps:
                 now = time.perf_counter()
