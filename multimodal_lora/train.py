@@ -83,6 +83,8 @@ class TrainResult:
     val_loss: float | None
     seconds: float
     samples_per_second: float
+    cpu_seconds: float = 0.0
+    """CPU time of this process in the loop (DataLoader workers' not included); steadier than wall time on a busy machine."""
     metrics: dict = field(default_factory=dict)
     """The last evaluation's validation loss and captioning metrics."""
     epoch_seconds: list[float] = field(default_factory=list)
@@ -262,6 +264,7 @@ def fit(run: Run) -> dict:
 
     cfg, state, accelerator = run.recipe.train, run.state, run.accelerator
     start, window_start, window_samples, window_losses = time.perf_counter(), time.perf_counter(), 0, []
+    cpu_start = time.process_time()
     start_samples, loss_value, last_eval, epoch_seconds = state.samples, float("nan"), {}, []
     # Redrawn at most once a second: in a log file every redraw is another line.
     progress = tqdm(
@@ -326,6 +329,7 @@ def fit(run: Run) -> dict:
         "final_loss": loss_value,
         "val_loss": last_eval.get("val_loss"),
         "seconds": seconds,
+        "cpu_seconds": time.process_time() - cpu_start,
         "samples_per_second": (state.samples - start_samples) / seconds if seconds > 0 else 0.0,
         "metrics": last_eval,
         "stopped_early": run.stop.requested,
