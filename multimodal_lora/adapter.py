@@ -3,8 +3,9 @@
 An adapter directory is what ``PeftModel.from_pretrained`` reads
 (``adapter_config.json`` + ``adapter_model.safetensors``), plus
 ``multimodal_lora.json``: which base it belongs to (name, path or hub id,
-revision, config fingerprint) and how it was trained (task, prompt), so that
-``caption(image, adapter=DIR)`` needs nothing else.
+revision, config fingerprint), how that base was loaded (quantization, dtype,
+device kind: :class:`~multimodal_lora.loading.LoadSettings`) and how it was
+trained (task, prompt), so that ``caption(image, adapter=DIR)`` needs nothing else.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from multimodal_lora.atomic import staging_dir
 from multimodal_lora.errors import AdapterError
+from multimodal_lora.loading import LoadSettings, settings_from_record
 from multimodal_lora.model import BaseInfo
 
 META_FILE = "multimodal_lora.json"
@@ -32,6 +34,8 @@ class AdapterMeta:
     task: str = "caption"
     prompt: str | None = None
     prompt_template: str = "Question: {question} Answer:"
+    load: LoadSettings | None = None
+    """How the base was loaded for training; ``None`` in adapters written before it was recorded."""
 
 
 def save_adapter(peft_model, directory: str | Path, meta: AdapterMeta, adapter_name: str = "default") -> Path:
@@ -101,7 +105,7 @@ def read_adapter(path: str | Path) -> tuple[Path, AdapterMeta | None]:
         return directory, None
     try:
         raw = json.loads(meta_path.read_text())
-        meta = AdapterMeta(**{**raw, "base": BaseInfo(**raw["base"])})
+        meta = AdapterMeta(**{**raw, "base": BaseInfo(**raw["base"]), "load": settings_from_record(raw.get("load"))})
     except (json.JSONDecodeError, TypeError, KeyError) as exc:
         raise AdapterError(f"{meta_path}: unreadable ({exc}); delete it to load the adapter as a plain PEFT adapter") from None
     return directory, meta
@@ -116,6 +120,23 @@ def check_base_matches(directory: Path, meta: AdapterMeta | None, base: BaseInfo
         f"{meta.base.fingerprint}), but the loaded base is {base.name!r} (fingerprint {base.fingerprint}); "
         f"load it with base_model={meta.base.name!r}"
     )
+
+
+def base_of(directory: Path, meta: AdapterMeta | None, base: str | None = None) -> tuple[str, str | None]:
+    """``(base, revision)`` an adapter belongs to: ``base`` if given, else its record, else PEFT's config.
+
+    Raises:
+        AdapterError: nothing says which base (a foreign adapter without
+            ``base_model_name_or_path``) and ``base`` was not given.
+    """
+    if base is not None:
+        return base, (meta.base.revision if meta is not None and meta.base.name == base else None)
+    if meta is not None:
+        return meta.base.name, meta.base.revision
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    if not config.get("base_model_name_or_path"):
+        raise AdapterError(f"adapter {str(directory)!r} does not say which base it belongs to; pass the base (base_model= or --base)")
+    return config["base_model_name_or_path"], config.get("revision")
 
 
 def adapter_size_bytes(directory: str | Path) -> int:

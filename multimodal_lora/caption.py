@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from multimodal_lora.cli import run_cli, setup_logging
+from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
 from multimodal_lora.errors import UserError
 
 # What a directory argument expands to (case-insensitive); other files there are ignored.
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", nargs="*", help="image files, directories (their images), or quoted globs such as 'photos/**/*.jpg'")
     parser.add_argument("--adapter", help="adapter directory written by the trainer (default: the bare base)")
     parser.add_argument("--base", help="base model (default: the one the adapter was trained on, else tiny)")
+    add_load_arguments(parser)
     parser.add_argument("--out", help="write the captions to this .jsonl or .csv file instead of the screen")
     parser.add_argument("--question", help="ask this question about every image (a VQA adapter) instead of captioning")
     parser.add_argument("--prompt", help="text the caption continues")
@@ -87,7 +88,8 @@ def _captioner(args):
     """The captioner for ``--adapter``, merged into its base unless ``--no-merge`` (or a quantized base)."""
     from multimodal_lora.inference import captioner_for
 
-    captioner, name = captioner_for(args.adapter, args.base)
+    load = dict(quantization=args.quantization, dtype=args.dtype, device=args.device)
+    captioner, name = captioner_for(args.adapter, args.base, **load)
     if name is not None and args.merge:
         captioner.merge(name)
     return captioner, name

@@ -1,4 +1,4 @@
-"""What every command-line entry point shares: logging set-up and clean errors."""
+"""What every command-line entry point shares: logging set-up, clean errors, the base-loading flags."""
 
 from __future__ import annotations
 
@@ -42,3 +42,11 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def add_load_arguments(parser, *, what: str = "the adapter's base") -> None:
+    """``--quantization/--dtype/--device``: load the base otherwise than the adapter records."""
+    default = "default: as the adapter was trained, or the nearest setting this machine supports"
+    parser.add_argument("--quantization", choices=["none", "int8", "4bit"], help=f"load {what} this way ({default})")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help=f"dtype of {what} ({default})")
+    parser.add_argument("--device", help=f"auto | cpu | cuda | cuda:N ({default})")

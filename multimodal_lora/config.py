@@ -36,7 +36,9 @@ class ModelConfig:
     revision: str | None = None
     """Hub revision (branch, tag or commit) of ``base``."""
     quantization: Literal["none", "int8", "4bit"] = "none"
-    """Load the base with bitsandbytes in int8 or 4-bit NF4; ``none`` keeps ``dtype``."""
+    """Load the base with bitsandbytes in int8 or 4-bit; ``none`` keeps ``dtype``."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit only: the 4-bit data type (NF4, as in QLoRA, or FP4)."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Dtype of the unquantized weights (and compute dtype of 4-bit layers)."""
     device: str = "auto"

@@ -23,9 +23,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from multimodal_lora.cli import run_cli, setup_logging
+from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
 from multimodal_lora.errors import AdapterError, UserError
+
+if TYPE_CHECKING:
+    from multimodal_lora.loading import LoadSettings
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,8 @@ class Found:
     """Adapters that were skipped, and why."""
     base: str | None = None
     """The base the first usable adapter was trained on."""
+    load: LoadSettings | None = None
+    """How that adapter's base was loaded for training (``None``: not recorded)."""
 
 
 def check_versions() -> None:
@@ -89,14 +95,17 @@ def find_adapters(root: str | Path) -> Found:
     if not root.is_dir():
         found.problems.append(f"{root} does not exist or is not a directory")
         return found
-    configs = sorted(
-        p
-        for p in root.rglob(CONFIG_FILE)
-        if len(p.relative_to(root).parts) <= SEARCH_DEPTH + 1
+    configs = []
+    # os.walk, not rglob: a symlinked run directory is followed (the depth limit ends any loop).
+    for current, dirs, files in os.walk(root, followlinks=True):
+        relative = Path(current).relative_to(root)
         # A run's checkpoints (OUTPUT_DIR/checkpoints/checkpoint-N/adapter) and
-        # half-written temporaries (.tmp-*) are not adapters to offer.
-        and not any(part == CHECKPOINTS or part.startswith(".") for part in p.relative_to(root).parts[:-1])
-    )
+        # half-written temporaries (.tmp-*, .adapter-*) are not adapters to offer.
+        deep = len(relative.parts) >= SEARCH_DEPTH
+        dirs[:] = [] if deep else [d for d in dirs if d != CHECKPOINTS and not d.startswith(".")]
+        if CONFIG_FILE in files:
+            configs.append(Path(current) / CONFIG_FILE)
+    configs.sort()
     for config in configs:
         directory = config.parent
         relative = directory.relative_to(root)
@@ -111,15 +120,32 @@ def find_adapters(root: str | Path) -> Found:
         found.adapters[name] = directory
         found.tasks[name] = meta.task if meta is not None else "caption"
         if found.base is None and meta is not None:
-            found.base = meta.base.name
+            found.base, found.load = meta.base.name, meta.load
     return found
 
 
-def load_captioner(found: Found, base: str | None, device: str, dtype: str, quantization: str):
-    """A Captioner with the base and every adapter that fits it (the others go to ``found.problems``)."""
-    from multimodal_lora.inference import Captioner
+def load_captioner(
+    found: Found, base: str | None, device: str | None = None, dtype: str | None = None, quantization: str | None = None
+):
+    """A Captioner with the base and every adapter that fits it (the others go to ``found.problems``).
 
-    captioner = Captioner(base or found.base or "tiny", device=device, dtype=dtype, quantization=quantization)
+    The base is loaded the way the first adapter was trained (its recorded
+    quantization, dtype and device kind), unless ``device``, ``dtype`` or
+    ``quantization`` say otherwise.
+    """
+    from multimodal_lora.inference import Captioner
+    from multimodal_lora.loading import resolve
+
+    name = base or found.base or "tiny"
+    settings = resolve(
+        found.load,
+        quantization=quantization,
+        dtype=dtype,
+        device=device,
+        subject=f"base {name} for the demo",
+        bare=found.base is None,
+    )
+    captioner = Captioner.with_settings(name, None, settings)
     for name, directory in list(found.adapters.items()):
         try:
             captioner.load_adapter(directory, name=name)
@@ -319,9 +345,9 @@ def serve(
     adapters_dir: str | Path = DEFAULT_ADAPTERS_DIR,
     *,
     base: str | None = None,
-    device: str = "auto",
-    dtype: str = "fp32",
-    quantization: str = "none",
+    device: str | None = None,
+    dtype: str | None = None,
+    quantization: str | None = None,
     host: str = "127.0.0.1",
     port: int = 7860,
     share: bool = False,
@@ -335,6 +361,8 @@ def serve(
     Args:
         adapters_dir: searched for adapter directories (default: ``runs``, where the trainer writes).
         base: the base model; defaults to the base the first adapter records, else ``tiny``.
+        device, dtype, quantization: how to load the base; by default as the first
+            adapter was trained (else ``auto``, ``fp32``, ``none``).
         host: the address to bind; ``127.0.0.1`` keeps the demo on this machine.
         share: also open a public ``*.gradio.live`` link (off unless asked).
         max_file_size: the largest upload accepted, e.g. ``10mb``.
@@ -385,9 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m multimodal_lora.demo", description="Web demo: caption and VQA with a base and its adapters.")
     parser.add_argument("--adapters-dir", default=DEFAULT_ADAPTERS_DIR, help="directory searched for adapters (default: runs)")
     parser.add_argument("--base", help="base model (default: the base of the adapters found, else tiny)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--quantization", default="none", choices=["none", "int8", "4bit"])
+    add_load_arguments(parser, what="the base")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from multimodal_lora.atomic import staging_dir
-from multimodal_lora.cli import run_cli, setup_logging
+from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
 from multimodal_lora.data.sources import Example
 from multimodal_lora.data.sources import group_references as data_group_references
 from multimodal_lora.errors import UserError
@@ -157,8 +157,15 @@ def evaluate(
     max_images: int | None = None,
     samples: int = 8,
     meteor: bool = True,
+    quantization: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
 ) -> tuple[Path, dict[str, dict]]:
     """Evaluate the base and ``adapter`` on the recipe's validation split and write the report.
+
+    The base is loaded the way the adapter was trained (its recorded
+    quantization, dtype and device kind; the recipe's ``model`` section for an
+    adapter that records none), unless ``quantization``, ``dtype`` or ``device`` say otherwise.
 
     Returns:
         ``(report directory, {"base": metrics, "adapter": metrics})``.
@@ -166,7 +173,7 @@ def evaluate(
     Raises:
         UserError: the data has no validation split, or the adapter cannot be used with the base.
     """
-    from multimodal_lora.adapter import find_adapter_dir
+    from multimodal_lora.adapter import find_adapter_dir, read_adapter
     from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
     from multimodal_lora.data.sources import load_splits
     from multimodal_lora.inference import Captioner
@@ -177,8 +184,14 @@ def evaluate(
     adapter_dir = find_adapter_dir(adapter)
     out = Path(out) if out is not None else adapter_dir.parent / "eval"
     cfg = recipe.model
-    captioner = Captioner(cfg.base, revision=cfg.revision, device=cfg.device, dtype=cfg.dtype, quantization=cfg.quantization)
-    name = captioner.load_adapter(adapter_dir, name="adapter")
+    _, meta = read_adapter(adapter_dir)
+    if meta is None or meta.load is None:
+        # Written before load settings were recorded: the recipe says how, as it always did.
+        quantization, dtype, device = quantization or cfg.quantization, dtype or cfg.dtype, device or cfg.device
+    captioner = Captioner.for_adapter(
+        adapter_dir, name="adapter", base=cfg.base, quantization=quantization, dtype=dtype, device=device
+    )
+    name = "adapter"
 
     encoder = ExampleEncoder(
         captioner.processor.tokenizer,
@@ -197,13 +210,10 @@ def evaluate(
     use_meteor = meteor and meteor_available()
     table, captions = {}, {}
     for column, adapter_name in (("base", None), ("adapter", name)):
-        if adapter_name is None:
-            with captioner.model.disable_adapter():
-                sums = token_loss_sums(captioner.model, loader, captioner.device)
-        else:
-            # One adapter serves every image now: merged, it costs nothing per token (never on int8/4-bit).
-            if not captioner.merge(adapter_name):
-                captioner.model.set_adapter(adapter_name)
+        if adapter_name is not None:
+            # One adapter serves every image from here on: merged, it costs nothing per token (never on int8/4-bit).
+            captioner.merge(adapter_name)
+        with captioner.using(adapter_name):
             sums = token_loss_sums(captioner.model, loader, captioner.device)
         captions[column] = generate(captioner, adapter_name, groups, recipe.data.task, recipe.train.eval_max_new_tokens)
         table[column] = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item(), **score(captions[column], groups, meteor=use_meteor)}
@@ -238,12 +248,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-images", type=int, help="evaluate at most this many validation images")
     parser.add_argument("--samples", type=int, default=8, help="images shown in the report (default 8)")
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java VM)")
+    add_load_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging()
     from multimodal_lora.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    out, table = evaluate(recipe, args.adapter, args.out, max_images=args.max_images, samples=args.samples, meteor=not args.no_meteor)
+    out, table = evaluate(
+        recipe, args.adapter, args.out, max_images=args.max_images, samples=args.samples, meteor=not args.no_meteor,
+        quantization=args.quantization, dtype=args.dtype, device=args.device,
+    )  # fmt: skip
     columns = list(table)
     print(f"{'metric':<16}" + "".join(f"{c:>12}" for c in columns))
     for key in ["val_loss", *METRICS]:

@@ -4,12 +4,18 @@
 switches between them per call without reloading the base. :func:`caption` and
 :func:`ask` are the one-line versions; they keep one ``Captioner`` per base in
 :data:`CAPTIONERS` (a visible, documented cache: call :func:`clear_cache` to
-free it).
+free it), keyed by the base *and* how it is loaded.
+
+An adapter is used the way it was trained: its base is loaded with the
+quantization, dtype and device kind recorded in its ``multimodal_lora.json``,
+unless the caller overrides them (see :mod:`multimodal_lora.loading`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import threading
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -17,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from multimodal_lora.adapter import AdapterMeta, check_base_matches, read_adapter
+from multimodal_lora.adapter import AdapterMeta, base_of, check_base_matches, read_adapter
 from multimodal_lora.config import ModelConfig
 from multimodal_lora.data.encoding import prompt_text
 from multimodal_lora.data.images import ImageSource, load_image
 from multimodal_lora.errors import AdapterError, ConfigError
+from multimodal_lora.loading import LoadSettings, resolve
 from multimodal_lora.model import load_base, load_processor, text_layout
 
 logger = logging.getLogger(__name__)
@@ -38,7 +45,8 @@ class Captioner:
 
     Args:
         base: ``tiny``, a hub id, or a model directory.
-        device, dtype, quantization: as in a recipe's ``model`` section.
+        device, dtype, quantization, quant_type: as in a recipe's ``model`` section.
+            :meth:`for_adapter` takes them from what an adapter records instead.
 
     Example:
         >>> captioner = Captioner("tiny")
@@ -47,17 +55,29 @@ class Captioner:
         ['a red circle', 'a blue square']
     """
 
-    def __init__(self, base: str = "tiny", *, revision: str | None = None, device: str = "auto", dtype: str = "fp32", quantization: str = "none"):
-        cfg = ModelConfig(base=base, revision=revision, device=device, dtype=dtype, quantization=quantization)
+    def __init__(
+        self,
+        base: str = "tiny",
+        *,
+        revision: str | None = None,
+        device: str = "auto",
+        dtype: str = "fp32",
+        quantization: str = "none",
+        quant_type: str = "nf4",
+    ):
+        cfg = ModelConfig(base=base, revision=revision, device=device, dtype=dtype, quantization=quantization, quant_type=quant_type)
         problems = cfg.problems()
         if problems:
             raise ConfigError("; ".join(problems))
         self.processor = load_processor(base, revision)
         self.model, self.base = load_base(cfg, for_training=False)
+        self.settings = LoadSettings.of(cfg, self.device)
+        """How the base was loaded (``device`` is the kind it landed on)."""
         self.model.eval()
         self.layout = text_layout(self.model, self.processor.tokenizer)
         self.adapters: dict[str, AdapterMeta | None] = {}
         self._paths: dict[str, Path] = {}
+        self._peft_names: dict[str, str] = {}
         self._lock = threading.Lock()
         self._merged: str | None = None
 
@@ -71,12 +91,61 @@ class Captioner:
         self.processor = processor
         self.model = model
         self.base = base
+        self.settings = None
         self.layout = text_layout(model, processor.tokenizer)
         self.adapters = dict(adapters or {})
         self._paths = {}
+        # The model's own adapters are already PEFT adapters under these names.
+        self._peft_names = {name: name for name in self.adapters}
         self._lock = threading.Lock()
         self._merged = None
         return self
+
+    @classmethod
+    def for_adapter(
+        cls,
+        adapter: str | Path,
+        *,
+        name: str | None = None,
+        base: str | None = None,
+        quantization: str | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+    ) -> Captioner:
+        """Load an adapter's base the way the adapter was trained, then the adapter.
+
+        The quantization, dtype and device come from the adapter's
+        ``multimodal_lora.json``, fitted to this machine; each given argument
+        overrides its recorded value (see :func:`multimodal_lora.loading.resolve`).
+
+        Example:
+            >>> captioner = Captioner.for_adapter("runs/football/adapter")          # int8 if trained in int8
+            >>> captioner = Captioner.for_adapter("runs/football/adapter", quantization="none", dtype="bf16")
+        """
+        directory, meta = read_adapter(adapter)
+        base_name, revision = base_of(directory, meta, base)
+        settings = resolve(
+            meta.load if meta is not None else None,
+            quantization=quantization,
+            dtype=dtype,
+            device=device,
+            subject=f"base {base_name} for adapter {directory}",
+        )
+        self = cls.with_settings(base_name, revision, settings)
+        self.load_adapter(directory, name=name)
+        return self
+
+    @classmethod
+    def with_settings(cls, base: str, revision: str | None, settings: LoadSettings) -> Captioner:
+        """A captioner whose base is loaded with ``settings``."""
+        return cls(
+            base,
+            revision=revision,
+            device=settings.device,
+            dtype=settings.dtype,
+            quantization=settings.quantization,
+            quant_type=settings.quant_type or "nf4",
+        )
 
     @property
     def device(self) -> torch.device:
@@ -85,7 +154,10 @@ class Captioner:
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:
         """Load an adapter directory under ``name`` (default: the directory's name).
 
-        Loading the same directory twice under the same name is a no-op.
+        ``name`` is only ours: any string works (a path with dots, spaces or any
+        letters). PEFT gets a derived name that is always a valid module name
+        (see :func:`peft_adapter_name`). Loading the same directory twice under
+        the same name is a no-op.
 
         Raises:
             AdapterError: the directory is not a complete adapter, or it was
@@ -94,23 +166,27 @@ class Captioner:
         directory, meta = read_adapter(path)
         name = name or _default_name(directory)
         if name in self.adapters:
-            if self._paths[name] == directory.resolve():
+            if self._paths.get(name) == directory.resolve():
                 return name
-            raise AdapterError(f"an adapter named {name!r} is already loaded (from {self._paths[name]}); choose another name")
+            where = self._paths.get(name, "the model in memory")
+            raise AdapterError(f"an adapter named {name!r} is already loaded (from {where}); choose another name")
         check_base_matches(directory, meta, self.base)
+        self._note_other_settings(directory, meta)
         from peft import PeftModel
 
+        peft_name = peft_adapter_name(name)
         with self._lock:
             self._merge(None)  # adapters are added to unmerged weights
             # The first adapter wraps the base in a PeftModel; later ones are added to
             # the same wrapper, so the base's weights are loaded exactly once.
             if isinstance(self.model, PeftModel):
-                self.model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
+                self.model.load_adapter(str(directory), adapter_name=peft_name, is_trainable=False)
             else:
-                self.model = PeftModel.from_pretrained(self.model, str(directory), adapter_name=name, is_trainable=False)
+                self.model = PeftModel.from_pretrained(self.model, str(directory), adapter_name=peft_name, is_trainable=False)
             self.model.eval()
         self.adapters[name] = meta
         self._paths[name] = directory.resolve()
+        self._peft_names[name] = peft_name
         return name
 
     def caption(
@@ -210,6 +286,17 @@ class Captioner:
             raise AdapterError(f"no adapter named {adapter!r} is loaded (loaded: {known}); call load_adapter first")
         return self.adapters[adapter]
 
+    def _note_other_settings(self, directory: Path, meta: AdapterMeta | None) -> None:
+        """Say so when an adapter joins a base loaded otherwise than the one it was trained on."""
+        if meta is None or meta.load is None or self.settings is None:
+            return
+        trained, here = meta.load, self.settings
+        if (trained.quantization, trained.dtype, trained.quant_type) != (here.quantization, here.dtype, here.quant_type):
+            logger.info(
+                "adapter %s was trained on a base loaded as %s; this base is loaded as %s",
+                directory, trained.describe(), here.describe(),
+            )  # fmt: skip
+
     @property
     def adapter_names(self) -> list[str]:
         """The names of the loaded adapters, in the order they were loaded."""
@@ -255,8 +342,8 @@ class Captioner:
             self.model.unmerge_adapter()
             self._merged = None
         if adapter is not None:
-            self.model.set_adapter(adapter)
-            self.model.merge_adapter([adapter])
+            self.model.set_adapter(self._peft_names[adapter])
+            self.model.merge_adapter([self._peft_names[adapter]])
             self._merged = adapter
 
     @torch.no_grad()
@@ -272,7 +359,7 @@ class Captioner:
             chunk = [load_image(i) for i in images[start : start + batch_size]]
             batch = self._inputs(chunk, prompts[start : start + batch_size])
             # Choosing the adapter and generating must not interleave with another thread's choice.
-            with self._lock, self._adapter(adapter):
+            with self._lock, self.using(adapter):
                 output = self.model.generate(**batch, **kwargs)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -301,12 +388,19 @@ class Captioner:
             "attention_mask": attention_mask.to(self.device),
         }
 
-    def _adapter(self, adapter: str | None):
-        """A context in which ``adapter`` (or the bare base, for ``None``) is active."""
+    def using(self, adapter: str | None):
+        """A context in which ``adapter`` (or the bare base, for ``None``) is active.
+
+        For callers that run the model themselves (a validation loss); ``caption``
+        and ``ask`` use it under the lock.
+
+        Raises:
+            AdapterError: ``adapter`` is not loaded.
+        """
         from peft import PeftModel
 
+        self._meta(adapter)  # raises for an unknown name
         if not isinstance(self.model, PeftModel):
-            self._meta(adapter)  # raises for an unknown name
             return nullcontext()
         if self._merged is not None:
             if adapter == self._merged:
@@ -314,15 +408,15 @@ class Captioner:
             self._merge(None)  # another adapter, or the bare base: the merged weights must go first
         if adapter is None:
             return self.model.disable_adapter()
-        self._meta(adapter)
-        self.model.set_adapter(adapter)
+        self.model.set_adapter(self._peft_names[adapter])
         return nullcontext()
 
 
 # -- the one-line API ----------------------------------------------------------------------------
 
-CAPTIONERS: dict[tuple[str, str | None], Captioner] = {}
-"""The cache behind :func:`caption` and :func:`ask`: one :class:`Captioner` per (base, revision)."""
+CAPTIONERS: dict[tuple[str, str | None, LoadSettings], Captioner] = {}
+"""The cache behind :func:`caption` and :func:`ask`: one :class:`Captioner` per (base, revision,
+load settings). Adapters that share a base and the way it is loaded share one loaded base."""
 
 
 def clear_cache() -> None:
@@ -330,29 +424,34 @@ def clear_cache() -> None:
     CAPTIONERS.clear()
 
 
-def captioner_for(adapter: str | Path | None, base_model: str | None) -> tuple[Captioner, str | None]:
-    """The cached captioner for an adapter (its base read from the adapter) and the adapter's name."""
+def captioner_for(
+    adapter: str | Path | None,
+    base_model: str | None = None,
+    *,
+    quantization: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+) -> tuple[Captioner, str | None]:
+    """The cached captioner for an adapter, and the adapter's name in it.
+
+    The base and how it is loaded come from the adapter's record (see
+    :func:`multimodal_lora.loading.resolve`); ``base_model``, ``quantization``,
+    ``dtype`` and ``device`` override them. Without an adapter: the bare
+    ``base_model`` (default ``tiny``), loaded as today's defaults unless overridden.
+    """
     meta = None
     directory = None
     if adapter is not None:
         directory, meta = read_adapter(adapter)
-    if base_model is None:
-        if meta is not None:
-            base_model, revision = meta.base.name, meta.base.revision
-        elif directory is not None:
-            import json
-
-            config = json.loads((directory / "adapter_config.json").read_text())
-            base_model, revision = config.get("base_model_name_or_path"), config.get("revision")
-            if not base_model:
-                raise AdapterError(f"adapter {str(directory)!r} does not say which base it belongs to; pass base_model=")
-        else:
-            base_model, revision = "tiny", None
+        base_model, revision = base_of(directory, meta, base_model)
+        subject = f"base {base_model} for adapter {directory}"
     else:
-        revision = meta.base.revision if meta is not None and meta.base.name == base_model else None
-    key = (base_model, revision)
+        base_model, revision, subject = base_model or "tiny", None, f"base {base_model or 'tiny'}"
+    recorded = meta.load if meta is not None else None
+    settings = resolve(recorded, quantization=quantization, dtype=dtype, device=device, subject=subject, bare=adapter is None)
+    key = (base_model, revision, settings)
     if key not in CAPTIONERS:
-        CAPTIONERS[key] = Captioner(base_model, revision=revision)
+        CAPTIONERS[key] = Captioner.with_settings(base_model, revision, settings)
     captioner = CAPTIONERS[key]
     name = captioner.load_adapter(directory, name=str(directory.resolve())) if directory is not None else None
     return captioner, name
@@ -364,8 +463,16 @@ def caption(
     prompt: str | None = None,
     max_new_tokens: int = 30,
     base_model: str | None = None,
+    *,
+    quantization: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
 ) -> str | list[str]:
     """Caption an image (or a list of images) with a trained adapter.
+
+    The base is loaded the way the adapter was trained (quantization, dtype,
+    device kind, as its ``multimodal_lora.json`` records), falling back to the
+    nearest setting this machine supports; one log line says which.
 
     Args:
         image: a path, a ``PIL.Image``, or a list of them.
@@ -373,6 +480,8 @@ def caption(
         prompt: text the caption continues (defaults to the adapter's training prompt).
         max_new_tokens: the longest caption, in tokens.
         base_model: the base to load; defaults to the one the adapter records, else ``tiny``.
+        quantization, dtype, device: load the base this way instead (``"none"``,
+            ``"int8"``, ``"4bit"``; ``"fp32"``, ``"bf16"``, ``"fp16"``; ``"cpu"``, ``"cuda"``...).
 
     Returns:
         A caption, or a list of captions for a list of images.
@@ -386,7 +495,7 @@ def caption(
         >>> caption("photo.jpg", adapter="runs/tiny/adapter")
         'a red circle'
     """
-    captioner, name = captioner_for(adapter, base_model)
+    captioner, name = captioner_for(adapter, base_model, quantization=quantization, dtype=dtype, device=device)
     return captioner.caption(image, adapter=name, prompt=prompt, max_new_tokens=max_new_tokens)
 
 
@@ -396,14 +505,21 @@ def ask(
     adapter: str | Path | None = None,
     max_new_tokens: int = 10,
     base_model: str | None = None,
+    *,
+    quantization: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
 ) -> str | list[str]:
     """Answer a question about an image with a VQA adapter (same template as training).
+
+    The base is loaded as in :func:`caption`: the way the adapter was trained,
+    unless ``quantization``, ``dtype`` or ``device`` say otherwise.
 
     Example:
         >>> ask("shape.png", "What colour is the shape?", adapter="runs/tiny-vqa/adapter")
         'red'
     """
-    captioner, name = captioner_for(adapter, base_model)
+    captioner, name = captioner_for(adapter, base_model, quantization=quantization, dtype=dtype, device=device)
     return captioner.ask(image, question, adapter=name, max_new_tokens=max_new_tokens)
 
 
@@ -424,4 +540,18 @@ def _check_generation(max_new_tokens, num_beams, do_sample, temperature, top_p, 
 
 
 def _default_name(directory: Path) -> str:
-    return directory.parent.name if directory.name == "adapter" else directory.name
+    directory = directory.absolute()
+    return (directory.parent.name if directory.name == "adapter" else directory.name) or str(directory)
+
+
+def peft_adapter_name(name: str) -> str:
+    """The name PEFT knows an adapter by: always a valid module name, one per ``name``.
+
+    PEFT stores adapters as module attributes, so its names cannot contain "."
+    (and should be identifiers); ours are paths or anything a user types. The
+    readable tail is for debugging, the hash keeps two names that clean up the
+    same way apart.
+    """
+    slug = re.sub(r"[^0-9A-Za-z_]+", "_", name).strip("_")[-32:]
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"adapter_{slug}_{digest}" if slug else f"adapter_{digest}"

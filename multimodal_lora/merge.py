@@ -23,11 +23,11 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from multimodal_lora.adapter import _replace_dir, check_base_matches, read_adapter
+from multimodal_lora.adapter import _replace_dir, base_of, check_base_matches, read_adapter
 from multimodal_lora.atomic import staging_dir
 from multimodal_lora.cli import run_cli, setup_logging
 from multimodal_lora.config import ModelConfig
-from multimodal_lora.errors import AdapterError, UserError
+from multimodal_lora.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def merge_adapter(
     out: str | Path,
     *,
     base: str | None = None,
-    dtype: str = "fp32",
+    dtype: str | None = None,
     device: str = "cpu",
     quantization: str | None = None,
     dequantize: bool = False,
@@ -56,10 +56,12 @@ def merge_adapter(
         out: where to write the merged model; written to a temporary directory
             beside it and renamed into place, so it is there whole or not at all.
         base: the base to merge into; defaults to the one the adapter records.
-        dtype: dtype of the merged weights (``fp32``, ``bf16``, ``fp16``).
-        device: where to do the merge (``cpu`` needs RAM for the whole base in ``dtype``).
+        dtype: dtype of the merged weights (``fp32``, ``bf16``, ``fp16``); defaults to
+            the dtype the adapter's base was trained in (as recorded), else ``fp32``.
+        device: where to do the merge (``cpu`` needs RAM for the whole base in ``dtype``;
+            not the recorded device: merging needs the unquantized base, more than training held).
         quantization: how the adapter's base was loaded for training; defaults to
-            what the run's saved ``recipe.yaml`` says, else ``none``.
+            what the adapter records, else what the run's saved ``recipe.yaml`` says, else ``none``.
         dequantize: merge into the unquantized base even though the adapter was
             trained on an int8/4-bit one.
         overwrite: replace ``out`` if it exists.
@@ -78,8 +80,11 @@ def merge_adapter(
     """
     directory, meta = read_adapter(adapter)
     out = Path(out)
+    recorded = meta.load if meta is not None else None
     if quantization is None:
-        quantization = _trained_quantization(directory)
+        quantization = recorded.quantization if recorded is not None else _trained_quantization(directory)
+    if dtype is None:
+        dtype = recorded.dtype if recorded is not None else "fp32"
     if quantization not in ("none", "int8", "4bit"):
         raise MergeError(f"quantization: {quantization!r}; choose from none, int8, 4bit")
     if quantization != "none" and not dequantize:
@@ -94,7 +99,7 @@ def merge_adapter(
     if out.resolve() == directory.resolve() or directory.resolve() in out.resolve().parents:
         raise MergeError(f"--out {out} is inside the adapter directory; write the merged model elsewhere")
 
-    base_name, revision = _base_of(directory, meta, base)
+    base_name, revision = base_of(directory, meta, base)
     cfg = ModelConfig(base=base_name, revision=revision, device=device, dtype=dtype, quantization="none")
     problems = cfg.problems()
     if problems:
@@ -104,7 +109,8 @@ def merge_adapter(
 
     from multimodal_lora.model import load_base, load_processor
 
-    logger.info("loading base %s (%s) to merge %s into", base_name, dtype, directory)
+    trained = f"; trained as {recorded.describe()}" if recorded is not None else ""
+    logger.info("loading base %s (unquantized, %s, %s%s) to merge %s into", base_name, dtype, device, trained, directory)
     processor = load_processor(base_name, revision)
     model, info = load_base(cfg, for_training=False)
     check_base_matches(directory, meta, info)
@@ -136,24 +142,13 @@ def merge_adapter(
 
 
 def _trained_quantization(directory: Path) -> str:
-    """The quantization the run that wrote this adapter used, from its saved recipe."""
+    """The quantization the run that wrote this adapter used, from its saved recipe (adapters without a record)."""
     recipe_path = directory.parent / "recipe.yaml"
     if not recipe_path.is_file():
         return "none"
     from multimodal_lora.config import load_recipe
 
     return load_recipe(recipe_path).model.quantization
-
-
-def _base_of(directory: Path, meta, base: str | None) -> tuple[str, str | None]:
-    if base is not None:
-        return base, (meta.base.revision if meta is not None and meta.base.name == base else None)
-    if meta is not None:
-        return meta.base.name, meta.base.revision
-    config = json.loads((directory / "adapter_config.json").read_text())
-    if not config.get("base_model_name_or_path"):
-        raise AdapterError(f"adapter {str(directory)!r} does not say which base it belongs to; pass --base")
-    return config["base_model_name_or_path"], config.get("revision")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,12 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", required=True, help="adapter directory written by the trainer")
     parser.add_argument("--out", required=True, help="directory to write the merged model to")
     parser.add_argument("--base", help="base to merge into (default: the one the adapter records)")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the merged weights")
+    parser.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], help="dtype of the merged weights (default: the dtype trained in, else fp32)"
+    )
     parser.add_argument("--device", default="cpu", help="where to merge: cpu (default), cuda, cuda:N")
     parser.add_argument(
         "--quantization",
         choices=["none", "int8", "4bit"],
-        help="how the adapter's base was quantized in training (default: read from the run's recipe.yaml)",
+        help="how the adapter's base was quantized in training (default: as the adapter records, else the run's recipe.yaml)",
     )
     parser.add_argument(
         "--dequantize",

@@ -82,8 +82,11 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def quantization_config(quantization: str, dtype: str):
-    """The ``BitsAndBytesConfig`` for ``int8`` or ``4bit``, ``None`` for ``none``."""
+def quantization_config(quantization: str, dtype: str, quant_type: str = "nf4"):
+    """The ``BitsAndBytesConfig`` for ``int8`` or ``4bit``, ``None`` for ``none``.
+
+    4-bit layers compute in ``dtype`` (fp32 for fp32) and use double quantization.
+    """
     if quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -94,7 +97,7 @@ def quantization_config(quantization: str, dtype: str):
         compute = DTYPES[dtype] if dtype != "fp32" else torch.float32
         return BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
+            bnb_4bit_quant_type=quant_type,
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
         )
@@ -126,7 +129,7 @@ def load_base(cfg: ModelConfig, *, for_training: bool = True):
 
     path = resolve_base(cfg.base)
     device = pick_device(cfg.device)
-    quant = quantization_config(cfg.quantization, cfg.dtype)
+    quant = quantization_config(cfg.quantization, cfg.dtype, cfg.quant_type)
     kwargs = {"revision": cfg.revision, "dtype": DTYPES[cfg.dtype]}
     if quant is not None:
         _require_bitsandbytes(cfg.quantization)
@@ -320,10 +323,15 @@ def _numel(param) -> int:
     return param.numel()
 
 
+def bitsandbytes_available() -> bool:
+    """Whether bitsandbytes (int8 and 4-bit layers) can be imported here."""
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
 def _require_bitsandbytes(quantization: str) -> None:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
+    if not bitsandbytes_available():
         raise UserError(
             f"model.quantization={quantization} needs bitsandbytes; pip install 'bitsandbytes>=0.49' "
             "or set model.quantization=none"

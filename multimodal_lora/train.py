@@ -51,6 +51,7 @@ from multimodal_lora.data.sources import load_splits
 from multimodal_lora.errors import ConfigError, UserError
 from multimodal_lora.evaluate import generate, group_references, score, token_loss_sums
 from multimodal_lora.feature_cache import CachedPairDataset, PrefixCollator, forward_inputs, open_or_build
+from multimodal_lora.loading import LoadSettings
 from multimodal_lora.logs import RunLog, peak_memory_mb
 from multimodal_lora.model import (
     add_lora,
@@ -93,6 +94,8 @@ class TrainResult:
     """Time spent computing (or opening) the frozen-feature cache; ``None`` without one."""
     stopped_early: bool = False
     """``True`` when SIGTERM or Ctrl-C stopped the run (a checkpoint was written; resume with resume=true)."""
+    model: object = field(default=None, repr=False)
+    """The trained PEFT model, still in memory (e.g. to compare with the saved adapter reloaded)."""
 
 
 @dataclass
@@ -151,6 +154,8 @@ def train(recipe: Recipe) -> TrainResult:
         logger.warning("%s", describe_bad(splits.bad))
 
     model, base = load_base(recipe.model)
+    # Recorded with the adapter, so that caption() & co. load the base the same way.
+    load_settings = LoadSettings.of(recipe.model, next(model.parameters()).device)
     layout = text_layout(model, processor.tokenizer)
     model = add_lora(model, recipe.lora)
     if recipe.train.gradient_checkpointing:
@@ -213,7 +218,9 @@ def train(recipe: Recipe) -> TrainResult:
         )
         logger.info("resumed from %s: step %d of %d, %d epochs done", path, state.step, total_steps, state.epoch)
 
-    meta = AdapterMeta(base=base, task=recipe.data.task, prompt=recipe.data.prompt, prompt_template=recipe.data.prompt_template)
+    meta = AdapterMeta(
+        base=base, task=recipe.data.task, prompt=recipe.data.prompt, prompt_template=recipe.data.prompt_template, load=load_settings
+    )
     captioner, val_groups = None, []
     if recipe.train.eval_captions and splits.validation and accelerator.is_main_process:
         from multimodal_lora.inference import Captioner
@@ -249,8 +256,9 @@ def train(recipe: Recipe) -> TrainResult:
             logger.warning("%s", describe_bad(splits.bad))
     accelerator.wait_for_everyone()
     return TrainResult(
-        adapter_dir=adapter_dir, adapter_bytes=adapter_size_bytes(adapter_dir), feature_cache_seconds=cache_seconds, **result
-    )
+        adapter_dir=adapter_dir, adapter_bytes=adapter_size_bytes(adapter_dir), feature_cache_seconds=cache_seconds,
+        model=accelerator.unwrap_model(model), **result,
+    )  # fmt: skip
 
 
 def fit(run: Run) -> dict:

@@ -62,3 +62,24 @@ def small_shapes_dir(shapes_dir, tmp_path_factory) -> Path:
             shutil.copy(shapes_dir / split / name, root / split / name)
         (root / split / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def quick_adapter(tmp_path_factory, tiny_base) -> Path:
+    """A real adapter on the tiny base in seconds: fresh LoRA with random (non-zero) B matrices, saved
+    the trainer's way. It captions differently from the base, which is all the loading tests need."""
+    import torch
+
+    from multimodal_lora.adapter import AdapterMeta, save_adapter
+    from multimodal_lora.config import LoraSettings, ModelConfig
+    from multimodal_lora.model import add_lora, load_base
+
+    model, base = load_base(ModelConfig(base="tiny", device="cpu"))
+    model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    out = tmp_path_factory.mktemp("quick") / "adapter"
+    return save_adapter(model, out, AdapterMeta(base=base))

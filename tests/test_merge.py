@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -87,14 +88,14 @@ def test_merged_logits_match_base_plus_adapter(merged_dir, tiny_run, tiny_base, 
 
 
 def test_refuses_a_quantized_base_unless_asked_to_dequantize(tiny_run, tmp_path, images):
-    # A run trained on an int8 base: the recipe the trainer saved says so.
+    # A run trained on an int8 base: the adapter's record says so.
     run = tmp_path / "int8-run"
     shutil.copytree(tiny_run.adapter_dir, run / "adapter")
-    recipe = yaml.safe_load((tiny_run.adapter_dir.parent / "recipe.yaml").read_text())
-    recipe["model"]["quantization"] = "int8"
-    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    record = json.loads((run / "adapter" / "multimodal_lora.json").read_text())
+    record["load"] = {**record["load"], "quantization": "int8", "dtype": "bf16"}
+    (run / "adapter" / "multimodal_lora.json").write_text(json.dumps(record))
 
-    with pytest.raises(MergeError, match=r"quantized to int8.*--dequantize"):
+    with pytest.raises(MergeError, match=r"quantized to int8.*--dequantize.*now bf16"):
         merge_adapter(run / "adapter", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(MergeError, match="4bit"):
@@ -102,6 +103,21 @@ def test_refuses_a_quantized_base_unless_asked_to_dequantize(tiny_run, tmp_path,
 
     out = merge_adapter(run / "adapter", tmp_path / "out", dequantize=True)
     assert (out / "model.safetensors").is_file()
+    # Merged in the dtype the adapter was trained in, unless told otherwise.
+    assert json.loads((out / "merged_from.json").read_text())["dtype"] == "bf16"
+
+
+def test_an_adapter_without_a_record_is_judged_by_its_runs_recipe(tiny_run, tmp_path):
+    run = tmp_path / "old-int8-run"
+    shutil.copytree(tiny_run.adapter_dir, run / "adapter")
+    record = json.loads((run / "adapter" / "multimodal_lora.json").read_text())
+    del record["load"]
+    (run / "adapter" / "multimodal_lora.json").write_text(json.dumps(record))
+    recipe = yaml.safe_load((tiny_run.adapter_dir.parent / "recipe.yaml").read_text())
+    recipe["model"]["quantization"] = "int8"
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(MergeError, match=r"quantized to int8.*now fp32"):
+        merge_adapter(run / "adapter", tmp_path / "out")
 
 
 def test_existing_output_is_kept_unless_overwrite(merged_dir, tiny_run):
