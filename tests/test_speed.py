@@ -203,26 +203,40 @@ def test_cache_cli_lists_and_clears_feature_caches(bf16_setup, tmp_path, monkeyp
     assert not built.directory.exists() and (tmp_path / "data" / "kept.txt").is_file()
 
 
-def test_merged_captions_equal_unmerged_and_the_base_comes_back(tiny_run, shapes_dir):
+@pytest.fixture(scope="module")
+def small_adapter(small_shapes_dir, tmp_path_factory):
+    """An adapter trained for a few steps: not a good one, but a non-zero update to merge."""
+    from multimodal_lora.train import train
+
+    out = tmp_path_factory.mktemp("small-run")
+    overrides = [
+        f"output_dir={out}", f"data.path={small_shapes_dir}", "train.batch_size=8", "train.max_steps=6",
+        "train.eval_captions=false",
+    ]  # fmt: skip
+    return train(load_recipe(RECIPES / "tiny.yaml", overrides)).adapter_dir
+
+
+def test_merged_captions_equal_unmerged_and_the_base_comes_back(small_adapter, shapes_dir):
     from multimodal_lora import Captioner
 
     images = [str(p) for p in sorted((shapes_dir / "validation").glob("*.png"))[:8]]
     captioner = Captioner("tiny", device="cpu")
     assert captioner.batch_size == 32  # on a CPU
-    captioner.load_adapter(tiny_run.adapter_dir, name="shapes")
+    captioner.load_adapter(small_adapter, name="shapes")
     bare = captioner.caption(images)
     unmerged = captioner.caption(images, adapter="shapes")
+    assert unmerged != bare  # the adapter changes the captions
     assert captioner.merge("shapes") is True
     assert captioner.caption(images, adapter="shapes") == unmerged
     assert captioner.caption(images) == bare  # asking for the base unmerges first
     assert captioner.caption(images, adapter="shapes") == unmerged
 
 
-def test_an_int8_base_is_never_merged(tiny_run, caplog):
+def test_an_int8_base_is_never_merged(small_adapter, caplog):
     from multimodal_lora import Captioner
 
     captioner = Captioner("tiny", device="cpu", quantization="int8", dtype="bf16")
-    captioner.load_adapter(tiny_run.adapter_dir, name="shapes")
+    captioner.load_adapter(small_adapter, name="shapes")
     with caplog.at_level(logging.INFO, logger="multimodal_lora.inference"):
         assert captioner.merge("shapes") is False
     assert "not merging adapter 'shapes': the base is quantized (int8/4-bit)" in caplog.text
