@@ -32,6 +32,7 @@ def run(cached: bool, out: Path, extra: list[str]) -> dict:
 
     overrides = [
         f"output_dir={out}",
+        "overwrite=true",
         "train.epochs=2",
         "train.eval_captions=false",
         f"train.cache_image_features={'true' if cached else 'false'}",

@@ -40,7 +40,7 @@ def ours_step_seconds(workdir: Path, steps: int, extra: list[str]) -> tuple[floa
     from multimodal_lora.config import load_recipe
     from multimodal_lora.train import train
 
-    recipe = load_recipe(RECIPE, [f"output_dir={workdir}", f"train.max_steps={steps}", "data.val_split=null", "data.val_fraction=0", *extra])
+    recipe = load_recipe(RECIPE, [f"output_dir={workdir}", "overwrite=true", f"train.max_steps={steps}", "data.val_split=null", "data.val_fraction=0", *extra])
     result = train(recipe)
     return result.seconds / result.steps, result.cpu_seconds / result.steps
 

@@ -11,15 +11,15 @@ trained (task, prompt), so that ``caption(image, adapter=DIR)`` needs nothing el
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from multimodal_lora.atomic import staging_dir
+import torch
+
+from multimodal_lora.atomic import atomic_dir, is_staging
 from multimodal_lora.errors import AdapterError
 from multimodal_lora.loading import LoadSettings, settings_from_record
-from multimodal_lora.model import BaseInfo
+from multimodal_lora.model import BaseInfo, is_lora_target
 
 META_FILE = "multimodal_lora.json"
 CONFIG_FILE = "adapter_config.json"
@@ -38,8 +38,13 @@ class AdapterMeta:
     """How the base was loaded for training; ``None`` in adapters written before it was recorded."""
 
 
-def save_adapter(peft_model, directory: str | Path, meta: AdapterMeta, adapter_name: str = "default") -> Path:
+def save_adapter(
+    peft_model, directory: str | Path, meta: AdapterMeta, adapter_name: str = "default", state_dict: dict | None = None
+) -> Path:
     """Write the adapter to ``directory`` so that it is there whole or not at all.
+
+    ``state_dict`` is the model's state gathered from a sharded (FSDP) run; by
+    default the model's own tensors are saved.
 
     The files go to a temporary directory beside the target, which is then
     renamed into place; a process killed mid-save leaves the previous adapter
@@ -49,10 +54,8 @@ def save_adapter(peft_model, directory: str | Path, meta: AdapterMeta, adapter_n
         The adapter directory.
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_dir(directory)
-    try:
-        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True)
+    with atomic_dir(directory, "the adapter") as tmp:
+        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True, state_dict=state_dict)
         if adapter_name != "default":
             # save_pretrained puts non-default adapters in a sub-folder; keep the flat layout.
             for item in (tmp / adapter_name).iterdir():
@@ -60,17 +63,17 @@ def save_adapter(peft_model, directory: str | Path, meta: AdapterMeta, adapter_n
             (tmp / adapter_name).rmdir()
         _record_base(tmp / CONFIG_FILE, meta.base)
         (tmp / META_FILE).write_text(json.dumps(asdict(meta), indent=2) + "\n")
-        for path in (tmp / CONFIG_FILE, tmp / WEIGHTS_FILE, tmp / META_FILE):
-            _fsync(path)
-        _replace_dir(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 
 def find_adapter_dir(path: str | Path) -> Path:
     """Accept an adapter directory, or a run directory holding ``adapter/``."""
     path = Path(path)
+    if is_staging(path.absolute()):
+        raise AdapterError(
+            f"adapter {str(path)!r} is a staging directory left by an interrupted save, not an adapter; "
+            "use the finished one beside it (the next training run in that directory deletes it)"
+        )
     if not path.exists():
         raise AdapterError(f"adapter {str(path)!r} does not exist; pass the directory the trainer wrote (OUTPUT_DIR/adapter)")
     if not path.is_dir():
@@ -96,19 +99,31 @@ def read_adapter(path: str | Path) -> tuple[Path, AdapterMeta | None]:
     """
     directory = find_adapter_dir(path)
     try:
-        json.loads((directory / CONFIG_FILE).read_text())
+        return directory, _read_checked(directory)
+    except OSError as exc:  # no permission, an I/O error: name the file, no traceback
+        raise AdapterError(f"{exc.filename or directory}: cannot read it ({exc.strerror or exc})") from None
+
+
+def _read_checked(directory: Path) -> AdapterMeta | None:
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{directory / CONFIG_FILE}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{directory / CONFIG_FILE}: not a PEFT adapter config (a JSON object)")
     _check_safetensors(directory / WEIGHTS_FILE)
+    _check_finite(directory / WEIGHTS_FILE)
     meta_path = directory / META_FILE
     if not meta_path.is_file():
-        return directory, None
+        return None
     try:
         raw = json.loads(meta_path.read_text())
         meta = AdapterMeta(**{**raw, "base": BaseInfo(**raw["base"]), "load": settings_from_record(raw.get("load"))})
-    except (json.JSONDecodeError, TypeError, KeyError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as exc:
         raise AdapterError(f"{meta_path}: unreadable ({exc}); delete it to load the adapter as a plain PEFT adapter") from None
-    return directory, meta
+    if meta.task not in ("caption", "vqa"):
+        raise AdapterError(f"{meta_path}: task {meta.task!r} is not caption or vqa")
+    return meta
 
 
 def check_base_matches(directory: Path, meta: AdapterMeta | None, base: BaseInfo) -> None:
@@ -120,6 +135,91 @@ def check_base_matches(directory: Path, meta: AdapterMeta | None, base: BaseInfo
         f"{meta.base.fingerprint}), but the loaded base is {base.name!r} (fingerprint {base.fingerprint}); "
         f"load it with base_model={meta.base.name!r}"
     )
+
+
+# PEFT saves each LoRA tensor as base_model.model.<module>.lora_A.weight (the adapter's name removed).
+_PEFT_PREFIX = "base_model.model."
+
+
+def check_fits(directory: Path, model) -> None:
+    """Refuse an adapter that would load into ``model`` wrongly or not at all, before PEFT touches the model.
+
+    PEFT loads such adapters with at best a warning: tensors of modules its
+    ``target_modules`` do not select are dropped, modules without tensors keep
+    their initial (zero) update, so a file that matches nothing gives the bare
+    base, and a shape that does not fit gives a raw size-mismatch error. Here
+    each is an :class:`AdapterError` naming the file, the tensor and the problem.
+
+    Args:
+        directory: an adapter directory (already through :func:`read_adapter`).
+        model: the base it is about to be loaded into (bare, or a ``PeftModel`` holding other adapters).
+    """
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.other import get_pattern_key
+    from safetensors import safe_open
+
+    weights = directory / WEIGHTS_FILE
+    try:
+        config = LoraConfig.from_pretrained(str(directory))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise AdapterError(f"{directory / CONFIG_FILE}: not a LoRA adapter config PEFT can read ({exc})") from None
+    if str(config.peft_type).split(".")[-1] != "LORA":
+        raise AdapterError(f"{directory / CONFIG_FILE}: a {config.peft_type} adapter; only LoRA adapters are supported")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # Under a PeftModel, a LoRA layer wraps the original as .base_layer and holds lora_A/lora_B modules.
+    modules = {
+        name: getattr(module, "base_layer", module)
+        for name, module in base.named_modules()
+        if ".lora_" not in name and not name.endswith(".base_layer")
+    }
+    targeted = {name for name in modules if name and check_target_module_exists(config, name)}
+    if not targeted:
+        raise AdapterError(
+            f"{directory / CONFIG_FILE}: its target_modules ({config.target_modules}) match none of the base's "
+            "modules, so it would load as the bare base; it was made for another model"
+        )
+    found: set[str] = set()
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():
+            name = key.removeprefix(_PEFT_PREFIX)
+            module_name, lora, kind = name.partition(".lora_")
+            where = f"{weights}: tensor {key}"
+            if not lora or kind not in ("A.weight", "B.weight"):
+                raise AdapterError(f"{where} is not a LoRA A/B matrix; this package loads plain LoRA adapters only")
+            if not is_lora_target(module_name):
+                raise AdapterError(
+                    f"{where} adapts {module_name}, which is not an attention projection of the language model "
+                    "(q_proj, k_proj, v_proj, out_proj); PEFT would drop or misapply it"
+                )
+            if module_name not in modules:
+                raise AdapterError(f"{where}: the base has no module {module_name}; the adapter was made for another model")
+            if module_name not in targeted:
+                raise AdapterError(
+                    f"{where}: {module_name} is not selected by the adapter's own target_modules "
+                    f"({config.target_modules}); PEFT would silently drop it"
+                )
+            layer = modules[module_name]
+            shape = tuple(f.get_slice(key).get_shape())
+            r = config.r
+            if config.rank_pattern:
+                pattern = get_pattern_key(config.rank_pattern.keys(), module_name)
+                r = config.rank_pattern.get(pattern, config.r)
+            expected = (r, layer.in_features) if kind == "A.weight" else (layer.out_features, r)
+            if shape != expected:
+                raise AdapterError(
+                    f"{where} has shape {list(shape)}, but {module_name} of this base (in {layer.in_features}, "
+                    f"out {layer.out_features}) with r={r} needs {list(expected)}; the adapter was made for another model"
+                )
+            found.add(module_name)
+    if not found:
+        raise AdapterError(f"{weights}: holds no LoRA weights; it would load as the bare base")
+    missing = sorted(targeted - found)
+    if missing:
+        raise AdapterError(
+            f"{weights}: has no weights for {len(missing)} of the {len(targeted)} modules its target_modules select "
+            f"(e.g. {missing[0]}); PEFT would leave those at their initial values. The file is incomplete"
+        )
 
 
 def base_of(directory: Path, meta: AdapterMeta | None, base: str | None = None) -> tuple[str, str | None]:
@@ -167,19 +267,19 @@ def _check_safetensors(path: Path) -> None:
         raise AdapterError(f"{path}: truncated or corrupt safetensors file ({exc}); retrain or copy it again") from None
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+def _check_finite(path: Path) -> None:
+    """NaN or inf in an adapter make every caption empty; refuse it, naming the tensor."""
+    from safetensors import SafetensorError, safe_open
 
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``, replacing an existing directory there."""
-    if target.is_file():
-        raise AdapterError(f"{target} is a file; cannot write the adapter there")
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, old)
-    os.rename(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    raise AdapterError(
+                        f"{path}: tensor {key} has {bad} non-finite values (NaN or inf) of {tensor.numel()}; "
+                        "the run that wrote it diverged. Retrain (lower train.lr) or use an earlier checkpoint's adapter"
+                    )
+    except SafetensorError as exc:
+        raise AdapterError(f"{path}: unreadable safetensors file ({exc}); retrain or copy it again") from None

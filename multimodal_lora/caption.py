@@ -20,9 +20,10 @@ import glob
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
+from multimodal_lora.atomic import atomic_file
+from multimodal_lora.callable_module import forward_calls
 from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
 from multimodal_lora.errors import UserError
 
@@ -170,21 +171,14 @@ def caption_files(captioner, name, paths: list[str], args, progress: bool = True
 def write_rows(rows: list[dict], out: Path, out_format: str, question: bool = False) -> None:
     """Write rows as JSONL or CSV, atomically (a temporary file renamed into place)."""
     fields = ["image", "question", "answer", "error"] if question else ["image", "caption", "error"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}-", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            if out_format == "jsonl":
-                for row in rows:
-                    f.write(json.dumps({k: row[k] for k in fields if k in row}, ensure_ascii=False) + "\n")
-            else:
-                writer = csv.DictWriter(f, fieldnames=fields, restval="")
-                writer.writeheader()
-                writer.writerows(rows)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out, "the captions") as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        if out_format == "jsonl":
+            for row in rows:
+                f.write(json.dumps({k: row[k] for k in fields if k in row}, ensure_ascii=False) + "\n")
+        else:
+            writer = csv.DictWriter(f, fieldnames=fields, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 def _out_format(out: str) -> str:
@@ -229,6 +223,9 @@ def cli() -> None:
     """Console-script entry point."""
     run_cli(main)
 
+
+# `from multimodal_lora import caption` is the caption() function whether or not this module was imported first.
+forward_calls(__name__, "multimodal_lora.inference", "caption")
 
 if __name__ == "__main__":
     cli()

@@ -28,11 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ import numpy as np
 import torch
 
 from multimodal_lora.adapter import WEIGHTS_FILE, AdapterMeta, save_adapter
+from multimodal_lora.atomic import WriteError, atomic_dir, remove_stale
 from multimodal_lora.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -49,7 +48,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 _NAME = re.compile(r"checkpoint-(\d{8})")
-_TMP_PREFIX = ".tmp-checkpoint-"
 
 
 class CheckpointError(UserError):
@@ -72,6 +70,8 @@ class TrainState:
     """Validation results, one entry per evaluation."""
     identity: dict[str, Any] = field(default_factory=dict)
     """What this run is; a checkpoint is only resumed by a run with the same identity."""
+    run_id: str = ""
+    """Drawn when a run starts afresh, kept when it resumes: which checkpoints are this run's own."""
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -87,54 +87,57 @@ def save_checkpoint(
     scaler,
     meta: AdapterMeta,
     keep: int,
+    model_state: dict | None = None,
 ) -> Path:
     """Write a checkpoint for ``state.step`` atomically and delete all but the newest ``keep``.
+
+    ``model_state`` is the model's state gathered from a sharded (FSDP) run, for the adapter.
 
     Raises:
         CheckpointError: the checkpoint could not be written (a full disk, no
             permission); the previous checkpoints are left as they were.
     """
     root = Path(output_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{state.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=root))
     try:
-        save_adapter(model, tmp / "adapter", meta)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if scaler is not None:
-            torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        record = asdict(state)
-        record["files"] = {name: _sha256(tmp / name) for name in _payload(tmp)}
-        _write_synced(tmp / STATE_FILE, json.dumps(record, indent=1) + "\n")
-        _fsync_dir(tmp)
-        if final.exists():
-            # The same step written twice (epoch end that is also a checkpoint step): replace it.
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = find_checkpoints(output_dir)
+        # The same step written twice (an epoch end that is also a checkpoint step) replaces it.
+        with atomic_dir(final, f"checkpoint {final.name}") as tmp:
+            save_adapter(model, tmp / "adapter", meta, state_dict=model_state)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if scaler is not None:
+                torch.save(scaler.state_dict(), tmp / "scaler.pt")
+            torch.save(rng_state(), tmp / "rng.pt")
+            record = asdict(state)
+            record["files"] = {name: _sha256(tmp / name) for name in _payload(tmp)}
+            (tmp / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    except WriteError as exc:
+        previous = own_checkpoints(output_dir, state.run_id)
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(
-            f"could not write checkpoint {final} ({exc.strerror or exc}); {kept}. "
-            "Free disk space (or fix permissions) and continue with resume=true."
-        ) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for old in find_checkpoints(output_dir)[:-keep]:
+        resume = "continue with resume=true" if previous else "run again"
+        raise exc.with_hint(f"{kept}; free disk space (or fix permissions) and {resume}") from None
+    # Only this run's checkpoints are pruned: another run's (higher-numbered) ones are never touched.
+    for old in own_checkpoints(output_dir, state.run_id)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def own_checkpoints(output_dir: Path, run_id: str) -> list[Path]:
+    """The checkpoints written by the run ``run_id``, oldest first."""
+    out = []
+    for path in find_checkpoints(output_dir):
+        try:
+            if json.loads((path / STATE_FILE).read_text()).get("run_id") == run_id:
+                out.append(path)
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable: not provably ours, so never deleted
+    return out
+
+
 def remove_stale_temporaries(output_dir: Path) -> None:
-    """Delete temporary directories left by a run killed while writing a checkpoint."""
-    root = Path(output_dir) / CHECKPOINTS
-    if root.is_dir():
-        for path in root.glob(_TMP_PREFIX + "*"):
-            shutil.rmtree(path, ignore_errors=True)
+    """Delete staging directories left by a run killed while saving (its checkpoints, its adapter)."""
+    remove_stale(output_dir)
+    remove_stale(Path(output_dir) / CHECKPOINTS)
 
 
 # --- finding and reading -------------------------------------------------------------------------
@@ -186,7 +189,7 @@ def latest_checkpoint(output_dir: Path) -> tuple[Path, dict]:
     if not candidates:
         raise CheckpointError(
             f"resume=true: {Path(output_dir) / CHECKPOINTS} has no checkpoint to resume from; "
-            "run without resume to start afresh"
+            "run without resume to start afresh (with overwrite=true if the directory holds another run's adapter)"
         )
     problems = []
     for path in reversed(candidates):
@@ -221,7 +224,8 @@ def check_identity(path: Path, saved: dict, current: dict) -> None:
         raise CheckpointError(
             f"checkpoint {path} belongs to a different run:\n"
             + "\n".join(f"  - {d}" for d in diffs)
-            + "\nResume with the recipe that wrote it, or use another output_dir to start afresh."
+            + "\nResume with the recipe that wrote it (its copy is OUTPUT_DIR/recipe.yaml), or start afresh "
+            "with another output_dir (or overwrite=true, which deletes this run)."
         )
 
 
@@ -304,18 +308,3 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with path.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -254,22 +254,35 @@ class Recipe:
     resume: bool | str = False
     """``true``: continue from the newest complete checkpoint in ``output_dir``;
     a path: continue from that checkpoint directory; ``false``: start afresh."""
+    overwrite: bool = False
+    """``true``: a fresh run into an ``output_dir`` that holds another run's checkpoints or
+    adapter deletes them first. Without it (and without ``resume``) such a run stops before
+    loading anything: two runs never mix in one directory."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     source: str | None = None
     """The recipe file this was read from (set by :func:`load_recipe`)."""
+    overrides: list[str] = field(default_factory=list)
+    """The ``key=value`` overrides it was read with (set by :func:`load_recipe`), to repeat them in hints."""
 
     def problems(self) -> list[str]:
         out = []
         for section in (self.model, self.lora, self.data, self.train):
             out.extend(section.problems())
+        if self.overwrite and self.resume is not False:
+            out.append("overwrite: true deletes the run that resume would continue; set only one of them")
+        if not str(self.output_dir).strip():
+            out.append("output_dir: must not be empty; e.g. runs/mine")
         return out
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.pop("source")
+        out.pop("overrides")
+        # Not saved in OUTPUT_DIR/recipe.yaml: re-running that file must never delete the run it describes.
+        out.pop("overwrite")
         return out
 
 
@@ -336,8 +349,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except UnicodeDecodeError:
         raise ConfigError(f"recipe {str(path)!r} is not UTF-8 text") from None
     raw = parse_yaml(text, str(path))
-    if raw is None:
-        raw = {}
+    if raw is None or raw == {}:
+        # An empty file (or only comments) is a mistake, not a request for every default.
+        raise ConfigError(
+            f"recipe {str(path)!r} is empty; a recipe needs at least output_dir and the model, lora, data and "
+            "train sections you mean to set (start from recipes/tiny.yaml)"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of keys to values, not a {type(raw).__name__}")
     problems: list[str] = []
@@ -346,6 +363,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     recipe = recipe_from_dict(raw, problems)
     if recipe is not None:
         recipe.source = str(path)
+        recipe.overrides = list(overrides)
         problems.extend(recipe.problems())
     if problems:
         raise ConfigError(f"{path}: invalid recipe:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -522,7 +540,7 @@ def _field_names(cls) -> list[str]:
 
 
 def _top_level_fields() -> list[str]:
-    return [name for name in _field_names(Recipe) if name not in SECTIONS and name != "source"]
+    return [name for name in _field_names(Recipe) if name not in SECTIONS and name not in ("source", "overrides")]
 
 
 def _hints(cls) -> dict[str, Any]:

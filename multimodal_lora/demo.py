@@ -57,7 +57,7 @@ class Found:
     tasks: dict[str, str] = field(default_factory=dict)
     """Dropdown name → ``caption`` or ``vqa``."""
     problems: list[str] = field(default_factory=list)
-    """Adapters that were skipped, and why."""
+    """Adapters that cannot be used (listed as unusable in the page), and why."""
     base: str | None = None
     """The base the first usable adapter was trained on."""
     load: LoadSettings | None = None
@@ -114,8 +114,8 @@ def find_adapters(root: str | Path) -> Found:
         name = relative.as_posix() if relative.parts else directory.name
         try:
             directory, meta = read_adapter(directory)
-        except AdapterError as exc:
-            found.problems.append(f"skipped {name}: {exc}")
+        except (AdapterError, OSError) as exc:
+            found.problems.append(f"unusable: {name}: {exc}")
             continue
         found.adapters[name] = directory
         found.tasks[name] = meta.task if meta is not None else "caption"
@@ -149,8 +149,10 @@ def load_captioner(
     for name, directory in list(found.adapters.items()):
         try:
             captioner.load_adapter(directory, name=name)
-        except AdapterError as exc:
-            found.problems.append(f"skipped {name}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - one bad adapter must not stop the demo; it is listed
+            if not isinstance(exc, (AdapterError, OSError)):
+                logger.exception("loading adapter %s failed", directory)
+            found.problems.append(f"unusable: {name}: {exc}")
             del found.adapters[name]
             del found.tasks[name]
     return captioner
@@ -185,8 +187,33 @@ def status_text(found: Found, adapters_dir: str | Path, base: str) -> str:
             f"**No adapter found under `{adapters_dir}`**: captions come from the base alone. Train one with "
             "`python -m multimodal_lora.train recipes/tiny.yaml` and restart the demo."
         )
-    lines.extend(f"- {problem}" for problem in found.problems)
+    if found.problems:
+        lines.append(f"**{len(found.problems)} unusable** (not offered):")
+        lines.extend(f"- {problem}" for problem in found.problems)
     return "\n\n".join(lines)
+
+
+def refused(message: str):
+    """A ``gr.Error`` for the page, and one line in the server log (gradio would print a whole traceback)."""
+    import gradio as gr
+
+    logger.warning("refused: %s", message)
+    return gr.Error(message, print_exception=False)
+
+
+def _quiet_file_checks(component) -> None:
+    """Gradio's own upload checks (the file type) raise errors it prints with a traceback: make them one line."""
+    check = component._process_single_file
+
+    def process(payload):
+        import gradio as gr
+
+        try:
+            return check(payload)
+        except gr.Error as exc:
+            raise refused(exc.message) from None
+
+    component._process_single_file = process
 
 
 def read_upload(path: str | None):
@@ -197,13 +224,13 @@ def read_upload(path: str | None):
     from multimodal_lora.data.images import load_image
 
     if not path:
-        raise gr.Error("Upload an image first (or click one of the examples).")
+        raise refused("Upload an image first (or click one of the examples).")
     label = Path(path).name
     try:
         with Image.open(path) as probe:
             pixels = probe.width * probe.height
         if pixels > MAX_PIXELS:
-            raise gr.Error(f"{label}: {probe.width}×{probe.height} pixels is more than this demo takes ({MAX_PIXELS:,}); resize it.")
+            raise refused(f"{label}: {probe.width}×{probe.height} pixels is more than this demo takes ({MAX_PIXELS:,}); resize it.")
     except gr.Error:
         raise
     except Exception:
@@ -211,7 +238,7 @@ def read_upload(path: str | None):
     try:
         return load_image(path, name=label)
     except UserError as exc:
-        raise gr.Error(str(exc)) from None
+        raise refused(str(exc)) from None
 
 
 def build_app(
@@ -233,13 +260,20 @@ def build_app(
     names = list(found.adapters)
     caption_names = [n for n in names if found.tasks[n] != "vqa"]
     vqa_names = [n for n in names if found.tasks[n] == "vqa"]
-    choices = [("base model (no adapter)", BASE_CHOICE)] + [(f"{n} ({found.tasks[n]})", n) for n in names]
+    # Each tab offers its own task's adapters: a VQA adapter asked for a caption (or the
+    # reverse) answers in the wrong form, so the two are never mixed.
+    base_choice = [("base model (no adapter)", BASE_CHOICE)]
+    caption_choices = base_choice + [(n, n) for n in caption_names]
+    vqa_choices = base_choice + [(n, n) for n in vqa_names]
 
-    def to_adapter(choice: str | None) -> str | None:
+    def to_adapter(choice: str | None, task: str) -> str | None:
         if not choice or choice == BASE_CHOICE:
             return None
         if choice not in found.adapters:
-            raise gr.Error(f"No adapter named {choice!r} is loaded; choose one from the list.")
+            raise refused(f"No adapter named {choice!r} is loaded; choose one from the list.")
+        if found.tasks[choice] != task:
+            tab = "VQA" if found.tasks[choice] == "vqa" else "Caption"
+            raise refused(f"{choice!r} is a {found.tasks[choice]} adapter, not a {task} one; use it in the {tab} tab.")
         return choice
 
     def options(max_new_tokens, num_beams, do_sample, temperature, top_p) -> dict:
@@ -258,14 +292,14 @@ def build_app(
         except gr.Error:
             raise
         except UserError as exc:
-            raise gr.Error(str(exc)) from None
+            raise refused(str(exc)) from None
         except Exception:
             logger.exception("generation failed")
-            raise gr.Error("Something went wrong while generating; the server log has the details.") from None
+            raise refused("Something went wrong while generating; the server log has the details.") from None
 
     def caption_fn(path, choice, side_by_side, prompt, max_new_tokens, num_beams, do_sample, temperature, top_p):
         image = read_upload(path)
-        adapter = to_adapter(choice)
+        adapter = to_adapter(choice, "caption")
         opts = options(max_new_tokens, num_beams, do_sample, temperature, top_p)
         text = run(lambda: captioner.caption(image, adapter=adapter, prompt=prompt or None, **opts))
         base_text = ""
@@ -276,8 +310,8 @@ def build_app(
     def ask_fn(path, question, choice, max_new_tokens, num_beams, do_sample, temperature, top_p):
         image = read_upload(path)
         if not question or not question.strip():
-            raise gr.Error("Type a question about the image.")
-        adapter = to_adapter(choice)
+            raise refused("Type a question about the image.")
+        adapter = to_adapter(choice, "vqa")
         opts = options(max_new_tokens, num_beams, do_sample, temperature, top_p)
         return path, run(lambda: captioner.ask(image, question.strip(), adapter=adapter, **opts))
 
@@ -300,8 +334,12 @@ def build_app(
             with gr.Row():
                 with gr.Column():
                     c_file = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="caption-upload")
+                    _quiet_file_checks(c_file)
                     c_adapter = gr.Dropdown(
-                        choices, value=caption_names[0] if caption_names else BASE_CHOICE, label="Adapter", elem_id="caption-adapter"
+                        caption_choices,
+                        value=caption_names[0] if caption_names else BASE_CHOICE,
+                        label="Adapter (caption)",
+                        elem_id="caption-adapter",
                     )
                     c_compare = gr.Checkbox(value=False, label="Side by side: also caption with the base")
                     c_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
@@ -322,8 +360,11 @@ def build_app(
             with gr.Row():
                 with gr.Column():
                     q_file = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="vqa-upload")
+                    _quiet_file_checks(q_file)
                     q_question = gr.Textbox(label="Question", value="What colour is the shape?", elem_id="vqa-question")
-                    q_adapter = gr.Dropdown(choices, value=vqa_names[0] if vqa_names else BASE_CHOICE, label="Adapter")
+                    q_adapter = gr.Dropdown(
+                        vqa_choices, value=vqa_names[0] if vqa_names else BASE_CHOICE, label="Adapter (VQA)", elem_id="vqa-adapter"
+                    )
                     q_button = gr.Button("Ask", variant="primary", elem_id="vqa-button")
                 with gr.Column():
                     q_seen = gr.Image(label="Image", interactive=False, type="filepath", height=240)

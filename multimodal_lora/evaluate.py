@@ -18,14 +18,12 @@ import base64
 import html
 import io
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from multimodal_lora.atomic import staging_dir
+from multimodal_lora.atomic import atomic_dir
 from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
 from multimodal_lora.data.sources import Example
 from multimodal_lora.data.sources import group_references as data_group_references
@@ -94,9 +92,7 @@ def write_report(directory: Path, title: str, table: dict[str, dict], samples: l
     from multimodal_lora.data.images import load_image
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_dir(directory)
-    try:
+    with atomic_dir(directory, "the evaluation report") as tmp:
         (tmp / "thumbnails").mkdir()
         thumbs = []
         for i, sample in enumerate(samples):
@@ -138,11 +134,6 @@ def write_report(directory: Path, title: str, table: dict[str, dict], samples: l
             )
         page.append("</table>")
         (tmp / "report.html").write_text("\n".join(page))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.rename(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 
@@ -173,18 +164,28 @@ def evaluate(
     Raises:
         UserError: the data has no validation split, or the adapter cannot be used with the base.
     """
-    from multimodal_lora.adapter import find_adapter_dir, read_adapter
+    from multimodal_lora.adapter import read_adapter
     from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
     from multimodal_lora.data.sources import load_splits
     from multimodal_lora.inference import Captioner
 
+    adapter_dir, meta = read_adapter(adapter)
+    if meta is not None and meta.task != recipe.data.task:
+        raise UserError(
+            f"adapter {adapter_dir} was trained for task {meta.task!r}, but the recipe's data.task is "
+            f"{recipe.data.task!r}: its scores would be meaningless. Evaluate it with the recipe it was trained with "
+            f"({adapter_dir.parent / 'recipe.yaml'} when it is there)"
+        )
+    from multimodal_lora.model import load_processor, recipe_length_problems
+
+    lengths = recipe_length_problems(recipe, load_processor(recipe.model.base, recipe.model.revision).tokenizer)
+    if lengths:
+        raise UserError("lengths the base cannot hold: " + "; ".join(lengths))
     splits = load_splits(recipe.data)
     if not splits.validation:
         raise UserError(f"data.path {recipe.data.path!r} has no validation split ({recipe.data.val_split}); nothing to evaluate on")
-    adapter_dir = find_adapter_dir(adapter)
     out = Path(out) if out is not None else adapter_dir.parent / "eval"
     cfg = recipe.model
-    _, meta = read_adapter(adapter_dir)
     if meta is None or meta.load is None:
         # Written before load settings were recorded: the recipe says how, as it always did.
         quantization, dtype, device = quantization or cfg.quantization, dtype or cfg.dtype, device or cfg.device

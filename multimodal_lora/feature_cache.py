@@ -24,17 +24,18 @@ into place whole. ``python -m multimodal_lora.cache list`` shows the caches and
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from multimodal_lora.atomic import atomic_dir, format_bytes, require_free_space
 from multimodal_lora.data.images import load_image
 from multimodal_lora.data.sources import Example
 
@@ -143,7 +144,6 @@ def feature_dtype(model) -> torch.dtype:
 def _build(directory, examples, keys, model, image_processor, batch_size, progress, visual_prefix) -> None:
     from tqdm.auto import tqdm
 
-    from multimodal_lora.atomic import format_bytes, require_free_space, staging_dir
     from multimodal_lora.model import prefix_shape
 
     unique: dict[str, Example] = {}
@@ -161,10 +161,12 @@ def _build(directory, examples, keys, model, image_processor, batch_size, progre
     logger.info("%s: %s in %s", what, format_bytes(len(unique) * per_image), directory)
     # The .npy header is at most a few hundred bytes; what matters is the array.
     require_free_space(directory.parent, len(unique) * per_image + 4096, what)
-    tmp = staging_dir(directory)
-    try:
+    # Another process may build the same cache at once; its content is identical, so the first one stays.
+    with atomic_dir(directory, "the image feature cache", if_exists="keep") as tmp:
         items = list(unique.items())
         features = np.lib.format.open_memmap(tmp / FEATURES_FILE, mode="w+", dtype=_STORED[stored], shape=shape)
+        # Reserve the blocks now: a memory map over a full disk dies of SIGBUS, not an error.
+        _reserve(tmp / FEATURES_FILE)
         bar = tqdm(total=len(items), desc="caching image features", unit="image", disable=not progress)
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
@@ -178,14 +180,6 @@ def _build(directory, examples, keys, model, image_processor, batch_size, progre
         del features
         index = {"format": FORMAT, "dtype": str(stored).removeprefix("torch."), "rows": {key: row for row, (key, _) in enumerate(items)}}
         (tmp / INDEX_FILE).write_text(json.dumps(index))
-        try:
-            os.rename(tmp, directory)
-        except OSError:
-            # Another process built the same cache first; its content is identical.
-            if not (directory / INDEX_FILE).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("image features: cached %d images in %s", len(items), directory)
 
 
@@ -226,3 +220,16 @@ def forward_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict
     if "prefix" in batch:
         inputs.update(prefix_inputs(batch["prefix"].to(device)))
     return inputs
+
+
+def _reserve(path: Path) -> None:
+    """Allocate every block of a (sparse) file, so that running out of space is an ``OSError`` here."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return  # a file system without fallocate: nothing to reserve with
+        raise
+    finally:
+        os.close(fd)

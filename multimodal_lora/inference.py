@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from multimodal_lora.adapter import AdapterMeta, base_of, check_base_matches, read_adapter
+from multimodal_lora.adapter import AdapterMeta, base_of, check_base_matches, check_fits, read_adapter
 from multimodal_lora.config import ModelConfig
 from multimodal_lora.data.encoding import prompt_text
 from multimodal_lora.data.images import ImageSource, load_image
 from multimodal_lora.errors import AdapterError, ConfigError
 from multimodal_lora.loading import LoadSettings, resolve
-from multimodal_lora.model import load_base, load_processor, text_layout
+from multimodal_lora.model import load_base, load_processor, position_limit, text_layout
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class Captioner:
         """How the base was loaded (``device`` is the kind it landed on)."""
         self.model.eval()
         self.layout = text_layout(self.model, self.processor.tokenizer)
+        self.max_positions = position_limit(self.model.config)
         self.adapters: dict[str, AdapterMeta | None] = {}
         self._paths: dict[str, Path] = {}
         self._peft_names: dict[str, str] = {}
@@ -93,6 +94,7 @@ class Captioner:
         self.base = base
         self.settings = None
         self.layout = text_layout(model, processor.tokenizer)
+        self.max_positions = position_limit(model.config)
         self.adapters = dict(adapters or {})
         self._paths = {}
         # The model's own adapters are already PEFT adapters under these names.
@@ -177,6 +179,8 @@ class Captioner:
         peft_name = peft_adapter_name(name)
         with self._lock:
             self._merge(None)  # adapters are added to unmerged weights
+            # Checked against the model before PEFT changes it: a refused adapter leaves it as it was.
+            check_fits(directory, self.model)
             # The first adapter wraps the base in a PeftModel; later ones are added to
             # the same wrapper, so the base's weights are loaded exactly once.
             if isinstance(self.model, PeftModel):
@@ -354,6 +358,7 @@ class Captioner:
         kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample)
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
+        self._check_length(prompts, max_new_tokens)
         results: list[str] = []
         for start in range(0, len(images), batch_size):
             chunk = [load_image(i) for i in images[start : start + batch_size]]
@@ -365,6 +370,21 @@ class Captioner:
             texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             results.extend(t.strip() for t in texts)
         return results
+
+    def _check_length(self, prompts: list[str], max_new_tokens: int) -> None:
+        """Refuse, before any image is read, a prompt and length the base's positions cannot hold."""
+        tokenizer, layout = self.processor.tokenizer, self.layout
+        longest = max((len(tokenizer(p, add_special_tokens=False).input_ids) if p else 0 for p in set(prompts)), default=0)
+        start = layout.num_query_tokens + 1 + longest  # image queries, </s>, the prompt
+        # The last new token is returned, never fed back: it needs no position.
+        if start + max_new_tokens - 1 > self.max_positions:
+            room = self.max_positions - start + 1
+            fix = f"lower max_new_tokens to at most {room}" if room >= 1 else "shorten the prompt"
+            raise ConfigError(
+                f"the prompt takes {start} positions ({layout.num_query_tokens} image query tokens, 1 start token, "
+                f"{longest} prompt tokens) and max_new_tokens={max_new_tokens} needs {max_new_tokens - 1} more, but "
+                f"the base holds {self.max_positions}; {fix}"
+            )
 
     def _inputs(self, images, prompts) -> dict[str, torch.Tensor]:
         """Left-padded ``<image>``×Q ``</s>`` prompt, so every row ends where generation starts."""

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import time
 from pathlib import Path
 
 import torch
+
+from multimodal_lora.atomic import as_write_error, atomic_file, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class RunLog:
         if not enabled:
             return
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step is not None else []
-        _write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept), "the metrics log")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -62,8 +63,12 @@ class RunLog:
         """Append one record (must have ``step`` and ``split``)."""
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            # An append cannot be staged; a full disk still gets the one-line message.
+            raise as_write_error(exc, "the metrics log", self.path) or exc from None
         if self.tensorboard is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):
@@ -103,9 +108,17 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def plot_losses(records: list[dict], path: Path) -> Path:
-    """Training and validation loss against the optimizer step, written atomically as a PNG."""
-    import matplotlib
+def plot_losses(records: list[dict], path: Path) -> Path | None:
+    """Training and validation loss against the optimizer step, written atomically as a PNG.
+
+    Returns ``None`` (with a warning) where matplotlib is missing: a bare GPU image
+    running from a checkout may lack it, and the run matters more than its picture.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("%s not drawn: matplotlib is not installed (pip install matplotlib)", path)
+        return None
 
     matplotlib.use("Agg")  # no display on a training box
     import matplotlib.pyplot as plt
@@ -123,10 +136,11 @@ def plot_losses(records: list[dict], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path, "the loss curve") as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -136,9 +150,3 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     # ru_maxrss is in kilobytes on Linux.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from multimodal_lora.adapter import _replace_dir, base_of, check_base_matches, read_adapter
-from multimodal_lora.atomic import staging_dir
+from multimodal_lora.adapter import base_of, check_base_matches, check_fits, read_adapter
+from multimodal_lora.atomic import atomic_dir
 from multimodal_lora.cli import run_cli, setup_logging
 from multimodal_lora.config import ModelConfig
 from multimodal_lora.errors import UserError
@@ -114,14 +113,13 @@ def merge_adapter(
     processor = load_processor(base_name, revision)
     model, info = load_base(cfg, for_training=False)
     check_base_matches(directory, meta, info)
+    check_fits(directory, model)
     model = PeftModel.from_pretrained(model, str(directory), is_trainable=False)
     # safe_merge: check the merged weights for NaNs before replacing the originals.
     model = model.merge_and_unload(safe_merge=True)
     model.eval()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_dir(out)
-    try:
+    with atomic_dir(out, "the merged model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         record = {
@@ -134,9 +132,6 @@ def merge_adapter(
             "prompt_template": meta.prompt_template if meta else None,
         }
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("merged model written to %s", out)
     return out
 

@@ -158,6 +158,54 @@ def lora_target_pattern(targets: list[str] | tuple[str, ...]) -> str:
     return _LM_ATTENTION.format(names="|".join(targets))
 
 
+def position_limit(config) -> int:
+    """How many positions (image query tokens + text) the base's language model holds.
+
+    OPT learns one position embedding per position: a longer sequence is an
+    ``IndexError`` deep in the model, so every length is checked against this first.
+    """
+    return int(config.text_config.max_position_embeddings)
+
+
+def text_length_problem(max_length: int, config, what: str = "data.max_length") -> str | None:
+    """Why ``max_length`` text tokens after the image's query tokens do not fit the base, or ``None``."""
+    limit, queries = position_limit(config), int(config.num_query_tokens)
+    if queries + max_length <= limit:
+        return None
+    return (
+        f"{what}={max_length}: with the {queries} image query tokens that is {queries + max_length} positions, "
+        f"but the base holds {limit}; use at most {what}={limit - queries}"
+    )
+
+
+def recipe_length_problems(recipe, tokenizer, config=None) -> list[str]:
+    """Every length in a recipe the base cannot hold: training examples, and the captions evaluation generates.
+
+    Reads only the base's config (no weights), so a recipe fails before the model loads.
+    """
+    config = config if config is not None else base_config(recipe.model.base, recipe.model.revision)
+    problems = [p for p in [text_length_problem(recipe.data.max_length, config)] if p]
+    if recipe.train.eval_captions:
+        from multimodal_lora.data.encoding import prompt_text
+
+        text = prompt_text(recipe.data.task, "", recipe.data.prompt, recipe.data.prompt_template)
+        prompt = len(tokenizer(text, add_special_tokens=False).input_ids) if text else 0
+        limit, queries = position_limit(config), int(config.num_query_tokens)
+        needed = queries + 1 + prompt + recipe.train.eval_max_new_tokens - 1
+        if needed > limit:
+            problems.append(
+                f"train.eval_max_new_tokens={recipe.train.eval_max_new_tokens}: after the {queries} image query tokens, "
+                f"the start token and the {prompt}-token prompt that needs {needed} positions, but the base holds "
+                f"{limit}; use at most train.eval_max_new_tokens={limit - queries - prompt}"
+            )
+    return problems
+
+
+def is_lora_target(module_name: str) -> bool:
+    """Whether ``module_name`` (relative to the BLIP-2 model) is an attention projection of its language model."""
+    return re.fullmatch(lora_target_pattern(LORA_TARGETS), module_name) is not None
+
+
 def add_lora(model, lora: LoraSettings):
     """Wrap ``model`` with fresh LoRA adapters on the language model's attention.
 

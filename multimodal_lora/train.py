@@ -35,6 +35,8 @@ import torch
 import yaml
 
 from multimodal_lora.adapter import AdapterMeta, adapter_size_bytes, save_adapter
+from multimodal_lora.atomic import WriteError, write_text
+from multimodal_lora.callable_module import forward_calls
 from multimodal_lora.checkpoint import (
     TrainState,
     check_identity,
@@ -60,6 +62,7 @@ from multimodal_lora.model import (
     format_parameter_table,
     load_base,
     load_processor,
+    recipe_length_problems,
     set_train_mode,
     text_layout,
 )
@@ -128,30 +131,54 @@ def train(recipe: Recipe) -> TrainResult:
 
     Raises:
         UserError: a bad recipe, data set or checkpoint (the message says what to do),
-            or a non-finite loss (:class:`TrainingError`).
+            a used ``output_dir``, a full disk (:class:`~multimodal_lora.atomic.WriteError`, naming the
+            last intact checkpoint), or a non-finite loss (:class:`TrainingError`).
     """
+    output_dir = prepare_output_dir(Path(recipe.output_dir))
+    # Before anything loads: a fresh run never mixes with another run's checkpoints or adapter.
+    check_output_dir(recipe, output_dir)
+    try:
+        return _train(recipe, output_dir)
+    except WriteError as exc:
+        if exc.hint:
+            raise
+        last = _latest_checkpoint_name(output_dir)
+        hint = f"the last intact checkpoint is {last}; free space and continue with resume=true" if last else (
+            "no checkpoint was written yet; free space and run again"
+        )
+        raise exc.with_hint(hint) from None
+
+
+def _train(recipe: Recipe, output_dir: Path) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    output_dir = prepare_output_dir(Path(recipe.output_dir))
     # Accumulation is done by hand in train_step, so accelerate sees one micro-batch per step.
     accelerator = Accelerator(cpu=recipe.model.device == "cpu", mixed_precision=_mixed_precision(recipe))
     _check_distributed(recipe, accelerator)
     set_seed(recipe.seed)
+    if accelerator.is_main_process:
+        if recipe.overwrite:
+            clear_previous_run(output_dir)
+        remove_stale_temporaries(output_dir)
+    accelerator.wait_for_everyone()
     resume = resolve_resume(recipe.resume, output_dir)
     if accelerator.is_main_process:
-        remove_stale_temporaries(output_dir)
         # The resolved recipe, overrides applied: what this run really was.
-        (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        write_text(output_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False), "the run's recipe")
 
     # Data before weights: a missing file should not cost a model load.
     processor = load_processor(recipe.model.base, recipe.model.revision)
+    lengths = recipe_length_problems(recipe, processor.tokenizer)
+    if lengths:
+        raise ConfigError(f"{recipe.source or 'recipe'}: lengths the base cannot hold:\n" + "\n".join(f"  - {p}" for p in lengths))
     splits = load_splits(recipe.data)
     # Every image decoded once now, so a bad file stops the run here (or is skipped), never mid-training.
     splits = screen_examples(splits, recipe.data)
-    logger.info("data: %s — %d train / %d validation pairs", splits.description, len(splits.train), len(splits.validation))
-    if splits.bad:
-        logger.warning("%s", describe_bad(splits.bad))
+    if accelerator.is_main_process:
+        logger.info("data: %s — %d train / %d validation pairs", splits.description, len(splits.train), len(splits.validation))
+        if splits.bad:
+            logger.warning("%s", describe_bad(splits.bad))
 
     model, base = load_base(recipe.model)
     # Recorded with the adapter, so that caption() & co. load the base the same way.
@@ -160,7 +187,8 @@ def train(recipe: Recipe) -> TrainResult:
     model = add_lora(model, recipe.lora)
     if recipe.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    logger.info("trainable parameters:\n%s", format_parameter_table(count_parameters(model)))
+    if accelerator.is_main_process:
+        logger.info("trainable parameters:\n%s", format_parameter_table(count_parameters(model)))
 
     # The datasets need the tokenizer (text) and, with the feature cache, the model's frozen image path.
     encoder = ExampleEncoder(
@@ -205,17 +233,20 @@ def train(recipe: Recipe) -> TrainResult:
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, recipe.train.lr, recipe.train.weight_decay, accelerator.device)
+    _set_deepspeed_micro_batch(recipe, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = _scheduler(recipe, optimizer, total_steps)
 
-    identity = run_identity(recipe, base, splits, accelerator.num_processes)
-    state = TrainState(identity=identity)
+    identity = run_identity(recipe, base, splits, accelerator.num_processes, total_steps)
+    state = TrainState(identity=identity, run_id=_new_run_id(accelerator))
     if resume is not None:
         path, record = resume
         check_identity(path, record.get("identity", {}), identity)
+        fresh_id = state.run_id
         state = load_checkpoint(
             path, record, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler, scaler=accelerator.scaler
         )
+        state.run_id = state.run_id or fresh_id  # a checkpoint from before run ids: adopt it
         logger.info("resumed from %s: step %d of %d, %d epochs done", path, state.step, total_steps, state.epoch)
 
     meta = AdapterMeta(
@@ -245,8 +276,10 @@ def train(recipe: Recipe) -> TrainResult:
     if result["stopped_early"]:
         # Not finished: the adapter so far is the checkpoint's; OUTPUT_DIR/adapter is for finished runs.
         adapter_dir = Path(_latest_checkpoint_name(output_dir)) / "adapter"
-    elif accelerator.is_main_process:
-        save_adapter(accelerator.unwrap_model(model), adapter_dir, meta)
+    else:
+        state = full_state_dict(accelerator, model)  # every process takes part in gathering a sharded model
+        if accelerator.is_main_process:
+            save_adapter(accelerator.unwrap_model(model), adapter_dir, meta, state_dict=state)
     if accelerator.is_main_process:
         log.plot()
         log.close()
@@ -328,8 +361,8 @@ def fit(run: Run) -> dict:
     progress.close()
     if run.stop.requested:
         logger.warning(
-            "stopped by %s at step %d; checkpoint written. Continue with: python -m multimodal_lora.train %s resume=true",
-            run.stop.signal_name, state.step, run.recipe.source or "RECIPE",
+            "stopped by %s at step %d; checkpoint written. Continue with: %s",
+            run.stop.signal_name, state.step, resume_command(run.recipe),
         )  # fmt: skip
     seconds = time.perf_counter() - start
     return {
@@ -409,11 +442,13 @@ def validate(run: Run) -> dict:
 def checkpoint(run: Run) -> None:
     """Write a checkpoint (main process only) and wait for it, so no process runs ahead of a save."""
     accelerator = run.accelerator
+    state = full_state_dict(accelerator, run.model)
     if accelerator.is_main_process:
         path = save_checkpoint(
             run.output_dir,
             run.state,
             model=accelerator.unwrap_model(run.model),
+            model_state=state,
             optimizer=run.optimizer,
             scheduler=run.scheduler,
             scaler=accelerator.scaler,
@@ -514,8 +549,14 @@ def build_datasets(recipe: Recipe, accelerator, model, processor, encoder, split
     )
 
 
-def run_identity(recipe: Recipe, base, splits, processes: int) -> dict:
-    """What must not change between a checkpoint and the run resuming it (shown when it does)."""
+def run_identity(recipe: Recipe, base, splits, processes: int, total_steps: int) -> dict:
+    """Everything that changes the trained weights: a checkpoint is resumed only when all of it matches.
+
+    A difference is listed key by key; to change one of these, start a new run (another
+    ``output_dir``, or ``overwrite=true``). What does not change the weights (logging,
+    checkpoint frequency, evaluation settings, the feature cache, gradient checkpointing,
+    ``num_workers``, the device) may change on resume.
+    """
     data = hashlib.sha256()
     for e in splits.train:
         data.update(json.dumps([e.image_id, e.target, e.question]).encode())
@@ -523,6 +564,7 @@ def run_identity(recipe: Recipe, base, splits, processes: int) -> dict:
         "model.base": recipe.model.base,
         "model.revision": recipe.model.revision,
         "model.quantization": recipe.model.quantization,
+        "model.dtype": recipe.model.dtype,
         "base config fingerprint": base.fingerprint,
         "lora.r": recipe.lora.r,
         "lora.alpha": recipe.lora.alpha,
@@ -530,12 +572,105 @@ def run_identity(recipe: Recipe, base, splits, processes: int) -> dict:
         "lora.target_modules": sorted(recipe.lora.target_modules),
         "data.path": recipe.data.path,
         "data.task": recipe.data.task,
+        "data.prompt": recipe.data.prompt,
+        "data.prompt_template": recipe.data.prompt_template if recipe.data.task == "vqa" else None,
+        "data.max_length": recipe.data.max_length,
         "training data (hash of rows)": data.hexdigest()[:16],
         "seed": recipe.seed,
         "train.batch_size": recipe.train.batch_size,
         "train.grad_accum": recipe.train.grad_accum,
+        "train.lr": recipe.train.lr,
+        "train.weight_decay": recipe.train.weight_decay,
+        "train.scheduler": recipe.train.scheduler,
+        "train.warmup_ratio": recipe.train.warmup_ratio,
+        "train.max_grad_norm": recipe.train.max_grad_norm,
+        "total steps (train.epochs / train.max_steps)": total_steps,
         "processes": processes,
     }
+
+
+# What a run leaves in its output_dir; `overwrite=true` deletes exactly these.
+RUN_ARTEFACTS = ("checkpoints", "adapter", "metrics.jsonl", "loss.png", "tensorboard", "eval", "recipe.yaml")
+
+
+def check_output_dir(recipe: Recipe, output_dir: Path) -> None:
+    """Refuse a fresh run into a directory holding another run's work; say the two ways on.
+
+    Raises:
+        ConfigError: ``output_dir`` has checkpoints, an adapter or metrics, and neither
+            ``resume`` nor ``overwrite`` is set; or ``resume`` names a checkpoint of
+            another directory while this one holds a run.
+    """
+    from multimodal_lora.checkpoint import find_checkpoints
+
+    checkpoints = find_checkpoints(output_dir)
+    found = []
+    if checkpoints:
+        found.append(f"{len(checkpoints)} checkpoint(s) up to {checkpoints[-1].name}")
+    if (output_dir / "adapter").exists():
+        found.append("a finished adapter in adapter/")
+    metrics = output_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        found.append("metrics.jsonl")
+    if not found or recipe.overwrite:
+        return
+    rerun = resume_command(recipe, resume=None)
+    if recipe.resume is True:
+        return
+    if recipe.resume is not False:
+        inside = Path(recipe.resume).resolve().is_relative_to(output_dir.resolve())
+        if inside:
+            return
+        raise ConfigError(
+            f"resume={recipe.resume}: that checkpoint is not in output_dir {output_dir}, which already holds another "
+            f"run ({', '.join(found)}); resume it into an empty output_dir=..."
+        )
+    raise ConfigError(
+        f"output_dir {output_dir} already holds a run ({', '.join(found)}); a fresh run there would mix with it. "
+        f"Continue that run with: {rerun} resume=true — or start afresh with overwrite=true (deletes it) "
+        "or another output_dir=..."
+    )
+
+
+def clear_previous_run(output_dir: Path) -> None:
+    """``overwrite=true``: delete the previous run's artefacts (and nothing else in the directory)."""
+    import shutil
+
+    removed = []
+    for name in RUN_ARTEFACTS:
+        path = output_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        logger.warning("overwrite=true: deleted the previous run's %s in %s", ", ".join(removed), output_dir)
+
+
+def resume_command(recipe: Recipe, resume: bool | None = True) -> str:
+    """The command that started this run, with its overrides, ending in ``resume=true``."""
+    import shlex
+
+    keep = [o for o in recipe.overrides if o.partition("=")[0].strip() not in ("resume", "overwrite")]
+    words = ["python", "-m", "multimodal_lora.train", recipe.source or "RECIPE", *keep]
+    if resume:
+        words.append("resume=true")
+    return shlex.join(words)
+
+
+def _new_run_id(accelerator) -> str:
+    """A fresh id drawn by the main process and shared with the others (a resumed run keeps its own)."""
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        run_id = broadcast_object_list([run_id])[0]
+    return run_id
 
 
 def prepare_output_dir(path: Path) -> Path:
@@ -549,8 +684,44 @@ def prepare_output_dir(path: Path) -> Path:
     return path
 
 
-def _check_distributed(recipe: Recipe, accelerator) -> None:
+def full_state_dict(accelerator, model) -> dict | None:
+    """Under FSDP, the whole model's state gathered to the main process (a collective: call it on every
+    process); ``None`` otherwise, where each process holds whole tensors already."""
     from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    return accelerator.get_state_dict(model)
+
+
+def _set_deepspeed_micro_batch(recipe: Recipe, accelerator) -> None:
+    """Tell DeepSpeed the micro-batch, which accelerate can otherwise only read from a prepared DataLoader.
+
+    Ours is not prepared: :class:`EpochBatchSampler` shards and orders the data
+    itself, which is what makes resume exact.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = recipe.train.batch_size
+    if config.get("train_batch_size") == "auto":
+        accum = config.get("gradient_accumulation_steps", 1)
+        config["train_batch_size"] = recipe.train.batch_size * (1 if accum == "auto" else accum) * accelerator.num_processes
+
+
+def _check_distributed(recipe: Recipe, accelerator) -> None:
+    import os
+
+    from accelerate.utils import DistributedType
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate only shards on accelerators (GPUs); CPU processes join over gloo as DDP.
+        logger.warning(
+            "the launch config asks for FSDP, but accelerate runs FSDP only on GPUs; these %d %s processes train "
+            "data-parallel (%s) instead", accelerator.num_processes, accelerator.device.type, accelerator.distributed_type.value,
+        )  # fmt: skip
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED and recipe.train.grad_accum != 1:
         raise ConfigError(
@@ -679,6 +850,9 @@ def cli() -> None:
     """Console-script entry point."""
     run_cli(main)
 
+
+# `from multimodal_lora import train` is the train() function whether or not this module was imported first.
+forward_calls(__name__, "multimodal_lora.train", "train")
 
 if __name__ == "__main__":
     cli()

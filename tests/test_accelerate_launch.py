@@ -44,3 +44,40 @@ def test_two_processes_train_and_write_the_adapter_once(small_shapes_dir, tmp_pa
     captioner = Captioner("tiny", device="cpu")
     name = captioner.load_adapter(directory)
     assert isinstance(captioner.caption(str(small_shapes_dir / "validation" / "00000.png"), adapter=name), str)
+
+
+def test_the_fsdp_config_trains_on_cpu_as_data_parallel_and_saves_a_normal_adapter(small_shapes_dir, tmp_path):
+    # accelerate shards with FSDP only on GPUs; launched on CPU processes the same config must still
+    # train (over gloo, data-parallel), say so, and write the adapter a one-process run writes.
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import Blip2ForConditionalGeneration
+
+    from multimodal_lora.config import load_recipe
+    from multimodal_lora.train import train
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    args = [
+        str(REPO / "recipes" / "tiny.yaml"), f"data.path={small_shapes_dir}", "train.batch_size=4", "train.max_steps=2",
+        "train.eval_captions=false", "model.device=cpu",
+    ]  # fmt: skip
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "examples" / "accelerate" / "fsdp.yaml"),
+        "--num_processes", "2", "-m", "multimodal_lora.train", *args, f"output_dir={tmp_path / 'fsdp'}",
+    ]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "accelerate runs FSDP only on GPUs; these 2 cpu processes train data-parallel" in proc.stderr
+    state = json.loads((find_checkpoints(tmp_path / "fsdp")[-1] / "state.json").read_text())
+    assert state["identity"]["processes"] == 2 and state["step"] == 2
+
+    single = train(load_recipe(args[0], [*args[1:], f"output_dir={tmp_path / 'one'}"])).adapter_dir
+    sharded = load_file(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors")
+    alone = load_file(single / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in sharded.items()} == {k: v.shape for k, v in alone.items()}
+    assert json.loads((tmp_path / "fsdp" / "adapter" / "adapter_config.json").read_text()) == json.loads(
+        (single / "adapter_config.json").read_text()
+    )
+    # Plain PEFT loads it.
+    base = Blip2ForConditionalGeneration.from_pretrained(read_adapter(single)[1].base.name_or_path)
+    PeftModel.from_pretrained(base, str(tmp_path / "fsdp" / "adapter"))

@@ -141,3 +141,19 @@ def test_peft_round_trip_at_hostile_paths(places, expected, images):
     assert captioner.caption(images, adapter="default") == expected["captions"]
     with torch.no_grad():
         assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_public_functions_survive_importing_their_cli_modules_first():
+    """`multimodal_lora.caption`/`.train` are CLI modules too; importing them first must not hide the functions."""
+    import subprocess
+    import sys
+
+    code = (
+        "import multimodal_lora.caption, multimodal_lora.train, inspect\n"
+        "from multimodal_lora import caption, train\n"
+        "from multimodal_lora.inference import caption as f\n"
+        "print(callable(caption), callable(train), inspect.signature(f) is not None)\n"
+        "import multimodal_lora.train as t; print(t.train.__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True", "True", "train"]

@@ -128,3 +128,48 @@ def test_gpu_full_size_refuses_the_full_size_model_without_a_gpu():
     done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_full_size.py")], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 2
     assert "needs a CUDA GPU" in done.stderr and "--small" in done.stderr
+
+
+def test_full_size_cpu_bench_runs_its_phases_on_a_small_config(tmp_path):
+    from full_size_cpu import small_config
+
+    from multimodal_lora.model import count_parameters, meta_model
+
+    cmd = [sys.executable, str(REPO / "bench" / "full_size_cpu.py"), "--small", "--in-process", "--threads", "1"]
+    cmd += ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--steps", "2", "--new-tokens", "3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "full_size_cpu_small.json").read_text())
+    assert result["problems"] == []
+    assert result["total_parameters"] == count_parameters(meta_model(small_config()))["total"][1]
+    assert result["trainable_parameters"] == 2 * 2 * (128 * 16 + 16 * 128)  # q_proj, v_proj × 2 layers, r=16
+    phases = result["phases"]
+    assert list(phases) == ["build", *(f"{k}-{q}" for q in ("int8", "4bit") for k in ("train", "caption", "merge"))]
+    for q, layer, loaded in (
+        ("int8", "Linear8bitLt", "int8, fp32, cpu"),
+        ("4bit", "Linear4bit", "4bit nf4 (compute fp32), fp32, cpu"),
+    ):
+        train, caption, merge = (phases[f"{k}-{q}"] for k in ("train", "caption", "merge"))
+        assert train["steps"] == 2 and train["record"]["quantization"] == q
+        # caption(img, adapter=DIR) loaded the base as recorded, and generates what the trained model did.
+        assert caption["layer_class"] == layer and caption["loaded_as"] == loaded
+        assert caption["greedy_tokens"] == train["greedy_tokens"] and len(train["greedy_tokens"]) == 2
+        assert caption["captions"] == train["captions"]
+        assert merge["exit_status"] == 0 and "model.safetensors" in merge["files"]
+        assert train["planned_bytes"] > 0 and train["peak_rss_bytes"] >= train["peak_anonymous_rss_bytes"] > 0
+
+
+def test_gpu_football_runs_its_steps_on_a_small_config(tmp_path):
+    # The FSDP launch is left out here: tests/test_accelerate_launch.py runs fsdp.yaml on CPU.
+    cmd = [sys.executable, str(REPO / "bench" / "gpu_football.py"), "--small", "--skip-fsdp"]
+    cmd += ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "gpu_football_small.json").read_text())
+    # The football recipe as shipped: six rows, batch 2, five epochs.
+    assert result["football"]["steps"] == 15 and len(result["football"]["losses"]) == 2
+    assert result["football"]["record"] == {"quantization": "int8", "dtype": "fp16", "device": "cpu", "quant_type": None, "compute_dtype": None}
+    # caption() followed the record; this CPU may lack fp16 kernels, and then says fp32.
+    caption = result["caption"]
+    assert caption["layer_class"] == "Linear8bitLt" and caption["loaded_as"] in ("int8, fp16, cpu", "int8, fp32, cpu")
+    assert len(caption["captions"]) == 6 and caption["captions"][0] == caption["first_caption"]

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -123,13 +124,16 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_exits_cleanly(reference_run,
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
-    assert "SIGTERM received" in stderr and "resume=true" in stderr
+    assert "SIGTERM received" in stderr
+    # The hint is the command as started, overrides and all (output_dir first), plus resume=true.
+    hint = shlex.split(stderr.split("Continue with: ")[1].splitlines()[0])
+    assert hint == ["python", "-m", "multimodal_lora.train", str(TINY), *small_overrides(small_shapes_dir, out), "resume=true"]
     stopped_at = max(step for step, _ in train_losses(out))
     assert stopped_at < TOTAL_STEPS
     assert find_checkpoints(out)[-1].name == f"checkpoint-{stopped_at:08d}"
     assert not (out / "adapter").exists(), "an unfinished run must not look finished"
 
-    result = train(load_recipe(TINY, [*small_overrides(small_shapes_dir, out), "resume=true"]))
+    result = train(load_recipe(hint[3], hint[4:]))
     assert result.steps == TOTAL_STEPS
     assert (out / WEIGHTS).read_bytes() == (reference_run / WEIGHTS).read_bytes()
 
@@ -205,11 +209,13 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(small_shapes_di
         run_cli(main, args)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "No space left on device" in err
-    assert "checkpoint-00000002 is intact" in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert "could not write checkpoint checkpoint-00000004" in lines[0] and "no space left on device" in lines[0]
+    assert "checkpoint-00000002 is intact" in lines[0] and "continue with resume=true" in lines[0]
     assert [p.name for p in find_checkpoints(out)] == ["checkpoint-00000002"]
     verify_checkpoint(find_checkpoints(out)[0])
-    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert not list((out / "checkpoints").glob(".*"))
     assert resolve_resume(True, out)[0].name == "checkpoint-00000002"
 
 

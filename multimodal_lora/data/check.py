@@ -45,6 +45,10 @@ class DataReport:
     target_lengths: list[int] = field(default_factory=list)
     """Tokens of the target alone (the caption or the answer)."""
     tokenizer_problem: str | None = None
+    text_limit: int | None = None
+    """Text tokens the base holds after the image's query tokens (its position limit minus them)."""
+    length_problems: list[str] = field(default_factory=list)
+    """Lengths in the recipe the base cannot hold (training would refuse to start)."""
 
     @property
     def truncated(self) -> int:
@@ -52,10 +56,11 @@ class DataReport:
 
     @property
     def suggested_max_length(self) -> int | None:
-        """The longest example, rounded up to a multiple of 8 (no target truncated)."""
+        """The longest example, rounded up to a multiple of 8 (no target truncated), within what the base holds."""
         if not self.text_lengths:
             return None
-        return max(8, math.ceil(max(self.text_lengths) / 8) * 8)
+        suggested = max(8, math.ceil(max(self.text_lengths) / 8) * 8)
+        return suggested if self.text_limit is None else min(suggested, self.text_limit)
 
     @property
     def failure(self) -> str | None:
@@ -64,6 +69,8 @@ class DataReport:
             return f"{len(self.bad)} bad examples and data.on_bad_example=error: training stops at the first"
         if self.counts["train"].pairs - self.counts["train"].bad_pairs == 0:
             return "no usable training examples"
+        if self.length_problems:
+            return "; ".join(self.length_problems)
         return None
 
     @property
@@ -96,6 +103,10 @@ class DataReport:
             )
             lines.append(f"data.max_length={self.max_length}: {fit}")
             lines.append(f"suggested max_length: {self.suggested_max_length}")
+            if self.text_limit is not None:
+                longer = sum(n > self.text_limit for n in self.text_lengths)
+                note = f"; {longer} examples are longer and are cut to it" if longer else ""
+                lines.append(f"the base holds at most {self.text_limit} text tokens per example{note}")
         lines.append("")
         lines.append(f"FAIL: {self.failure}" if self.fails else "OK: training would start")
         return "\n".join(lines)
@@ -132,6 +143,15 @@ def check_data(recipe: Recipe, progress: bool = True) -> DataReport:
     except (OSError, ValueError) as exc:
         report.tokenizer_problem = f"cannot load the tokenizer of {recipe.model.base!r}: {exc}"
         return report
+    from multimodal_lora.errors import UserError
+    from multimodal_lora.model import base_config, position_limit, recipe_length_problems
+
+    try:
+        config = base_config(recipe.model.base, recipe.model.revision)
+        report.text_limit = position_limit(config) - int(config.num_query_tokens)
+        report.length_problems = recipe_length_problems(recipe, tokenizer, config)
+    except (UserError, OSError, AttributeError) as exc:
+        logger.warning("the base's position limit could not be read (%s); lengths not checked against it", exc)
     # The trainer's own encoder, with no image tokens and no length limit, counts exactly what it would feed.
     layout = TextLayout(image_token_id=0, num_query_tokens=0, bos_token_id=_bos(tokenizer), pad_token_id=0, stop_token_id=0)
     encoder = ExampleEncoder(

@@ -289,7 +289,19 @@ def read_manifest(path: Path, cfg: DataConfig) -> list[Example]:
     if not path.is_file():
         raise DataError(f"manifest {str(path)!r} does not exist")
     image_dir = Path(cfg.image_dir) if cfg.image_dir else path.parent
-    return _file_examples(path, image_dir, cfg.image_column, cfg)
+    return _check_images_found(_file_examples(path, image_dir, cfg.image_column, cfg), path, image_dir, cfg)
+
+
+def _check_images_found(examples: list[Example], source: Path, image_dir: Path, cfg: DataConfig) -> list[Example]:
+    """A file whose image paths all miss is a wrong ``image_dir``, not a set of bad rows: say so once."""
+    paths = {e.image for e in examples if isinstance(e.image, str) and e.image}
+    if paths and not any(os.path.exists(p) for p in paths):
+        where = f"data.image_dir ({image_dir})" if cfg.image_dir else f"the file's own directory {image_dir} (data.image_dir is not set)"
+        raise DataError(
+            f"{source}: none of its {len(paths)} images exist under {where} (e.g. {sorted(paths)[0]}); "
+            f"set data.image_dir to the directory its file names are relative to, e.g. data.image_dir=/data/coco/train2017"
+        )
+    return examples
 
 
 def _file_examples(metadata: Path, image_dir: Path, image_column: str, cfg: DataConfig) -> list[Example]:
@@ -411,7 +423,7 @@ def read_coco(path: Path, cfg: DataConfig) -> list[Example]:
     unused = len(files) - len({e.image_id for e in examples})
     if unused:
         logger.info("%s: %d images have no caption and are not used", path, unused)
-    return examples
+    return _check_images_found(examples, path, image_dir, cfg)
 
 
 # --- Arrow data sets: saved to disk, or from the hub ----------------------------------------------
