@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         # A private cache root; the tiny base and the shapes images are built into it once (warm-up).
         os.environ["MULTIMODAL_LORA_CACHE"] = str(Path(tmp) / "cache")
         features = Path(tmp) / "cache" / "features"
-        run(False, Path(tmp) / "warmup", ["train.max_steps=2"])
+        from multimodal_lora.config import load_recipe
+        from multimodal_lora.train import train
+
+        train(load_recipe(ROOT / "recipes" / "tiny.yaml", [f"output_dir={Path(tmp) / 'warmup'}", "train.max_steps=2"]))
         for _ in range(args.repeats):
             runs["pixels every step"].append(run(False, Path(tmp) / "plain", args.overrides))
             shutil.rmtree(features, ignore_errors=True)  # the cached run must build its features
