@@ -166,7 +166,7 @@ def build_processor(config):
     """The tiny base's locally built tokenizer, resized to the config's vocabulary, and BLIP-2's image processor."""
     from transformers import Blip2Processor, BlipImageProcessor
 
-    from multimodal_lora.tiny import build_tokenizer
+    from multimodal_lora.families.blip2_opt import build_tokenizer
 
     tokenizer = build_tokenizer()
     vocab = config.text_config.vocab_size

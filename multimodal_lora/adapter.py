@@ -3,7 +3,7 @@
 An adapter directory is what ``PeftModel.from_pretrained`` reads
 (``adapter_config.json`` + ``adapter_model.safetensors``), plus
 ``multimodal_lora.json``: which base it belongs to (name, path or hub id,
-revision, config fingerprint), how that base was loaded (quantization, dtype,
+revision, config fingerprint, model family), how that base was loaded (quantization, dtype,
 device kind: :class:`~multimodal_lora.loading.LoadSettings`) and how it was
 trained (task, prompt), so that ``caption(image, adapter=DIR)`` needs nothing else.
 """
@@ -19,7 +19,7 @@ import torch
 from multimodal_lora.atomic import atomic_dir, is_staging
 from multimodal_lora.errors import AdapterError
 from multimodal_lora.loading import LoadSettings, settings_from_record
-from multimodal_lora.model import BaseInfo, is_lora_target
+from multimodal_lora.model import BaseInfo, family_of, is_lora_target
 
 META_FILE = "multimodal_lora.json"
 CONFIG_FILE = "adapter_config.json"
@@ -68,7 +68,7 @@ def save_adapter(
 
 def find_adapter_dir(path: str | Path) -> Path:
     """Accept an adapter directory, or a run directory holding ``adapter/``."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if is_staging(path.absolute()):
         raise AdapterError(
             f"adapter {str(path)!r} is a staging directory left by an interrupted save, not an adapter; "
@@ -127,8 +127,16 @@ def _read_checked(directory: Path) -> AdapterMeta | None:
 
 
 def check_base_matches(directory: Path, meta: AdapterMeta | None, base: BaseInfo) -> None:
-    """Refuse an adapter trained on a different base, naming both."""
-    if meta is None or meta.base.fingerprint == base.fingerprint:
+    """Refuse an adapter trained on a different base (or a different family of model), naming both."""
+    if meta is None:
+        return
+    if meta.base.family and base.family and meta.base.family != base.family:
+        raise AdapterError(
+            f"adapter {str(directory)!r} was trained on a {meta.base.family} model ({meta.base.name!r}), but the "
+            f"loaded base {base.name!r} is a {base.family} model: an adapter only fits the family (and base) it was "
+            f"trained on; load it with base_model={meta.base.name!r}"
+        )
+    if meta.base.fingerprint == base.fingerprint:
         return
     raise AdapterError(
         f"adapter {str(directory)!r} was trained on base {meta.base.name!r} (config fingerprint "
@@ -167,6 +175,7 @@ def check_fits(directory: Path, model) -> None:
     if str(config.peft_type).split(".")[-1] != "LORA":
         raise AdapterError(f"{directory / CONFIG_FILE}: a {config.peft_type} adapter; only LoRA adapters are supported")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    family = family_of(base)
     # Under a PeftModel, a LoRA layer wraps the original as .base_layer and holds lora_A/lora_B modules.
     modules = {
         name: getattr(module, "base_layer", module)
@@ -187,10 +196,10 @@ def check_fits(directory: Path, model) -> None:
             where = f"{weights}: tensor {key}"
             if not lora or kind not in ("A.weight", "B.weight"):
                 raise AdapterError(f"{where} is not a LoRA A/B matrix; this package loads plain LoRA adapters only")
-            if not is_lora_target(module_name):
+            if not is_lora_target(module_name, family):
                 raise AdapterError(
-                    f"{where} adapts {module_name}, which is not an attention projection of the language model "
-                    "(q_proj, k_proj, v_proj, out_proj); PEFT would drop or misapply it"
+                    f"{where} adapts {module_name}, which is not an attention projection of the {family.name} language "
+                    f"model ({', '.join(family.lora_targets)}); PEFT would drop or misapply it"
                 )
             if module_name not in modules:
                 raise AdapterError(f"{where}: the base has no module {module_name}; the adapter was made for another model")

@@ -32,6 +32,8 @@ FILE_MODE = 0o644
 DIR_MODE = 0o755
 _DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system"}
 _DENIED_ERRNOS = {errno.EACCES, errno.EPERM}
+# The target itself is in the way: a directory where a file goes, a file where a directory goes, a long name.
+_TARGET_ERRNOS = {errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EFBIG, errno.EIO, errno.EMLINK}
 # How libraries that do not raise OSError say the disk is full.
 _DISK_FULL_WORDS = re.compile(r"No space left|StorageFull|os error 28|code: 28|file write failed|Disk quota", re.I)
 # .{name}-{pid}-{mkdtemp suffix}, .{name}.old-{pid}, and the older .tmp-checkpoint-* temporaries.
@@ -41,23 +43,29 @@ _STAGING = re.compile(r"\..+-(?P<pid>\d+)-[A-Za-z0-9_]{8}|\..+\.old-(?P<old>\d+)
 class WriteError(UserError):
     """A file or directory could not be written; nothing partial was left behind."""
 
-    def __init__(self, what: str, target: Path, reason: str, written: int | None = None, hint: str = ""):
+    def __init__(
+        self, what: str, target: Path, reason: str, written: int | None = None, hint: str = "", needed: int | None = None
+    ):
         self.what, self.target, self.reason, self.written, self.hint = what, Path(target), reason, written, hint
+        self.needed = needed
         super().__init__(self._message())
 
     def _message(self) -> str:
-        free = _free_bytes(self.target)
         parts = [f"could not write {self.what} to {self.target}: {self.reason}"]
-        if self.written:
-            parts.append(f"it needed more than the {_size(self.written)} written before the failure")
-        if free is not None:
-            parts.append(f"{_size(free)} free there")
+        if self.reason in _DISK_ERRNOS.values():
+            free = _free_bytes(self.target)
+            if self.needed:
+                parts.append(f"it needs about {_size(self.needed)}")
+            elif self.written:
+                parts.append(f"it needed more than the {_size(self.written)} written before the failure")
+            if free is not None:
+                parts.append(f"{_size(free)} free there")
         message = "; ".join(parts) + "; nothing partial was left"
-        return message + (f". {self.hint}" if self.hint else "")
+        return message + (f". {self.hint[0].upper()}{self.hint[1:]}" if self.hint else "")
 
     def with_hint(self, hint: str) -> WriteError:
         """The same error with what to do next (e.g. the last intact checkpoint) appended."""
-        return WriteError(self.what, self.target, self.reason, self.written, hint)
+        return WriteError(self.what, self.target, self.reason, self.written, hint, self.needed)
 
 
 def staging_dir(target: Path) -> Path:
@@ -69,7 +77,7 @@ def staging_dir(target: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | Path, what: str, *, if_exists: str = "replace") -> Iterator[Path]:
+def atomic_dir(target: str | Path, what: str, *, if_exists: str = "replace", needed: int | None = None) -> Iterator[Path]:
     """Build a directory in a staging copy, then publish it at ``target`` in one rename.
 
     Args:
@@ -77,6 +85,7 @@ def atomic_dir(target: str | Path, what: str, *, if_exists: str = "replace") -> 
         what: what it is, for the error message ("checkpoint", "merged model").
         if_exists: ``replace`` an existing ``target`` (the old one is removed only after the new one
             is in place), ``keep`` it and drop ours (another process built the same thing), or ``error``.
+        needed: about how many bytes it takes, when the writer knows (said on a full disk).
 
     Raises:
         WriteError: the disk is full (or read-only, or not ours); the staging copy is removed.
@@ -101,7 +110,8 @@ def atomic_dir(target: str | Path, what: str, *, if_exists: str = "replace") -> 
         shutil.rmtree(tmp, ignore_errors=True)
         error = _as_write_error(exc, what, target, written) if isinstance(exc, Exception) else None
         if error is not None:
-            raise error from None
+            error.needed = error.needed or needed
+            raise WriteError(error.what, error.target, error.reason, error.written, error.hint, error.needed) from None
         raise
 
 
@@ -191,7 +201,7 @@ def remove_stale(directory: str | Path) -> list[Path]:
 def _replace_dir(new: Path, target: Path) -> None:
     """Move ``new`` to ``target``, replacing an existing directory there."""
     if target.is_file() or target.is_symlink():
-        raise IsADirectoryError(errno.EEXIST, f"{target} is a file, not a directory", str(target))
+        raise NotADirectoryError(errno.ENOTDIR, "a file is there, not a directory", str(target))
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -205,17 +215,17 @@ def _replace_dir(new: Path, target: Path) -> None:
 def _as_write_error(exc: BaseException, what: str, target: Path, written: int | None) -> WriteError | None:
     """A :class:`WriteError` when ``exc`` (or what caused it) is a failure of the disk; else ``None``."""
     if isinstance(exc, WriteError):  # a nested write failed: report it as the outer one
-        return WriteError(what, target, exc.reason, written or exc.written)
+        return WriteError(what, target, exc.reason, written or exc.written, needed=exc.needed)
     seen = exc
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in _DISK_ERRNOS:
             return WriteError(what, target, _DISK_ERRNOS[seen.errno], written)
         if isinstance(seen, OSError) and seen.errno in _DENIED_ERRNOS:
             return WriteError(what, target, f"permission denied ({seen.filename or target})", written)
+        if isinstance(seen, OSError) and seen.errno in _TARGET_ERRNOS:
+            return WriteError(what, target, str(seen.strerror).lower(), written)
         if isinstance(seen, FileExistsError):
-            return WriteError(what, target, "it already exists", written)
-        if isinstance(seen, IsADirectoryError):
-            return WriteError(what, target, str(seen.strerror), written)
+            return WriteError(what, target, f"{seen.filename or target} already exists", written)
         if not isinstance(seen, OSError) and _DISK_FULL_WORDS.search(str(seen)):
             return WriteError(what, target, "no space left on device", written)
         seen = seen.__cause__ or seen.__context__

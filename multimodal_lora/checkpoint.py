@@ -101,7 +101,10 @@ def save_checkpoint(
     final = root / f"checkpoint-{state.step:08d}"
     try:
         # The same step written twice (an epoch end that is also a checkpoint step) replaces it.
-        with atomic_dir(final, f"checkpoint {final.name}") as tmp:
+        previous = find_checkpoints(output_dir)
+        # About the size of the last one (all checkpoints of a run hold the same tensors).
+        needed = sum(p.stat().st_size for p in previous[-1].rglob("*") if p.is_file()) if previous else None
+        with atomic_dir(final, f"checkpoint {final.name}", needed=needed) as tmp:
             save_adapter(model, tmp / "adapter", meta, state_dict=model_state)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")

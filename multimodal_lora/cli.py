@@ -36,6 +36,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     try:
         code = main(argv)
     except UserError as exc:
+        _close_progress_bars()  # so the message starts a line of its own, not the end of a bar's
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -50,3 +51,12 @@ def add_load_arguments(parser, *, what: str = "the adapter's base") -> None:
     parser.add_argument("--quantization", choices=["none", "int8", "4bit"], help=f"load {what} this way ({default})")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help=f"dtype of {what} ({default})")
     parser.add_argument("--device", help=f"auto | cpu | cuda | cuda:N ({default})")
+
+
+def _close_progress_bars() -> None:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

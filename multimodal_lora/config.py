@@ -23,16 +23,15 @@ import yaml
 
 from multimodal_lora.errors import ConfigError
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-
 
 @dataclass
 class ModelConfig:
     """The base model and how it is loaded."""
 
     base: str = "tiny"
-    """``tiny`` (the built-in offline BLIP-2), a hub id such as
-    ``Salesforce/blip2-opt-2.7b``, or a local model directory."""
+    """A built-in offline twin (``tiny``: BLIP-2 OPT, ``tiny-t5``: BLIP-2 Flan-T5,
+    ``tiny-instructblip``: InstructBLIP), a hub id such as ``Salesforce/blip2-opt-2.7b``,
+    or a local model directory."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of ``base``."""
     quantization: Literal["none", "int8", "4bit"] = "none"
@@ -63,8 +62,10 @@ class LoraSettings:
     """Scaling numerator: the update is scaled by alpha / r (usually 2 × r)."""
     dropout: float = 0.05
     """Dropout on the adapter's input."""
-    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    """Which of the language model's attention projections get adapters."""
+    target_modules: list[str] | None = None
+    """Which of the language model's attention projections get adapters. Their names are the
+    base's family's (``multimodal_lora.families``; the README's Families table lists them), checked
+    against that family before anything loads. ``null``: the family's default."""
 
     def problems(self) -> list[str]:
         out = []
@@ -74,18 +75,29 @@ class LoraSettings:
             out.append(f"lora.alpha: must be positive (got {self.alpha}); usually 2 × r")
         if not 0 <= self.dropout < 1:
             out.append(f"lora.dropout: must be in [0, 1) (got {self.dropout})")
-        if not self.target_modules:
-            out.append(f"lora.target_modules: name at least one of {', '.join(LORA_TARGETS)}")
-        for name in self.target_modules:
-            if name not in LORA_TARGETS:
-                hint = _closest(name, LORA_TARGETS)
-                out.append(
-                    f"lora.target_modules: the language model's attention has no {name!r}"
-                    f"{hint}; choose from {', '.join(LORA_TARGETS)}"
-                )
-        if len(set(self.target_modules)) != len(self.target_modules):
-            out.append("lora.target_modules: lists a module twice")
         return out
+
+    def target_problems(self, base: str, revision: str | None) -> list[str]:
+        """``target_modules`` checked against the family of ``base``, when that is known without a download.
+
+        Tiny twins, shipped hub ids and local model directories are checked here, before
+        anything loads; another hub id is checked when its config is fetched, still before
+        its weights load.
+        """
+        from multimodal_lora.families import family_for_config, published_family, tiny_family
+
+        family = tiny_family(base) or published_family(base)
+        if family is None and (Path(base) / "config.json").is_file():
+            from transformers import AutoConfig
+
+            try:
+                family = family_for_config(AutoConfig.from_pretrained(base, revision=revision))
+            except (OSError, ValueError, ConfigError) as exc:
+                return [f"model.base: {base!r} has no readable model config ({exc})"]
+        if family is None:
+            return []
+        problems = family.target_problems(self.target_modules)
+        return [p + _closest_hint(p, self.target_modules, family.lora_targets) for p in problems]
 
 
 DATA_SOURCES = ("auto", "builtin", "imagefolder", "manifest", "coco", "saved", "hub")
@@ -271,6 +283,8 @@ class Recipe:
         out = []
         for section in (self.model, self.lora, self.data, self.train):
             out.extend(section.problems())
+        if self.model.base:
+            out.extend(self.lora.target_problems(self.model.base, self.model.revision))
         if self.overwrite and self.resume is not False:
             out.append("overwrite: true deletes the run that resume would continue; set only one of them")
         if not str(self.output_dir).strip():
@@ -533,6 +547,15 @@ def _closest(name: str, valid, prefix: str = "") -> str:
         # Short keys (``r``) are too short for difflib's ratio: "rnak" still begins with "r".
         match = [v for v in valid if name.startswith(v) or v.startswith(name)][:1]
     return f" (did you mean {prefix}{match[0]}?)" if match else ""
+
+
+def _closest_hint(problem: str, names, valid) -> str:
+    """For a "has no 'x'" problem, the closest valid name, if one is close."""
+    for name in names or ():
+        if f"no {name!r}" in problem:
+            hint = _closest(name, valid)
+            return f" {hint.strip()}" if hint else ""
+    return ""
 
 
 def _field_names(cls) -> list[str]:

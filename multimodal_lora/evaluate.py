@@ -72,8 +72,9 @@ def token_loss_sums(model, loader, device: torch.device) -> torch.Tensor:
     total = torch.zeros(2, device=device, dtype=torch.float64)
     for batch in loader:
         loss = model(**forward_inputs(batch, device), use_cache=False).loss
-        # The model's loss is the mean over target tokens (labels shifted by one).
-        tokens = (batch["labels"][:, 1:] != -100).sum().to(device)
+        # The model's loss is the mean over the learned labels (a decoder-only model shifts them by
+        # one, but its first label is always an image placeholder's -100, so the count is the same).
+        tokens = (batch["labels"] != -100).sum().to(device)
         total += torch.stack([loss.detach().double() * tokens, tokens.double()])
     return total
 
@@ -207,7 +208,8 @@ def evaluate(
     chosen = {g.image_id for g in groups}
     rows = [e for e in splits.validation if e.image_id in chosen]
     val_set = PairDataset(rows, encoder.encode_all(rows), captioner.processor.image_processor)
-    loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.train.batch_size, collate_fn=Collator(captioner.layout.pad_token_id))
+    layout = captioner.layout
+    loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.train.batch_size, collate_fn=Collator(layout.pad_token_id, layout.padding()))
     use_meteor = meteor and meteor_available()
     table, captions = {}, {}
     for column, adapter_name in (("base", None), ("adapter", name)):

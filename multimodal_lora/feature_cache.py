@@ -19,6 +19,9 @@ dtype and the content of every image, so changing any of them gives a new cache
 instead of stale features. A cache is built in a temporary directory and renamed
 into place whole. ``python -m multimodal_lora.cache list`` shows the caches and
 ``clear`` removes them.
+
+When the Q-Former also reads the prompt (InstructBLIP), the prefix depends on
+it too: a row is then one (image, instruction) pair, keyed by both.
 """
 
 from __future__ import annotations
@@ -50,10 +53,14 @@ FORMAT = 2
 _STORED = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
 
-def image_key(image: str | bytes) -> str:
-    """SHA-256 of an image's encoded bytes (the file's content, not its name)."""
+def image_key(image: str | bytes, instruction: str | None = None) -> str:
+    """SHA-256 of an image's encoded bytes (the file's content, not its name), and of the
+    Q-Former's instruction when it reads one."""
     data = image if isinstance(image, bytes) else Path(image).read_bytes()
-    return hashlib.sha256(data).hexdigest()
+    key = hashlib.sha256(data).hexdigest()
+    if instruction is not None:
+        key += "-" + hashlib.sha256(instruction.encode()).hexdigest()[:16]
+    return key
 
 
 @dataclass
@@ -98,6 +105,8 @@ def open_or_build(
     build: bool = True,
     batch_size: int = 32,
     progress: bool = True,
+    instructions: list[str] | None = None,
+    layout=None,
 ) -> tuple[FeatureCache, list[str]]:
     """Open the cache for these examples' images, building it first if it is missing.
 
@@ -107,19 +116,23 @@ def open_or_build(
         image_processor: resizes and normalises images exactly as training would.
         root: the cache root (``cache_dir() / "features"``).
         build: ``False`` on processes that only wait for the main one to build it.
+        instructions: each example's prompt, when the Q-Former reads it (``layout.reads_instruction``).
+        layout: the base's token layout, which tokenizes ``instructions`` for the Q-Former.
 
     Returns:
         ``(cache, keys)``: the cache and each example's image key, in order.
     """
     from multimodal_lora.model import image_path_fingerprint, visual_prefix
 
-    keys = [image_key(e.image) for e in examples]
+    if instructions is None:
+        instructions = [None] * len(examples)
+    keys = [image_key(e.image, i) for e, i in zip(examples, instructions)]
     dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
     directory = Path(root) / cache_key(keys, image_path_fingerprint(model), image_processor.to_dict(), dtype)
     if not (directory / INDEX_FILE).is_file():
         if not build:
             raise RuntimeError(f"feature cache {directory} was not built by the main process")
-        _build(directory, examples, keys, model, image_processor, batch_size, progress, visual_prefix)
+        _build(directory, examples, instructions, keys, model, image_processor, layout, batch_size, progress, visual_prefix)
     else:
         logger.info("image features: using the cache in %s", directory)
         # Its last use, for `python -m multimodal_lora.cache clear --older-than DAYS`.
@@ -141,14 +154,14 @@ def feature_dtype(model) -> torch.dtype:
 
 
 @torch.no_grad()
-def _build(directory, examples, keys, model, image_processor, batch_size, progress, visual_prefix) -> None:
+def _build(directory, examples, instructions, keys, model, image_processor, layout, batch_size, progress, visual_prefix) -> None:
     from tqdm.auto import tqdm
 
     from multimodal_lora.model import prefix_shape
 
-    unique: dict[str, Example] = {}
-    for key, example in zip(keys, examples):
-        unique.setdefault(key, example)
+    unique: dict[str, tuple[Example, str | None]] = {}
+    for key, example, instruction in zip(keys, examples, instructions):
+        unique.setdefault(key, (example, instruction))
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
     stored = feature_dtype(model)
@@ -170,9 +183,12 @@ def _build(directory, examples, keys, model, image_processor, batch_size, progre
         bar = tqdm(total=len(items), desc="caching image features", unit="image", disable=not progress)
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            images = [load_image(e.image, name=e.origin if isinstance(e.image, bytes) else None) for _, e in chunk]
+            images = [load_image(e.image, name=e.origin if isinstance(e.image, bytes) else None) for _, (e, _) in chunk]
             pixels = image_processor(images, return_tensors="pt").pixel_values.to(device, dtype=dtype)
-            prefix = visual_prefix(model, pixels).to(stored).cpu()
+            qformer = {}
+            if chunk[0][1][1] is not None:
+                qformer = {k: v.to(device) for k, v in layout.qformer_inputs([i for _, (_, i) in chunk]).items()}
+            prefix = visual_prefix(model, pixels, qformer).to(stored).cpu()
             features[start : start + len(chunk)] = prefix.view(torch.uint16 if stored == torch.bfloat16 else stored).numpy()
             bar.update(len(chunk))
         bar.close()
@@ -186,7 +202,7 @@ def _build(directory, examples, keys, model, image_processor, batch_size, progre
 class CachedPairDataset(torch.utils.data.Dataset):
     """Like :class:`~multimodal_lora.data.encoding.PairDataset`, with a cached prefix instead of pixels."""
 
-    def __init__(self, encoded: list[tuple[list[int], list[int]]], cache: FeatureCache, keys: list[str]):
+    def __init__(self, encoded: list[dict[str, list[int]]], cache: FeatureCache, keys: list[str]):
         assert len(encoded) == len(keys)
         self.encoded = encoded
         self.cache = cache
@@ -196,8 +212,7 @@ class CachedPairDataset(torch.utils.data.Dataset):
         return len(self.encoded)
 
     def __getitem__(self, index: int) -> dict:
-        input_ids, labels = self.encoded[index]
-        return {"prefix": self.cache.prefix(self.keys[index]), "input_ids": input_ids, "labels": labels}
+        return {"prefix": self.cache.prefix(self.keys[index]), **self.encoded[index]}
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ DEFAULT_PROMPT_TEMPLATE = "Question: {question} Answer:"
 
 
 class Captioner:
-    """A BLIP-2 base with named LoRA adapters, for captioning and visual question answering.
+    """A base (any family: BLIP-2 OPT or Flan-T5, InstructBLIP) with named LoRA adapters,
+    for captioning and visual question answering.
 
     The active adapter is state of the one shared model, so each ``generate``
     call holds a lock while it picks its adapter: several threads (a web
@@ -74,7 +75,7 @@ class Captioner:
         self.settings = LoadSettings.of(cfg, self.device)
         """How the base was loaded (``device`` is the kind it landed on)."""
         self.model.eval()
-        self.layout = text_layout(self.model, self.processor.tokenizer)
+        self.layout = text_layout(self.model, self.processor)
         self.max_positions = position_limit(self.model.config)
         self.adapters: dict[str, AdapterMeta | None] = {}
         self._paths: dict[str, Path] = {}
@@ -93,7 +94,7 @@ class Captioner:
         self.model = model
         self.base = base
         self.settings = None
-        self.layout = text_layout(model, processor.tokenizer)
+        self.layout = text_layout(model, processor)
         self.max_positions = position_limit(model.config)
         self.adapters = dict(adapters or {})
         self._paths = {}
@@ -273,7 +274,7 @@ class Captioner:
         items = [images] if single else list(images)
         questions = [question] * len(items) if isinstance(question, str) else list(question)
         if len(questions) != len(items):
-            raise ValueError(f"{len(items)} images but {len(questions)} questions")
+            raise ConfigError(f"{len(items)} images but {len(questions)} questions; give one question, or one per image")
         meta = self._meta(adapter)
         template = meta.prompt_template if meta is not None else DEFAULT_PROMPT_TEMPLATE
         prompts = [prompt_text("vqa", q, None, template) for q in questions]
@@ -355,7 +356,8 @@ class Captioner:
         batch_size = batch_size or self.batch_size
         _check_generation(max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size)
         self._meta(adapter)  # an unknown name fails before any image is read
-        kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample)
+        # Stop on the token training taught (the layout's), whatever the base's generation config says.
+        kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, eos_token_id=self.layout.stop_token_id)
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
         self._check_length(prompts, max_new_tokens)
@@ -366,7 +368,7 @@ class Captioner:
             # Choosing the adapter and generating must not interleave with another thread's choice.
             with self._lock, self.using(adapter):
                 output = self.model.generate(**batch, **kwargs)
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            new_tokens = self.layout.new_tokens(output, batch)
             texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             results.extend(t.strip() for t in texts)
         return results
@@ -374,6 +376,8 @@ class Captioner:
     def _check_length(self, prompts: list[str], max_new_tokens: int) -> None:
         """Refuse, before any image is read, a prompt and length the base's positions cannot hold."""
         tokenizer, layout = self.processor.tokenizer, self.layout
+        if self.max_positions is None:
+            return  # relative positions (T5): no table to run past
         longest = max((len(tokenizer(p, add_special_tokens=False).input_ids) if p else 0 for p in set(prompts)), default=0)
         start = layout.num_query_tokens + 1 + longest  # image queries, </s>, the prompt
         # The last new token is returned, never fed back: it needs no position.
@@ -387,26 +391,13 @@ class Captioner:
             )
 
     def _inputs(self, images, prompts) -> dict[str, torch.Tensor]:
-        """Left-padded ``<image>``×Q ``</s>`` prompt, so every row ends where generation starts."""
-        tokenizer = self.processor.tokenizer
-        layout = self.layout
-        rows = []
-        for text in prompts:
-            ids = tokenizer(text, add_special_tokens=False).input_ids if text else []
-            rows.append([layout.image_token_id] * layout.num_query_tokens + [layout.bos_token_id, *ids])
-        length = max(map(len, rows))
-        input_ids = torch.full((len(rows), length), layout.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, length - len(row) :] = torch.tensor(row)
-            attention_mask[i, length - len(row) :] = 1
+        """The layout's generation inputs for these prompts, and the images' pixels, on the model's device."""
+        batch = self.layout.generation_inputs(self.processor.tokenizer, prompts)
         pixel_values = self.processor.image_processor(images, return_tensors="pt").pixel_values
         dtype = self.model.get_input_embeddings().weight.dtype
-        return {
-            "pixel_values": pixel_values.to(self.device, dtype=dtype if dtype.is_floating_point else torch.float32),
-            "input_ids": input_ids.to(self.device),
-            "attention_mask": attention_mask.to(self.device),
-        }
+        out = {k: v.to(self.device) for k, v in batch.items()}
+        out["pixel_values"] = pixel_values.to(self.device, dtype=dtype if dtype.is_floating_point else torch.float32)
+        return out
 
     def using(self, adapter: str | None):
         """A context in which ``adapter`` (or the bare base, for ``None``) is active.

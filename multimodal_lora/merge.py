@@ -3,7 +3,8 @@
     python -m multimodal_lora.merge --adapter runs/tiny/adapter --out merged/tiny
 
 The result is an ordinary ``transformers`` model directory (safetensors weights,
-config, generation config, processor): ``Blip2ForConditionalGeneration.from_pretrained(OUT)``
+config, generation config, processor): the family's class
+(``Blip2ForConditionalGeneration``, ``InstructBlipForConditionalGeneration``) ``.from_pretrained(OUT)``
 loads it with neither PEFT nor this package, and it captions exactly as the base
 with the adapter does.
 
@@ -119,12 +120,14 @@ def merge_adapter(
     model = model.merge_and_unload(safe_merge=True)
     model.eval()
 
-    with atomic_dir(out, "the merged model") as tmp:
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    with atomic_dir(out, "the merged model", needed=needed) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         record = {
             "adapter": str(directory.resolve()),
             "base": asdict(info),
+            "model_class": model.__class__.__name__,
             "dtype": dtype,
             "trained_quantization": quantization,
             "task": meta.task if meta else None,
@@ -181,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         dequantize=args.dequantize,
         overwrite=args.overwrite,
     )
-    print(f"merged model written to {out}; load it with Blip2ForConditionalGeneration.from_pretrained({str(out)!r})")
+    model_class = json.loads((out / MERGE_RECORD).read_text())["model_class"]
+    print(f"merged model written to {out}; load it with {model_class}.from_pretrained({str(out)!r})")
     return 0
 
 

@@ -1,9 +1,9 @@
-"""BLIP-2 and its LoRA: loading, quantizing, adapting, counting.
+"""The base model and its LoRA: loading, quantizing, adapting, counting.
 
-This is the one module that knows BLIP-2's module names
-(``vision_model``, ``qformer``, ``language_projection``,
-``language_model.model.decoder.layers.N.self_attn.q_proj``) and bitsandbytes.
-Everything else asks it.
+This is the one module that knows bitsandbytes and PEFT's injection. What it
+needs to know about an architecture (its class, its LoRA target names and
+where they are, its token layout) it asks the base's family
+(:mod:`multimodal_lora.families`), found from the base's config.
 """
 
 from __future__ import annotations
@@ -13,29 +13,18 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 
-from multimodal_lora.config import LORA_TARGETS, LoraSettings, ModelConfig
+from multimodal_lora.config import LoraSettings, ModelConfig
 from multimodal_lora.errors import ConfigError, UserError
+from multimodal_lora.families import FAMILIES, Family, family_for_config, published_family, tiny_family
+from multimodal_lora.families.base import image_features, stop_token_id  # noqa: F401 - part of this module's API
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-# The parts of BLIP-2, by parameter-name prefix, for the trainable-parameter table.
-COMPONENTS = (
-    ("vision", "vision_model."),
-    ("Q-Former", ("qformer.", "query_tokens")),
-    ("projection", "language_projection."),
-    ("language model", "language_model."),
-)
-
-# Attention projections of the OPT decoder, and nothing else: BLIP-2's vision MLP
-# has fc1/fc2 and the Q-Former has query/key/value, so match from the root.
-_LM_ATTENTION = r"language_model\.model\.decoder\.layers\.\d+\.self_attn\.({names})"
 
 # Keys of a model config that do not change the weights' shapes or meaning.
 _VOLATILE_CONFIG_KEYS = {
@@ -62,14 +51,16 @@ class BaseInfo:
     revision: str | None
     fingerprint: str
     """Hash of the architecture config; two bases with the same one take the same adapters."""
+    family: str | None = None
+    """The architecture family (``blip2-opt``, ``blip2-t5``, ...); ``None`` in adapters from before families."""
 
 
 def resolve_base(base: str) -> str:
     """Turn the recipe's ``model.base`` into something ``from_pretrained`` takes."""
-    from multimodal_lora.tiny import TINY_NAME, ensure_tiny_base
+    from multimodal_lora.tiny import ensure_tiny_base
 
-    if base == TINY_NAME:
-        return str(ensure_tiny_base())
+    if tiny_family(base) is not None:
+        return str(ensure_tiny_base(name=base))
     return base
 
 
@@ -105,7 +96,7 @@ def quantization_config(quantization: str, dtype: str, quant_type: str = "nf4"):
 
 
 def load_processor(base: str, revision: str | None = None):
-    """The BLIP-2 processor (image processor + tokenizer) of a base."""
+    """The processor (image processor + tokenizer(s)) of a base."""
     from transformers import AutoProcessor
 
     path = resolve_base(base)
@@ -116,7 +107,7 @@ def load_processor(base: str, revision: str | None = None):
 
 
 def load_base(cfg: ModelConfig, *, for_training: bool = True):
-    """Load the BLIP-2 base as the recipe says: hub id or path, dtype, quantization, device.
+    """Load the base as the recipe says: hub id or path, dtype, quantization, device, with its family's class.
 
     Quantized bases go through PEFT's ``prepare_model_for_kbit_training`` when
     ``for_training`` (layer norms in fp32, input gradients enabled), as LoRA on
@@ -125,8 +116,7 @@ def load_base(cfg: ModelConfig, *, for_training: bool = True):
     Returns:
         ``(model, base_info)``.
     """
-    from transformers import Blip2ForConditionalGeneration
-
+    family = base_family(cfg.base, cfg.revision)
     path = resolve_base(cfg.base)
     device = pick_device(cfg.device)
     quant = quantization_config(cfg.quantization, cfg.dtype, cfg.quant_type)
@@ -136,7 +126,7 @@ def load_base(cfg: ModelConfig, *, for_training: bool = True):
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": str(device)}
     try:
-        model = Blip2ForConditionalGeneration.from_pretrained(path, **kwargs)
+        model = family.model_cls().from_pretrained(path, **kwargs)
     except OSError as exc:
         raise UserError(_not_found_message(cfg.base, exc)) from None
     if quant is None:
@@ -146,31 +136,47 @@ def load_base(cfg: ModelConfig, *, for_training: bool = True):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    info = BaseInfo(name=cfg.base, name_or_path=path, revision=cfg.revision, fingerprint=config_fingerprint(model.config))
+    info = BaseInfo(
+        name=cfg.base, name_or_path=path, revision=cfg.revision, fingerprint=config_fingerprint(model.config), family=family.name
+    )
     return model, info
 
 
-def lora_target_pattern(targets: list[str] | tuple[str, ...]) -> str:
+def family_of(model) -> Family:
+    """The family of a loaded (or ``meta``) model, from its config."""
+    return family_for_config(_blip2(model).config)
+
+
+def base_family(base: str, revision: str | None = None) -> Family:
+    """The family of a recipe's ``model.base``, from its config alone (no weights)."""
+    family = tiny_family(base) or published_family(base)
+    return family if family is not None else family_for_config(base_config(base, revision))
+
+
+def lora_targets(lora: LoraSettings, family: Family) -> list[str]:
+    """The recipe's ``lora.target_modules``, or the family's default when it names none."""
+    return list(lora.target_modules) if lora.target_modules is not None else list(family.default_targets)
+
+
+def lora_target_pattern(targets: list[str] | tuple[str, ...], family: Family) -> str:
     """A regex PEFT matches against full module names: only the language model's attention."""
-    unknown = [t for t in targets if t not in LORA_TARGETS]
-    if unknown:
-        raise ConfigError(f"lora.target_modules: {unknown} are not attention projections; choose from {LORA_TARGETS}")
-    return _LM_ATTENTION.format(names="|".join(targets))
+    return family.target_pattern(targets)
 
 
-def position_limit(config) -> int:
-    """How many positions (image query tokens + text) the base's language model holds.
+def position_limit(config) -> int | None:
+    """How many positions (image query tokens + text) the base's language model holds; ``None``: no limit.
 
-    OPT learns one position embedding per position: a longer sequence is an
-    ``IndexError`` deep in the model, so every length is checked against this first.
+    A model that learns one position embedding per position (OPT) fails with an
+    ``IndexError`` deep in the model past it, so every length is checked against
+    this first. Which models have one is the family's knowledge.
     """
-    return int(config.text_config.max_position_embeddings)
+    return family_for_config(config).max_positions(config.text_config)
 
 
 def text_length_problem(max_length: int, config, what: str = "data.max_length") -> str | None:
     """Why ``max_length`` text tokens after the image's query tokens do not fit the base, or ``None``."""
     limit, queries = position_limit(config), int(config.num_query_tokens)
-    if queries + max_length <= limit:
+    if limit is None or queries + max_length <= limit:
         return None
     return (
         f"{what}={max_length}: with the {queries} image query tokens that is {queries + max_length} positions, "
@@ -185,7 +191,7 @@ def recipe_length_problems(recipe, tokenizer, config=None) -> list[str]:
     """
     config = config if config is not None else base_config(recipe.model.base, recipe.model.revision)
     problems = [p for p in [text_length_problem(recipe.data.max_length, config)] if p]
-    if recipe.train.eval_captions:
+    if recipe.train.eval_captions and position_limit(config) is not None:
         from multimodal_lora.data.encoding import prompt_text
 
         text = prompt_text(recipe.data.task, "", recipe.data.prompt, recipe.data.prompt_template)
@@ -201,27 +207,29 @@ def recipe_length_problems(recipe, tokenizer, config=None) -> list[str]:
     return problems
 
 
-def is_lora_target(module_name: str) -> bool:
-    """Whether ``module_name`` (relative to the BLIP-2 model) is an attention projection of its language model."""
-    return re.fullmatch(lora_target_pattern(LORA_TARGETS), module_name) is not None
+def is_lora_target(module_name: str, family: Family) -> bool:
+    """Whether ``module_name`` (relative to the model) is an attention projection of its family's language model."""
+    return re.fullmatch(family.target_pattern(family.lora_targets), module_name) is not None
 
 
 def add_lora(model, lora: LoraSettings):
     """Wrap ``model`` with fresh LoRA adapters on the language model's attention.
 
     Raises:
-        ConfigError: when a requested projection is not in the model (for
-            instance a language model whose attention names differ from OPT's).
+        ConfigError: a requested projection is not one of the family's names, or is
+            not in the model.
     """
     from peft import LoraConfig, get_peft_model
 
-    pattern = lora_target_pattern(lora.target_modules)
+    family = family_of(model)
+    targets = lora_targets(lora, family)
+    pattern = lora_target_pattern(targets, family)
     hits = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if re.fullmatch(pattern, name)}
-    missing = [t for t in lora.target_modules if t not in hits]
+    missing = [t for t in targets if t not in hits]
     if missing:
         raise ConfigError(
             f"lora.target_modules: the language model has no {', '.join(missing)} in its attention layers "
-            f"(it has: {', '.join(sorted(hits)) or 'none of q_proj/k_proj/v_proj/out_proj'})"
+            f"(it has: {', '.join(sorted(hits)) or 'none of ' + '/'.join(family.lora_targets)})"
         )
     config = LoraConfig(
         r=lora.r,
@@ -231,19 +239,21 @@ def add_lora(model, lora: LoraSettings):
         bias="none",
     )
     peft_model = get_peft_model(model, config)
-    stray = [n for n, p in peft_model.named_parameters() if p.requires_grad and "language_model" not in n]
+    lm = family.components[-1][1]
+    stray = [n for n, p in peft_model.named_parameters() if p.requires_grad and not _strip_peft_prefix(n).startswith(lm)]
     assert not stray, f"LoRA reached outside the language model: {stray[:3]}"
     return peft_model
 
 
 def count_parameters(model) -> dict[str, tuple[int, int]]:
-    """Trainable and total parameters per BLIP-2 component, plus ``total``."""
-    counts = {name: [0, 0] for name, _ in COMPONENTS}
+    """Trainable and total parameters per component (vision, Q-Former, projection, language model), plus ``total``."""
+    components = family_of(model).components
+    counts = {name: [0, 0] for name, _ in components}
     counts["total"] = [0, 0]
     for name, param in model.named_parameters():
         name = _strip_peft_prefix(name)
         numel = _numel(param)
-        for component, prefixes in COMPONENTS:
+        for component, prefixes in components:
             if name.startswith(prefixes):
                 counts[component][1] += numel
                 counts[component][0] += numel if param.requires_grad else 0
@@ -262,22 +272,6 @@ def format_parameter_table(counts: dict[str, tuple[int, int]]) -> str:
     return "\n".join(lines)
 
 
-def stop_token_id(generation_config, text_config) -> int:
-    """The token the base stops on when generating ("\\n", 50118, for BLIP-2 OPT).
-
-    Read from the base's generation config (falling back to its text config),
-    never hard-coded, so that training teaches the same stop as generation uses.
-    """
-    eos = getattr(generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = text_config.eos_token_id
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0]
-    if eos is None:
-        raise UserError("the base model defines no end-of-sequence token in its generation config; cannot teach it to stop")
-    return int(eos)
-
-
 def config_fingerprint(config) -> str:
     """A short hash of what makes two BLIP-2 bases interchangeable for an adapter."""
     data = _strip_volatile(config.to_dict())
@@ -285,28 +279,29 @@ def config_fingerprint(config) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def published_config(name: str = "blip2-opt-2.7b"):
-    """The published ``Blip2Config`` of a real checkpoint, shipped with the package (no download)."""
-    from transformers import Blip2Config
+def published_config(name: str = "Salesforce/blip2-opt-2.7b"):
+    """The published config of a real checkpoint, shipped with the package (no download).
 
-    text = resources.files("multimodal_lora.arch").joinpath(f"{name}.json").read_text()
-    return Blip2Config.from_dict(json.loads(text))
-
-
-# Hub ids whose architecture ships with the package (multimodal_lora/arch/), so that
-# planning memory for them needs no download.
-SHIPPED_ARCHITECTURES = {"Salesforce/blip2-opt-2.7b": "blip2-opt-2.7b"}
+    Args:
+        name: a hub id (``Salesforce/blip2-flan-t5-xl``) or its last part (``blip2-flan-t5-xl``).
+    """
+    hub_id = name if "/" in name else f"Salesforce/{name}"
+    family = published_family(hub_id)
+    if family is None:
+        shipped = sorted(h for f in FAMILIES for h in f.published)
+        raise ConfigError(f"no published config of {name!r} ships with the package; shipped: {', '.join(shipped)}")
+    return family.published_config(hub_id)
 
 
 def base_config(base: str, revision: str | None = None):
-    """The ``Blip2Config`` of a base, without loading its weights.
+    """The config of a base, without loading its weights.
 
-    A shipped architecture (``Salesforce/blip2-opt-2.7b``) is read from the
-    package; ``tiny`` and model directories from their ``config.json``; other
+    A shipped architecture (``Salesforce/blip2-opt-2.7b`` ...) is read from the
+    package; tiny twins and model directories from their ``config.json``; other
     hub ids fetch only ``config.json``.
     """
-    if base in SHIPPED_ARCHITECTURES:
-        return published_config(SHIPPED_ARCHITECTURES[base])
+    if published_family(base) is not None:
+        return published_config(base)
     from transformers import AutoConfig
 
     try:
@@ -319,8 +314,8 @@ def quantized_linears(model) -> set[str]:
     """Names of the ``nn.Linear`` layers bitsandbytes replaces when the base loads in int8 or 4-bit.
 
     transformers quantizes every linear layer except those of the modules the
-    model keeps in fp32 (BLIP-2: the Q-Former) and the output head (tied to the
-    input embeddings). Works on a ``meta`` model.
+    model keeps in fp32 (BLIP-2: the Q-Former) and the output head. Works on a
+    ``meta`` model.
     """
     keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     out = set()
@@ -339,11 +334,10 @@ def is_quantized(model) -> bool:
 
 
 def meta_model(config):
-    """Build a BLIP-2 on the ``meta`` device: shapes without memory, for counting and planning."""
-    from transformers import Blip2ForConditionalGeneration
-
+    """Build a model of ``config``'s family on the ``meta`` device: shapes without memory, for counting and planning."""
+    cls = family_for_config(config).model_cls()
     with torch.device("meta"):
-        return Blip2ForConditionalGeneration(config)
+        return cls(config)
 
 
 def _strip_volatile(value):
@@ -388,35 +382,28 @@ def _require_bitsandbytes(quantization: str) -> None:
 
 def _not_found_message(base: str, exc: Exception) -> str:
     if Path(base).exists():
-        return f"model.base: {base!r} is a directory but not a BLIP-2 model ({exc}); it needs config.json and weights"
+        return f"model.base: {base!r} is a directory but not a BLIP-2 family model ({exc}); it needs config.json and weights"
     return (
         f"model.base: cannot load {base!r}: not a local directory, and the hub could not provide it ({exc}). "
-        "Use base=tiny for the built-in offline model, a local model directory, or a hub id with network access."
+        "Use base=tiny (or tiny-t5, tiny-instructblip) for a built-in offline model, a local model directory, or a hub id with network access."
     )
 
 
-def text_layout(model, tokenizer):
-    """How this base frames text around the image: placeholder id, query count, BOS, pad, stop."""
-    from multimodal_lora.data.encoding import TextLayout
+def text_layout(model, processor):
+    """How this base frames text around the image, for training and generation: its family's layout.
 
-    config = model.config
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.text_config.pad_token_id
-    return TextLayout(
-        image_token_id=int(config.image_token_index),
-        num_query_tokens=int(config.num_query_tokens),
-        bos_token_id=int(config.text_config.bos_token_id),
-        pad_token_id=int(pad),
-        stop_token_id=stop_token_id(model.generation_config, config.text_config),
-    )
+    Args:
+        model: the base (or its PEFT wrapper).
+        processor: its processor (InstructBLIP's carries the Q-Former tokenizer), or just its tokenizer.
+    """
+    blip2 = _blip2(model)
+    return family_of(blip2).make_layout(blip2.config, blip2.generation_config, processor)
 
 
 # --- the frozen image path: train mode, visual prefix, feature-cache identity ------------------
 
-_FROZEN_IMAGE_PATH = ("vision_model", "qformer", "language_projection")
-
-
 def _blip2(model):
-    """The ``Blip2ForConditionalGeneration`` inside a PEFT (and/or DDP) wrapper."""
+    """The model inside a PEFT (and/or DDP) wrapper."""
     model = getattr(model, "module", model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -430,17 +417,19 @@ def set_train_mode(model) -> None:
     """
     model.train()
     blip2 = _blip2(model)
-    for name in _FROZEN_IMAGE_PATH:
-        getattr(blip2, name).eval()
+    for name in family_of(blip2).image_path:
+        part = getattr(blip2, name)
+        if isinstance(part, torch.nn.Module):
+            part.eval()
 
 
-def visual_prefix(model, pixel_values: torch.Tensor) -> torch.Tensor:
+def visual_prefix(model, pixel_values: torch.Tensor, qformer_inputs: dict | None = None) -> torch.Tensor:
     """What the language model receives for each image: ``language_projection(Q-Former(vision(x)))``.
 
-    Shape ``(batch, num_query_tokens, text hidden size)``.
+    Shape ``(batch, num_query_tokens, text hidden size)``. ``qformer_inputs`` is the
+    instruction for a family whose Q-Former reads one (InstructBLIP).
     """
-    blip2 = _blip2(model)
-    return blip2.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+    return image_features(_blip2(model), pixel_values, qformer_inputs)
 
 
 def prefix_shape(model) -> tuple[int, int]:
@@ -452,17 +441,20 @@ def prefix_shape(model) -> tuple[int, int]:
 def image_path_trainable(model) -> list[str]:
     """The parts of the image path (vision, Q-Former, queries, projection) with trainable parameters."""
     blip2 = _blip2(model)
-    parts = [name for name in _FROZEN_IMAGE_PATH if any(p.requires_grad for p in getattr(blip2, name).parameters())]
-    if blip2.query_tokens.requires_grad:
-        parts.append("query_tokens")
+    parts = []
+    for name in family_of(blip2).image_path:
+        part = getattr(blip2, name)
+        params = part.parameters() if isinstance(part, torch.nn.Module) else [part]
+        if any(p.requires_grad for p in params):
+            parts.append(name)
     return parts
 
 
 def prefix_inputs(prefix: torch.Tensor) -> dict:
     """Forward keyword arguments that feed a precomputed visual prefix instead of ``pixel_values``."""
-    from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
+    from multimodal_lora.families.base import prefix_inputs as family_prefix_inputs
 
-    return {"pixel_values": None, "mm_encoder_outputs": {"image": BaseModelOutputWithVisionQformerOutputs(pooler_output=prefix)}}
+    return family_prefix_inputs(prefix)
 
 
 def image_path_fingerprint(model) -> str:
@@ -472,10 +464,11 @@ def image_path_fingerprint(model) -> str:
     weights, so two bases with equal configs but other weights get other caches.
     """
     blip2 = _blip2(model)
+    image_path = tuple(family_of(blip2).image_path)
     digest = hashlib.sha256()
     for name, tensor in sorted(blip2.state_dict().items()):
         name = _strip_peft_prefix(name)
-        if name.startswith((*_FROZEN_IMAGE_PATH, "query_tokens")):
+        if name.startswith(image_path):
             data = tensor.detach().to("cpu").contiguous()
             digest.update(name.encode())
             digest.update(str(data.dtype).encode())

@@ -18,7 +18,8 @@ memory), adds the recipe's LoRA there, and adds up:
 * **activations** — what autograd keeps for the backward pass through the
   language model (the vision encoder and Q-Former are frozen and take no
   gradient, so they keep nothing), in the autocast dtype (2 bytes for bf16 or
-  fp16, 4 for fp32), per token per decoder layer about
+  fp16, 4 for fp32), per token per language-model layer (an encoder–decoder
+  counts both stacks, every token through all of them: an upper bound) about
   ``8 × hidden + 2 × ffn`` values (layer-norm inputs and outputs, q/k/v, the
   attention output, the MLP's two wide tensors), plus the logits over the
   vocabulary in fp32 for the loss. With gradient checkpointing each layer keeps
@@ -38,11 +39,13 @@ from dataclasses import dataclass
 import torch
 
 from multimodal_lora.config import LoraSettings, Recipe
+from multimodal_lora.families import family_for_config
 from multimodal_lora.model import (
     add_lora,
     base_config,
     count_parameters,
     format_parameter_table,
+    lora_targets,
     meta_model,
     quantized_linears,
 )
@@ -123,10 +126,10 @@ def plan_recipe(recipe: Recipe) -> MemoryPlan:
 
 
 def plan_memory(config, *, quantization: str, dtype: str, lora: LoraSettings, batch_size: int, max_length: int) -> MemoryPlan:
-    """Plan training memory for a BLIP-2 config, a LoRA and a batch shape.
+    """Plan training memory for a BLIP-2 family config, a LoRA and a batch shape.
 
     Args:
-        config: a ``Blip2Config``.
+        config: a ``Blip2Config`` or ``InstructBlipConfig``.
         quantization: ``none``, ``int8`` or ``4bit``.
         dtype: ``fp32``, ``bf16`` or ``fp16``: the unquantized weights' dtype.
         lora: the adapters to add.
@@ -138,8 +141,8 @@ def plan_memory(config, *, quantization: str, dtype: str, lora: LoraSettings, ba
 
     Example:
         >>> from multimodal_lora.model import published_config
-        >>> plan = plan_memory(published_config(), quantization="int8", dtype="fp16",
-        ...                    lora=LoraSettings(r=16, target_modules=["q_proj", "v_proj"]),
+        >>> plan = plan_memory(published_config("Salesforce/blip2-opt-2.7b"), quantization="int8", dtype="fp16",
+        ...                    lora=LoraSettings(r=16),
         ...                    batch_size=2, max_length=64)
         >>> print(plan.format())
     """
@@ -151,21 +154,22 @@ def plan_memory(config, *, quantization: str, dtype: str, lora: LoraSettings, ba
     table = format_parameter_table(count_parameters(peft_model))
     lora_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
-    text = config.text_config
+    family = family_for_config(config)
+    dims = family.plan_dims(config.text_config)
     seq = int(config.num_query_tokens) + max_length
     tokens = batch_size * seq
     # On a GPU the trainer runs under autocast in the recipe's dtype (accelerate's
     # mixed precision), so the saved matmul outputs are 2 bytes unless dtype is fp32
     # (the fp32 residual stream of a quantized base makes this a slight underestimate).
     act = BYTES[dtype]
-    hidden, ffn, layers = text.hidden_size, text.ffn_dim, text.num_hidden_layers
+    hidden, ffn, layers = dims.hidden, dims.ffn, dims.layers
     per_layer = 8 * hidden + 2 * ffn
     if lora.dropout > 0:
         # Each adapted projection keeps its dropped-out input for lora_A's gradient.
-        per_layer += hidden * len(lora.target_modules)
+        per_layer += hidden * len(lora_targets(lora, family))
     # Logits in the compute dtype, their fp32 copy for the loss, the saved
     # log-softmax, and (at the start of the backward pass) their fp32 gradient.
-    logits = tokens * text.vocab_size * (act + 4 + 4 + 4)
+    logits = tokens * dims.vocab * (act + 4 + 4 + 4)
     full = tokens * per_layer * layers * act + logits
     checkpointed = tokens * (hidden * layers + per_layer) * act + logits
     return MemoryPlan(

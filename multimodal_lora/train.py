@@ -1,4 +1,4 @@
-"""Fine-tune BLIP-2's language model with LoRA.
+"""Fine-tune a BLIP-2 family model's language model with LoRA.
 
     python -m multimodal_lora.train RECIPE [key=value ...]
     python -m multimodal_lora.train RECIPE resume=true          # continue after a crash or a stop
@@ -57,6 +57,7 @@ from multimodal_lora.loading import LoadSettings
 from multimodal_lora.logs import RunLog, peak_memory_mb
 from multimodal_lora.model import (
     add_lora,
+    base_family,
     count_parameters,
     enable_gradient_checkpointing,
     format_parameter_table,
@@ -135,10 +136,11 @@ def train(recipe: Recipe) -> TrainResult:
             last intact checkpoint), or a non-finite loss (:class:`TrainingError`).
     """
     output_dir = prepare_output_dir(Path(recipe.output_dir))
-    # Before anything loads: a fresh run never mixes with another run's checkpoints or adapter.
-    check_output_dir(recipe, output_dir)
     try:
-        return _train(recipe, output_dir)
+        with exclusive(output_dir):
+            # Before anything loads: a fresh run never mixes with another run's checkpoints or adapter.
+            check_output_dir(recipe, output_dir)
+            return _train(recipe, output_dir)
     except WriteError as exc:
         if exc.hint:
             raise
@@ -153,6 +155,11 @@ def _train(recipe: Recipe, output_dir: Path) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    # The base's family (from its config alone) checks the LoRA targets before any data or weights load.
+    family = base_family(recipe.model.base, recipe.model.revision)
+    problems = family.target_problems(recipe.lora.target_modules)
+    if problems:
+        raise ConfigError("\n".join(problems))
     # Accumulation is done by hand in train_step, so accelerate sees one micro-batch per step.
     accelerator = Accelerator(cpu=recipe.model.device == "cpu", mixed_precision=_mixed_precision(recipe))
     _check_distributed(recipe, accelerator)
@@ -183,7 +190,7 @@ def _train(recipe: Recipe, output_dir: Path) -> TrainResult:
     model, base = load_base(recipe.model)
     # Recorded with the adapter, so that caption() & co. load the base the same way.
     load_settings = LoadSettings.of(recipe.model, next(model.parameters()).device)
-    layout = text_layout(model, processor.tokenizer)
+    layout = text_layout(model, processor)
     model = add_lora(model, recipe.lora)
     if recipe.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -207,9 +214,7 @@ def _train(recipe: Recipe, output_dir: Path) -> TrainResult:
     use_cache = cache_features(recipe, model, total_steps / steps_per_epoch)
     workers = loader_workers(recipe.data.num_workers, use_cache)
     started = time.perf_counter()
-    train_set, val_set, collate = build_datasets(
-        recipe, accelerator, model, processor, encoder, splits, layout.pad_token_id, use_cache
-    )
+    train_set, val_set, collate = build_datasets(recipe, accelerator, model, processor, encoder, splits, layout, use_cache)
     cache_seconds = time.perf_counter() - started if use_cache else None
     # A loader draws a worker seed from its generator each epoch; without its own it would draw from
     # the global RNG, which a resumed run starting mid-epoch would then be one draw behind on.
@@ -515,11 +520,11 @@ def build_optimizer(params: list, lr: float, weight_decay: float, device: torch.
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None, foreach=None if fused else True)
 
 
-def build_datasets(recipe: Recipe, accelerator, model, processor, encoder, splits, pad_token_id, use_cache: bool):
+def build_datasets(recipe: Recipe, accelerator, model, processor, encoder, splits, layout, use_cache: bool):
     """Train and validation datasets: pixels decoded per access, or cached visual prefixes."""
     train_encoded = encoder.encode_all(splits.train)
     val_encoded = encoder.encode_all(splits.validation)
-    collate = Collator(pad_token_id)
+    collate = Collator(layout.pad_token_id, layout.padding())
     if not use_cache:
         return (
             PairDataset(splits.train, train_encoded, processor.image_processor),
@@ -540,6 +545,9 @@ def build_datasets(recipe: Recipe, accelerator, model, processor, encoder, split
             build=accelerator.is_main_process,
             batch_size=recipe.train.batch_size,
             progress=accelerator.is_local_main_process,
+            # The Q-Former of InstructBLIP reads the prompt: the prefix is per (image, instruction).
+            instructions=[encoder.prompt_of(e) for e in examples] if layout.reads_instruction else None,
+            layout=layout,
         )
     n = len(splits.train)
     return (
@@ -569,7 +577,7 @@ def run_identity(recipe: Recipe, base, splits, processes: int, total_steps: int)
         "lora.r": recipe.lora.r,
         "lora.alpha": recipe.lora.alpha,
         "lora.dropout": recipe.lora.dropout,
-        "lora.target_modules": sorted(recipe.lora.target_modules),
+        "lora.target_modules": sorted(recipe.lora.target_modules or ["(the family's default)"]),
         "data.path": recipe.data.path,
         "data.task": recipe.data.task,
         "data.prompt": recipe.data.prompt,
@@ -630,6 +638,33 @@ def check_output_dir(recipe: Recipe, output_dir: Path) -> None:
         f"Continue that run with: {rerun} resume=true — or start afresh with overwrite=true (deletes it) "
         "or another output_dir=..."
     )
+
+
+@contextlib.contextmanager
+def exclusive(output_dir: Path):
+    """Lock ``output_dir`` for the run: a second run started into the same directory stops at once.
+
+    The lock is on the directory itself (``flock``), so nothing is written for it and it goes
+    with the process, however that ends. Only the first process of a launch takes it.
+    """
+    import fcntl
+    import os
+
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        yield
+        return
+    fd = os.open(output_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"output_dir {output_dir} is in use by another training run right now; wait for it to finish, "
+                "or choose another output_dir"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def clear_previous_run(output_dir: Path) -> None:
@@ -826,7 +861,7 @@ class StopRequest:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m multimodal_lora.train",
-        description="Fine-tune BLIP-2's language model with LoRA, as a recipe says.",
+        description="Fine-tune a BLIP-2 family model's language model with LoRA, as a recipe says.",
         epilog="Example: python -m multimodal_lora.train recipes/tiny.yaml output_dir=runs/mine train.epochs=2",
     )
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny.yaml")

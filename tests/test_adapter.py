@@ -24,7 +24,7 @@ def saved(tmp_path_factory, tiny_base, shapes_dir):
     model, base = load_base(ModelConfig(base="tiny", device="cpu"))
     processor = load_processor("tiny")
     model = add_lora(model, LoraSettings(r=8, alpha=16, dropout=0.0))
-    layout = text_layout(model, processor.tokenizer)
+    layout = text_layout(model, processor)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     images = [load_image(p) for p in sorted((shapes_dir / "train").glob("*.png"))[:4]]
     pixel_values = processor.image_processor(images, return_tensors="pt").pixel_values

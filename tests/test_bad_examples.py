@@ -158,11 +158,12 @@ def test_empty_and_whitespace_captions_are_bad_examples(tmp_path):
 def test_overlong_captions_are_truncated_with_one_counting_warning(tiny_base):
     from transformers import AutoTokenizer
 
-    from multimodal_lora.data.encoding import ExampleEncoder, TextLayout
+    from multimodal_lora.data.encoding import ExampleEncoder
     from multimodal_lora.data.sources import Example
+    from multimodal_lora.families.layouts import DecoderOnlyLayout
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
-    layout = TextLayout(image_token_id=9, num_query_tokens=2, bos_token_id=2, pad_token_id=1, stop_token_id=7)
+    layout = DecoderOnlyLayout(image_token_id=9, num_query_tokens=2, bos_token_id=2, pad_token_id=1, stop_token_id=7, target_prefix=" ")
     encoder = ExampleEncoder(tokenizer, layout, task="caption", prompt=None, prompt_template="", max_length=6)
     long = "a red circle and a blue square and a green cross"
     examples = [Example("x.png", t, "x", "row") for t in (long, "an orange triangle", long)]
@@ -171,6 +172,7 @@ def test_overlong_captions_are_truncated_with_one_counting_warning(tiny_base):
         encoded = encoder.encode_all(examples)
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and messages[0].startswith("2 of 3 targets were longer than data.max_length=6")
-    for input_ids, labels in encoded:
+    for item in encoded:
+        input_ids, labels = item["input_ids"], item["labels"]
         assert len(input_ids) - layout.num_query_tokens <= 6
         assert labels[-1] == layout.stop_token_id  # truncated, yet still taught to stop

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from multimodal_lora.tiny import NUM_QUERY_TOKENS
+from multimodal_lora.families.blip2_opt import NUM_QUERY_TOKENS
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))

@@ -308,7 +308,7 @@ def test_dataloader_workers_decode_stored_images(tmp_path, tiny_base):
     overrides, _ = saved(tmp_path)
     splits = load_splits(data_config(overrides))
     processor = AutoProcessor.from_pretrained(tiny_base).image_processor
-    dataset = PairDataset(splits.train, [([5, 6], [-100, 6])] * len(splits.train), processor)
+    dataset = PairDataset(splits.train, [{"input_ids": [5, 6], "labels": [-100, 6]}] * len(splits.train), processor)
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=Collator(1), num_workers=2)
     batches = list(loader)
     expected = torch.stack([processor(load_image(e.image), return_tensors="pt").pixel_values[0] for e in splits.train])

@@ -10,9 +10,9 @@ import torch
 from multimodal_lora.config import LoraSettings, ModelConfig
 from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
 from multimodal_lora.data.sources import Example
+from multimodal_lora.families.blip2_opt import NUM_QUERY_TOKENS
 from multimodal_lora.feature_cache import CachedPairDataset, PrefixCollator, forward_inputs, image_key, open_or_build
 from multimodal_lora.model import add_lora, load_base, load_processor, set_train_mode, text_layout
-from multimodal_lora.tiny import NUM_QUERY_TOKENS
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def setup(small_shapes_dir, tmp_path_factory):
     torch.manual_seed(0)
     processor = load_processor("tiny")
     model, _ = load_base(ModelConfig(base="tiny", device="cpu"))
-    layout = text_layout(model, processor.tokenizer)
+    layout = text_layout(model, processor)
     model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
     # Make the adapter non-zero so that its gradients flow through a real update.
     with torch.no_grad():
@@ -48,7 +48,7 @@ def loss_and_grads(model, batch):
 
 def test_cached_prefix_gives_the_same_loss_and_gradients(setup):
     model, processor, layout, examples, encoded, root = setup
-    collate = Collator(layout.pad_token_id)
+    collate = Collator(layout.pad_token_id, layout.padding())
     pixels = collate([PairDataset(examples, encoded, processor.image_processor)[i] for i in range(len(examples))])
     model.eval()
     cache, keys = open_or_build(examples, model, processor.image_processor, root, progress=False)

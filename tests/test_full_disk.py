@@ -82,9 +82,10 @@ def test_training_on_a_disk_that_fills_names_the_intact_checkpoint(small_shapes_
     line = one_error_line(proc)
     assert "no space left on device" in line and "nothing partial was left" in line
     assert "could not write checkpoint checkpoint-0000000" in line or "could not write the metrics log" in line
-    intact = line.split("the previous checkpoint ")[-1].split(" is intact")[0] if "previous checkpoint" in line else (
-        line.split("the last intact checkpoint is ")[-1].split(";")[0]
-    )
+    if "previous checkpoint " in line:  # the checkpoint write failed
+        intact = line.split("previous checkpoint ")[-1].split(" is intact")[0]
+    else:  # another write (the metrics log) failed between checkpoints
+        intact = line.split("last intact checkpoint is ")[-1].split(";")[0]
     assert "resume=true" in line
     assert intact.startswith(str(mount / "run" / "checkpoints" / "checkpoint-0000000")), line
     # What the message names is complete (every file matches its hash), and no staging copy is left.
@@ -131,5 +132,5 @@ def test_caption_output_and_merged_model_on_a_full_disk(quick_adapter, shapes_di
     assert len(errors) == 2 and "Traceback" not in proc.stdout, proc.stdout
     assert f"could not write the captions to {mount / 'captions.jsonl'}: no space left on device" in errors[0]
     assert f"could not write the merged model to {mount / 'merged'}: no space left on device" in errors[1]
-    assert "it needed more than the" in errors[1]  # how much it had written when the disk filled
+    assert "it needs about 3." in errors[1] and "MB" in errors[1]  # the merged weights: 0.8 M fp32 parameters
     assert "left: []" in proc.stdout

@@ -33,7 +33,7 @@ def image(shapes_dir):
 
 
 def prompt_of(captioner, n: int) -> str:
-    text = " ".join(["red"] * n)
+    text = " ".join(["a"] * n)  # "a", " a", " a", ...: one token each
     assert len(captioner.processor.tokenizer(text, add_special_tokens=False).input_ids) == n
     return text
 
@@ -85,12 +85,12 @@ def test_inference_refuses_a_prompt_and_length_past_the_limit(captioner, image):
     # ... a second does not.
     with pytest.raises(ConfigError, match=r"the prompt takes 128 positions .* max_new_tokens=2 needs 1 more, but the base holds 128; lower max_new_tokens to at most 1"):
         captioner.caption(image, prompt=prompt_of(captioner, 95), max_new_tokens=2)
-    with pytest.raises(ConfigError, match=r"max_new_tokens=500 .* the base holds 128; lower max_new_tokens to at most 95"):
+    with pytest.raises(ConfigError, match=r"max_new_tokens=500 .* the base holds 128; lower max_new_tokens to at most 96"):
         captioner.caption(image, max_new_tokens=500)
     with pytest.raises(ConfigError, match="shorten the prompt"):
         captioner.ask(image, prompt_of(captioner, 120))
     # The largest length that fits generates without an error.
-    assert isinstance(captioner.caption(image, max_new_tokens=95), str)
+    assert isinstance(captioner.caption(image, max_new_tokens=96), str)
 
 
 def test_caption_cli_reports_the_limit_in_one_line(image):

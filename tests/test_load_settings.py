@@ -95,7 +95,8 @@ def test_caption_loads_an_int8_adapters_base_in_int8(int8_adapter, image, caplog
     # Overridden: the same adapter on plain Linear layers, a second cached base beside the first.
     with caplog.at_level(logging.INFO, logger=RECORD_LOGGER):
         caption(image, adapter=int8_adapter, quantization="none")
-    assert "with quantization=none as asked" in caplog.records[-1].getMessage()
+    loads = [r.getMessage() for r in caplog.records if r.name == RECORD_LOGGER]
+    assert "with quantization=none as asked" in loads[-1]
     assert len(CAPTIONERS) == 2
     plain = next(c for c in CAPTIONERS.values() if c.settings.quantization == "none")
     assert _linear_kinds(plain.model) == {"Linear"}
@@ -128,7 +129,7 @@ def test_an_adapter_without_a_record_loads_as_before_with_a_note(int8_adapter, i
     (captioner,) = CAPTIONERS.values()
     assert _linear_kinds(captioner.model) == {"Linear"}
     assert next(iter(captioner.model.parameters())).dtype == torch.float32
-    assert "no load settings recorded" in caplog.records[-1].getMessage()
+    assert "no load settings recorded" in [r.getMessage() for r in caplog.records if r.name == RECORD_LOGGER][-1]
 
 
 def test_the_caption_cli_takes_the_record_and_the_flags(int8_adapter, image, capsys, caplog):

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from multimodal_lora.config import LoraSettings, ModelConfig, load_recipe
+from multimodal_lora.families.blip2_opt import build_tiny_model, build_tokenizer
 from multimodal_lora.model import (
     add_lora,
     config_fingerprint,
@@ -16,7 +17,6 @@ from multimodal_lora.model import (
     published_config,
     text_layout,
 )
-from multimodal_lora.tiny import build_tiny_model, build_tokenizer
 
 from .conftest import RECIPES
 
@@ -52,7 +52,7 @@ def test_tiny_base_loads_like_the_real_one(tiny_base):
 def test_tiny_stops_on_newline_like_blip2_opt(tiny_base):
     processor = load_processor("tiny")
     model, _ = load_base(ModelConfig(base="tiny", device="cpu"))
-    layout = text_layout(model, processor.tokenizer)
+    layout = text_layout(model, processor)
     assert processor.tokenizer.decode([layout.stop_token_id]) == "\n"
     assert layout.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>")
     assert layout.bos_token_id == 2 and layout.pad_token_id == 1  # OPT's ids
@@ -115,7 +115,7 @@ def test_int8_training_lowers_the_loss(tiny_base, shapes_dir):
     torch.manual_seed(0)
     model, _ = load_base(ModelConfig(base="tiny", device="cpu", quantization="int8"))
     processor = load_processor("tiny")
-    layout = text_layout(model, processor.tokenizer)
+    layout = text_layout(model, processor)
     model = add_lora(model, LoraSettings(r=8, alpha=16, dropout=0.0))
     images = [load_image(p) for p in sorted((shapes_dir / "train").glob("*.png"))[:8]]
     pixel_values = processor.image_processor(images, return_tensors="pt").pixel_values

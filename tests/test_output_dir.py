@@ -128,3 +128,14 @@ def test_the_stop_hint_repeats_the_overrides(tmp_path):
     assert (again.output_dir, again.train.lr, again.lora.target_modules, again.resume) == (
         str(out), 1e-3, ["q_proj", "v_proj"], True
     )
+
+
+def test_two_runs_at_once_into_one_directory(tmp_path):
+    from multimodal_lora.train import exclusive
+
+    with exclusive(tmp_path):
+        with pytest.raises(ConfigError, match=f"output_dir {tmp_path} is in use by another training run right now"):
+            with exclusive(tmp_path):
+                pass
+    with exclusive(tmp_path):  # released when the run ends
+        pass

@@ -31,7 +31,8 @@ def test_vqa_labels_count_only_the_answer_and_the_stop_token(tokenizer_and_layou
     encoder = ExampleEncoder(
         tokenizer, layout, task="vqa", prompt=None, prompt_template=recipe.data.prompt_template, max_length=recipe.data.max_length
     )
-    input_ids, labels = encoder.encode(Example("x.png", "orange", "x", "row 1", question="What colour is the shape?"))
+    encoded = encoder.encode(Example("x.png", "orange", "x", "row 1", question="What colour is the shape?"))
+    input_ids, labels = encoded["input_ids"], encoded["labels"]
     learned = [(i, label) for i, label in enumerate(labels) if label != IGNORE_INDEX]
     # Everything before the answer (image placeholders, </s>, the question in its template) is -100 ...
     first = learned[0][0]
@@ -47,7 +48,8 @@ def test_vqa_labels_count_only_the_answer_and_the_stop_token(tokenizer_and_layou
 def test_caption_prompt_prefix_is_not_learned(tokenizer_and_layout):
     tokenizer, layout = tokenizer_and_layout
     encoder = ExampleEncoder(tokenizer, layout, task="caption", prompt="a photo of", prompt_template="", max_length=32)
-    input_ids, labels = encoder.encode(Example("x.png", "an orange triangle", "x", "row 1"))
+    encoded = encoder.encode(Example("x.png", "an orange triangle", "x", "row 1"))
+    input_ids, labels = encoded["input_ids"], encoded["labels"]
     learned = [label for label in labels if label != IGNORE_INDEX]
     assert tokenizer.decode(learned[:-1]) == " an orange triangle"
     text = input_ids[layout.num_query_tokens + 1 :]

@@ -15,9 +15,10 @@ import math
 from dataclasses import dataclass, field
 
 from multimodal_lora.config import Recipe
-from multimodal_lora.data.encoding import ExampleEncoder, TextLayout
+from multimodal_lora.data.encoding import IGNORE_INDEX, ExampleEncoder
 from multimodal_lora.data.screen import scan
 from multimodal_lora.data.sources import BadExample, Example, load_splits
+from multimodal_lora.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -139,41 +140,38 @@ def check_data(recipe: Recipe, progress: bool = True) -> DataReport:
         max_length=cfg.max_length,
     )
     try:
-        tokenizer = _tokenizer(recipe.model.base, recipe.model.revision)
-    except (OSError, ValueError) as exc:
+        tokenizer, layout = _layout(recipe.model.base, recipe.model.revision)
+    except (OSError, ValueError, UserError) as exc:
         report.tokenizer_problem = f"cannot load the tokenizer of {recipe.model.base!r}: {exc}"
         return report
-    from multimodal_lora.errors import UserError
     from multimodal_lora.model import base_config, position_limit, recipe_length_problems
 
     try:
         config = base_config(recipe.model.base, recipe.model.revision)
-        report.text_limit = position_limit(config) - int(config.num_query_tokens)
+        limit = position_limit(config)
+        report.text_limit = None if limit is None else limit - int(config.num_query_tokens)
         report.length_problems = recipe_length_problems(recipe, tokenizer, config)
     except (UserError, OSError, AttributeError) as exc:
         logger.warning("the base's position limit could not be read (%s); lengths not checked against it", exc)
-    # The trainer's own encoder, with no image tokens and no length limit, counts exactly what it would feed.
-    layout = TextLayout(image_token_id=0, num_query_tokens=0, bos_token_id=_bos(tokenizer), pad_token_id=0, stop_token_id=0)
+    # The trainer's own encoder and layout, with no length limit, counts exactly what it would feed.
     encoder = ExampleEncoder(
         tokenizer, layout, task=cfg.task, prompt=cfg.prompt, prompt_template=cfg.prompt_template, max_length=10**9
     )
     for example in usable:
-        input_ids, labels = encoder.encode(example)
-        report.text_lengths.append(len(input_ids))
-        report.target_lengths.append(sum(label != -100 for label in labels) - 1)  # minus the stop token
+        encoded = encoder.encode(example)
+        report.text_lengths.append(layout.text_length(encoded))
+        report.target_lengths.append(sum(label != IGNORE_INDEX for label in encoded["labels"]) - 1)  # minus the stop token
     return report
 
 
-def _tokenizer(base: str, revision: str | None):
-    from transformers import AutoTokenizer
+def _layout(base: str, revision: str | None):
+    """The base's tokenizer and token layout, from its config and processor (no weights)."""
+    from multimodal_lora.families import family_for_config
+    from multimodal_lora.model import base_config, load_processor
 
-    from multimodal_lora.model import resolve_base
-
-    return AutoTokenizer.from_pretrained(resolve_base(base), revision=revision)
-
-
-def _bos(tokenizer) -> int:
-    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
+    config = base_config(base, revision)
+    processor = load_processor(base, revision)
+    return processor.tokenizer, family_for_config(config).make_layout(config, None, processor)
 
 
 def _stats(values: list[int]) -> str:

@@ -1,14 +1,10 @@
 """From examples to tensors: token ids with their labels, pixel values, batches.
 
-The sequence BLIP-2 sees for one example is::
-
-    <image> × num_query_tokens   </s>   prompt tokens   target tokens   stop
-    └──────── label -100 ──────┘ └──────── -100 ───────┘ └──── learned ─────┘
-
-The image placeholders are replaced by the Q-Former's output inside the
-model; the loss counts only the target and the stop token (for BLIP-2 OPT,
-"\\n"), so the adapter learns to say the caption *and to stop*. Padding is on
-the right and labelled -100; the attention mask is passed.
+Where the image, the prompt and the target go, and which tokens are learned,
+is the base's token layout (:mod:`multimodal_lora.families.layouts`), the one
+also used to generate: this module only walks the examples through it, warns
+once about truncated targets, and pads batches as the layout says (labels with
+-100; right padding with an attention mask).
 
 Text is tokenized once, when the data set is built; images are decoded and
 resized once per epoch, a batch at a time (``__getitems__``: one image-processor
@@ -25,21 +21,14 @@ import torch
 
 from multimodal_lora.data.images import load_image
 from multimodal_lora.data.sources import Example
+from multimodal_lora.families.layouts import IGNORE_INDEX, Padding
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "Collator", "ExampleEncoder", "PairDataset", "prompt_text"]
 
-
-@dataclass(frozen=True)
-class TextLayout:
-    """How a base model's tokens frame an example; read from the base, not hard-coded."""
-
-    image_token_id: int
-    num_query_tokens: int
-    bos_token_id: int
-    pad_token_id: int
-    stop_token_id: int
+Encoded = dict[str, list[int]]
+"""One example's token lists: ``input_ids``, ``labels`` and whatever else the layout adds."""
 
 
 def prompt_text(task: str, question: str | None, prompt: str | None, prompt_template: str) -> str:
@@ -50,9 +39,9 @@ def prompt_text(task: str, question: str | None, prompt: str | None, prompt_temp
 
 
 class ExampleEncoder:
-    """Tokenizes examples into ``input_ids`` and ``labels`` (as Python lists)."""
+    """Tokenizes examples through the base's token layout into ``{"input_ids", "labels", ...}`` lists."""
 
-    def __init__(self, tokenizer, layout: TextLayout, *, task: str, prompt: str | None, prompt_template: str, max_length: int):
+    def __init__(self, tokenizer, layout, *, task: str, prompt: str | None, prompt_template: str, max_length: int):
         self.tokenizer = tokenizer
         self.layout = layout
         self.task = task
@@ -61,29 +50,16 @@ class ExampleEncoder:
         self.max_length = max_length
         self.truncated = 0
 
-    def prompt_ids(self, question: str | None = None) -> list[int]:
-        """``</s>`` + the prompt's tokens: what generation starts from (after the image)."""
-        text = prompt_text(self.task, question, self.prompt, self.prompt_template)
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids if text else []
-        return [self.layout.bos_token_id, *ids]
+    def prompt_of(self, example: Example) -> str:
+        """The text before the target for this example (also the InstructBLIP Q-Former's instruction)."""
+        return prompt_text(self.task, example.question, self.prompt, self.prompt_template)
 
-    def encode(self, example: Example) -> tuple[list[int], list[int]]:
-        prompt = self.prompt_ids(example.question)
-        # A target that follows a prompt is a new word: give it its leading space.
-        target_text = example.target.strip()
-        if len(prompt) > 1:
-            target_text = " " + target_text
-        target = self.tokenizer(target_text, add_special_tokens=False).input_ids
-        room = self.max_length - len(prompt) - 1
-        if len(target) > room:
-            self.truncated += 1
-            target = target[: max(room, 0)]
-        text = prompt + target + [self.layout.stop_token_id]
-        image = [self.layout.image_token_id] * self.layout.num_query_tokens
-        labels = [IGNORE_INDEX] * (len(image) + len(prompt)) + target + [self.layout.stop_token_id]
-        return image + text, labels
+    def encode(self, example: Example) -> Encoded:
+        encoded, truncated = self.layout.encode(self.tokenizer, self.prompt_of(example), example.target, self.max_length)
+        self.truncated += truncated
+        return encoded
 
-    def encode_all(self, examples: list[Example]) -> list[tuple[list[int], list[int]]]:
+    def encode_all(self, examples: list[Example]) -> list[Encoded]:
         self.truncated = 0
         encoded = [self.encode(e) for e in examples]
         if self.truncated:
@@ -98,7 +74,7 @@ class ExampleEncoder:
 class PairDataset(torch.utils.data.Dataset):
     """Examples with their tokens; images are decoded and resized on access."""
 
-    def __init__(self, examples: list[Example], encoded: list[tuple[list[int], list[int]]], image_processor):
+    def __init__(self, examples: list[Example], encoded: list[Encoded], image_processor):
         assert len(examples) == len(encoded)
         self.examples = examples
         self.encoded = encoded
@@ -119,7 +95,7 @@ class PairDataset(torch.utils.data.Dataset):
         images = [_load(self.examples[i]) for i in indices]
         pixel_values = self.image_processor(images, return_tensors="pt").pixel_values
         return [
-            {"pixel_values": pixels, "input_ids": self.encoded[i][0], "labels": self.encoded[i][1]}
+            {"pixel_values": pixels, **self.encoded[i]}
             for i, pixels in zip(indices, pixel_values)
         ]
 
@@ -130,21 +106,30 @@ def _load(example: Example):
 
 @dataclass(frozen=True)
 class Collator:
-    """Pads a list of items on the right into one batch."""
+    """Pads a list of items on the right into one batch, each key as the layout says.
 
-    pad_token_id: int
+    Args:
+        pad_token_id: pads ``input_ids`` (and ``labels`` get -100) when ``padding`` is not given.
+        padding: the layout's :meth:`~multimodal_lora.families.layouts.TokenLayout.padding`.
+    """
+
+    pad_token_id: int = 0
+    padding: tuple[Padding, ...] | None = None
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        # One tensor per field for the whole batch, scattered through the padding mask:
-        # a torch.tensor call per row cost 1.7% of a tiny-model step.
-        lengths = torch.tensor([len(item["input_ids"]) for item in items])
-        length = int(lengths.max())
-        mask = torch.arange(length) < lengths[:, None]
-        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
-        input_ids[mask] = torch.tensor([t for item in items for t in item["input_ids"]], dtype=torch.long)
-        labels[mask] = torch.tensor([t for item in items for t in item["labels"]], dtype=torch.long)
-        batch = {"input_ids": input_ids, "attention_mask": mask.long(), "labels": labels}
+        padding = self.padding or (Padding("input_ids", self.pad_token_id, "attention_mask"), Padding("labels", IGNORE_INDEX))
+        batch = {}
+        for pad in padding:
+            # One tensor per key for the whole batch, scattered through the padding mask:
+            # a torch.tensor call per row cost 1.7% of a tiny-model step.
+            rows = [item[pad.key] for item in items]
+            lengths = torch.tensor([len(ids) for ids in rows])
+            mask = torch.arange(int(lengths.max())) < lengths[:, None]
+            values = torch.full(mask.shape, pad.value, dtype=torch.long)
+            values[mask] = torch.tensor([t for ids in rows for t in ids], dtype=torch.long)
+            batch[pad.key] = values
+            if pad.mask is not None:
+                batch[pad.mask] = mask.long()
         if "pixel_values" in items[0]:
             batch["pixel_values"] = torch.stack([item["pixel_values"] for item in items])
         return batch

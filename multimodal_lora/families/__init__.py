@@ -1,0 +1,93 @@
+"""Architectures, one module each: the only code that knows module names and token layouts.
+
+The rest of the package asks this package, through a :class:`Family`, for
+
+* the LoRA target names, the anchored pattern that places them (only the
+  language model's attention), and the default targets;
+* the token layout for training and generation
+  (:mod:`~multimodal_lora.families.layouts`), one object used by training,
+  evaluation and inference alike;
+* the memory plan's dimensions;
+* the published configs of its hub checkpoints (``families/configs/``);
+* how to build its tiny offline twin.
+
+**Adding a family** is adding one module here that builds a :class:`Family`,
+its config files under ``configs/`` (with their source in ``configs/SOURCES.md``),
+a recipe, and an entry in :data:`FAMILIES`. The module must provide:
+
+1. ``matches(config)``: recognise its configs (``model_type``,
+   ``text_config.model_type``, ``is_encoder_decoder``), without overlapping
+   another family;
+2. its ``lora_targets``, ``default_targets`` and an ``attention_pattern`` that
+   matches full module names from the root, inside the language model only;
+3. ``make_layout``: a :class:`~multimodal_lora.families.layouts.TokenLayout`
+   with the ids read from the base's config, generation config and processor
+   (never hard-coded), stopping on the token the base's ``generate`` stops on;
+4. ``plan_dims``: hidden width, MLP width, layers and vocabulary of its language model;
+5. a tiny twin builder (deterministic, offline, same classes and module names
+   as the real model, a tokenizer trained locally) and its cache directory name;
+6. tests: the tiny twin learns the shapes recipe, and trainable-parameter
+   counts of the real configs on the ``meta`` device, with the arithmetic.
+"""
+
+from __future__ import annotations
+
+from multimodal_lora.errors import ConfigError
+from multimodal_lora.families import blip2_opt, blip2_t5, instructblip
+from multimodal_lora.families.base import Family, PlanDims
+from multimodal_lora.families.layouts import IGNORE_INDEX, DecoderOnlyLayout, EncoderDecoderLayout, Padding, TokenLayout
+
+__all__ = [
+    "FAMILIES",
+    "IGNORE_INDEX",
+    "DecoderOnlyLayout",
+    "EncoderDecoderLayout",
+    "Family",
+    "Padding",
+    "PlanDims",
+    "TokenLayout",
+    "family_for_config",
+    "family_named",
+    "published_family",
+    "tiny_family",
+]
+
+FAMILIES: tuple[Family, ...] = (blip2_opt.FAMILY, blip2_t5.FAMILY, instructblip.VICUNA, instructblip.FLAN_T5)
+
+
+def family_for_config(config) -> Family:
+    """The family of a model config (``Blip2Config``, ``InstructBlipConfig``).
+
+    Raises:
+        ConfigError: no family knows this architecture (the message lists the known ones).
+    """
+    for family in FAMILIES:
+        if family.matches(config):
+            return family
+    text = getattr(config, "text_config", None)
+    what = f"model_type {getattr(config, 'model_type', None)!r} with a {getattr(text, 'model_type', None)!r} language model"
+    known = "; ".join(f"{f.name} ({f.description})" for f in FAMILIES)
+    raise ConfigError(f"model.base: {what} is not a supported architecture; supported: {known}")
+
+
+def family_named(name: str) -> Family:
+    """The family recorded in an adapter under ``name``."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ConfigError(f"unknown model family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
+
+
+def tiny_family(base: str) -> Family | None:
+    """The family whose tiny twin is called ``base`` (``tiny``, ``tiny-t5`` ...), else ``None``."""
+    return next((f for f in FAMILIES if f.tiny_name == base), None)
+
+
+def published_family(hub_id: str) -> Family | None:
+    """The family that ships the published config of ``hub_id``, else ``None``."""
+    return next((f for f in FAMILIES if hub_id in f.published), None)
+
+
+def tiny_names() -> list[str]:
+    """Every ``model.base`` that means a tiny offline twin."""
+    return [f.tiny_name for f in FAMILIES if f.tiny_name]

@@ -1,0 +1,121 @@
+"""The tiny recipes of the new families, trained once each: they learn, and every tool works on them."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from multimodal_lora.config import load_recipe
+from multimodal_lora.data.images import load_image
+from multimodal_lora.data.sources import group_references, load_splits
+from multimodal_lora.errors import AdapterError
+from multimodal_lora.families import family_named
+from multimodal_lora.inference import Captioner
+
+from .conftest import RECIPES
+
+FAMILY = {"tiny-t5": "blip2-t5", "tiny-instructblip": "instructblip-vicuna"}
+HELD_OUT = 60
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY))
+def run(request, tmp_path_factory):
+    """One full run of recipes/<name>.yaml (about a minute each on 2 cores)."""
+    from multimodal_lora.train import train
+
+    name = request.param
+    out = tmp_path_factory.mktemp(name)
+    recipe = load_recipe(RECIPES / f"{name}.yaml", [f"output_dir={out}", "train.eval_max_images=8"])
+    result = train(recipe)
+    groups = group_references(load_splits(recipe.data).validation)[:HELD_OUT]
+    return name, recipe, result, groups
+
+
+@pytest.fixture(scope="module")
+def captioner(run):
+    name, _, result, _ = run
+    captioner = Captioner(name, device="cpu")
+    captioner.load_adapter(result.adapter_dir, name="shapes")
+    return captioner
+
+
+def exact_match(captions, groups) -> float:
+    return sum(c in refs for c, (_, refs) in zip(captions, groups)) / len(groups)
+
+
+def test_the_recipe_teaches_captions_the_bare_base_does_not_know(run, captioner):
+    _, recipe, _, groups = run
+    images = [first.image for first, _ in groups]
+    assert len(groups) == HELD_OUT
+    adapted = exact_match(captioner.caption(images, adapter="shapes"), groups)
+    bare = exact_match(captioner.caption(images, adapter=None), groups)
+    assert adapted >= 0.5, adapted
+    assert bare <= 0.05, bare
+
+
+def test_every_adapter_tensor_is_in_the_familys_language_model_attention(run):
+    name, recipe, result, _ = run
+    family = family_named(FAMILY[name])
+    pattern = family.target_pattern(recipe.lora.target_modules)
+    with safe_open(result.adapter_dir / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys
+    for key in keys:
+        module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+        assert re.fullmatch(pattern, module), key
+    meta = json.loads((result.adapter_dir / "multimodal_lora.json").read_text())
+    assert meta["base"]["family"] == FAMILY[name]
+
+
+def test_plain_peft_loads_the_adapter_and_captions_the_same(run, captioner):
+    from peft import PeftModel
+
+    name, _, result, groups = run
+    family = family_named(FAMILY[name])
+    base = family.model_cls().from_pretrained(captioner.base.name_or_path)
+    peft_model = PeftModel.from_pretrained(base, str(result.adapter_dir)).eval()
+    plain = Captioner.from_model(peft_model, captioner.processor, captioner.base, {"default": captioner.adapters["shapes"]})
+    images = [first.image for first, _ in groups[:12]]
+    assert plain.caption(images, adapter="default") == captioner.caption(images, adapter="shapes")
+
+
+def test_merged_equals_unmerged(run, captioner, tmp_path):
+    from multimodal_lora.merge import merge_adapter
+
+    _, _, result, groups = run
+    merged_dir = merge_adapter(result.adapter_dir, tmp_path / "merged")
+    merged = Captioner(str(merged_dir), device="cpu")
+    images = [first.image for first, _ in groups[:12]]
+    batch = merged._inputs([load_image(i) for i in images], [""] * 12)
+    with torch.no_grad():
+        tokens_merged = merged.model.generate(**batch, max_new_tokens=12, eos_token_id=merged.layout.stop_token_id)
+        with captioner.using("shapes"):
+            tokens_unmerged = captioner.model.generate(**batch, max_new_tokens=12, eos_token_id=captioner.layout.stop_token_id)
+    assert torch.equal(tokens_merged, tokens_unmerged)
+
+
+def test_an_adapter_is_refused_by_another_family(run):
+    name, _, result, _ = run
+    other = "tiny-instructblip" if name == "tiny-t5" else "tiny-t5"
+    with pytest.raises(AdapterError, match=f"was trained on a {FAMILY[name]} model .* is a {FAMILY[other]} model"):
+        Captioner(other, device="cpu").load_adapter(result.adapter_dir)
+
+
+def test_caption_cli_and_evaluate(run, tmp_path):
+    from multimodal_lora.caption import main as caption_main
+    from multimodal_lora.evaluate import evaluate
+
+    _, recipe, result, groups = run
+    out = tmp_path / "captions.jsonl"
+    images = [first.image for first, _ in groups[:4]]
+    assert caption_main([*images, "--adapter", str(result.adapter_dir), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 4 and all(row["caption"] for row in rows)
+    report, table = evaluate(recipe, result.adapter_dir, tmp_path / "eval", max_images=8, samples=2, meteor=False)
+    assert (report / "report.md").is_file()
+    assert table["adapter"]["exact_match"] > table["base"]["exact_match"]
+    assert table["adapter"]["val_loss"] < table["base"]["val_loss"]
