@@ -59,11 +59,11 @@ def bare_setup(steps: int):
     processor = load_processor(recipe.model.base)
     examples = load_splits(recipe.data).train
     model, _ = load_base(recipe.model)
-    layout = text_layout(model, processor.tokenizer)
+    layout = text_layout(model, processor)
     model = add_lora(model, recipe.lora)
     encoder = ExampleEncoder(processor.tokenizer, layout, task="caption", prompt=None, prompt_template="", max_length=recipe.data.max_length)
     dataset = PairDataset(examples, encoder.encode_all(examples), processor.image_processor)
-    collate = Collator(layout.pad_token_id)
+    collate = Collator(layout.pad_token_id, layout.padding())
     size = recipe.train.batch_size
     batches = [collate([dataset[(i * size + j) % len(dataset)] for j in range(size)]) for i in range(steps)]
     from multimodal_lora.train import build_optimizer

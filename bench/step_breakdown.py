@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     processor = load_processor("tiny")
     examples = load_splits(load_recipe(RECIPE).data).train[:16]
     items = [{"input_ids": list(range(32 + 6)), "labels": [-100] * 33 + [5, 6, 7, 8, 9]} for _ in range(16)]
-    dataset = PairDataset(examples, [(i["input_ids"], i["labels"]) for i in items], processor.image_processor)
+    dataset = PairDataset(examples, items, processor.image_processor)
     collate = Collator(1)
 
     def per_row_collate():

@@ -34,7 +34,7 @@ def test_collator_pads_on_the_right_with_masks_and_ignored_labels():
 def test_a_batch_of_images_is_processed_as_each_image_alone(small_shapes_dir):
     processor = load_processor("tiny")
     examples = read_imagefolder(small_shapes_dir / "train", DataConfig())[:5]
-    dataset = PairDataset(examples, [([1, 2], [IGNORE_INDEX, 2])] * 5, processor.image_processor)
+    dataset = PairDataset(examples, [{"input_ids": [1, 2], "labels": [IGNORE_INDEX, 2]}] * 5, processor.image_processor)
     batched = dataset.__getitems__([4, 0, 2])
     for index, item in zip([4, 0, 2], batched):
         assert torch.equal(item["pixel_values"], dataset[index]["pixel_values"])
@@ -120,7 +120,7 @@ def bf16_setup(small_shapes_dir):
     torch.manual_seed(0)
     processor = load_processor("tiny")
     model, _ = load_base(ModelConfig(base="tiny", device="cpu", dtype="bf16"))
-    layout = text_layout(model, processor.tokenizer)
+    layout = text_layout(model, processor)
     model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
     examples = read_imagefolder(small_shapes_dir / "train", DataConfig())[:6]
     encoder = ExampleEncoder(
@@ -150,7 +150,7 @@ def test_feature_cache_is_stored_in_bf16_at_two_bytes_a_value(bf16_setup, tmp_pa
     assert str(tmp_path) in caplog.text
 
     # The cached bf16 prefix gives the loss of the pixels through the same bf16 model, exactly.
-    collate = Collator(layout.pad_token_id)
+    collate = Collator(layout.pad_token_id, layout.padding())
     pixels = collate(PairDataset(examples, encoded, processor.image_processor).__getitems__(list(range(6))))
     pixels["pixel_values"] = pixels["pixel_values"].to(torch.bfloat16)
     cached = PrefixCollator(collate)([CachedPairDataset(encoded, cache, keys)[i] for i in range(6)])
