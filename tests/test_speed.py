@@ -12,8 +12,8 @@ import torch
 from multimodal_lora.config import DataConfig, LoraSettings, ModelConfig, load_recipe
 from multimodal_lora.data.encoding import IGNORE_INDEX, Collator, ExampleEncoder, PairDataset
 from multimodal_lora.data.sources import read_imagefolder
-from multimodal_lora.model import add_lora, load_base, load_processor, set_train_mode, text_layout
 from multimodal_lora.families.blip2_opt import NUM_QUERY_TOKENS
+from multimodal_lora.model import add_lora, load_base, load_processor, set_train_mode, text_layout
 
 from .conftest import RECIPES
 
