@@ -303,7 +303,7 @@ def require_free_space(directory: str | Path, needed: int, what: str) -> None:
     free = _free_bytes(Path(directory))
     if free is not None and needed > free:
         raise WriteError(
-            what, Path(directory), f"it needs {format_bytes(needed)}, more than is free",
+            what, Path(directory), _DISK_ERRNOS[errno.ENOSPC], needed=needed,
             hint="Free some space, or point the cache elsewhere with MULTIMODAL_LORA_CACHE",
         )  # fmt: skip
 
