@@ -68,7 +68,7 @@ def main() -> None:
 
         import torch
 
-        dataset = PairDataset(splits.train, [([0, 1], [-100, 1])] * len(splits.train), processor.image_processor)
+        dataset = PairDataset(splits.train, [{"input_ids": [0, 1], "labels": [-100, 1]}] * len(splits.train), processor.image_processor)
         loader = torch.utils.data.DataLoader(dataset, batch_size=16, collate_fn=Collator(0), num_workers=args.workers)
         base = peak_mb()
         start = time.perf_counter()

@@ -1,26 +1,29 @@
 """How much faster is an epoch when the frozen image features are cached?
 
-    python bench/feature_cache_speedup.py [key=value ...]
+    python bench/feature_cache_speedup.py [--repeats 3] [--threads 1] [key=value ...]
 
-Trains recipes/tiny.yaml for two epochs twice, without and with
-``train.cache_image_features``, and prints the seconds of each epoch and the
-epoch-2 speed-up (epoch 1 of the cached run includes building the cache, into
-a fresh cache directory). Validation captioning is off so only training is
-timed. Writes bench/results/feature_cache_speedup.json.
+Trains recipes/tiny.yaml for two epochs without and with
+``train.cache_image_features``, alternating (pixels, cache, pixels, cache, ...),
+and prints the median seconds of each epoch and the epoch-2 speed-up. Every
+cached run starts from a fresh cache directory, so its epoch 1 includes
+building the cache (all training and validation images). Validation
+captioning is off, so only training is timed; one torch thread unless
+``--threads`` says otherwise. Writes ``bench/results/feature_cache_speedup.json``.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
-import platform
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from harness import median, quiet, set_threads, table, write_result
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def run(cached: bool, out: Path, extra: list[str]) -> dict:
@@ -29,6 +32,7 @@ def run(cached: bool, out: Path, extra: list[str]) -> dict:
 
     overrides = [
         f"output_dir={out}",
+        "overwrite=true",
         "train.epochs=2",
         "train.eval_captions=false",
         f"train.cache_image_features={'true' if cached else 'false'}",
@@ -48,36 +52,50 @@ def run(cached: bool, out: Path, extra: list[str]) -> dict:
     }
 
 
-def main() -> None:
-    extra = sys.argv[1:]
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each, alternating")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("overrides", nargs="*", help="extra recipe overrides for both runs")
+    args = parser.parse_args(argv)
+    quiet()
+    set_threads(args.threads)
+    runs: dict[str, list[dict]] = {"pixels every step": [], "cached image features": []}
     with tempfile.TemporaryDirectory() as tmp:
-        # A fresh cache root: the cached run must build its features, not find old ones.
-        os.environ["MULTIMODAL_LORA_CACHE"] = os.environ.get("MULTIMODAL_LORA_CACHE") or str(Path(tmp) / "cache")
-        features = Path(os.environ["MULTIMODAL_LORA_CACHE"]) / "features"
-        if features.exists():
-            import shutil
+        # A private cache root; the tiny base and the shapes images are built into it once (warm-up).
+        os.environ["MULTIMODAL_LORA_CACHE"] = str(Path(tmp) / "cache")
+        features = Path(tmp) / "cache" / "features"
+        from multimodal_lora.config import load_recipe
+        from multimodal_lora.train import train
 
-            shutil.rmtree(features)
-        plain = run(False, Path(tmp) / "plain", extra)
-        cached = run(True, Path(tmp) / "cached", extra)
-    ratio = plain["epoch2_s"] / cached["epoch2_s"]
-    print(f"{'':<24}{'epoch 1 (s)':>12}{'epoch 2 (s)':>12}{'final loss':>12}")
-    print(f"{'pixels every step':<24}{plain['epoch1_s']:>12.1f}{plain['epoch2_s']:>12.1f}{plain['final_loss']:>12.4f}")
-    print(f"{'cached image features':<24}{cached['epoch1_s']:>12.1f}{cached['epoch2_s']:>12.1f}{cached['final_loss']:>12.4f}")
-    print(f"epoch-2 speed-up: {ratio:.2f}x (cache built in {cached['cache_build_s']:.1f} s, counted in epoch 1)")
-    result = {
-        "recipe": "recipes/tiny.yaml",
-        "overrides": ["train.epochs=2", "train.eval_captions=false", *extra],
-        "uncached": plain,
-        "cached": cached,
-        "epoch2_speedup": ratio,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average": os.getloadavg()},
+        train(load_recipe(ROOT / "recipes" / "tiny.yaml", [f"output_dir={Path(tmp) / 'warmup'}", "train.max_steps=2"]))
+        for _ in range(args.repeats):
+            runs["pixels every step"].append(run(False, Path(tmp) / "plain", args.overrides))
+            shutil.rmtree(features, ignore_errors=True)  # the cached run must build its features
+            runs["cached image features"].append(run(True, Path(tmp) / "cached", args.overrides))
+    summary = {
+        name: {key: median(r[key] for r in found) for key in ("epoch1_s", "epoch2_s", "total_s")}
+        | {"final_loss": found[0]["final_loss"]}
+        for name, found in runs.items()
     }
-    path = ROOT / "bench" / "results" / "feature_cache_speedup.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path.relative_to(ROOT)}")
+    summary["cached image features"]["cache_build_s"] = median(
+        r["cache_build_s"] for r in runs["cached image features"]
+    )
+    plain, cached = summary["pixels every step"], summary["cached image features"]
+    ratio = plain["epoch2_s"] / cached["epoch2_s"]
+    print(table(
+        ["", "epoch 1 (s)", "epoch 2 (s)", "final loss"],
+        [[name, s["epoch1_s"], s["epoch2_s"], s["final_loss"]] for name, s in summary.items()],
+        title=f"recipes/tiny.yaml, 2 epochs, median of {args.repeats} alternating runs, {args.threads} torch thread(s)",
+    ))  # fmt: skip
+    print(f"\nepoch-2 speed-up: {ratio:.2f}x (cache built in {cached['cache_build_s']:.1f} s, counted in epoch 1)")
+    path = write_result("feature_cache_speedup", {
+        "recipe": "recipes/tiny.yaml", "overrides": ["train.epochs=2", "train.eval_captions=false", *args.overrides],
+        "repeats": args.repeats, "summary": summary, "runs": runs, "epoch2_speedup": ratio,
+    })  # fmt: skip
+    print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,13 +18,17 @@ checkpoint in a temporary directory, and then loaded through
     tokens) was computed once beforehand and each step runs only the language
     model, which is what caching frozen image features buys;
   - **gradient checkpointing** (non-reentrant) on the language model;
+* model FLOP/s and bf16 model-FLOPs utilisation (MFU) of each training
+  variant: :func:`model_flops_per_sample` × samples/s over the GPU's dense bf16
+  peak (from its name; ``--peak-tflops`` to set it);
 * the memory plan (``multimodal_lora.plan``) for the same base and batch,
   beside the measured peak;
 * caption latency for one image (greedy, exactly ``--new-tokens`` new tokens,
   the adapter active and unmerged).
 
 Compute runs under bf16 autocast on a GPU, as the trainer's ``accelerate``
-mixed precision does. Text is random token ids and images random pixels:
+mixed precision does, with the trainer's optimizer (fused AdamW on a GPU),
+train mode (frozen parts in eval) and no KV cache in the training forward. Text is random token ids and images random pixels:
 speed and memory do not depend on the values.
 
 On the ``device`` tool's H100/H200 (PyTorch, transformers, peft, accelerate
@@ -33,7 +37,7 @@ are installed; bitsandbytes is not), carry the bitsandbytes wheel that
 
     run(carry=[".whl"], command="python3 -m pip install -q --no-index --no-deps --no-compile
         --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-        PYTHONUNBUFFERED=1 && python3 bench/gpu_full_size.py --out $OUT")
+        PYTHONUNBUFFERED=1 && python3 bench/gpu_full_size.py --bases int8,bf16 --out $OUT")
 
 Writes ``OUT/gpu_full_size.json`` (default ``bench/results/``; ``--small``
 writes ``gpu_full_size_small.json``).
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import re
 import sys
 import tempfile
 import time
@@ -124,23 +129,84 @@ def cached_loss(model, features, batch):
     mask = (batch["input_ids"] == blip.config.image_token_index).unsqueeze(-1)
     embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
     with torch.autocast(embeds.device.type, dtype=torch.bfloat16, enabled=embeds.is_cuda):
-        return blip.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        return blip.language_model(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False
+        ).loss
 
 
 def full_loss(model, batch):
     import torch
 
     with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=batch["input_ids"].is_cuda):
-        return model(**batch).loss
+        return model(**batch, use_cache=False).loss
+
+
+def model_flops_per_sample(config, text_tokens: int, cache: bool) -> float:
+    """Model FLOPs of one training sample: matmuls of the linear layers and of attention, nothing else.
+
+    The language model runs forward and backward; its weights are frozen (LoRA's own
+    gradients are negligible), so a linear layer costs 2 FLOPs per weight per token
+    forward and 2 more backward (the input's gradient): 4·N·tokens. Attention's two
+    matmuls cost 4·s²·d a layer forward and twice that backward (both operands need
+    gradients). Without the cache the frozen image path runs forward only: the vision
+    transformer on its patches, the Q-Former's queries (cross-attention keys and values
+    on the patches), the projection. Layer norms, softmax, embeddings: not counted.
+    """
+    from multimodal_lora.model import meta_model
+
+    model = meta_model(config)
+    q = config.num_query_tokens
+    patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
+
+    def linear_weights(module, skip=()):
+        import torch
+
+        return sum(m.weight.numel() for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and not any(k in n for k in skip))
+
+    text = config.text_config
+    seq = q + text_tokens
+    lm = linear_weights(model.language_model) + model.language_model.get_output_embeddings().weight.numel()
+    flops = 4 * lm * seq + 12 * text.num_hidden_layers * seq**2 * text.hidden_size
+    if not cache:
+        vision = config.vision_config
+        conv = 3 * vision.patch_size**2 * vision.hidden_size * (patches - 1)
+        flops += 2 * (linear_weights(model.vision_model) * patches + conv) + 4 * vision.num_hidden_layers * patches**2 * vision.hidden_size
+        qformer = config.qformer_config
+        # The Q-Former's text branch (intermediate/output) is unused in BLIP-2; its cross-attention
+        # keys and values run on the patches, everything else on the query tokens.
+        cross_kv = linear_weights(model.qformer, skip=("query",)) - linear_weights(
+            model.qformer, skip=("crossattention.attention.key", "crossattention.attention.value", "query")
+        )
+        text_branch = sum(
+            m.weight.numel() for n, m in model.qformer.named_modules()
+            if re.search(r"layer\.\d+\.(intermediate|output)\.dense$", n)
+        )  # fmt: skip
+        flops += 2 * (linear_weights(model.qformer) - cross_kv - text_branch) * q + 2 * cross_kv * patches
+        flops += 4 * qformer.num_hidden_layers * (q * q + q * patches) * qformer.hidden_size
+        flops += 2 * model.language_projection.weight.numel() * q
+    return float(flops)
+
+
+def peak_bf16_flops(device_name: str, override_tflops: float | None) -> float | None:
+    """Dense bf16 tensor-core peak of the GPU (vendor data sheets), or ``None`` when unknown."""
+    if override_tflops:
+        return override_tflops * 1e12
+    name = device_name.upper()
+    table = (("H100 PCIE", 756), ("H100", 989), ("H200", 989), ("GH200", 989), ("A100", 312), ("L40S", 362), ("A10G", 125))
+    return next((tflops * 1e12 for key, tflops in table if key in name), None)
 
 
 def train_speed(model, batch, *, cache: bool, steps: int, warmup: int, device) -> dict:
     """Samples/s and peak memory of LoRA training steps (forward, backward, AdamW)."""
     import torch
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    from multimodal_lora.model import set_train_mode
+    from multimodal_lora.train import build_optimizer
+
+    # The trainer's own optimizer (fused AdamW on a GPU) and train mode (frozen parts in eval).
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], 1e-5, 0.0, device)
     features = image_features(model, batch["pixel_values"]) if cache else None
-    model.train()
+    set_train_mode(model)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -213,6 +279,8 @@ def bench_base(checkpoint: Path, config, label: str, quantization: str, args, de
             enable_gradient_checkpointing(model)  # the trainer's own switch
         for cache in (False, True):
             found = train_speed(model, batch, cache=cache, steps=args.steps, warmup=args.warmup, device=device)
+            flops = model_flops_per_sample(config, args.max_length, cache) * found["samples_per_second"]
+            found.update(model_tflops_per_second=flops / 1e12, mfu=flops / args.peak if args.peak else None)
             rows.append({
                 "base": label, "cache": cache, "gradient_checkpointing": gc_on, **found,
                 "planned_bytes": plan.total(gc_on), "load_seconds": load_seconds, "weights_and_lora_bytes": weights,
@@ -247,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--caption-repeats", type=int, default=3)
     parser.add_argument("--bases", default="int8,nf4,bf16", help="which of int8, nf4, bf16")
     parser.add_argument("--out", default=None, help="directory for the JSON (default bench/results)")
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU (default: from its name)")
     args = parser.parse_args(argv)
     quiet()
     import torch
@@ -258,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the full-size architecture needs a CUDA GPU; use --small to run the same code on a small config", file=sys.stderr)
         return 2
     config = small_config() if args.small else published_config()
+    args.peak = peak_bf16_flops(torch.cuda.get_device_name(0), args.peak_tflops) if device.type == "cuda" else args.peak_tflops and args.peak_tflops * 1e12
     wanted = [b.strip() for b in args.bases.split(",")]
     unknown = [b for b in wanted if b not in dict(BASES)]
     if unknown:
@@ -285,9 +355,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label}: done", flush=True)
     gib = 2**30
     print(table(
-        ["base", "feature cache", "grad ckpt", "samples/s", "peak GiB", "planned GiB", "caption s"],
+        ["base", "feature cache", "grad ckpt", "samples/s", "model TFLOP/s", "bf16 MFU", "peak GiB", "planned GiB", "caption s"],
         [[
             r["base"], "on" if r["cache"] else "off", "on" if r["gradient_checkpointing"] else "off", r["samples_per_second"],
+            r["model_tflops_per_second"], f"{r['mfu']:.1%}" if r["mfu"] is not None else "-",
             r["peak_bytes"] / gib if r["peak_bytes"] is not None else "-", r["planned_bytes"] / gib, r["caption_seconds"],
         ] for r in rows],
         title=f"{'small config' if args.small else 'BLIP-2 OPT-2.7B (random weights)'} on {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'CPU'}, "
@@ -295,10 +366,16 @@ def main(argv: list[str] | None = None) -> int:
     ))
     for note in skipped:
         print(f"skipped {note}")
+    print(
+        "model FLOPs: linear layers and attention matmuls (frozen weights: 4·N per token in the language model, "
+        "2·N in the image path, forward only); bf16 MFU = model FLOP/s over the GPU's dense bf16 peak"
+        + (f" ({args.peak / 1e12:.0f} TFLOP/s)" if args.peak else " (unknown here: --peak-tflops)")
+    )
     name = "gpu_full_size_small" if args.small else "gpu_full_size"
     path = write_result(name, {
         "config": "small" if args.small else "Salesforce/blip2-opt-2.7b (published config, random weights)",
         "batch_size": args.batch_size, "max_length": args.max_length, "lora": LORA, "rows": rows, "skipped": skipped,
+        "peak_bf16_flops": args.peak,
     }, args.out)
     print(f"wrote {path}")
     return 0

@@ -284,3 +284,30 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} bytes"
+
+
+def require_free_space(directory: str | Path, needed: int, what: str) -> None:
+    """Refuse, before writing anything, when ``directory``'s file system has less than ``needed`` bytes free.
+
+    For writes whose size is known up front (the image feature cache): failing now costs
+    nothing, failing after an hour of building costs the hour.
+
+    Args:
+        directory: where the bytes will go (its nearest existing ancestor is measured).
+        needed: bytes about to be written.
+        what: what they are, with how the size was reckoned, for the message.
+
+    Raises:
+        WriteError: naming what, where, the bytes needed and the bytes free.
+    """
+    free = _free_bytes(Path(directory))
+    if free is not None and needed > free:
+        raise WriteError(
+            what, Path(directory), _DISK_ERRNOS[errno.ENOSPC], needed=needed,
+            hint="Free some space, or point the cache elsewhere with MULTIMODAL_LORA_CACHE",
+        )  # fmt: skip
+
+
+def format_bytes(n: int) -> str:
+    """``1536`` → ``'1.5 KB'``: sizes for people, as every message here writes them."""
+    return _size(n)

@@ -1,16 +1,29 @@
-"""Where multimodal_lora keeps what it builds: the tiny base, the bundled data.
+"""Where multimodal_lora keeps what it builds: the tiny base, the bundled data, image feature caches.
 
 The location is ``$MULTIMODAL_LORA_CACHE`` when set, else
 ``~/.cache/multimodal_lora``. Everything under it can be deleted at any time;
-it is rebuilt, bit-identically, on next use.
+it is rebuilt, bit-identically, on next use. Feature caches grow with every
+new data set, base or image-processor setting; list and remove them with::
+
+    python -m multimodal_lora.cache list                      # every entry, its size and last use
+    python -m multimodal_lora.cache clear                     # all image feature caches
+    python -m multimodal_lora.cache clear --older-than 7      # those unused for a week
+    python -m multimodal_lora.cache clear KEY ...             # the named feature caches
+    python -m multimodal_lora.cache clear --all               # everything (rebuilt on next use)
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ENV_VAR = "MULTIMODAL_LORA_CACHE"
+FEATURES = "features"
+"""The subdirectory holding one directory per image feature cache."""
 
 
 def cache_dir() -> Path:
@@ -19,3 +32,124 @@ def cache_dir() -> Path:
     if override:
         return Path(override).expanduser()
     return Path.home() / ".cache" / "multimodal_lora"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One thing in the cache: a feature cache, the tiny base, the bundled data."""
+
+    path: Path
+    kind: str
+    bytes: int
+    last_used: float
+    """Modification time of its newest file (a feature cache is touched each time a run opens it)."""
+    detail: str = ""
+
+
+def entries(root: Path | None = None) -> list[Entry]:
+    """What is in the cache, feature caches first, each with its size on disk."""
+    import json
+
+    root = Path(root) if root is not None else cache_dir()
+    out: list[Entry] = []
+    features = root / FEATURES
+    if features.is_dir():
+        for path in sorted(p for p in features.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            detail = "incomplete"
+            try:
+                index = json.loads((path / "index.json").read_text())
+                detail = f"{len(index['rows']):,} images, {index['dtype']}"
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            out.append(Entry(path, "features", *_size_and_time(path), detail))
+    if root.is_dir():
+        for path in sorted(p for p in root.iterdir() if p.name != FEATURES and not p.name.startswith(".")):
+            out.append(Entry(path, "base" if path.name.startswith("tiny") else "data", *_size_and_time(path)))
+    return out
+
+
+def clear(
+    keys: list[str] | None = None,
+    *,
+    everything: bool = False,
+    older_than_days: float | None = None,
+    root: Path | None = None,
+) -> list[Entry]:
+    """Remove feature caches (all, the named ones, or the unused ones); ``everything`` removes all entries.
+
+    Returns:
+        The entries removed.
+
+    Raises:
+        UserError: a named key is not a feature cache here.
+    """
+    from multimodal_lora.errors import UserError
+
+    found = entries(root)
+    chosen = found if everything else [e for e in found if e.kind == "features"]
+    if keys:
+        known = {e.path.name: e for e in chosen}
+        missing = [k for k in keys if k not in known]
+        if missing:
+            raise UserError(
+                f"no feature cache named {', '.join(missing)} in {(Path(root) if root else cache_dir()) / FEATURES}; "
+                "see python -m multimodal_lora.cache list"
+            )
+        chosen = [known[k] for k in keys]
+    if older_than_days is not None:
+        cutoff = time.time() - older_than_days * 86400
+        chosen = [e for e in chosen if e.last_used < cutoff]
+    for entry in chosen:
+        shutil.rmtree(entry.path, ignore_errors=True)
+    return chosen
+
+
+def _size_and_time(path: Path) -> tuple[int, float]:
+    if path.is_file():
+        stat = path.stat()
+        return stat.st_size, stat.st_mtime
+    size, newest = 0, path.stat().st_mtime
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            stat = os.stat(os.path.join(dirpath, name))
+            size += stat.st_blocks * 512 if hasattr(stat, "st_blocks") else stat.st_size
+            newest = max(newest, stat.st_mtime)
+    return size, newest
+
+
+def main(argv: list[str] | None = None) -> int:
+    from multimodal_lora.atomic import format_bytes
+
+    parser = argparse.ArgumentParser(
+        prog="python -m multimodal_lora.cache", description="List or remove what multimodal_lora has cached."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="every entry with its size and when it was last used")
+    remove = commands.add_parser("clear", help="remove image feature caches (all, named, or unused ones)")
+    remove.add_argument("keys", nargs="*", help="feature cache names, as `list` shows them (default: all)")
+    remove.add_argument("--older-than", type=float, metavar="DAYS", help="only those not used for DAYS days")
+    remove.add_argument("--all", action="store_true", help="everything, the tiny base and bundled data included")
+    args = parser.parse_args(argv)
+    root = cache_dir()
+    if args.command == "list":
+        found = entries(root)
+        print(f"{root}  ({format_bytes(sum(e.bytes for e in found))})")
+        for e in found:
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+            name = f"{FEATURES}/{e.path.name}" if e.kind == "features" else e.path.name
+            print(f"  {name:<36} {e.kind:<9} {format_bytes(e.bytes):>10}  last used {used}  {e.detail}".rstrip())
+        return 0
+    removed = clear(args.keys, everything=args.all, older_than_days=args.older_than, root=root)
+    print(f"removed {len(removed)} entries ({format_bytes(sum(e.bytes for e in removed))}) from {root}")
+    return 0
+
+
+def cli() -> None:
+    """Console-script entry point."""
+    from multimodal_lora.cli import run_cli
+
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -11,7 +11,9 @@ and ETA over all processes). ``--resume`` continues a file an interrupted run
 left. Under ``accelerate launch`` the processes share the images (see
 :mod:`multimodal_lora.caption_run`). An unreadable image is reported and
 skipped, never the end of the run. The exit status is 0 when every image was
-captioned, 1 when some could not be.
+captioned, 1 when some could not be. The adapter is merged into the base's
+weights for the run (``--no-merge`` keeps it apart; an int8 or 4-bit base is
+never merged).
 """
 
 from __future__ import annotations
@@ -49,8 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy / beam search")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --do-sample)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per generate call (per process)")
+    parser.add_argument(
+        "--batch-size", type=int, help="images per generate call, per process (default: 32 on a CPU, 64 on a GPU)"
+    )
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding images ahead of generation (0: none)")
+    parser.add_argument(
+        "--merge",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fold the adapter into the base's weights for this run: faster, same captions up to float rounding "
+        "(default; never done for an int8/4-bit base, which runs unmerged)",
+    )
     parser.add_argument(
         "--validation",
         type=int,
@@ -62,15 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give image files, directories, globs, lists or manifests, or --validation N with --adapter")
     if args.resume and not args.out:
         parser.error("--resume continues an --out file; give --out")
-    if args.batch_size < 1 or args.num_workers < 0:
+    if (args.batch_size is not None and args.batch_size < 1) or args.num_workers < 0:
         parser.error("--batch-size must be at least 1 and --num-workers 0 or more")
     fmt = out_format(args.out) if args.out else None
     setup_logging()
-    from multimodal_lora.inference import captioner_for
-
-    load = dict(quantization=args.quantization, dtype=args.dtype, device=args.device)
     if args.validation:
-        captioner, name = captioner_for(args.adapter, args.base, **load)
+        captioner, name = _captioner(args)
         return _caption_validation(captioner, name, args)
     # A bad directory, glob or manifest, or an --out that is in the way, fails before the model loads.
     check_inputs(args.images)
@@ -79,10 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume and Path(args.out).is_file():
             _check_resume_matches(args, read_existing(Path(args.out), fmt, row_fields(args.question is not None)))
     state = _distributed_state()
-    device = _process_device(state)
-    if device is not None and args.device in (None, "auto", "cuda"):
-        load["device"] = device  # each process on its own GPU
-    captioner, name = captioner_for(args.adapter, args.base, **load)
+    captioner, name = _captioner(args, _process_device(state))
+    if args.batch_size is None:
+        args.batch_size = captioner.batch_size
     return caption_inputs(captioner, name, args, fmt, state)
 
 
@@ -158,6 +165,22 @@ def _print_rows(rows: list[dict]) -> None:
     for row in rows:
         text = "ERROR: " + row["error"] if "error" in row else row.get("answer", row.get("caption"))
         print(f"{row['image']}\t{text}", flush=True)
+
+
+def _captioner(args, device: str | None = None):
+    """The captioner for ``--adapter`` (on ``device`` when given), merged into its base unless ``--no-merge``.
+
+    A quantized (int8, 4-bit) base is never merged: :meth:`Captioner.merge` says so and leaves it unmerged.
+    """
+    from multimodal_lora.inference import captioner_for
+
+    load = dict(quantization=args.quantization, dtype=args.dtype, device=args.device)
+    if device is not None and args.device in (None, "auto", "cuda"):
+        load["device"] = device  # each process on its own GPU
+    captioner, name = captioner_for(args.adapter, args.base, **load)
+    if name is not None and args.merge:
+        captioner.merge(name)
+    return captioner, name
 
 
 def _check_resume_matches(args, existing) -> None:

@@ -146,8 +146,9 @@ class DataConfig:
     on_bad_example: Literal["error", "skip"] = "error"
     """An unreadable image or an empty caption: ``error`` stops before training, naming it;
     ``skip`` leaves it out and reports how many were skipped and why."""
-    num_workers: int = 0
-    """DataLoader worker processes that decode and resize images."""
+    num_workers: int | Literal["auto"] = "auto"
+    """DataLoader worker processes that decode and resize images. ``auto``: none when the
+    image features are cached (there is nothing to decode), else one per spare CPU core, at most 4."""
 
     def problems(self) -> list[str]:
         out = []
@@ -155,7 +156,7 @@ class DataConfig:
             out.append("data.path: must not be empty; use shapes, a local path or a hub data set id")
         if self.max_length < 4:
             out.append(f"data.max_length: must be at least 4 tokens (got {self.max_length})")
-        if self.num_workers < 0:
+        if self.num_workers != "auto" and self.num_workers < 0:
             out.append(f"data.num_workers: must be 0 or more (got {self.num_workers})")
         if not 0 <= self.val_fraction < 1:
             out.append(f"data.val_fraction: must be in [0, 1) (got {self.val_fraction}); 0.1 holds out a tenth of the images")
@@ -202,9 +203,16 @@ class TrainConfig:
     """How many of the newest checkpoints to keep (older ones are deleted)."""
     gradient_checkpointing: bool = False
     """Recompute the language model's activations in the backward pass: less memory, ~30% slower."""
-    cache_image_features: bool = False
+    cache_image_features: bool | Literal["auto"] = "auto"
     """Compute the frozen vision encoder + Q-Former + projection once per image and train from
-    that cache (memory-mapped under the cache directory) instead of on every step."""
+    that cache (memory-mapped under the cache directory) instead of on every step. ``auto``: on
+    when the run sees its images more than once (more than one epoch), since building the cache
+    costs about one epoch's image path; the choice is logged."""
+    eval_every: int | None = None
+    """Optimizer steps between validations, for long epochs; ``null``: at each epoch's end only.
+    The run's last step is always validated."""
+    plot_every_seconds: float = 60.0
+    """``loss.png`` is redrawn after a validation at most this often (and always at the end)."""
     eval_captions: bool = True
     """At the end of each epoch, caption the validation images and compute BLEU-4, CIDEr-D, ROUGE-L,
     METEOR (when java is installed) and exact match against all their references."""
@@ -241,6 +249,10 @@ class TrainConfig:
             out.append(f"train.checkpoint_every: must be at least 1 or null (got {self.checkpoint_every})")
         if self.keep_checkpoints < 1:
             out.append(f"train.keep_checkpoints: must be at least 1 (got {self.keep_checkpoints}); resume needs one")
+        if self.eval_every is not None and self.eval_every < 1:
+            out.append(f"train.eval_every: must be at least 1 or null (got {self.eval_every})")
+        if self.plot_every_seconds < 0:
+            out.append(f"train.plot_every_seconds: must be 0 or more (got {self.plot_every_seconds})")
         if self.eval_max_images is not None and self.eval_max_images < 1:
             out.append(f"train.eval_max_images: must be at least 1 or null (got {self.eval_max_images})")
         if self.eval_max_new_tokens < 1:

@@ -68,7 +68,7 @@ def token_loss_sums(model, loader, device: torch.device) -> torch.Tensor:
 
     total = torch.zeros(2, device=device, dtype=torch.float64)
     for batch in loader:
-        loss = model(**forward_inputs(batch, device)).loss
+        loss = model(**forward_inputs(batch, device), use_cache=False).loss
         # The model's loss is the mean over the learned labels (a decoder-only model shifts them by
         # one, but its first label is always an image placeholder's -100, so the count is the same).
         tokens = (batch["labels"] != -100).sum().to(device)
@@ -151,6 +151,9 @@ def evaluate(
     use_meteor = meteor and meteor_available()
     table, captions = {}, {}
     for column, adapter_name in (("base", None), ("adapter", name)):
+        if adapter_name is not None:
+            # One adapter serves every image from here on: merged, it costs nothing per token (never on int8/4-bit).
+            captioner.merge(adapter_name)
         with captioner.using(adapter_name):
             sums = token_loss_sums(captioner.model, loader, captioner.device)
         captions[column] = generate(captioner, adapter_name, groups, recipe.data.task, recipe.train.eval_max_new_tokens)

@@ -7,11 +7,18 @@ base) on every step. With ``train.cache_image_features: true`` that prefix is
 computed once, stored, and training afterwards runs only the language model.
 
 The cache lives in ``$MULTIMODAL_LORA_CACHE/features/<key>/``: ``features.npy``
-(float32, memory-mapped, one row per distinct image) and ``index.json`` (image
-content hash → row). The key hashes the frozen weights, the image processor's
-settings, the model dtype and the content of every image, so changing any of
-them gives a new cache instead of stale features. A cache is built in a
-temporary directory and renamed into place whole.
+(memory-mapped, one row per distinct image) and ``index.json`` (the dtype, and
+image content hash → row). Features are stored in the dtype the language model
+computes in: bf16 (kept as its raw 16 bits, which numpy cannot name) is 2 bytes
+a value, so the real OPT-2.7B's prefix is 32 × 2560 × 2 = 160 KB an image,
+16 GB for 100,000 images. The size is logged before building, and the build
+is refused, naming the numbers, when the disk lacks the room.
+
+The key hashes the frozen weights, the image processor's settings, the model
+dtype and the content of every image, so changing any of them gives a new cache
+instead of stale features. A cache is built in a temporary directory and renamed
+into place whole. ``python -m multimodal_lora.cache list`` shows the caches and
+``clear`` removes them.
 
 When the Q-Former also reads the prompt (InstructBLIP), the prefix depends on
 it too: a row is then one (image, instruction) pair, keyed by both.
@@ -19,6 +26,7 @@ it too: a row is then one (image, instruction) pair, keyed by both.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -30,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from multimodal_lora.atomic import atomic_dir
+from multimodal_lora.atomic import atomic_dir, format_bytes, require_free_space
 from multimodal_lora.data.images import load_image
 from multimodal_lora.data.sources import Example
 
@@ -38,6 +46,11 @@ logger = logging.getLogger(__name__)
 
 FEATURES_FILE = "features.npy"
 INDEX_FILE = "index.json"
+FORMAT = 2
+"""Bumped when the files' layout changes, so that an older cache is never read as a newer one."""
+
+# How each compute dtype is kept on disk: numpy has no bfloat16, so its 16 bits go in a uint16.
+_STORED = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
 
 def image_key(image: str | bytes, instruction: str | None = None) -> str:
@@ -56,18 +69,25 @@ class FeatureCache:
 
     directory: Path
     features: np.ndarray
-    """``(images, query tokens, hidden)``, float32, memory-mapped read-only."""
+    """``(images, query tokens, hidden)``, memory-mapped read-only, stored as :data:`_STORED` says."""
     rows: dict[str, int]
     """Image content hash → row of ``features``."""
+    dtype: torch.dtype = torch.float32
+    """The dtype the features were computed in (and are returned in)."""
 
     def prefix(self, key: str) -> torch.Tensor:
         """The prefix of one image (a copy, so the memory map is never written through)."""
-        return torch.from_numpy(np.array(self.features[self.rows[key]]))
+        return torch.from_numpy(np.array(self.features[self.rows[key]])).view(self.dtype)
+
+    @property
+    def bytes_per_image(self) -> int:
+        return int(np.prod(self.features.shape[1:])) * self.features.itemsize
 
 
 def cache_key(image_keys: list[str], model_fingerprint: str, processor_settings: dict, dtype: torch.dtype) -> str:
     """What the features depend on, hashed: frozen weights, image processing, dtype, the images."""
     digest = hashlib.sha256()
+    digest.update(f"format {FORMAT}".encode())
     digest.update(model_fingerprint.encode())
     digest.update(json.dumps(processor_settings, sort_keys=True, default=str).encode())
     digest.update(str(dtype).encode())
@@ -115,24 +135,51 @@ def open_or_build(
         _build(directory, examples, instructions, keys, model, image_processor, layout, batch_size, progress, visual_prefix)
     else:
         logger.info("image features: using the cache in %s", directory)
-    rows = json.loads((directory / INDEX_FILE).read_text())
-    features = np.load(directory / FEATURES_FILE, mmap_mode="r")
-    return FeatureCache(directory, features, rows), keys
+        # Its last use, for `python -m multimodal_lora.cache clear --older-than DAYS`.
+        with contextlib.suppress(OSError):
+            os.utime(directory / INDEX_FILE)
+    return read_cache(directory), keys
+
+
+def read_cache(directory: Path) -> FeatureCache:
+    """Open a built cache directory (memory-mapped, read-only)."""
+    index = json.loads((Path(directory) / INDEX_FILE).read_text())
+    features = np.load(Path(directory) / FEATURES_FILE, mmap_mode="r")
+    return FeatureCache(Path(directory), features, index["rows"], getattr(torch, index["dtype"]))
+
+
+def feature_dtype(model) -> torch.dtype:
+    """The dtype the language model takes its input embeddings in: what the prefix is stored as."""
+    return model.get_input_embeddings().weight.dtype
 
 
 @torch.no_grad()
 def _build(directory, examples, instructions, keys, model, image_processor, layout, batch_size, progress, visual_prefix) -> None:
     from tqdm.auto import tqdm
 
+    from multimodal_lora.model import prefix_shape
+
     unique: dict[str, tuple[Example, str | None]] = {}
     for key, example, instruction in zip(keys, examples, instructions):
         unique.setdefault(key, (example, instruction))
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+    stored = feature_dtype(model)
+    shape = (len(unique), *prefix_shape(model))
+    per_image = int(np.prod(shape[1:])) * stored.itemsize
+    what = (
+        f"the image feature cache ({len(unique):,} images × {shape[1]} × {shape[2]} values × "
+        f"{stored.itemsize} bytes ({str(stored).removeprefix('torch.')}) = {format_bytes(per_image)} an image)"
+    )
+    logger.info("%s: %s in %s", what, format_bytes(len(unique) * per_image), directory)
+    # The .npy header is at most a few hundred bytes; what matters is the array.
+    require_free_space(directory.parent, len(unique) * per_image + 4096, what)
     # Another process may build the same cache at once; its content is identical, so the first one stays.
     with atomic_dir(directory, "the image feature cache", if_exists="keep") as tmp:
         items = list(unique.items())
-        features = None
+        features = np.lib.format.open_memmap(tmp / FEATURES_FILE, mode="w+", dtype=_STORED[stored], shape=shape)
+        # Reserve the blocks now: a memory map over a full disk dies of SIGBUS, not an error.
+        _reserve(tmp / FEATURES_FILE)
         bar = tqdm(total=len(items), desc="caching image features", unit="image", disable=not progress)
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
@@ -141,19 +188,14 @@ def _build(directory, examples, instructions, keys, model, image_processor, layo
             qformer = {}
             if chunk[0][1][1] is not None:
                 qformer = {k: v.to(device) for k, v in layout.qformer_inputs([i for _, (_, i) in chunk]).items()}
-            prefix = visual_prefix(model, pixels, qformer).float().cpu().numpy()
-            if features is None:
-                features = np.lib.format.open_memmap(
-                    tmp / FEATURES_FILE, mode="w+", dtype=np.float32, shape=(len(items), *prefix.shape[1:])
-                )
-                # Reserve the blocks now: a memory map over a full disk dies of SIGBUS, not an error.
-                _reserve(tmp / FEATURES_FILE)
-            features[start : start + len(chunk)] = prefix
+            prefix = visual_prefix(model, pixels, qformer).to(stored).cpu()
+            features[start : start + len(chunk)] = prefix.view(torch.uint16 if stored == torch.bfloat16 else stored).numpy()
             bar.update(len(chunk))
         bar.close()
         features.flush()
         del features
-        (tmp / INDEX_FILE).write_text(json.dumps({key: row for row, (key, _) in enumerate(items)}))
+        index = {"format": FORMAT, "dtype": str(stored).removeprefix("torch."), "rows": {key: row for row, (key, _) in enumerate(items)}}
+        (tmp / INDEX_FILE).write_text(json.dumps(index))
     logger.info("image features: cached %d images in %s", len(items), directory)
 
 

@@ -3,10 +3,11 @@
 ``OUTPUT_DIR/metrics.jsonl`` has one JSON object per line: a ``"split": "train"``
 line every ``train.log_every`` steps (step, epoch, loss, lr, samples/s, peak
 memory) and a ``"split": "validation"`` line per evaluation (validation loss and
-captioning metrics). ``loss.png`` plots both losses and is redrawn after each
-evaluation. The trackers of ``train.report_to`` (TensorBoard, W&B, MLflow; see
-:mod:`multimodal_lora.trackers`) get the same scalars through
-``accelerator.log``. Only the main process writes.
+captioning metrics). ``loss.png`` plots both losses; it is redrawn after an
+evaluation at most every ``train.plot_every_seconds`` (drawing one costs about
+0.2 s) and always at the end of the run. The trackers of ``train.report_to``
+(TensorBoard, W&B, MLflow; see :mod:`multimodal_lora.trackers`) get the same
+scalars through ``accelerator.log``. Only the main process writes.
 
 A resumed run first drops the lines logged after its checkpoint's step, so the
 file reads as if the run had never stopped.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import time
 from pathlib import Path
 
 import torch
@@ -39,11 +41,20 @@ class RunLog:
         accelerator: whose started trackers (``accelerator.log``) get every record too; ``None``: none.
     """
 
-    def __init__(self, output_dir: Path, enabled: bool = True, resume_step: int | None = None, accelerator=None):
+    def __init__(
+        self,
+        output_dir: Path,
+        enabled: bool = True,
+        resume_step: int | None = None,
+        accelerator=None,
+        plot_every_seconds: float = 0.0,
+    ):
         self.path = Path(output_dir) / METRICS_FILE
         self.plot_path = Path(output_dir) / PLOT_FILE
         self.enabled = enabled
         self.accelerator = accelerator
+        self.plot_every_seconds = plot_every_seconds
+        self._plotted_at: float | None = None
         if not enabled:
             return
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step is not None else []
@@ -64,10 +75,19 @@ class RunLog:
 
             self.accelerator.log(tracker_scalars(record), step=record["step"])
 
-    def plot(self) -> Path | None:
-        """Redraw ``loss.png`` from ``metrics.jsonl``."""
+    def plot(self, force: bool = True) -> Path | None:
+        """Redraw ``loss.png`` from ``metrics.jsonl``.
+
+        Args:
+            force: ``False`` skips the redraw when the last one was less than
+                ``plot_every_seconds`` ago (returns ``None`` then).
+        """
         if not self.enabled:
             return None
+        now = time.monotonic()
+        if not force and self._plotted_at is not None and now - self._plotted_at < self.plot_every_seconds:
+            return None
+        self._plotted_at = now
         return plot_losses(read_metrics(self.path), self.plot_path)
 
     def close(self) -> None:

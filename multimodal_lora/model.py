@@ -328,6 +328,11 @@ def quantized_linears(model) -> set[str]:
     return out
 
 
+def is_quantized(model) -> bool:
+    """Whether the loaded base holds bitsandbytes int8 or 4-bit weights (which must not be merged into)."""
+    return any(type(p).__module__.startswith("bitsandbytes") or p.dtype in (torch.int8, torch.uint8) for p in model.parameters())
+
+
 def meta_model(config):
     """Build a model of ``config``'s family on the ``meta`` device: shapes without memory, for counting and planning."""
     cls = family_for_config(config).model_cls()
@@ -425,6 +430,24 @@ def visual_prefix(model, pixel_values: torch.Tensor, qformer_inputs: dict | None
     instruction for a family whose Q-Former reads one (InstructBLIP).
     """
     return image_features(_blip2(model), pixel_values, qformer_inputs)
+
+
+def prefix_shape(model) -> tuple[int, int]:
+    """``(query tokens, text hidden size)``: the shape of one image's visual prefix."""
+    config = _blip2(model).config
+    return config.num_query_tokens, config.text_config.hidden_size
+
+
+def image_path_trainable(model) -> list[str]:
+    """The parts of the image path (vision, Q-Former, queries, projection) with trainable parameters."""
+    blip2 = _blip2(model)
+    parts = []
+    for name in family_of(blip2).image_path:
+        part = getattr(blip2, name)
+        params = part.parameters() if isinstance(part, torch.nn.Module) else [part]
+        if any(p.requires_grad for p in params):
+            parts.append(name)
+    return parts
 
 
 def prefix_inputs(prefix: torch.Tensor) -> dict:
