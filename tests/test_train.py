@@ -69,8 +69,7 @@ def test_adapter_learns_held_out_captions(captioner, validation):
 def test_captions_stop_on_the_end_token(captioner, validation):
     images = [e.image for e in validation[:16]]
     batch = captioner._inputs([load_image(i) for i in images], [""] * 16)
-    captioner.model.set_adapter("shapes")
-    with torch.no_grad():
+    with torch.no_grad(), captioner.using("shapes"):
         out = captioner.model.generate(**batch, max_new_tokens=20)
     new = out[:, batch["input_ids"].shape[1] :]
     stop = captioner.layout.stop_token_id
