@@ -391,6 +391,9 @@ def build_app(
                         value=caption_names[0] if caption_names else BASE_CHOICE,
                         label="Adapter (caption)",
                         elem_id="caption-adapter",
+                        # Our own check refuses an unknown or cross-task name in one line; gradio's
+                        # would log a whole traceback.
+                        allow_custom_value=True,
                     )
                     c_compare = gr.Checkbox(value=False, label="Side by side: also caption with the base alone")
                     c_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
@@ -413,7 +416,8 @@ def build_app(
                 with gr.Column():
                     q_question = gr.Textbox(label="Question", value="What colour is the shape?", elem_id="vqa-question")
                     q_adapter = gr.Dropdown(
-                        vqa_choices, value=vqa_names[0] if vqa_names else BASE_CHOICE, label="Adapter (VQA)", elem_id="vqa-adapter"
+                        vqa_choices, value=vqa_names[0] if vqa_names else BASE_CHOICE, label="Adapter (VQA)", elem_id="vqa-adapter",
+                        allow_custom_value=True,
                     )
                     q_button = gr.Button("Ask", variant="primary", elem_id="vqa-button")
                 with gr.Column():

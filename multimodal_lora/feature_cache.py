@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from multimodal_lora.atomic import atomic_dir, format_bytes, require_free_space
-from multimodal_lora.data.images import load_image
+from multimodal_lora.data.images import StoredImage, load_image
 from multimodal_lora.data.sources import Example
 
 logger = logging.getLogger(__name__)
@@ -53,9 +53,11 @@ FORMAT = 2
 _STORED = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
 
-def image_key(image: str | bytes, instruction: str | None = None) -> str:
+def image_key(image: str | bytes | StoredImage, instruction: str | None = None) -> str:
     """SHA-256 of an image's encoded bytes (the file's content, not its name), and of the
     Q-Former's instruction when it reads one."""
+    if isinstance(image, StoredImage):  # a row of an Arrow data set (hub, save_to_disk): its bytes or its file
+        image = image.read()
     data = image if isinstance(image, bytes) else Path(image).read_bytes()
     key = hashlib.sha256(data).hexdigest()
     if instruction is not None:

@@ -237,7 +237,11 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(small_shape
 
     monkeypatch.setattr(train_module, "forward_inputs", poison_third_batch)
     out = tmp_path / "nan"
-    overrides = [*small_overrides(small_shapes_dir, out), "train.grad_accum=1", "train.checkpoint_every=2"]
+    # The poison goes into the pixels, so the image path must run each step (no feature cache).
+    overrides = [
+        *small_overrides(small_shapes_dir, out), "train.grad_accum=1", "train.checkpoint_every=2",
+        "train.cache_image_features=false",
+    ]  # fmt: skip
     with pytest.raises(TrainingError, match=r"the loss became nan at step 3.*checkpoint-00000002"):
         train(load_recipe(TINY, overrides))
     assert [p.name for p in find_checkpoints(out)] == ["checkpoint-00000002"]
