@@ -94,3 +94,25 @@ def test_the_cache_is_reused_and_invalidated_by_what_it_depends_on(setup, tmp_pa
     finally:
         with torch.no_grad():
             param.sub_(1.0)
+
+
+def test_an_arrow_stored_image_is_keyed_by_its_bytes(tmp_path):
+    """Hub and save_to_disk rows (StoredImage) get the same key as the same bytes from a file: the
+    football recipe's data, with the cache on by default."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    from multimodal_lora.data.images import StoredImage
+    from multimodal_lora.feature_cache import image_key
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, format="PNG")
+    png = buffer.getvalue()
+    (tmp_path / "red.png").write_bytes(png)
+    table = datasets.Dataset.from_dict({"image": [{"bytes": png, "path": None}], "text": ["a red square"]})
+    table = table.cast_column("image", datasets.Image(decode=False))
+    stored = StoredImage(table, "image", 0)
+    assert image_key(stored) == image_key(png) == image_key(str(tmp_path / "red.png"))
+    assert image_key(stored, "What colour?") != image_key(stored)
