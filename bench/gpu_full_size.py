@@ -120,8 +120,8 @@ def image_features(model, pixel_values):
         return blip.language_projection(out.to(blip.language_projection.weight.dtype if blip.language_projection.weight.is_floating_point() else out.dtype))
 
 
-def cached_loss(model, features, batch):
-    """The step with cached features: only the language model runs."""
+def cached_loss(model, features, batch, **kwargs):
+    """The step with cached features: only the language model runs (``kwargs``: e.g. ``logits_to_keep``)."""
     import torch
 
     blip = model.get_base_model()
@@ -130,7 +130,7 @@ def cached_loss(model, features, batch):
     embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
     with torch.autocast(embeds.device.type, dtype=torch.bfloat16, enabled=embeds.is_cuda):
         return blip.language_model(
-            inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False, **kwargs
         ).loss
 
 

@@ -62,13 +62,18 @@ def score(predictions: list[str], groups: list[ImageReferences], *, meteor: bool
 
 
 @torch.no_grad()
-def token_loss_sums(model, loader, device: torch.device) -> torch.Tensor:
-    """``[sum of per-token losses, number of target tokens]`` over a loader (reduce across processes, then divide)."""
+def token_loss_sums(model, loader, device: torch.device, layout=None) -> torch.Tensor:
+    """``[sum of per-token losses, number of target tokens]`` over a loader (reduce across processes, then divide).
+
+    With the family's ``layout``, logits are computed only where the loss reads them (see ``for_loss``).
+    """
     from multimodal_lora.feature_cache import forward_inputs
 
     total = torch.zeros(2, device=device, dtype=torch.float64)
     for batch in loader:
-        loss = model(**forward_inputs(batch, device), use_cache=False).loss
+        batch, keep = layout.for_loss(batch) if layout is not None else (batch, None)
+        extra = {"logits_to_keep": keep} if keep else {}
+        loss = model(**forward_inputs(batch, device), use_cache=False, **extra).loss
         # The model's loss is the mean over the learned labels (a decoder-only model shifts them by
         # one, but its first label is always an image placeholder's -100, so the count is the same).
         tokens = (batch["labels"] != -100).sum().to(device)
@@ -155,7 +160,7 @@ def evaluate(
             # One adapter serves every image from here on: merged, it costs nothing per token (never on int8/4-bit).
             captioner.merge(adapter_name)
         with captioner.using(adapter_name):
-            sums = token_loss_sums(captioner.model, loader, captioner.device)
+            sums = token_loss_sums(captioner.model, loader, captioner.device, captioner.layout)
         captions[column] = generate(captioner, adapter_name, groups, recipe.data.task, recipe.train.eval_max_new_tokens)
         table[column] = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item(), **score(captions[column], groups, meteor=use_meteor)}
         logger.info("%s: %s", column, _format(table[column]))

@@ -332,7 +332,8 @@ class Captioner:
         ``streamer`` in ``generate_kwargs``). Rows that stop early are padded.
 
         Args:
-            images: ``PIL.Image`` objects (see :func:`~multimodal_lora.data.images.load_image`).
+            images: ``PIL.Image`` objects (see :func:`~multimodal_lora.data.images.load_image`),
+                or what :meth:`pixels` made of them.
             prompts: one prompt per image, as :meth:`caption_prompt` or :meth:`vqa_prompt` make them.
             adapter, max_new_tokens, num_beams, do_sample, temperature, top_p: as in :meth:`caption`.
             generate_kwargs: passed to ``generate`` (``streamer``, ``stopping_criteria``).
@@ -451,10 +452,22 @@ class Captioner:
                 f"the base holds {self.max_positions}; {fix}"
             )
 
+    def pixels(self, image) -> torch.Tensor:
+        """One decoded image as the model's input pixels (channels, height, width).
+
+        :meth:`generate_batch` takes these in place of images: a server prepares
+        each request's pixels as it arrives, while the model is busy with the
+        batch before, instead of all of them at the start of the batch.
+        """
+        return self.processor.image_processor([image], return_tensors="pt").pixel_values[0]
+
     def _inputs(self, images, prompts) -> dict[str, torch.Tensor]:
         """The layout's generation inputs for these prompts, and the images' pixels, on the model's device."""
         batch = self.layout.generation_inputs(self.processor.tokenizer, prompts)
-        pixel_values = self.processor.image_processor(images, return_tensors="pt").pixel_values
+        if all(isinstance(image, torch.Tensor) for image in images):  # already prepared by pixels()
+            pixel_values = torch.stack(list(images))
+        else:
+            pixel_values = self.processor.image_processor(images, return_tensors="pt").pixel_values
         dtype = self.model.get_input_embeddings().weight.dtype
         out = {k: v.to(self.device) for k, v in batch.items()}
         out["pixel_values"] = pixel_values.to(self.device, dtype=dtype if dtype.is_floating_point else torch.float32)

@@ -2,7 +2,7 @@
 
 ``OUTPUT_DIR/metrics.jsonl`` has one JSON object per line: a ``"split": "train"``
 line every ``train.log_every`` steps (step, epoch, loss, lr, samples/s, peak
-memory) and a ``"split": "validation"`` line per evaluation (validation loss and
+memory since the loop began) and a ``"split": "validation"`` line per evaluation (validation loss and
 captioning metrics). ``loss.png`` plots both losses; it is redrawn after an
 evaluation at most every ``train.plot_every_seconds`` (drawing one costs about
 0.2 s) and always at the end of the run. The trackers of ``train.report_to``
@@ -149,9 +149,34 @@ def plot_losses(records: list[dict], path: Path) -> Path | None:
     return path
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start :func:`peak_memory_mb` afresh, so that it tells the training's peak and not the load's.
+
+    On a CPU the load's peak is mostly the checkpoint's memory-mapped shards
+    (file pages the kernel may drop at any time), which would hide what the
+    loop itself holds. Linux resets a process's peak resident set through
+    ``/proc/self/clear_refs``; elsewhere the peak stays the process's.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not allowed: the process-wide peak it is
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated on a CUDA device, else the process's peak resident memory."""
+    """Peak GPU memory allocated on a CUDA device, else the process's peak resident memory (both since :func:`reset_peak_memory`)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss is in kilobytes on Linux.
+    try:
+        # The kernel's high-water mark, which reset_peak_memory restarts (ru_maxrss may also
+        # keep a figure saved when a thread exited, which no reset clears).
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    # ru_maxrss is in kilobytes on Linux (bytes on macOS, where there is no reset either way).
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -21,6 +21,7 @@ from multimodal_lora.config import LoraSettings, ModelConfig
 from multimodal_lora.errors import ConfigError, UserError
 from multimodal_lora.families import FAMILIES, Family, family_for_config, published_family, tiny_family
 from multimodal_lora.families.base import image_features, stop_token_id  # noqa: F401 - part of this module's API
+from multimodal_lora.host_memory import keep_large_blocks_off_the_heap, return_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ def load_base(cfg: ModelConfig, *, for_training: bool = True):
     """
     family = base_family(cfg.base, cfg.revision)
     path = resolve_base(cfg.base)
+    # Loading (and training an int8 base on a CPU) frees many large temporaries: let them go back.
+    keep_large_blocks_off_the_heap()
     device = pick_device(cfg.device)
     quant = quantization_config(cfg.quantization, cfg.dtype, cfg.quant_type)
     kwargs = {"revision": cfg.revision, "dtype": DTYPES[cfg.dtype]}
@@ -136,6 +139,7 @@ def load_base(cfg: ModelConfig, *, for_training: bool = True):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return_freed_memory()
     info = BaseInfo(
         name=cfg.base, name_or_path=path, revision=cfg.revision, fingerprint=config_fingerprint(model.config), family=family.name
     )

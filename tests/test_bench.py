@@ -157,6 +157,7 @@ def test_full_size_cpu_bench_runs_its_phases_on_a_small_config(tmp_path):
         assert caption["captions"] == train["captions"]
         assert merge["exit_status"] == 0 and "model.safetensors" in merge["files"]
         assert train["planned_bytes"] > 0 and train["peak_rss_bytes"] >= train["peak_anonymous_rss_bytes"] > 0
+        assert 0 < train["loop_peak_rss_bytes"] <= train["peak_rss_bytes"]  # the loop's own peak, loading not included
 
 
 def test_gpu_football_runs_its_steps_on_a_small_config(tmp_path):

@@ -313,3 +313,30 @@ def test_dataloader_workers_decode_stored_images(tmp_path, tiny_base):
     batches = list(loader)
     expected = torch.stack([processor(load_image(e.image), return_tensors="pt").pixel_values[0] for e in splits.train])
     assert torch.equal(torch.cat([b["pixel_values"] for b in batches]), expected)
+
+
+def test_worker_batches_cross_as_arrays_and_come_back_equal(tmp_path, tiny_base):
+    """Small tensors leave a worker as numpy arrays (no shared-memory handshake) and return as equal tensors."""
+    import numpy as np
+    import torch
+    from transformers import AutoProcessor
+
+    from multimodal_lora.data.encoding import SMALL_TENSOR_BYTES, Collator, PairDataset, WorkerCollator, as_tensors
+
+    overrides, _ = saved(tmp_path)
+    splits = load_splits(data_config(overrides))
+    processor = AutoProcessor.from_pretrained(tiny_base).image_processor
+    dataset = PairDataset(splits.train, [{"input_ids": [5, 6], "labels": [-100, 6]}] * len(splits.train), processor)
+    plain = list(torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=Collator(1)))
+    crossed = list(torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=WorkerCollator(Collator(1)), num_workers=1))
+    assert all(isinstance(v, np.ndarray) for batch in crossed for v in batch.values())
+    back = [as_tensors(batch) for batch in crossed]
+    assert len(back) == len(plain)
+    for ours, theirs in zip(back, plain):
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+    # A large tensor keeps the shared-memory route; bf16 has no numpy type.
+    big = torch.zeros(SMALL_TENSOR_BYTES // 4 + 1)
+    out = WorkerCollator(lambda rows: {"big": big, "bf16": big[:4].bfloat16(), "ids": torch.tensor([1, 2])})([])
+    assert out["big"] is big and isinstance(out["bf16"], torch.Tensor) and isinstance(out["ids"], np.ndarray)

@@ -221,3 +221,36 @@ def test_t5_int8_base_on_cpu_takes_lora(tiny_models):
     # Default [q, v] in 6 attentions (2 encoder self, 2 decoder self, 2 decoder cross) of width 128:
     # 6 × 2 × (8 × 128 + 128 × 8) = 24,576.
     assert count_parameters(add_lora(model, LoraSettings(r=8, alpha=16)))["language model"][0] == 24_576
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-instructblip", "tiny-t5"])
+def test_the_loss_from_logits_kept_only_where_labels_are_learned_is_the_full_loss(tiny_models, small_shapes_dir, name):
+    from multimodal_lora.config import DataConfig
+    from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
+    from multimodal_lora.data.sources import read_imagefolder
+    from multimodal_lora.feature_cache import forward_inputs
+
+    model, processor = tiny_models[name]
+    layout = text_layout(model, processor)
+    examples = read_imagefolder(small_shapes_dir / "train", DataConfig())[:4]
+    # Captions and questions of different lengths: the earliest learned label differs by row.
+    examples = examples[:2] + [
+        Example(e.image, "red", e.image_id, e.origin, question="What colour is this shape here?") for e in examples[2:]
+    ]
+    encoded = [
+        ExampleEncoder(processor.tokenizer, layout, task=t, prompt=None, prompt_template="Q: {question}", max_length=24).encode(e)
+        for t, e in zip(["caption"] * 2 + ["vqa"] * 2, examples)
+    ]
+    batch = Collator(layout.pad_token_id, layout.padding())([PairDataset(examples, encoded, processor.image_processor)[i] for i in range(4)])
+    trimmed, keep = layout.for_loss(batch)
+    model.eval()
+    with torch.no_grad():
+        full = model(**forward_inputs(batch, torch.device("cpu")), use_cache=False)
+        if keep is None:  # T5's decoder reads only the target: nothing to leave out
+            assert name == "tiny-t5" and trimmed is batch
+            return
+        cut = model(**forward_inputs(trimmed, torch.device("cpu")), use_cache=False, logits_to_keep=keep)
+    first = int((batch["labels"] != -100).int().argmax(dim=1).min())
+    assert keep == batch["labels"].shape[1] - first + 1 < batch["labels"].shape[1]
+    assert cut.logits.shape[1] == keep  # the output head ran on K positions, not all
+    torch.testing.assert_close(cut.loss, full.loss)

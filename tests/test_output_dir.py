@@ -139,3 +139,11 @@ def test_two_runs_at_once_into_one_directory(tmp_path):
                 pass
     with exclusive(tmp_path):  # released when the run ends
         pass
+
+
+def test_a_finished_run_releases_its_directory_although_its_loader_workers_live_on(small_shapes_dir, tmp_path):
+    """A DataLoader worker is forked while the run holds the lock; the next run in this process still gets it."""
+    overrides = quick(small_shapes_dir, tmp_path, "train.cache_image_features=false", "data.num_workers=1")
+    first = train(load_recipe(TINY, overrides))
+    again = train(load_recipe(TINY, [*overrides, "overwrite=true"]))  # the same process, the same directory
+    assert first.steps == again.steps == 3

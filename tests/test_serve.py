@@ -507,3 +507,51 @@ def test_batcher_groups_by_adapter_and_isolates_a_failing_request():
         for i in range(5):
             full.submit(Job("a", None, str(i), 1, 5, Sampling(), [], Sink()))
     full.close()
+
+
+def test_batcher_waits_only_for_the_mates_it_expects():
+    import threading
+
+    from multimodal_lora.serve.batcher import Batcher
+    from multimodal_lora.serve.engine import Job
+    from multimodal_lora.serve.protocol import Sampling
+
+    class Sink:
+        def __init__(self):
+            self.done = threading.Event()
+
+        def delta(self, text):
+            pass
+
+        def finish(self, reason, tokens):
+            self.done.set()
+
+        def fail(self, error):
+            self.done.set()
+
+    sizes = []
+
+    def run(jobs):
+        sizes.append(len(jobs))
+        for job in jobs:
+            job.done = True
+            job.sink.finish("stop", 1)
+
+    def answer(count: int) -> float:
+        jobs = [Job("a", None, "p", 1, 5, Sampling(), [], Sink()) for _ in range(count)]
+        start = time.monotonic()
+        for job in jobs:
+            batcher.submit(job)
+        assert all(job.sink.done.wait(10) for job in jobs)
+        return time.monotonic() - start
+
+    batcher = Batcher(run, max_batch_size=8, max_wait_ms=400, max_queue=100)
+    try:
+        # No history yet: the first request waits the whole max_wait for mates that never come.
+        assert answer(1) >= 0.35
+        # The last batch was one request, so a lone client's next request goes at once.
+        assert answer(1) < 0.2
+        assert answer(1) < 0.2
+        assert sizes == [1, 1, 1]
+    finally:
+        batcher.close()

@@ -4,7 +4,12 @@ Requests wait in one queue. The worker takes the oldest waiting request, waits
 up to ``max_wait_ms`` after its arrival for more requests that may share its
 ``generate`` call (same adapter, same sampling settings; see
 :attr:`~multimodal_lora.serve.engine.Job.key`), and runs up to
-``max_batch_size`` of them together. Requests for other adapters keep their
+``max_batch_size`` of them together.
+
+It waits only as long as it has reason to: once as many mates are there as
+the last batch of that kind had, the batch goes. A lone client's request
+therefore goes at once (the last batch was one request), while 16 clients
+that came back together are answered together instead of in two halves. Requests for other adapters keep their
 place in the queue, so no adapter starves and no batch runs with the wrong
 adapter active.
 
@@ -25,6 +30,8 @@ from multimodal_lora.serve.engine import Job
 from multimodal_lora.serve.protocol import APIError
 
 logger = logging.getLogger(__name__)
+
+MAX_KINDS = 256  # adapter and sampling combinations whose last batch size is remembered
 
 
 class Batcher:
@@ -52,6 +59,7 @@ class Batcher:
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
         self._waiting: list[Job] = []
+        self._last_size: dict[tuple, int] = {}  # per Job.key: how many the last batch of that kind took
         self._cond = threading.Condition()
         self._stopping = False
         self.batches = 0
@@ -95,13 +103,20 @@ class Batcher:
                 self._cond.wait()
             first = self._waiting[0]
             deadline = first.arrived + self.max_wait
+            expected = min(self._last_size.get(first.key, self.max_batch_size), self.max_batch_size)
             while True:
                 mates = [job for job in self._waiting if job.key == first.key and not job.cancelled.is_set()]
                 left = deadline - time.monotonic()
-                if len(mates) >= self.max_batch_size or left <= 0 or self._stopping:
+                if len(mates) >= expected or left <= 0 or self._stopping:
                     break
                 self._cond.wait(left)
             batch = mates[: self.max_batch_size]
+            if batch:
+                # Full or timed out: next time expect what came; more than that and the load grew, so wait for all.
+                self._last_size.pop(first.key, None)  # newest last, so the oldest kinds go first
+                self._last_size[first.key] = self.max_batch_size if len(batch) > expected else len(batch)
+                if len(self._last_size) > MAX_KINDS:  # clients choose sampling settings: keep this bounded
+                    del self._last_size[next(iter(self._last_size))]
             # Cancelled jobs (the client went away) leave the queue without running.
             taken = {id(job) for job in batch}
             self._waiting = [

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch-size", type=int, default=16, help="requests answered by one generate call (default 16)"
     )
     batch.add_argument(
-        "--max-wait-ms", type=float, default=5.0, help="how long a request waits for batch-mates (default 5 ms)"
+        "--max-wait-ms", type=float, default=5.0, help="the longest a request waits for batch-mates (default 5 ms; it goes sooner once as many as in the last batch are there)"
     )
     batch.add_argument(
         "--no-batching", action="store_true", help="one request at a time (same as --max-batch-size 1 --max-wait-ms 0)"

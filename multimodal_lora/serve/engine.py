@@ -52,6 +52,8 @@ class Job:
     sampling: Sampling
     stop: list[str]
     sink: Sink
+    stream: bool = True
+    """Whether the text is sent as it grows; an answer sent whole with no ``stop`` strings is decoded once, at the end."""
     arrived: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
     started_output: bool = False
@@ -88,6 +90,10 @@ class _Row:
             self._finish("stop")
             return
         self.tokens.append(token)
+        if not self.job.stream and not self.job.stop:  # nothing to look for in the text until it ends
+            if len(self.tokens) >= self.job.max_tokens:
+                self._finish("length")
+            return
         text = self._text()
         cut = _first_stop(text, self.job.stop)
         if cut is not None:
