@@ -382,8 +382,9 @@ def run_phase(name: str, work: Path, args) -> dict:
     found["seconds"] = time.perf_counter() - start
     found["peak_anonymous_rss_bytes"] = anonymous.stop()
     # The trainer restarts the kernel's peak when its loop begins (to report the loop's own);
-    # the sampled high-water marks keep the phase's, loading included.
-    found["peak_rss_bytes"] = max(anonymous.hwm, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # the sampled high-water marks keep the phase's, loading included. (Not ru_maxrss: it also
+    # keeps the size this process had before exec, the bench parent's.)
+    found["peak_rss_bytes"] = anonymous.hwm or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux
     return found
 
 

@@ -171,8 +171,8 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
-        # The kernel's high-water mark, which reset_peak_memory restarts (ru_maxrss may also
-        # keep a figure saved when a thread exited, which no reset clears).
+        # The kernel's high-water mark, which reset_peak_memory restarts. ru_maxrss also keeps
+        # the resident size the process had before exec (its forking parent's), which no reset clears.
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024  # kB
