@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import os
 import sys
@@ -33,6 +35,12 @@ def setup_logging(verbose: bool = False) -> None:
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run ``main``; a :class:`UserError` becomes one line on stderr and exit status 2."""
+    # At exit the interpreter collects the millions of objects that torch, transformers and
+    # peft created, one module at a time: about 2 s, after the work is done. The process is
+    # ending and the system takes its memory back whole, so the collector is told to skip them
+    # (atexit handlers run before that teardown). Registered once however often this runs.
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
     try:
         code = main(argv)
     except UserError as exc:

@@ -3,6 +3,7 @@ are explicit, a checkpoint is resumed only by its own run, and pruning touches o
 
 from __future__ import annotations
 
+import gc
 import json
 import shlex
 import shutil
@@ -147,3 +148,27 @@ def test_a_finished_run_releases_its_directory_although_its_loader_workers_live_
     first = train(load_recipe(TINY, overrides))
     again = train(load_recipe(TINY, [*overrides, "overwrite=true"]))  # the same process, the same directory
     assert first.steps == again.steps == 3
+
+
+def test_a_run_spares_the_collector_what_existed_before_it_and_gives_it_back(finished, small_shapes_dir, tmp_path):
+    """While a run loads and trains, Python's collections skip the objects that existed before it
+    (imports: millions on a real setup); after it, finished or refused, they are collected as usual."""
+    gc.collect()
+    assert gc.get_freeze_count() == 0
+    frozen_during_collections = []
+
+    def spy(phase, info):
+        if phase == "start":
+            frozen_during_collections.append(gc.get_freeze_count())
+
+    gc.callbacks.append(spy)
+    try:
+        train(load_recipe(TINY, quick(small_shapes_dir, tmp_path / "run")))
+        during = list(frozen_during_collections)
+        assert gc.get_freeze_count() == 0
+        with pytest.raises(ConfigError):  # a used directory: refused inside the spared section
+            train(load_recipe(TINY, quick(small_shapes_dir, finished)))
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.callbacks.remove(spy)
+    assert during and min(during) > 10_000
