@@ -15,6 +15,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import sys
 from pathlib import Path
 
 from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
@@ -24,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "MULTIMODAL_LORA_API_KEY"
 DEFAULT_PORT = 8000
+SWITCH_INTERVAL_S = 0.0005
+"""How long a thread may hold the GIL while another waits for it (Python's default: 0.005)."""
 
 
 def is_loopback(host: str) -> bool:
@@ -192,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         args.max_batch_size,
         args.max_wait_ms,
     )
+    # The batcher's thread gives up the GIL in every torch op, hundreds of times a token, and
+    # must win it back from the threads reading requests; at Python's default 5 ms interval it
+    # waits for them too long. At 0.5 ms, 16 clients get 1.2x the answers a second (bench/serve.py).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, server_header=False)
     finally:
