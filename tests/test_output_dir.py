@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import gc
 import json
+import multiprocessing
 import shlex
 import shutil
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ import yaml
 from multimodal_lora.checkpoint import CheckpointError, TrainState, find_checkpoints, save_checkpoint
 from multimodal_lora.cli import run_cli
 from multimodal_lora.config import load_recipe
-from multimodal_lora.errors import ConfigError
+from multimodal_lora.errors import ConfigError, DataError
 from multimodal_lora.train import main, resume_command, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,20 +157,41 @@ def test_a_run_spares_the_collector_what_existed_before_it_and_gives_it_back(fin
     (imports: millions on a real setup); after it, finished or refused, they are collected as usual."""
     gc.collect()
     assert gc.get_freeze_count() == 0
-    frozen_during_collections = []
+    frozen_during_collections, garbage_gone = [], []
+
+    class Cycle:
+        pass
+
+    garbage = Cycle()
+    garbage.itself = garbage  # unreachable once deleted: only a collection frees it
+    gone = weakref.ref(garbage)
+    del garbage
 
     def spy(phase, info):
         if phase == "start":
             frozen_during_collections.append(gc.get_freeze_count())
+        else:
+            garbage_gone.append(gone() is None)
 
     gc.callbacks.append(spy)
     try:
-        train(load_recipe(TINY, quick(small_shapes_dir, tmp_path / "run")))
+        train(load_recipe(TINY, quick(small_shapes_dir, tmp_path / "run", "data.num_workers=1")))
         during = list(frozen_during_collections)
+        # Its loader's worker ended with it, not in some later collection (where that took 5 s).
+        assert not [p for p in multiprocessing.active_children() if p.name.startswith("Process")]
+        # Garbage from before the run is collected, not frozen and kept through it.
+        assert garbage_gone[-1]
         assert gc.get_freeze_count() == 0
-        with pytest.raises(ConfigError):  # a used directory: refused inside the spared section
+        with pytest.raises(ConfigError):  # a used directory
             train(load_recipe(TINY, quick(small_shapes_dir, finished)))
+        assert gc.get_freeze_count() == 0
+        (tmp_path / "no data").mkdir()
+        recipe = load_recipe(TINY, quick(tmp_path / "no data", tmp_path / "bad"))
+        with pytest.raises(DataError):  # a run that fails once it has started: its data folder is empty
+            train(recipe)
         assert gc.get_freeze_count() == 0
     finally:
         gc.callbacks.remove(spy)
-    assert during and min(during) > 10_000
+    # From the moment the run froze them (after collecting what was garbage already), every collection skips them.
+    frozen = during[next(i for i, count in enumerate(during) if count) :]
+    assert len(frozen) > 1 and min(frozen) > 10_000
