@@ -738,7 +738,7 @@ def exclusive(output_dir: Path):
         yield
     finally:
         # Unlocked explicitly: forked DataLoader workers share the descriptor, and a worker that
-        # outlives the run (persistent workers end when the loader is collected) would keep it locked.
+        # outlived the run (_release_workers ends them, but a failed shutdown leaves them) would keep it locked.
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
