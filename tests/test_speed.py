@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -269,3 +271,20 @@ def test_dataloader_workers_change_no_result(small_shapes_dir, tmp_path):
         train(recipe)
         adapters.append((out / "adapter" / "adapter_model.safetensors").read_bytes())
     assert adapters[0] == adapters[1]
+
+
+def test_the_loss_plot_leaves_a_notebooks_matplotlib_alone(tmp_path):
+    """Drawing loss.png must not switch the caller's backend or leave figures open in pyplot."""
+    script = f"""
+import matplotlib
+matplotlib.use("svg")
+import matplotlib.pyplot as plt
+from pathlib import Path
+from multimodal_lora.logs import plot_losses
+records = [{{"split": "train", "step": s, "loss": 2.0 / s}} for s in range(1, 20)]
+records.append({{"split": "validation", "step": 19, "val_loss": 0.2}})
+path = plot_losses(records, Path({str(tmp_path / "loss.png")!r}))
+print(matplotlib.get_backend(), len(plt.get_fignums()), path.read_bytes()[:8] == b"\\x89PNG\\r\\n\\x1a\\n")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["svg", "0", "True"]
