@@ -11,7 +11,10 @@ back to back (a closed loop, keep-alive connections, a validation image as a
 ``data:`` URL) for ``--seconds``; the two servers are measured alternately,
 level by level, so a change in the machine's load hits both alike. Reported:
 requests/s (completed requests over the time from the first send to the last
-answer), p50 and p95 latency, and mean requests per ``generate`` call.
+answer), p50 and p95 latency, mean requests per ``generate`` call, and the CPU
+time the server and the clients spent per request. Last, with the servers
+gone, the model alone in this process (:func:`quiet_model`): one answer and a
+full batch, which bound from below what any server's clients can wait here.
 
 Targets (issue 13): at 16 clients, batching gives at least 3× the requests/s
 of one at a time, with p95 latency no more than twice the latency of one
@@ -35,6 +38,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,30 +59,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_setup(workdir: Path, steps: int, adapter: str | None) -> tuple[list[str], Path]:
-    """An adapter (``adapter``, or one from a short tiny run); returns the server's model arguments and the images."""
+def tiny_setup(workdir: Path, steps: int, adapter: str | None) -> tuple[list[str], Path, dict]:
+    """An adapter (``adapter``, or one from a short tiny run); returns the server's model arguments, the
+    images, and the same model as :meth:`Captioner.for_adapter` arguments."""
     from multimodal_lora.config import load_recipe
     from multimodal_lora.data.shapes import ensure_builtin
     from multimodal_lora.train import train
 
-    if adapter is not None:
-        return ["--base", "tiny", "--device", "cpu", "--adapter", f"shapes={adapter}"], ensure_builtin(
-            "shapes"
-        ) / "validation"
-
-    recipe = load_recipe(
-        REPO / "recipes" / "tiny.yaml",
-        [f"output_dir={workdir / 'run'}", f"train.max_steps={steps}", "data.val_split=null", "data.val_fraction=0"],
-    )
-    adapter = train(recipe).adapter_dir
-    return ["--base", "tiny", "--device", "cpu", "--adapter", f"shapes={adapter}"], ensure_builtin(
-        "shapes"
-    ) / "validation"
+    if adapter is None:
+        recipe = load_recipe(
+            REPO / "recipes" / "tiny.yaml",
+            [f"output_dir={workdir / 'run'}", f"train.max_steps={steps}", "data.val_split=null", "data.val_fraction=0"],
+        )
+        adapter = train(recipe).adapter_dir
+    args = ["--base", "tiny", "--device", "cpu", "--adapter", f"shapes={adapter}"]
+    return args, ensure_builtin("shapes") / "validation", {"adapter": adapter, "name": "shapes", "device": "cpu"}
 
 
 def full_size_setup(
     workdir: Path, device: str, dtype: str, quantization: str, small: bool = False
-) -> tuple[list[str], Path]:
+) -> tuple[list[str], Path, dict]:
     """Random-weight BLIP-2 OPT-2.7B (``small``: a small config of the same structure) + processor
     + a random LoRA adapter, saved under ``workdir``."""
     import torch
@@ -126,7 +126,9 @@ def full_size_setup(
         "--adapter",
         f"random-lora={adapter}",
     ]
-    return args, ensure_builtin("shapes") / "validation"
+    load = {"adapter": adapter, "name": "random-lora", "base": str(checkpoint), "device": device, "dtype": dtype,
+            "quantization": quantization}  # fmt: skip
+    return args, ensure_builtin("shapes") / "validation", load
 
 
 class Server:
@@ -159,6 +161,15 @@ class Server:
     def health(self) -> dict:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=10) as response:
             return json.loads(response.read())
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the server process has used (user + system), or ``None`` without psutil."""
+        try:
+            import psutil
+        except ImportError:
+            return None
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return times.user + times.system
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -213,11 +224,13 @@ def load(port: int, clients: int, seconds: float, bodies: list[bytes]) -> dict:
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for thread in threads:
         thread.start()
+    cpu_before = time.process_time()  # this process is the clients while they run
     begin = time.perf_counter()
     state["deadline"] = begin + seconds
     start_gate.wait()
     for thread in threads:
         thread.join()
+    client_cpu = time.process_time() - cpu_before
     latencies.sort()
     elapsed = state["last"] - begin
 
@@ -233,6 +246,65 @@ def load(port: int, clients: int, seconds: float, bodies: list[bytes]) -> dict:
         "requests_per_second": len(latencies) / elapsed if elapsed > 0 else 0.0,
         "p50_ms": pct(50) * 1000,
         "p95_ms": pct(95) * 1000,
+        "client_cpu_ms_per_request": client_cpu / max(len(latencies), 1) * 1000,
+    }
+
+
+def quiet_model(load: dict, images: Path, max_tokens: int, batch: int, repeats: int = 15) -> dict:
+    """The model alone, in this process once the servers are gone: one request's ``generate`` and a
+    full batch's, through the servers' own engine code (pixels prepared beforehand, as the servers do).
+
+    By Little's law, ``clients`` closed-loop clients wait ``clients / throughput`` on average. A
+    server whose model runs on one core answers at most ``batch`` requests per batch ``generate``,
+    so at ``batch`` clients no server can average less than one batch's ``generate`` here.
+    """
+    from multimodal_lora.data.images import load_image
+    from multimodal_lora.inference import Captioner
+    from multimodal_lora.serve.engine import Job, run_batch
+    from multimodal_lora.serve.protocol import Sampling
+
+    class Sink:
+        def delta(self, text: str) -> None:
+            pass
+
+        def finish(self, reason: str, tokens: int) -> None:
+            self.tokens = tokens
+
+        def fail(self, error: BaseException) -> None:
+            raise error
+
+    load = dict(load)
+    captioner = Captioner.for_adapter(load.pop("adapter"), **load)
+    adapter = captioner.adapter_names[0]
+    prompt = captioner.caption_prompt(adapter)
+    paths = sorted(images.glob("*.png"))
+    pixels = [captioner.pixels(load_image(str(paths[i % len(paths)]))) for i in range(batch)]
+
+    def once(size: int) -> tuple[float, list[int]]:
+        jobs = [
+            Job(adapter, pixels[i], prompt, 0, max_tokens, Sampling(), [], Sink(), stream=False) for i in range(size)
+        ]
+        start = time.perf_counter()
+        run_batch(captioner, jobs)
+        if captioner.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, [job.sink.tokens for job in jobs]
+
+    once(1), once(batch)  # warm-up
+    times: dict[int, list[float]] = {1: [], batch: []}
+    tokens = {}
+    for _ in range(repeats):  # alternating, so a drift in the machine's speed hits both
+        for size in (1, batch):
+            seconds, tokens[size] = once(size)
+            times[size].append(seconds)
+    return {
+        "one_ms": statistics.median(times[1]) * 1000,
+        "batch_ms": statistics.median(times[batch]) * 1000,
+        "batch": batch,
+        "tokens_per_answer": statistics.median(tokens[batch]),
+        "repeats": repeats,
     }
 
 
@@ -272,13 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     servers = {}
     try:
         if args.full_size:
-            model_args, images = full_size_setup(workdir, args.device, dtype, args.quantization, args.small)
+            model_args, images, model_load = full_size_setup(workdir, args.device, dtype, args.quantization, args.small)
             model = "random-lora"
         else:
             import torch
 
             torch.set_num_threads(args.threads)
-            model_args, images = tiny_setup(workdir, args.steps, args.adapter)
+            model_args, images, model_load = tiny_setup(workdir, args.steps, args.adapter)
             model = "shapes"
         bodies = request_bodies(images, model, max_tokens)
         batching = ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
@@ -287,22 +359,31 @@ def main(argv: list[str] | None = None) -> int:
             servers[name] = Server(model_args, extra, workdir / name / "server.log", args.threads)
         for server in servers.values():
             server.wait()
-        for server in servers.values():  # warm-up: first calls pay for lazy initialisation
-            load(server.port, 4, 1.0, bodies)
+        # Warm-up at every level: first calls pay for lazy initialisation, and each new batch shape
+        # for its kernels (bf16 on a CPU most of all), which would otherwise land in the first level's p95.
+        for server in servers.values():
+            for clients in sorted(set(levels)):
+                load(server.port, clients, 0.5, bodies)
         rows = []
         for i, clients in enumerate(levels):
             order = ("off", "on") if i % 2 == 0 else ("on", "off")
             for name in order:
-                before = servers[name].health()
+                before, cpu_before = servers[name].health(), servers[name].cpu_seconds()
                 result = load(servers[name].port, clients, args.seconds, bodies)
-                after = servers[name].health()
+                after, cpu_after = servers[name].health(), servers[name].cpu_seconds()
                 calls = after["batches"] - before["batches"]
                 result.update(
-                    batching=name, mean_batch=(after["batched_requests"] - before["batched_requests"]) / max(calls, 1)
-                )
+                    batching=name, mean_batch=(after["batched_requests"] - before["batched_requests"]) / max(calls, 1),
+                    server_cpu_ms_per_request=None if cpu_before is None else
+                    (cpu_after - cpu_before) / max(result["requests"], 1) * 1000,
+                )  # fmt: skip
                 rows.append(result)
                 print(f"{clients:>3} clients, batching {name:>3}: {result['requests_per_second']:.1f} req/s, "
                       f"p50 {result['p50_ms']:.0f} ms, p95 {result['p95_ms']:.0f} ms, {result['mean_batch']:.1f} per generate", flush=True)  # fmt: skip
+        for server in servers.values():
+            server.stop()
+        # The floor under any server's latency on this machine: the model alone, quiet (see quiet_model).
+        alone = quiet_model(model_load, images, max_tokens or 30, args.max_batch_size)
     finally:
         for server in servers.values():
             server.stop()
@@ -316,14 +397,26 @@ def main(argv: list[str] | None = None) -> int:
         speedup = on["requests_per_second"] / off["requests_per_second"] if off["requests_per_second"] else float("nan")
         for r in (off, on):
             printable.append([clients, r["batching"], r["requests_per_second"], r["p50_ms"], r["p95_ms"], r["mean_batch"],
-                              speedup if r is on else 1.0, r["p95_ms"] / single["p50_ms"] if single else float("nan")])  # fmt: skip
+                              speedup if r is on else 1.0, r["p95_ms"] / single["p50_ms"] if single else float("nan"),
+                              r["server_cpu_ms_per_request"], r["client_cpu_ms_per_request"]])  # fmt: skip
     title = (
         f"{('small BLIP-2 config' if args.small else 'BLIP-2 OPT-2.7B') + ' (random weights)' if args.full_size else 'tiny base'}, {dtype}, quantization {args.quantization}, "
         f"device {args.device}, torch threads {args.threads}; batching on = up to {args.max_batch_size} per generate, {args.max_wait_ms:g} ms wait"
     )
     print(
         table(
-            ["clients", "batching", "req/s", "p50 ms", "p95 ms", "per generate", "× off", "p95 / 1 alone"],
+            [
+                "clients",
+                "batching",
+                "req/s",
+                "p50 ms",
+                "p95 ms",
+                "per generate",
+                "× off",
+                "p95 / 1 alone",
+                "server CPU ms/req",
+                "client CPU ms/req",
+            ],  # fmt: skip
             printable,
             title=title,
         )
@@ -338,6 +431,27 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(f"at 16 clients: {summary['speedup_at_16']:.2f}× the requests/s of one at a time (target ≥ 3); "
               f"p95 {on16['p95_ms']:.0f} ms = {summary['p95_at_16_over_one_alone']:.2f}× one request alone ({single['p50_ms']:.0f} ms; target ≤ 2)")  # fmt: skip
+    if single:
+        # Little's law: closed-loop clients wait clients / throughput on average, and p95 is at least the mean.
+        floor = {"model_alone": alone, "model_batch_over_one_alone": alone["batch_ms"] / single["p50_ms"]}
+        print(f"the model alone, in a quiet process: one answer {alone['one_ms']:.1f} ms, {alone['batch']} at once "
+              f"{alone['batch_ms']:.1f} ms ({alone['tokens_per_answer']:g} tokens each). With its model on one core, no server's "
+              f"{alone['batch']} clients can wait under {alone['batch_ms']:.0f} ms on average: "
+              f"{floor['model_batch_over_one_alone']:.2f}× one request alone")  # fmt: skip
+        on = by.get((alone["batch"], "on"))
+        if on and on["server_cpu_ms_per_request"] is not None:
+            cores = os.cpu_count() or 1
+            cpu = on["server_cpu_ms_per_request"] + on["client_cpu_ms_per_request"]
+            floor.update(
+                cpu_ms_per_request=cpu,
+                cores=cores,
+                cpu_floor_over_one_alone=alone["batch"] * cpu / cores / single["p50_ms"],
+            )
+            print(f"this server and its clients spent {cpu:.1f} ms of CPU a request at {alone['batch']} clients "
+                  f"({on['server_cpu_ms_per_request']:.1f} server, {on['client_cpu_ms_per_request']:.1f} clients): on {cores} cores "
+                  f"they cannot average under {alone['batch'] * cpu / cores:.0f} ms, "
+                  f"{floor['cpu_floor_over_one_alone']:.2f}× one request alone")  # fmt: skip
+        summary["floor"] = floor
     name = ("serve_full_size_small" if args.small else "serve_full_size") if args.full_size else "serve"
     path = write_result(name, {
         "base": "Salesforce/blip2-opt-2.7b (published config, random weights)" if args.full_size else "tiny",
