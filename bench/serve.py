@@ -3,7 +3,7 @@
     python bench/serve.py                                   # tiny base, CPU (a minute or two)
     python bench/serve.py --full-size --device cuda         # BLIP-2 OPT-2.7B, random weights, on a GPU
 
-Two servers (``python -m multimodal_lora.serve``, each its own process) serve
+Two servers (``python -m multimodal_lora.serve``, each its own processes) serve
 the same base and adapter: one batching (``--max-batch-size``, ``--max-wait-ms``),
 one answering one request at a time (``--no-batching``). For each number of
 concurrent clients (1, 4, 16, 64), each client sends chat-completion requests
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gc
 import http.client
 import json
 import os
@@ -163,13 +164,17 @@ class Server:
             return json.loads(response.read())
 
     def cpu_seconds(self) -> float | None:
-        """CPU time the server process has used (user + system), or ``None`` without psutil."""
+        """CPU time the server has used (user + system, its HTTP process and the model's), or ``None`` without psutil."""
         try:
             import psutil
         except ImportError:
             return None
-        times = psutil.Process(self.proc.pid).cpu_times()
-        return times.user + times.system
+        process = psutil.Process(self.proc.pid)
+        total = 0.0
+        for p in [process, *process.children(recursive=True)]:
+            times = p.cpu_times()
+            total += times.user + times.system
+        return total
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -293,6 +298,9 @@ def quiet_model(load: dict, images: Path, max_tokens: int, batch: int, repeats: 
         return time.perf_counter() - start, [job.sink.tokens for job in jobs]
 
     once(1), once(batch)  # warm-up
+    # As the server's model process does once loaded: what imports made is not walked by every collection.
+    gc.collect()
+    gc.freeze()
     times: dict[int, list[float]] = {1: [], batch: []}
     tokens = {}
     for _ in range(repeats):  # alternating, so a drift in the machine's speed hits both

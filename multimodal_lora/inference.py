@@ -154,6 +154,28 @@ class Captioner:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def without_model(self) -> Captioner:
+        """What this captioner knows without its model: names, tasks, prompts, lengths, image preparation.
+
+        A server's HTTP process checks and prepares requests with it while the model runs
+        in another process (:mod:`multimodal_lora.serve.engine_process`). It pickles, which a
+        captioner with its model refuses to do, and it cannot generate.
+        """
+        view = object.__new__(Captioner)
+        view.__dict__.update(self.__dict__, model=None, _merged=None, _lock=threading.Lock())
+        return view
+
+    def __getstate__(self) -> dict:
+        if self.model is not None:
+            raise TypeError("a Captioner holding its model does not pickle; pickle captioner.without_model()")
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:
         """Load an adapter directory under ``name`` (default: the directory's name).
 

@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import zlib
@@ -324,8 +325,11 @@ def test_64_concurrent_clients_get_their_own_answers(client, expected, server):
         with ThreadPoolExecutor(max_workers=64) as pool:
             return list(pool.map(one, range(64)))
 
+    def rss() -> int:  # the HTTP process and the model's process
+        return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
+
     round_of_64()  # warm-up: the allocator's pools and the server's caches reach their working size
-    before = process.memory_info().rss
+    before = rss()
     batches_before = health(server["url"])
     for _ in range(2):
         results = round_of_64()
@@ -340,10 +344,50 @@ def test_64_concurrent_clients_get_their_own_answers(client, expected, server):
     calls = after["batches"] - batches_before["batches"]
     assert answered == 2 * 60 and calls < answered, after
     time.sleep(1)
-    rss = process.memory_info().rss
-    assert rss <= before * 1.05, f"memory grew from {before / 2**20:.0f} MiB to {rss / 2**20:.0f} MiB"
+    after_rss = rss()
+    assert after_rss <= before * 1.05, f"memory grew from {before / 2**20:.0f} MiB to {after_rss / 2**20:.0f} MiB"
     assert server["proc"].poll() is None
     assert chat(client, "shapes", expected["bytes"][0]).choices[0].message.content == expected["caption"]["shapes"][0]
+
+
+def test_a_dead_model_process_fails_what_waits_on_it_and_stops_the_server(adapters, expected, tmp_path):
+    """The model runs in a process of its own. If that process dies, the requests waiting on it
+    get a 503 that says so (none hangs), and the server exits with status 1 for a supervisor."""
+    import psutil
+
+    log = tmp_path / "server.log"
+    proc, url = start_server(["--adapters-dir", str(tmp_path / "none"), "--adapter", f"shapes={adapters['shapes']}"], log)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        image = expected["bytes"][0]
+        assert chat(client, "shapes", image).choices[0].message.content == expected["caption"]["shapes"][0]
+        [engine] = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        first_answer = threading.Event()
+
+        def one(i):
+            try:
+                chat(client, "shapes", image)
+                first_answer.set()
+                return "answered"
+            except openai.APIStatusError as exc:
+                body = exc.body if isinstance(exc.body, dict) else {"message": exc.body}
+                return (exc.status_code, body.get("code"), body.get("message"))
+            except openai.APIConnectionError:
+                return "refused"  # sent after the server began to stop
+
+        with ThreadPoolExecutor(max_workers=64) as pool:
+            futures = [pool.submit(one, i) for i in range(512)]
+            assert first_answer.wait(60)
+            engine.kill()
+            results = [f.result(timeout=120) for f in futures]  # none hangs
+        failed = [r for r in results if isinstance(r, tuple)]
+        assert failed, results
+        assert {(status, code) for status, code, _ in failed} == {(503, "engine_stopped")}, set(failed)
+        assert all("the model's process stopped" in text for _, _, text in failed), set(failed)
+        assert proc.wait(timeout=60) == 1
+        assert "the server stopped because the model's process ended" in log.read_text()
+    finally:
+        stop_server(proc)
 
 
 # --- keys and remote images ---------------------------------------------------------------------------

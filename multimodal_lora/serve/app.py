@@ -24,12 +24,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from multimodal_lora.errors import UserError
 from multimodal_lora.serve.batcher import Batcher
 from multimodal_lora.serve.engine import Job
 from multimodal_lora.serve.images import ImageLimits, RemotePolicy, read_image
 from multimodal_lora.serve.protocol import (
     APIError,
+    as_api_error,
     chunk_body,
     completion_body,
     models_body,
@@ -121,14 +121,6 @@ class _Sink:
 
 def _pixels(captioner, url: str, settings: ServerSettings):
     return captioner.pixels(read_image(url, settings.images, settings.remote))
-
-
-def _as_api_error(error: BaseException) -> APIError:
-    if isinstance(error, APIError):
-        return error
-    if isinstance(error, UserError):
-        return APIError(400, str(error))
-    return APIError(500, "generation failed; the server log has the details", type="server_error")
 
 
 def create_app(captioner, batcher: Batcher, settings: ServerSettings = ServerSettings()):
@@ -261,7 +253,7 @@ def create_app(captioner, batcher: Batcher, settings: ServerSettings = ServerSet
                 if item[0] == "finish":
                     return completion_body(completion_id, chat.model, sink.text(), item[1], prompt_tokens, item[2])
                 if item[0] == "fail":
-                    raise _as_api_error(item[1])
+                    raise as_api_error(item[1])
         finally:
             job.cancelled.set()  # a no-op once done; stops the row if the client went away
 
@@ -289,7 +281,7 @@ async def _events(job: Job, sink: _Sink, completion_id: str, model: str, include
                     )
                 break
             else:
-                yield event(_as_api_error(item[1]).body())
+                yield event(as_api_error(item[1]).body())
                 break
         yield "data: [DONE]\n\n"
     finally:

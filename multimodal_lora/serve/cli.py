@@ -12,10 +12,10 @@ the hosts; bodies, pixels and the queue are limited.
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import logging
 import os
-import sys
 from pathlib import Path
 
 from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
@@ -25,8 +25,6 @@ logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "MULTIMODAL_LORA_API_KEY"
 DEFAULT_PORT = 8000
-SWITCH_INTERVAL_S = 0.0005
-"""How long a thread may hold the GIL while another waits for it (Python's default: 0.005)."""
 
 
 def is_loopback(host: str) -> bool:
@@ -50,6 +48,29 @@ def parse_adapter_args(values: list[str]) -> dict[str, Path]:
             raise ConfigError(f"--adapter: the name {name!r} is given twice")
         adapters[name] = Path(directory)
     return adapters
+
+
+def collect_adapters(adapters_dir: str, explicit: dict[str, Path]):
+    """The adapters to serve: those found under ``adapters_dir`` and those given by ``--adapter``
+    (a :class:`~multimodal_lora.demo.Found`; the engine process loads them)."""
+    from multimodal_lora.adapter import read_adapter
+    from multimodal_lora.demo import find_adapters
+
+    found = find_adapters(adapters_dir)
+    if explicit and adapters_dir == "runs" and not Path("runs").is_dir():
+        found.problems.clear()  # only --adapter was meant: the missing default directory is no problem
+    for name, directory in explicit.items():
+        if name in found.adapters:
+            raise ConfigError(
+                f"--adapter {name}: an adapter named {name!r} was also found under {adapters_dir}; choose another name"
+            )
+        directory, meta = read_adapter(directory)
+        found.adapters[name] = directory
+        found.tasks[name] = meta.task if meta is not None else "caption"
+        if found.base is None and meta is not None:
+            # The base loads the way this adapter was trained (recorded quantization, dtype, device kind).
+            found.base, found.load = meta.base.name, meta.load
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,73 +157,77 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("; ".join(problems))
     explicit = parse_adapter_args(args.adapter)
 
-    import torch
-    import uvicorn
-
-    from multimodal_lora.adapter import read_adapter
-    from multimodal_lora.demo import find_adapters, load_captioner
-    from multimodal_lora.serve.app import ServerSettings, create_app
-    from multimodal_lora.serve.batcher import Batcher
-    from multimodal_lora.serve.engine import run_batch
-    from multimodal_lora.serve.images import ImageLimits, RemotePolicy
-
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    found = find_adapters(args.adapters_dir)
-    if explicit and args.adapters_dir == "runs" and not Path("runs").is_dir():
-        found.problems.clear()  # only --adapter was meant: the missing default directory is no problem
-    for name, directory in explicit.items():
-        if name in found.adapters:
-            raise ConfigError(
-                f"--adapter {name}: an adapter named {name!r} was also found under {args.adapters_dir}; choose another name"
-            )
-        directory, meta = read_adapter(directory)
-        found.adapters[name] = directory
-        found.tasks[name] = meta.task if meta is not None else "caption"
-        if found.base is None and meta is not None:
-            # The base loads the way this adapter was trained (recorded quantization, dtype, device kind).
-            found.base, found.load = meta.base.name, meta.load
-    captioner = load_captioner(found, args.base, args.device, args.dtype, args.quantization)
-    for problem in found.problems:
-        logger.warning("%s", problem)
-    missing = sorted(set(explicit) - set(captioner.adapter_names))
-    if missing:
-        raise ConfigError(f"--adapter {', '.join(missing)} could not be loaded: " + "; ".join(found.problems))
+    from multimodal_lora.serve.engine_process import EngineProcess, EngineSpec
 
     if args.no_batching:
         args.max_batch_size, args.max_wait_ms = 1, 0.0
-    batcher = Batcher(
-        lambda jobs: run_batch(captioner, jobs),
+    spec = EngineSpec(
+        adapters_dir=args.adapters_dir,
+        explicit=explicit,
+        base=args.base,
+        device=args.device,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        torch_threads=args.torch_threads,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
     )
-    hosts = frozenset(h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
-    settings = ServerSettings(
-        api_key=api_key,
-        max_body_bytes=args.max_body_bytes,
-        default_max_tokens=args.default_max_tokens,
-        images=ImageLimits(max_pixels=args.max_pixels, max_bytes=args.max_image_bytes),
-        remote=RemotePolicy(allow=args.allow_remote_images, hosts=hosts),
-    )
-    app = create_app(captioner, batcher, settings)
-    names = [captioner.base.name, *captioner.adapter_names]
-    logger.info(
-        "serving %s on http://%s:%d/v1 (batching: up to %d requests, %.0f ms)",
-        ", ".join(names),
-        args.host,
-        args.port,
-        args.max_batch_size,
-        args.max_wait_ms,
-    )
-    # The batcher's thread gives up the GIL in every torch op, hundreds of times a token, and
-    # must win it back from the threads reading requests; at Python's default 5 ms interval it
-    # waits for them too long. At 0.5 ms, 16 clients get 1.2x the answers a second (bench/serve.py).
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    # The model loads and generates in a process of its own (see engine_process: under load, one
+    # shared interpreter made each batch wait for the threads reading requests). It starts first,
+    # and loads while this process imports the web stack.
+    engine = EngineProcess(spec)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, server_header=False)
+        import torch
+        import transformers.image_processing_utils  # noqa: F401 - what the model's view unpickles into:
+        import transformers.processing_utils  # noqa: F401 - 3 s of imports, done while the model loads
+        import uvicorn
+
+        from multimodal_lora.serve.app import ServerSettings, create_app
+        from multimodal_lora.serve.images import ImageLimits, RemotePolicy
+
+        captioner = engine.wait_ready()
+        for problem in engine.problems:
+            logger.warning("%s", problem)
+        missing = sorted(set(explicit) - set(captioner.adapter_names))
+        if missing:
+            raise ConfigError(f"--adapter {', '.join(missing)} could not be loaded: " + "; ".join(engine.problems))
+        # This process prepares pixels: one torch thread, leaving the other cores to the model's.
+        torch.set_num_threads(1)
+        hosts = frozenset(h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
+        settings = ServerSettings(
+            api_key=api_key,
+            max_body_bytes=args.max_body_bytes,
+            default_max_tokens=args.default_max_tokens,
+            images=ImageLimits(max_pixels=args.max_pixels, max_bytes=args.max_image_bytes),
+            remote=RemotePolicy(allow=args.allow_remote_images, hosts=hosts),
+        )
+        app = create_app(captioner, engine, settings)
+        names = [captioner.base.name, *captioner.adapter_names]
+        logger.info(
+            "serving %s on http://%s:%d/v1 (batching: up to %d requests, %.0f ms)",
+            ", ".join(names),
+            args.host,
+            args.port,
+            args.max_batch_size,
+            args.max_wait_ms,
+        )
+        # What imports made lives as long as the server: spare the collector from walking it under load.
+        gc.collect()
+        gc.freeze()
+        config = uvicorn.Config(
+            app, host=args.host, port=args.port, log_level="warning", access_log=False, server_header=False
+        )
+        server = uvicorn.Server(config)
+        # If the model's process dies, this one stops too (as on Ctrl-C, answering what it can):
+        # exit status 1 tells a supervisor to restart the server.
+        engine.on_death = lambda: setattr(server, "should_exit", True)
+        server.run()
     finally:
-        batcher.close()
+        engine.close()
+    if engine.died:
+        logger.error("the server stopped because the model's process ended")
+        return 1
     return 0
 
 

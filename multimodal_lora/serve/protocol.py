@@ -43,6 +43,27 @@ class APIError(Exception):
         """``{"error": {"message", "type", "param", "code"}}``, as OpenAI's API and the client expect."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def __reduce__(self):
+        # Keyword arguments do not survive an exception's default pickling (the engine process sends these).
+        return _api_error, (self.status, self.message, self.type, self.param, self.code)
+
+
+def _api_error(status: int, message: str, type: str, param: str | None, code: str | None) -> APIError:
+    return APIError(status, message, type=type, param=param, code=code)
+
+
+def as_api_error(error: BaseException) -> APIError:
+    """What the client is told of ``error``: itself if an :class:`APIError`, a 400 for a
+    :class:`~multimodal_lora.errors.UserError` (its message says what to do), else a 500 that
+    points to the server's log (which has the traceback) and leaks nothing of the internals."""
+    from multimodal_lora.errors import UserError
+
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, UserError):
+        return APIError(400, str(error))
+    return APIError(500, "generation failed; the server log has the details", type="server_error")
+
 
 # --- what arrives --------------------------------------------------------------------------------
 
