@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 
 from multimodal_lora.serve.engine import Job
-from multimodal_lora.serve.protocol import APIError
+from multimodal_lora.serve.protocol import queue_full, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +72,9 @@ class Batcher:
         """Queue ``job``; its sink hears the result. Raises a 503 :class:`APIError` when the queue is full."""
         with self._cond:
             if self._stopping:
-                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+                raise unavailable("the server is shutting down", "shutting_down")
             if len(self._waiting) >= self.max_queue:
-                raise APIError(
-                    503,
-                    f"the server is busy: {len(self._waiting)} requests are already waiting (--max-queue {self.max_queue}); retry shortly",
-                    type="server_error",
-                    code="queue_full",
-                )
+                raise queue_full(len(self._waiting), self.max_queue, "waiting")
             self._waiting.append(job)
             self._cond.notify()
 

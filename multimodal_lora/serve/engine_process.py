@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from multimodal_lora.errors import ConfigError, UserError
-from multimodal_lora.serve.protocol import APIError, as_api_error
+from multimodal_lora.serve.protocol import APIError, as_api_error, queue_full, unavailable
 
 if TYPE_CHECKING:  # the engine module imports torch and transformers: the engine process imports it itself
     from multimodal_lora.serve.engine import Job
@@ -132,16 +132,11 @@ class EngineProcess:
         when ``max_queue`` requests are in the server already, or the engine has stopped."""
         with self._lock:
             if self.died:
-                raise APIError(503, self._death, type="server_error", code="engine_stopped")
+                raise unavailable(self._death, "engine_stopped")
             if self._closing:
-                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+                raise unavailable("the server is shutting down", "shutting_down")
             if len(self._jobs) >= self.max_queue:
-                raise APIError(
-                    503,
-                    f"the server is busy: {len(self._jobs)} requests are already in it (--max-queue {self.max_queue}); retry shortly",
-                    type="server_error",
-                    code="queue_full",
-                )
+                raise queue_full(len(self._jobs), self.max_queue, "in it")
             job_id = next(self._ids)
             job.cancelled = _ForwardedCancel(self, job_id, job)
             self._jobs[job_id] = job
@@ -155,8 +150,7 @@ class EngineProcess:
                 self._conn.send(("job", job_id, fields))
             except OSError:  # the engine died a moment ago; the reader has not seen the pipe close yet
                 del self._jobs[job_id]
-                raise APIError(503, "the model's process stopped; the server is restarting or down",
-                               type="server_error", code="engine_stopped") from None  # fmt: skip
+                raise unavailable("the model's process stopped; the server is restarting or down", "engine_stopped") from None
 
     def cancel(self, job_id: int) -> None:
         with self._lock:
@@ -223,7 +217,7 @@ class EngineProcess:
             jobs, self._jobs = list(self._jobs.values()), {}
         for job in jobs:
             job.done = True
-            job.sink.fail(APIError(503, self._death, type="server_error", code="engine_stopped"))
+            job.sink.fail(unavailable(self._death, "engine_stopped"))
         if unexpected:
             logger.error("%s; %d requests were failed with a 503", self._death, len(jobs))
             if self.on_death is not None:

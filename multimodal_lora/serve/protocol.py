@@ -52,6 +52,16 @@ def _api_error(status: int, message: str, type: str, param: str | None, code: st
     return APIError(status, message, type=type, param=param, code=code)
 
 
+def unavailable(message: str, code: str) -> APIError:
+    """A 503: the server cannot take the request now (``queue_full``, ``shutting_down``, ``engine_stopped``)."""
+    return APIError(503, message, type="server_error", code=code)
+
+
+def queue_full(count: int, limit: int, where: str) -> APIError:
+    """The 503 for a request over ``--max-queue``: ``count`` requests are ``where`` already."""
+    return unavailable(f"the server is busy: {count} requests are already {where} (--max-queue {limit}); retry shortly", "queue_full")
+
+
 def as_api_error(error: BaseException) -> APIError:
     """What the client is told of ``error``: itself if an :class:`APIError`, a 400 for a
     :class:`~multimodal_lora.errors.UserError` (its message says what to do), else a 500 that
