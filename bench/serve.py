@@ -316,6 +316,17 @@ def quiet_model(load: dict, images: Path, max_tokens: int, batch: int, repeats: 
     }
 
 
+def quiet_model_alone(load: dict, images: Path, max_tokens: int, batch: int, threads: int) -> dict:
+    """:func:`quiet_model` in a fresh process, as the server's model process is: this one has
+    trained an adapter and run the clients, and its allocator and threads show it."""
+    spec = {"load": {k: str(v) if isinstance(v, Path) else v for k, v in load.items()}, "images": str(images),
+            "max_tokens": max_tokens, "batch": batch}  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, __file__, "--threads", str(threads), "--quiet-model", json.dumps(spec)]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -343,8 +354,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="the servers' --dtype (default fp32; bf16 with --full-size)")
     parser.add_argument("--quantization", default="none", choices=["none", "int8", "4bit"])
     parser.add_argument("--out", default=None, help="directory for the JSON (default bench/results)")
+    parser.add_argument("--quiet-model", default=None, help=argparse.SUPPRESS)  # internal: see quiet_model_alone
     args = parser.parse_args(argv)
     quiet()
+    if args.quiet_model:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        spec = json.loads(args.quiet_model)
+        print(json.dumps(quiet_model(spec["load"], Path(spec["images"]), spec["max_tokens"], spec["batch"])))
+        return 0
     levels = [int(x) for x in args.levels.split(",")]
     dtype = args.dtype or ("bf16" if args.full_size else "fp32")
     max_tokens = args.max_tokens or (20 if args.full_size else None)
@@ -391,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers.values():
             server.stop()
         # The floor under any server's latency on this machine: the model alone, quiet (see quiet_model).
-        alone = quiet_model(model_load, images, max_tokens or 30, args.max_batch_size)
+        alone = quiet_model_alone(model_load, images, max_tokens or 30, args.max_batch_size, args.threads)
     finally:
         for server in servers.values():
             server.stop()
