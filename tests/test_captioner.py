@@ -136,3 +136,24 @@ def test_clear_errors(captioner, tiny_run, tmp_path):
         captioner.load_adapter(tmp_path / "missing")
     with pytest.raises(AdapterError, match="already loaded"):
         captioner.load_adapter(shutil.copytree(tiny_run.adapter_dir, tmp_path / "other"), name="shapes")
+
+
+def test_the_view_without_the_model_pickles_and_prepares_requests_as_the_captioner_does(captioner, images):
+    """A server's HTTP process gets this view from the model's process: same names, prompts, lengths, pixels."""
+    import pickle
+
+    from multimodal_lora.data.images import load_image
+
+    with pytest.raises(TypeError, match="without_model"):
+        pickle.dumps(captioner)  # the model never crosses a process boundary by accident
+    view = pickle.loads(pickle.dumps(captioner.without_model()))
+    assert view.model is None and captioner.model is not None
+    assert view.adapter_names == captioner.adapter_names and view.base.name == captioner.base.name
+    for adapter in [None, *captioner.adapter_names]:
+        assert view.task(adapter) == captioner.task(adapter)
+        prompt = captioner.caption_prompt(adapter, "a photo of")
+        assert view.caption_prompt(adapter, "a photo of") == prompt
+        assert view.prompt_tokens(prompt) == captioner.prompt_tokens(prompt)
+    assert view.context_length == captioner.context_length
+    image = load_image(images[0])
+    assert torch.equal(view.pixels(image), captioner.pixels(image))
