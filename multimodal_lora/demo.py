@@ -128,13 +128,18 @@ def find_adapters(root: str | Path) -> Found:
 
 
 def load_captioner(
-    found: Found, base: str | None, device: str | None = None, dtype: str | None = None, quantization: str | None = None
+    found: Found,
+    base: str | None,
+    device: str | None = None,
+    dtype: str | None = None,
+    quantization: str | None = None,
+    purpose: str = "the demo",
 ):
     """A Captioner with the base and every adapter that fits it (the others go to ``found.problems``).
 
     The base is loaded the way the first adapter was trained (its recorded
     quantization, dtype and device kind), unless ``device``, ``dtype`` or
-    ``quantization`` say otherwise.
+    ``quantization`` say otherwise. ``purpose`` names the caller in the log line that says how.
     """
     from multimodal_lora.inference import Captioner
     from multimodal_lora.loading import resolve
@@ -145,7 +150,7 @@ def load_captioner(
         quantization=quantization,
         dtype=dtype,
         device=device,
-        subject=f"base {name} for the demo",
+        subject=f"base {name} for {purpose}",
         bare=found.base is None,
     )
     captioner = Captioner.with_settings(name, None, settings)

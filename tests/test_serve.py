@@ -68,6 +68,7 @@ def start_server(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # a process group of its own, as under a supervisor
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
@@ -386,6 +387,45 @@ def test_a_dead_model_process_fails_what_waits_on_it_and_stops_the_server(adapte
         assert all("the model's process stopped" in text for _, _, text in failed), set(failed)
         assert proc.wait(timeout=60) == 1
         assert "the server stopped because the model's process ended" in log.read_text()
+    finally:
+        stop_server(proc)
+
+
+def test_stopping_the_whole_service_answers_what_was_accepted(adapters, expected, tmp_path):
+    """A supervisor (systemd, a terminal's Ctrl-C) signals every process of the service at once. The
+    model's process leaves shutdown to the HTTP process, which answers what it accepted, then exits."""
+    import signal
+
+    import psutil
+
+    log = tmp_path / "server.log"
+    proc, url = start_server(["--adapters-dir", str(tmp_path / "none"), "--adapter", f"shapes={adapters['shapes']}"], log)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        image, want = expected["bytes"][0], expected["caption"]["shapes"][0]
+        assert chat(client, "shapes", image).choices[0].message.content == want
+        [engine] = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        first_answer = threading.Event()
+
+        def one(i):
+            try:
+                text = chat(client, "shapes", image).choices[0].message.content
+                first_answer.set()
+                return "answered" if text == want else text
+            except openai.APIStatusError as exc:
+                return exc.status_code
+            except openai.APIConnectionError:
+                return "refused"  # sent after the server stopped taking requests
+
+        with ThreadPoolExecutor(max_workers=64) as pool:
+            futures = [pool.submit(one, i) for i in range(512)]
+            assert first_answer.wait(60)
+            os.killpg(proc.pid, signal.SIGTERM)
+            results = [f.result(timeout=120) for f in futures]
+        assert set(results) <= {"answered", "refused"}, {r for r in results if r not in ("answered", "refused")}
+        proc.wait(timeout=60)
+        engine.wait(timeout=30)  # the model's process ended too, none left behind
+        assert "model's process stopped" not in log.read_text()
     finally:
         stop_server(proc)
 

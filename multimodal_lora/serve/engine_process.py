@@ -246,8 +246,11 @@ def _engine_main(conn, spec: EngineSpec) -> None:
     """The engine process: load, say so (or why not), then answer jobs until told to end or orphaned."""
     from multimodal_lora.cli import setup_logging
 
-    # Ctrl-C in a terminal reaches the whole process group; the HTTP process handles it and sends "close".
+    # Ctrl-C in a terminal, and a supervisor stopping the service (systemd signals the whole group),
+    # reach this process too. The HTTP process owns shutdown: it finishes its requests, then sends
+    # "close" (or exits, and this process sees the pipe close).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     setup_logging()
     try:
         captioner, problems = _load(spec)
@@ -274,7 +277,8 @@ def _load(spec: EngineSpec):
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
     found = collect_adapters(spec.adapters_dir, spec.explicit)
-    return load_captioner(found, spec.base, spec.device, spec.dtype, spec.quantization), found.problems
+    captioner = load_captioner(found, spec.base, spec.device, spec.dtype, spec.quantization, purpose="the server")
+    return captioner, found.problems
 
 
 def _serve(conn, captioner, spec: EngineSpec) -> None:
