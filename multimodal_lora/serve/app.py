@@ -3,8 +3,9 @@
 Each request is checked completely before it joins a batch (key, body size,
 JSON, model, image, prompt length), so a bad request is answered with a 4xx
 at once and never reaches the model with other people's requests. Then it
-waits for its :class:`~multimodal_lora.serve.batcher.Batcher` batch, and is
-answered as one JSON object or, with ``stream: true``, as server-sent events in
+waits for its batch (a :class:`~multimodal_lora.serve.batcher.Batcher` here, or
+in the model's own process through an
+:class:`~multimodal_lora.serve.engine_process.EngineProcess`), and is answered as one JSON object or, with ``stream: true``, as server-sent events in
 OpenAI's ``chat.completion.chunk`` format ending with ``data: [DONE]``.
 """
 
@@ -26,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from multimodal_lora.serve.batcher import Batcher
 from multimodal_lora.serve.engine import Job
+from multimodal_lora.serve.engine_process import EngineProcess
 from multimodal_lora.serve.images import ImageLimits, RemotePolicy, read_image
 from multimodal_lora.serve.protocol import (
     APIError,
@@ -55,7 +57,8 @@ class ServerSettings:
 
 
 class _Sink:
-    """Carries a job's results from the batcher's thread into the request's event loop.
+    """Carries a job's results into the request's event loop from the thread that hears them
+    (an in-process batcher's, or the reader of the model's process).
 
     Waking the event loop from another thread is a system call (asyncio's
     self-pipe), and a batch of 16 makes 16 deltas a token: that alone was 9% of
@@ -123,8 +126,12 @@ def _pixels(captioner, url: str, settings: ServerSettings):
     return captioner.pixels(read_image(url, settings.images, settings.remote))
 
 
-def create_app(captioner, batcher: Batcher, settings: ServerSettings = ServerSettings()):
+def create_app(captioner, batcher: Batcher | EngineProcess, settings: ServerSettings = ServerSettings()):
     """The FastAPI app serving ``captioner``'s base and adapters through ``batcher``.
+
+    ``batcher`` answers jobs: a :class:`Batcher` on ``captioner``'s model in this process, or
+    (as ``python -m multimodal_lora.serve`` runs it) an :class:`EngineProcess` with
+    ``captioner`` its :meth:`~multimodal_lora.inference.Captioner.without_model` view.
 
     Model names: the base's name (``captioner.base.name``, e.g. ``tiny``) means
     no adapter; every loaded adapter by its name.
