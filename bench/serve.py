@@ -54,6 +54,12 @@ REPO = Path(__file__).resolve().parents[1]
 LEVELS = (1, 4, 16, 64)
 
 
+def repo_on_path() -> str:
+    """PYTHONPATH for a subprocess: this checkout first, then whatever the caller had (the wheels a GPU
+    machine is given live on it)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -137,7 +143,7 @@ class Server:
 
     def __init__(self, model_args: list[str], extra: list[str], log: Path, threads: int):
         self.port = free_port()
-        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONPATH": repo_on_path(), "PYTHONUNBUFFERED": "1"}
         self.log = log
         with log.open("w") as out:
             self.proc = subprocess.Popen(
@@ -321,7 +327,7 @@ def quiet_model_alone(load: dict, images: Path, max_tokens: int, batch: int, thr
     trained an adapter and run the clients, and its allocator and threads show it."""
     spec = {"load": {k: str(v) if isinstance(v, Path) else v for k, v in load.items()}, "images": str(images),
             "max_tokens": max_tokens, "batch": batch}  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": repo_on_path()}
     command = [sys.executable, __file__, "--threads", str(threads), "--quiet-model", json.dumps(spec)]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
