@@ -310,7 +310,7 @@ def greedy_tokens(captioner, adapter: str, images: list[str], new_tokens: int) -
 
     meta = captioner.adapters[adapter]
     prompt = "" if meta is None or meta.prompt is None else meta.prompt
-    batch = captioner._inputs([load_image(i) for i in images], [prompt] * len(images))
+    batch = captioner.generation_inputs([load_image(i) for i in images], [prompt] * len(images))
     with torch.no_grad(), captioner.using(adapter):
         out = captioner.model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, num_beams=1)
     return out[:, batch["input_ids"].shape[1] :].tolist()

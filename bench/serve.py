@@ -1,24 +1,29 @@
-"""The OpenAI-compatible server under load: requests/s and latency, batching on against off.
+"""The OpenAI-compatible server under load: requests/s and latency, by how it batches.
 
-    python bench/serve.py                                   # tiny base, CPU (a minute or two)
+    python bench/serve.py                                   # tiny base, CPU (a few minutes)
     python bench/serve.py --full-size --device cuda         # BLIP-2 OPT-2.7B, random weights, on a GPU
 
-Two servers (``python -m multimodal_lora.serve``, each its own processes) serve
-the same base and adapter: one batching (``--max-batch-size``, ``--max-wait-ms``),
-one answering one request at a time (``--no-batching``). For each number of
-concurrent clients (1, 4, 16, 64), each client sends chat-completion requests
-back to back (a closed loop, keep-alive connections, a validation image as a
-``data:`` URL) for ``--seconds``; the two servers are measured alternately,
-level by level, so a change in the machine's load hits both alike. Reported:
-requests/s (completed requests over the time from the first send to the last
-answer), p50 and p95 latency, mean requests per ``generate`` call, and the CPU
-time the server and the clients spent per request. Last, with the servers
-gone, the model alone in this process (:func:`quiet_model`): one answer and a
-full batch, which bound from below what any server's clients can wait here.
+Three servers (``python -m multimodal_lora.serve``, each its own processes)
+serve the same base and adapter, one per ``--batching`` mode: ``off`` (one
+request at a time), ``request`` (concurrent requests share a ``generate``
+call, up to ``--max-batch-size``, gathered for up to ``--max-wait-ms``) and
+``continuous`` (requests join and leave a running batch between tokens). For
+each number of concurrent clients (1, 4, 16, 64), each client sends
+chat-completion requests back to back (a closed loop, keep-alive connections, a
+validation image as a ``data:`` URL) for ``--seconds``; the servers are
+measured in turn, level by level, each going first at some level, so a change
+in the machine's load hits all alike. Reported: requests/s (completed requests
+over the time from the first send to the last answer), p50 and p95 latency,
+how many were answered together (requests per ``generate`` call; for
+continuous batching, running rows per decoding step), and the CPU time the
+server and the clients spent per request. Last, with the servers gone, the
+model alone in a fresh process (:func:`quiet_model`): one answer and a full
+batch, which bound from below what any server's clients can wait here.
 
 Targets (issue 13): at 16 clients, batching gives at least 3× the requests/s
 of one at a time, with p95 latency no more than twice the latency of one
-request alone (1 client, no batching).
+request alone (1 client, batching off); the 1-client p50 of every mode is
+printed too, since that one figure divides every ratio.
 
 The tiny base gets an adapter from a short run of ``recipes/tiny.yaml``. With
 ``--full-size`` the published ``Salesforce/blip2-opt-2.7b`` architecture is
@@ -190,6 +195,15 @@ class Server:
             self.proc.kill()
 
 
+def mean_batch(before: dict, after: dict) -> float:
+    """Between two ``/health`` readings: requests per ``generate`` call, or for continuous batching
+    the mean running rows per decoding step."""
+    if after["batching"] == "continuous":
+        steps = after["decode_steps"] - before["decode_steps"]
+        return (after["decoded_rows"] - before["decoded_rows"]) / max(steps, 1)
+    return (after["batched_requests"] - before["batched_requests"]) / max(after["batches"] - before["batches"], 1)
+
+
 def request_bodies(images: Path, model: str, max_tokens: int | None, count: int = 8) -> list[bytes]:
     bodies = []
     for path in sorted(images.glob("*.png"))[:count]:
@@ -262,15 +276,18 @@ def load(port: int, clients: int, seconds: float, bodies: list[bytes]) -> dict:
 
 
 def quiet_model(load: dict, images: Path, max_tokens: int, batch: int, repeats: int = 15) -> dict:
-    """The model alone, in this process once the servers are gone: one request's ``generate`` and a
-    full batch's, through the servers' own engine code (pixels prepared beforehand, as the servers do).
+    """The model alone, in this process once the servers are gone: one request and a full batch,
+    through the servers' own engine code (pixels prepared beforehand, as the servers do), both
+    ways: one ``generate`` call (``run_batch``, per-request batching) and the continuous decode
+    loop (``RunningBatch``: a prefill, then a step per token), alternating.
 
     By Little's law, ``clients`` closed-loop clients wait ``clients / throughput`` on average. A
-    server whose model runs on one core answers at most ``batch`` requests per batch ``generate``,
-    so at ``batch`` clients no server can average less than one batch's ``generate`` here.
+    server whose model runs on one core answers at most ``batch`` requests per batch,
+    so at ``batch`` clients no server can average less than one batch's time here.
     """
     from multimodal_lora.data.images import load_image
     from multimodal_lora.inference import Captioner
+    from multimodal_lora.serve.continuous import RunningBatch
     from multimodal_lora.serve.engine import Job, run_batch
     from multimodal_lora.serve.protocol import Sampling
 
@@ -291,33 +308,45 @@ def quiet_model(load: dict, images: Path, max_tokens: int, batch: int, repeats: 
     paths = sorted(images.glob("*.png"))
     pixels = [captioner.pixels(load_image(str(paths[i % len(paths)]))) for i in range(batch)]
 
-    def once(size: int) -> tuple[float, list[int]]:
+    def continuous(jobs: list) -> None:
+        running = RunningBatch(captioner, jobs[0].key)
+        running.admit(jobs)
+        while running.rows:
+            running.step()
+
+    engines = {"generate": lambda jobs: run_batch(captioner, jobs), "continuous": continuous}
+
+    def once(engine: str, size: int) -> tuple[float, list[int]]:
         jobs = [
             Job(adapter, pixels[i], prompt, 0, max_tokens, Sampling(), [], Sink(), stream=False) for i in range(size)
         ]
         start = time.perf_counter()
-        run_batch(captioner, jobs)
+        engines[engine](jobs)
         if captioner.device.type == "cuda":
             import torch
 
             torch.cuda.synchronize()
         return time.perf_counter() - start, [job.sink.tokens for job in jobs]
 
-    once(1), once(batch)  # warm-up
+    for engine in engines:  # warm-up
+        once(engine, 1), once(engine, batch)
     # As the server's model process does once loaded: what imports made is not walked by every collection.
     gc.collect()
     gc.freeze()
-    times: dict[int, list[float]] = {1: [], batch: []}
+    times = {(engine, size): [] for engine in engines for size in (1, batch)}
     tokens = {}
-    for _ in range(repeats):  # alternating, so a drift in the machine's speed hits both
-        for size in (1, batch):
-            seconds, tokens[size] = once(size)
-            times[size].append(seconds)
+    for _ in range(repeats):  # alternating, so a drift in the machine's speed hits all alike
+        for engine, size in times:
+            seconds, tokens[engine, size] = once(engine, size)
+            times[engine, size].append(seconds)
+    median = {key: statistics.median(value) * 1000 for key, value in times.items()}
     return {
-        "one_ms": statistics.median(times[1]) * 1000,
-        "batch_ms": statistics.median(times[batch]) * 1000,
+        "one_ms": median["generate", 1],
+        "batch_ms": median["generate", batch],
+        "continuous_one_ms": median["continuous", 1],
+        "continuous_batch_ms": median["continuous", batch],
         "batch": batch,
-        "tokens_per_answer": statistics.median(tokens[batch]),
+        "tokens_per_answer": statistics.median(tokens["generate", batch]),
         "repeats": repeats,
     }
 
@@ -339,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         "--levels", default=",".join(map(str, LEVELS)), help="concurrent clients to try (default 1,4,16,64)"
     )
     parser.add_argument("--seconds", type=float, default=6.0, help="load time per level and server (default 6)")
+    parser.add_argument(
+        "--modes", default="off,request,continuous", help="the servers' --batching modes to compare (default all three)"
+    )
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument(
@@ -371,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(quiet_model(spec["load"], Path(spec["images"]), spec["max_tokens"], spec["batch"])))
         return 0
     levels = [int(x) for x in args.levels.split(",")]
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     dtype = args.dtype or ("bf16" if args.full_size else "fp32")
     max_tokens = args.max_tokens or (20 if args.full_size else None)
     workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
@@ -386,9 +419,10 @@ def main(argv: list[str] | None = None) -> int:
             model_args, images, model_load = tiny_setup(workdir, args.steps, args.adapter)
             model = "shapes"
         bodies = request_bodies(images, model, max_tokens)
-        batching = ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
-        for name, extra in (("off", ["--no-batching"]), ("on", batching)):
+        limits = ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
+        for name in modes:
             (workdir / name).mkdir()
+            extra = ["--batching", name, *(limits if name != "off" else [])]
             servers[name] = Server(model_args, extra, workdir / name / "server.log", args.threads)
         for server in servers.values():
             server.wait()
@@ -399,20 +433,21 @@ def main(argv: list[str] | None = None) -> int:
                 load(server.port, clients, 0.5, bodies)
         rows = []
         for i, clients in enumerate(levels):
-            order = ("off", "on") if i % 2 == 0 else ("on", "off")
+            order = modes[i % len(modes) :] + modes[: i % len(modes)]  # each mode goes first at some level
             for name in order:
                 before, cpu_before = servers[name].health(), servers[name].cpu_seconds()
                 result = load(servers[name].port, clients, args.seconds, bodies)
                 after, cpu_after = servers[name].health(), servers[name].cpu_seconds()
-                calls = after["batches"] - before["batches"]
                 result.update(
-                    batching=name, mean_batch=(after["batched_requests"] - before["batched_requests"]) / max(calls, 1),
+                    batching=after["batching"], mean_batch=mean_batch(before, after),
+                    prefills=after["batches"] - before["batches"],
+                    prefill_ms=after.get("prefill_ms"), step_ms=after.get("step_ms"),
                     server_cpu_ms_per_request=None if cpu_before is None else
                     (cpu_after - cpu_before) / max(result["requests"], 1) * 1000,
                 )  # fmt: skip
                 rows.append(result)
-                print(f"{clients:>3} clients, batching {name:>3}: {result['requests_per_second']:.1f} req/s, "
-                      f"p50 {result['p50_ms']:.0f} ms, p95 {result['p95_ms']:.0f} ms, {result['mean_batch']:.1f} per generate", flush=True)  # fmt: skip
+                print(f"{clients:>3} clients, batching {name:>10}: {result['requests_per_second']:.1f} req/s, "
+                      f"p50 {result['p50_ms']:.0f} ms, p95 {result['p95_ms']:.0f} ms, {result['mean_batch']:.1f} together", flush=True)  # fmt: skip
         for server in servers.values():
             server.stop()
         # The floor under any server's latency on this machine: the model alone, quiet (see quiet_model).
@@ -426,15 +461,17 @@ def main(argv: list[str] | None = None) -> int:
     single = by.get((1, "off"))
     printable = []
     for clients in levels:
-        off, on = by[(clients, "off")], by[(clients, "on")]
-        speedup = on["requests_per_second"] / off["requests_per_second"] if off["requests_per_second"] else float("nan")
-        for r in (off, on):
-            printable.append([clients, r["batching"], r["requests_per_second"], r["p50_ms"], r["p95_ms"], r["mean_batch"],
-                              speedup if r is on else 1.0, r["p95_ms"] / single["p50_ms"] if single else float("nan"),
+        off = by.get((clients, "off"))
+        for name in modes:
+            r = by[(clients, name)]
+            speedup = r["requests_per_second"] / off["requests_per_second"] if off and off["requests_per_second"] else float("nan")
+            printable.append([clients, name, r["requests_per_second"], r["p50_ms"], r["p95_ms"], r["mean_batch"],
+                              speedup, r["p95_ms"] / single["p50_ms"] if single else float("nan"),
                               r["server_cpu_ms_per_request"], r["client_cpu_ms_per_request"]])  # fmt: skip
     title = (
         f"{('small BLIP-2 config' if args.small else 'BLIP-2 OPT-2.7B') + ' (random weights)' if args.full_size else 'tiny base'}, {dtype}, quantization {args.quantization}, "
-        f"device {args.device}, torch threads {args.threads}; batching on = up to {args.max_batch_size} per generate, {args.max_wait_ms:g} ms wait"
+        f"device {args.device}, torch threads {args.threads}; request and continuous batching: up to {args.max_batch_size} together, {args.max_wait_ms:g} ms wait; "
+        "together = requests per generate call (request), running rows per decoding step (continuous)"
     )
     print(
         table(
@@ -444,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                 "req/s",
                 "p50 ms",
                 "p95 ms",
-                "per generate",
+                "together",
                 "× off",
                 "p95 / 1 alone",
                 "server CPU ms/req",
@@ -454,16 +491,20 @@ def main(argv: list[str] | None = None) -> int:
             title=title,
         )
     )
-    summary = {}
-    if (16, "on") in by and single:
-        on16, off16 = by[(16, "on")], by[(16, "off")]
-        summary = {
-            "speedup_at_16": on16["requests_per_second"] / off16["requests_per_second"],
-            "p95_at_16_over_one_alone": on16["p95_ms"] / single["p50_ms"],
-            "targets": {"speedup_at_16": ">= 3", "p95_at_16_over_one_alone": "<= 2"},
-        }
-        print(f"at 16 clients: {summary['speedup_at_16']:.2f}× the requests/s of one at a time (target ≥ 3); "
-              f"p95 {on16['p95_ms']:.0f} ms = {summary['p95_at_16_over_one_alone']:.2f}× one request alone ({single['p50_ms']:.0f} ms; target ≤ 2)")  # fmt: skip
+    summary = {"targets": {"speedup_at_16": ">= 3", "p95_at_16_over_one_alone": "<= 2"}}
+    if (16, "off") in by and single:
+        off16 = by[(16, "off")]
+        for name in (m for m in modes if m != "off"):
+            at16 = by[(16, name)]
+            summary[name] = {
+                "speedup_at_16": at16["requests_per_second"] / off16["requests_per_second"],
+                "p95_at_16_over_one_alone": at16["p95_ms"] / single["p50_ms"],
+            }
+            print(f"at 16 clients, {name} batching: {summary[name]['speedup_at_16']:.2f}× the requests/s of one at a time (target ≥ 3); "
+                  f"p95 {at16['p95_ms']:.0f} ms = {summary[name]['p95_at_16_over_one_alone']:.2f}× one request alone ({single['p50_ms']:.0f} ms; target ≤ 2)")  # fmt: skip
+        alone_p50 = {name: by[(1, name)]["p50_ms"] for name in modes if (1, name) in by}
+        summary["one_client_p50_ms"] = alone_p50
+        print("one client alone, p50: " + ", ".join(f"{name} {ms:.0f} ms" for name, ms in alone_p50.items()))
     if single:
         # Little's law: closed-loop clients wait clients / throughput on average, and p95 is at least the mean.
         floor = {"model_alone": alone, "model_batch_over_one_alone": alone["batch_ms"] / single["p50_ms"]}
@@ -471,7 +512,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{alone['batch_ms']:.1f} ms ({alone['tokens_per_answer']:g} tokens each). With its model on one core, no server's "
               f"{alone['batch']} clients can wait under {alone['batch_ms']:.0f} ms on average: "
               f"{floor['model_batch_over_one_alone']:.2f}× one request alone")  # fmt: skip
-        on = by.get((alone["batch"], "on"))
+        print(f"the same through the continuous decode loop: one answer {alone['continuous_one_ms']:.1f} ms, "
+              f"{alone['batch']} at once {alone['continuous_batch_ms']:.1f} ms")  # fmt: skip
+        on = by.get((alone["batch"], modes[-1]))
         if on and on["server_cpu_ms_per_request"] is not None:
             cores = os.cpu_count() or 1
             cpu = on["server_cpu_ms_per_request"] + on["client_cpu_ms_per_request"]

@@ -18,7 +18,7 @@ import logging
 import re
 import threading
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -366,11 +366,21 @@ class Captioner:
         kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, eos_token_id=self.layout.stop_token_id, **generate_kwargs)
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
-        batch = self._inputs(list(images), list(prompts))
-        # Choosing the adapter and generating must not interleave with another thread's choice.
-        with self._lock, self.using(adapter):
+        batch = self.generation_inputs(list(images), list(prompts))
+        with self.running(adapter):
             output = self.model.generate(**batch, **kwargs)
         return self.layout.new_tokens(output, batch)
+
+    @contextmanager
+    def running(self, adapter: str | None):
+        """Hold the model with ``adapter`` active (``None``: the bare base) for one call of it.
+
+        Choosing the adapter and running the model must not interleave with another
+        thread's choice; a caller driving the model itself, one forward at a time (the
+        server's decode loop), takes this around each forward.
+        """
+        with self._lock, self.using(adapter):
+            yield
 
     # -- internals -------------------------------------------------------------------------
 
@@ -483,8 +493,9 @@ class Captioner:
         """
         return self.processor.image_processor([image], return_tensors="pt").pixel_values[0]
 
-    def _inputs(self, images, prompts) -> dict[str, torch.Tensor]:
-        """The layout's generation inputs for these prompts, and the images' pixels, on the model's device."""
+    def generation_inputs(self, images, prompts) -> dict[str, torch.Tensor]:
+        """The layout's generation inputs for these prompts, and the images' pixels (or what
+        :meth:`pixels` made of them), on the model's device: what ``generate`` is given."""
         batch = self.layout.generation_inputs(self.processor.tokenizer, prompts)
         if all(isinstance(image, torch.Tensor) for image in images):  # already prepared by pixels()
             pixel_values = torch.stack(list(images))

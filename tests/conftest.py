@@ -83,3 +83,22 @@ def quick_adapter(tmp_path_factory, tiny_base) -> Path:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
     out = tmp_path_factory.mktemp("quick") / "adapter"
     return save_adapter(model, out, AdapterMeta(base=base))
+
+
+@pytest.fixture(scope="session")
+def shapes_adapters(tmp_path_factory, tiny_base):
+    """A captioning and a VQA adapter from short runs (a few seconds each)."""
+    from multimodal_lora.config import load_recipe
+    from multimodal_lora.train import train
+
+    root = tmp_path_factory.mktemp("serve-runs")
+    caption_run = train(
+        load_recipe(RECIPES / "tiny.yaml", [f"output_dir={root / 'shapes'}", "train.max_steps=40"])
+    )
+    vqa_run = train(
+        load_recipe(
+            RECIPES / "tiny-vqa.yaml",
+            [f"output_dir={root / 'shapes-vqa'}", "train.max_steps=40", "data.max_length=24"],
+        )
+    )
+    return {"shapes": caption_run.adapter_dir, "shapes-vqa": vqa_run.adapter_dir}

@@ -40,7 +40,7 @@ def saved(tmp_path_factory, tiny_base, shapes_dir):
     with torch.no_grad():
         logits = model(pixel_values=pixel_values, input_ids=ids).logits
     # Greedy captions of the in-memory model, through the Captioner's own input layout.
-    inputs = Captioner("tiny", device="cpu")._inputs(images, [""] * len(images))
+    inputs = Captioner("tiny", device="cpu").generation_inputs(images, [""] * len(images))
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=20)[:, inputs["input_ids"].shape[1] :]
     captions = [t.strip() for t in processor.tokenizer.batch_decode(generated, skip_special_tokens=True)]

@@ -90,7 +90,7 @@ def test_merged_equals_unmerged(run, captioner, tmp_path):
     merged_dir = merge_adapter(result.adapter_dir, tmp_path / "merged")
     merged = Captioner(str(merged_dir), device="cpu")
     images = [first.image for first, _ in groups[:12]]
-    batch = merged._inputs([load_image(i) for i in images], [""] * 12)
+    batch = merged.generation_inputs([load_image(i) for i in images], [""] * 12)
     with torch.no_grad():
         tokens_merged = merged.model.generate(**batch, max_new_tokens=12, eos_token_id=merged.layout.stop_token_id)
         with captioner.using("shapes"):

@@ -8,6 +8,7 @@ Two short training runs give the adapters (``shapes``, a captioner, and ``shapes
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 import struct
@@ -103,22 +104,8 @@ def health(url: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory, tiny_base):
-    """A captioning and a VQA adapter from short runs (a few seconds each)."""
-    from multimodal_lora.config import load_recipe
-    from multimodal_lora.train import train
-
-    root = tmp_path_factory.mktemp("serve-runs")
-    caption_run = train(
-        load_recipe(REPO / "recipes" / "tiny.yaml", [f"output_dir={root / 'shapes'}", "train.max_steps=40"])
-    )
-    vqa_run = train(
-        load_recipe(
-            REPO / "recipes" / "tiny-vqa.yaml",
-            [f"output_dir={root / 'shapes-vqa'}", "train.max_steps=40", "data.max_length=24"],
-        )
-    )
-    return {"shapes": caption_run.adapter_dir, "shapes-vqa": vqa_run.adapter_dir}
+def adapters(shapes_adapters):
+    return shapes_adapters
 
 
 @pytest.fixture(scope="module")
@@ -426,6 +413,36 @@ def test_stopping_the_whole_service_answers_what_was_accepted(adapters, expected
         proc.wait(timeout=60)
         engine.wait(timeout=30)  # the model's process ended too, none left behind
         assert "model's process stopped" not in log.read_text()
+    finally:
+        stop_server(proc)
+
+
+def test_clients_that_go_away_do_not_fill_the_queue(adapters, expected, tmp_path):
+    """A streaming client that disconnects mid-answer stops its row, and its place in the server is
+    freed: more disconnects than the queue holds, and the next request is still answered."""
+    import http.client
+
+    log = tmp_path / "server.log"
+    proc, url = start_server(["--adapters-dir", str(tmp_path / "none"), "--adapter", f"shapes={adapters['shapes']}", "--max-queue", "4"], log)
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        body = json.dumps({
+            "model": "tiny", "stream": True, "max_tokens": 80,
+            "messages": message(data_url(expected["bytes"][0])),
+        })  # fmt: skip
+        for _ in range(12):  # the bare base writes noise up to max_tokens: each is cut off mid-answer
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == 200
+            assert response.read1().startswith(b"data: ")  # the role chunk: the request is in
+            connection.sock.shutdown(socket.SHUT_RDWR)
+            connection.close()
+        time.sleep(0.5)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for image, want in zip(expected["bytes"][:3], expected["caption"]["shapes"][:3]):
+            assert chat(client, "shapes", image).choices[0].message.content == want
+        assert health(url)["waiting"] == 0
     finally:
         stop_server(proc)
 

@@ -68,7 +68,7 @@ def test_adapter_learns_held_out_captions(captioner, validation):
 
 def test_captions_stop_on_the_end_token(captioner, validation):
     images = [e.image for e in validation[:16]]
-    batch = captioner._inputs([load_image(i) for i in images], [""] * 16)
+    batch = captioner.generation_inputs([load_image(i) for i in images], [""] * 16)
     with torch.no_grad(), captioner.using("shapes"):
         out = captioner.model.generate(**batch, max_new_tokens=20)
     new = out[:, batch["input_ids"].shape[1] :]
@@ -88,7 +88,7 @@ def test_peft_reload_matches_captioner(tiny_run, captioner, validation):
     base = Blip2ForConditionalGeneration.from_pretrained(captioner.base.name_or_path)
     model = PeftModel.from_pretrained(base, str(tiny_run.adapter_dir)).eval()
     images = [e.image for e in validation[:8]]
-    batch = captioner._inputs([load_image(i) for i in images], [""] * 8)
+    batch = captioner.generation_inputs([load_image(i) for i in images], [""] * 8)
     with torch.no_grad():
         ids = model.generate(**batch, max_new_tokens=20)[:, batch["input_ids"].shape[1] :]
     peft_captions = [t.strip() for t in captioner.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]

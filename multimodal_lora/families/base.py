@@ -145,6 +145,24 @@ def image_features(model, pixel_values: torch.Tensor, qformer_inputs: dict | Non
     return out.pooler_output
 
 
+def generation_embeddings(model, batch: dict[str, torch.Tensor], image_token_id: int) -> torch.Tensor:
+    """The language model's input embeddings for a generation batch: the prompt's token embeddings
+    with the visual prefix written over the ``<image>`` placeholders, as the Q-Former models'
+    ``generate`` makes them before handing over to the language model's own ``generate``.
+
+    Args:
+        model: the Q-Former model (not a PEFT wrapper).
+        batch: a layout's ``generation_inputs`` with ``pixel_values`` (and InstructBLIP's
+            ``qformer_input_ids``/``qformer_attention_mask``).
+        image_token_id: the placeholder token the layout put where the prefix goes.
+    """
+    qformer = {k: batch[k] for k in ("qformer_input_ids", "qformer_attention_mask") if k in batch}
+    prefix = image_features(model, batch["pixel_values"], qformer)
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    placeholders = (batch["input_ids"] == image_token_id).unsqueeze(-1)
+    return embeds.masked_scatter(placeholders, prefix.to(embeds.device, embeds.dtype))
+
+
 def prefix_inputs(prefix: torch.Tensor) -> dict:
     """Forward keyword arguments that feed a precomputed visual prefix instead of ``pixel_values``."""
     from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs

@@ -205,12 +205,7 @@ def create_app(captioner, batcher: Batcher | EngineProcess, settings: ServerSett
     @app.get("/health")
     async def health():
         # Batches against requests answered: how much batching happened (the tests and the bench read it).
-        return {
-            "status": "ok",
-            "waiting": batcher.waiting,
-            "batches": batcher.batches,
-            "batched_requests": batcher.batched_jobs,
-        }
+        return {"status": "ok", **batcher.counters()}
 
     @app.get("/v1/models")
     async def models(request: Request):

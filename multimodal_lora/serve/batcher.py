@@ -44,6 +44,10 @@ class Batcher:
         max_queue: jobs that may wait; one more is refused with a 503.
     """
 
+    mode = "request"
+    """How requests share the model, for ``/health``: ``request`` (a ``generate`` call per batch),
+    ``off`` (one at a time), ``continuous`` (:class:`~multimodal_lora.serve.continuous.ContinuousBatcher`)."""
+
     def __init__(
         self,
         run: Callable[[list[Job]], None],
@@ -55,6 +59,8 @@ class Batcher:
         if max_batch_size < 1 or max_wait_ms < 0 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be at least 1, max_wait_ms at least 0")
         self.run = run
+        if max_batch_size == 1 and max_wait_ms == 0 and type(self) is Batcher:
+            self.mode = "off"
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
@@ -73,6 +79,8 @@ class Batcher:
         with self._cond:
             if self._stopping:
                 raise unavailable("the server is shutting down", "shutting_down")
+            if len(self._waiting) >= self.max_queue:  # the clients of some may have gone: they hold no place
+                self._waiting = [waiting for waiting in self._waiting if not waiting.cancelled.is_set()]
             if len(self._waiting) >= self.max_queue:
                 raise queue_full(len(self._waiting), self.max_queue, "waiting")
             self._waiting.append(job)
@@ -82,6 +90,16 @@ class Batcher:
     def waiting(self) -> int:
         with self._cond:
             return len(self._waiting)
+
+    def counters(self) -> dict:
+        """What ``/health`` reports: how requests are batched, how many wait, and how many
+        ``generate`` calls (``batches``) answered how many requests (``batched_requests``)."""
+        return {
+            "batching": self.mode,
+            "waiting": self.waiting,
+            "batches": self.batches,
+            "batched_requests": self.batched_jobs,
+        }
 
     def close(self, timeout: float = 30) -> None:
         """Stop taking jobs; the worker finishes what is queued, then ends."""
@@ -132,18 +150,11 @@ class Batcher:
                 self._answer(batch)
 
     def _answer(self, batch: list[Job]) -> None:
-        try:
-            self._run(batch)
-            return
-        except Exception as exc:
-            if len(batch) == 1:
-                logger.exception("generation failed")
-                batch[0].sink.fail(exc)
-                return
-            logger.warning(
-                "a batch of %d failed (%s: %s); running its requests one by one", len(batch), type(exc).__name__, exc
-            )
-        for job in batch:
+        together_or_alone(batch, self._run, self._retry_alone, "a batch", "running its requests")
+
+    def _retry_alone(self, jobs: list[Job]) -> None:
+        """Jobs whose batch failed: each runs alone, unless it had sent text (it would repeat itself)."""
+        for job in jobs:
             if job.done or job.cancelled.is_set():
                 continue
             if job.started_output:
@@ -159,3 +170,21 @@ class Batcher:
         self.batches += 1
         self.batched_jobs += len(batch)
         self.run(batch)
+
+
+def together_or_alone(
+    jobs: list[Job], together: Callable[[list[Job]], None], alone: Callable[[list[Job]], None], what: str, then: str
+) -> None:
+    """Run ``jobs`` with ``together``; if that fails, a lone job gets the error, and several go to
+    ``alone`` (which runs them one by one, so only a job that fails by itself gets an error).
+    ``what`` and ``then`` name the two for the log ("a batch", "running its requests")."""
+    try:
+        together(jobs)
+        return
+    except Exception as exc:
+        if len(jobs) == 1:
+            logger.exception("generation failed")
+            jobs[0].sink.fail(exc)
+            return
+        logger.warning("%s of %d failed (%s: %s); %s one by one", what, len(jobs), type(exc).__name__, exc, then)
+    alone(jobs)

@@ -119,13 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     batch = parser.add_argument_group("batching")
     batch.add_argument(
-        "--max-batch-size", type=int, default=16, help="requests answered by one generate call (default 16)"
+        "--batching",
+        choices=["continuous", "request", "off"],
+        default="continuous",
+        help="continuous: requests join and leave a running batch between tokens (decoder-only bases: BLIP-2 OPT, "
+        "InstructBLIP Vicuna; others fall back to request); request: concurrent requests share one generate call; "
+        "off: one request at a time (default continuous)",
+    )
+    batch.add_argument(
+        "--max-batch-size", type=int, default=16, help="requests decoded together (default 16)"
     )
     batch.add_argument(
         "--max-wait-ms", type=float, default=5.0, help="the longest a request waits for batch-mates (default 5 ms; it goes sooner once as many as in the last batch are there)"
     )
     batch.add_argument(
-        "--no-batching", action="store_true", help="one request at a time (same as --max-batch-size 1 --max-wait-ms 0)"
+        "--no-batching", action="store_true", help="one request at a time (same as --batching off)"
     )
     batch.add_argument(
         "--max-queue", type=int, default=256, help="requests that may wait; more get a 503 (default 256)"
@@ -160,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     from multimodal_lora.serve.engine_process import EngineProcess, EngineSpec
 
     if args.no_batching:
+        args.batching = "off"
+    if args.batching == "off":
         args.max_batch_size, args.max_wait_ms = 1, 0.0
     spec = EngineSpec(
         adapters_dir=args.adapters_dir,
@@ -169,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         quantization=args.quantization,
         torch_threads=args.torch_threads,
+        batching=args.batching,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
@@ -205,13 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(captioner, engine, settings)
         names = [captioner.base.name, *captioner.adapter_names]
         logger.info(
-            "serving %s on http://%s:%d/v1 (batching: up to %d requests, %.0f ms)",
+            "serving %s on http://%s:%d/v1 (batching: %s)",
             ", ".join(names),
             args.host,
             args.port,
-            args.max_batch_size,
-            args.max_wait_ms,
-        )
+            "one request at a time" if args.batching == "off" else
+            f"{engine.counters()['batching']}, up to {args.max_batch_size} requests, {args.max_wait_ms:g} ms wait",
+        )  # fmt: skip
         # What imports made lives as long as the server: spare the collector from walking it under load.
         gc.collect()
         gc.freeze()

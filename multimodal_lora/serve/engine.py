@@ -66,7 +66,7 @@ class Job:
         return (self.adapter, self.sampling)
 
 
-class _Row:
+class Row:
     """One job's tokens, the text it has been sent, and whether it is finished."""
 
     def __init__(self, job: Job, tokenizer, stop_ids: set[int]):
@@ -150,7 +150,7 @@ def _safe_prefix(text: str, stops: list[str]) -> str:
 class _RowStreamer(BaseStreamer):
     """Receives each step's tokens (one per row) from ``generate``."""
 
-    def __init__(self, rows: list[_Row]):
+    def __init__(self, rows: list[Row]):
         self.rows = rows
         self.prompt_seen = False
 
@@ -168,7 +168,7 @@ class _RowStreamer(BaseStreamer):
 class _RowsDone(StoppingCriteria):
     """Per row: done when its job is finished or cancelled (the client went away)."""
 
-    def __init__(self, rows: list[_Row]):
+    def __init__(self, rows: list[Row]):
         self.rows = rows
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
@@ -185,7 +185,7 @@ def run_batch(captioner, jobs: list[Job]) -> None:
     first = jobs[0]
     assert all(job.key == first.key for job in jobs), "a batch mixes adapters or sampling settings"
     stop_ids = captioner.stop_token_ids
-    rows = [_Row(job, captioner.processor.tokenizer, stop_ids) for job in jobs]
+    rows = [Row(job, captioner.processor.tokenizer, stop_ids) for job in jobs]
     captioner.generate_batch(
         [job.image for job in jobs],
         [job.prompt for job in jobs],

@@ -61,6 +61,8 @@ class EngineSpec:
     dtype: str | None = None
     quantization: str | None = None
     torch_threads: int | None = None
+    batching: str = "continuous"
+    """``continuous`` (where the base allows it, else ``request``), ``request`` or ``off``."""
     max_batch_size: int = 16
     max_wait_ms: float = 5.0
     max_queue: int = 256
@@ -91,11 +93,7 @@ class EngineProcess:
         """The model's :meth:`~Captioner.without_model` view (once :meth:`wait_ready` returned)."""
         self.problems: list[str] = []
         """Adapters that could not be loaded, and why."""
-        self.batches = 0
-        """Batches run so far (one per ``generate`` call, retries included), as the engine last said."""
-        self.batched_jobs = 0
-        self.waiting = 0
-        """Requests waiting for a batch in the engine, as it last said."""
+        self._counters = {"batching": spec.batching, "waiting": 0, "batches": 0, "batched_requests": 0}
         self.died = False
         self._death = ""
         self._jobs: dict[int, Job] = {}
@@ -122,10 +120,19 @@ class EngineProcess:
             user_error, message = rest
             self._process.join(5)
             raise (ConfigError if user_error else RuntimeError)(message)
-        self.captioner, self.problems = rest
+        self.captioner, self.problems, self._counters = rest
         self._reader = threading.Thread(target=self._read, name="multimodal-lora-engine-reader", daemon=True)
         self._reader.start()
         return self.captioner
+
+    def counters(self) -> dict:
+        """The engine's batcher's :meth:`~multimodal_lora.serve.batcher.Batcher.counters`, as it last said."""
+        return dict(self._counters)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting in the engine for the model, as it last said."""
+        return self._counters["waiting"]
 
     def submit(self, job: Job) -> None:
         """Send ``job`` to the engine; its sink hears the result. Raises a 503 :class:`APIError`
@@ -153,8 +160,10 @@ class EngineProcess:
                 raise unavailable("the model's process stopped; the server is restarting or down", "engine_stopped") from None
 
     def cancel(self, job_id: int) -> None:
+        """The client went away: the engine drops the job, and its place here is free at once (a
+        cancelled job gets no finish from the engine, so keeping it would fill the queue for good)."""
         with self._lock:
-            if job_id in self._jobs and not self.died and not self._closing:
+            if self._jobs.pop(job_id, None) is not None and not self.died and not self._closing:
                 try:
                     self._conn.send(("cancel", job_id))
                 except OSError:  # the engine is gone: there is nothing left to stop
@@ -196,7 +205,7 @@ class EngineProcess:
                 job.sink.delta(message[2])
             return
         # "finish" and "fail" carry the engine's counters as they were when the job ended.
-        self.batches, self.batched_jobs, self.waiting = message[-1]
+        self._counters = message[-1]
         with self._lock:
             job = self._jobs.pop(job_id, None)
         if job is None:
@@ -259,12 +268,13 @@ def _engine_main(conn, spec: EngineSpec) -> None:
             logger.exception("loading the model failed")
         conn.send(("error", isinstance(exc, UserError), str(exc) or type(exc).__name__))
         return
-    conn.send(("ready", captioner.without_model(), problems))
+    batcher = make_batcher(captioner, spec)
+    conn.send(("ready", captioner.without_model(), problems, batcher.counters()))
     # The millions of objects that imports and the model made live as long as this process:
     # without this, every full collection walks them again, a pause of a second under load.
     gc.collect()
     gc.freeze()
-    _serve(conn, captioner, spec)
+    _serve(conn, batcher)
 
 
 def _load(spec: EngineSpec):
@@ -281,23 +291,13 @@ def _load(spec: EngineSpec):
     return captioner, found.problems
 
 
-def _serve(conn, captioner, spec: EngineSpec) -> None:
+def _serve(conn, batcher) -> None:
     import torch
 
-    from multimodal_lora.serve.batcher import Batcher
-    from multimodal_lora.serve.engine import Job, run_batch
+    from multimodal_lora.serve.engine import Job
 
     outbox = _Outbox(conn)
     jobs: dict[int, Job] = {}
-    batcher = Batcher(
-        lambda batch: run_batch(captioner, batch),
-        max_batch_size=spec.max_batch_size,
-        max_wait_ms=spec.max_wait_ms,
-        max_queue=spec.max_queue,
-    )
-
-    def counters() -> tuple[int, int, int]:
-        return batcher.batches, batcher.batched_jobs, batcher.waiting
 
     try:
         while True:
@@ -308,14 +308,14 @@ def _serve(conn, captioner, spec: EngineSpec) -> None:
             if message[0] == "job":
                 _, job_id, fields = message
                 fields["image"] = torch.from_numpy(fields["image"])
-                job = Job(**fields, sink=_RemoteSink(job_id, outbox, jobs, counters))
+                job = Job(**fields, sink=_RemoteSink(job_id, outbox, jobs, batcher.counters))
                 jobs[job_id] = job
                 try:
                     batcher.submit(job)
                 except APIError as exc:
                     job.sink.fail(exc)
             elif message[0] == "cancel":
-                job = jobs.get(message[1])
+                job = jobs.pop(message[1], None)
                 if job is not None:
                     job.cancelled.set()
             elif message[0] == "close":
@@ -325,10 +325,28 @@ def _serve(conn, captioner, spec: EngineSpec) -> None:
         outbox.close()
 
 
+def make_batcher(captioner, spec: EngineSpec):
+    """The batcher ``spec`` asks for: continuous where the base allows it (else per request, and the
+    log says why), per ``generate`` call, or one request at a time."""
+    from multimodal_lora.serve.batcher import Batcher
+    from multimodal_lora.serve.continuous import ContinuousBatcher, continuous_problem
+    from multimodal_lora.serve.engine import run_batch
+
+    limits = dict(max_batch_size=spec.max_batch_size, max_wait_ms=spec.max_wait_ms, max_queue=spec.max_queue)
+    if spec.batching == "continuous":
+        problem = continuous_problem(captioner)
+        if problem is None:
+            return ContinuousBatcher(captioner, **limits)
+        logger.info("continuous batching is not available for this base (%s); batching per generate call", problem)
+    if spec.batching == "off":
+        limits.update(max_batch_size=1, max_wait_ms=0.0)
+    return Batcher(lambda batch: run_batch(captioner, batch), **limits)
+
+
 class _RemoteSink:
     """A job's sink in the engine process: its results go into the outbox, for the HTTP process."""
 
-    def __init__(self, job_id: int, outbox: _Outbox, jobs: dict[int, Job], counters: Callable[[], tuple]):
+    def __init__(self, job_id: int, outbox: _Outbox, jobs: dict[int, Job], counters: Callable[[], dict]):
         self.job_id, self.outbox, self.jobs, self.counters = job_id, outbox, jobs, counters
 
     def delta(self, text: str) -> None:
