@@ -176,3 +176,23 @@ def test_overlong_captions_are_truncated_with_one_counting_warning(tiny_base):
         input_ids, labels = item["input_ids"], item["labels"]
         assert len(input_ids) - layout.num_query_tokens <= 6
         assert labels[-1] == layout.stop_token_id  # truncated, yet still taught to stop
+
+
+@pytest.mark.parametrize("threads_from", [0.0, float("inf")], ids=["thread-pool", "one-thread"])
+def test_screening_on_threads_or_in_one_finds_the_same_in_the_same_order(awkward, monkeypatch, threads_from):
+    """The screen decodes small images in one thread and large ones on a pool; either way every
+    example gets its own verdict, in order, across many chunks."""
+    from multimodal_lora.data import screen
+    from multimodal_lora.data.sources import Example
+
+    rows = [(awkward / name, text) for name, _, text in ROWS] * 13  # 104 rows, 8 distinct images: many chunks
+    examples = [Example(str(path), text, f"{path.name}#{i}", f"row {i}") for i, (path, text) in enumerate(rows)]
+    monkeypatch.setattr(screen, "THREADS_FROM_SECONDS", threads_from)
+    found = screen.scan(examples, "train", workers=2, progress=True)
+    assert len(found) == len(examples)
+    for example, bad in zip(examples, found):
+        name = Path(example.image).name
+        if name in EXPECTED_BAD:
+            assert bad is not None and EXPECTED_BAD[name] in bad.reason and bad.origin == example.origin
+        else:
+            assert bad is None, bad

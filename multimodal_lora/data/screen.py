@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from multimodal_lora.config import DataConfig
@@ -25,6 +26,11 @@ logger = logging.getLogger(__name__)
 
 SHOWN = 5
 """How many bad examples a log line or an error message lists."""
+CHUNK = 32
+"""Images a screening task decodes in a row (see :func:`scan`)."""
+PROBE = 8
+THREADS_FROM_SECONDS = 0.001
+"""Images that take longer than this to decode are screened on several threads (see :func:`scan`)."""
 
 
 class BadExampleError(DataError):
@@ -74,19 +80,46 @@ def scan(examples: list[Example], split: str, workers: int | None = None, progre
 
     Each distinct image is decoded once, in a thread pool (Pillow releases the
     GIL while decoding), and dropped right after, so memory holds a few images
-    at a time whatever the size of the data set.
+    at a time whatever the size of the data set. The pool takes the images
+    :data:`CHUNK` at a time: one task per image cost more than decoding a small
+    one (2,000 64×64 PNGs: 1.2 s one by one through the pool, 0.35 s in a plain
+    loop). And small images are decoded faster in one thread than in several,
+    which would only pass the GIL back and forth: the first :data:`PROBE` are timed in
+    this thread, and the pool is used only when an image takes over
+    :data:`THREADS_FROM_SECONDS` (1024×768 JPEGs: 2.5× faster on 2 threads).
     """
     firsts: dict[str, Example] = {}
     for example in examples:
         firsts.setdefault(example.image_id, example)
     workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(image_problem, firsts.values())
-        if progress:
-            from tqdm.auto import tqdm
+    todo = list(firsts.values())
+    # The first, short chunk is the one timed.
+    chunks = [todo[:PROBE]] + [todo[i : i + CHUNK] for i in range(PROBE, len(todo), CHUNK)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
 
-            results = tqdm(results, total=len(firsts), desc=f"checking {split} images", unit="image", leave=False)
-        image_problems = dict(zip(firsts, results))
+        bar = tqdm(total=len(todo), desc=f"checking {split} images", unit="image", leave=False)
+
+    def check(chunk: list[Example]) -> list[str | None]:
+        problems = [image_problem(example) for example in chunk]
+        if bar is not None:
+            bar.update(len(chunk))
+        return problems
+
+    try:
+        start = time.perf_counter()
+        problems = check(chunks[0]) if chunks else []
+        per_image = (time.perf_counter() - start) / max(len(problems), 1)
+        if workers > 1 and per_image > THREADS_FROM_SECONDS:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                problems += [problem for chunk in pool.map(check, chunks[1:]) for problem in chunk]
+        else:
+            problems += [problem for chunk in chunks[1:] for problem in check(chunk)]
+    finally:
+        if bar is not None:
+            bar.close()
+    image_problems = dict(zip(firsts, problems))
     out: list[BadExample | None] = []
     for example in examples:
         reason = image_problems[example.image_id] or text_problem(example)
