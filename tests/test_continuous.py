@@ -212,3 +212,19 @@ def test_an_encoder_decoder_base_is_batched_per_request_and_the_log_says_why(cap
         assert "continuous batching is not available for this base" in caplog.text
     finally:
         batcher.close()
+
+
+@pytest.mark.parametrize("quantization", ["int8", "4bit"])
+def test_a_quantized_base_decodes_continuously(shapes_adapters, images, quantization):
+    """The server's default loads the base as the adapter was trained: int8 for the football
+    recipe. Real bitsandbytes layers (on the CPU) decode in a continuous batch as caption() does."""
+    from multimodal_lora.inference import Captioner
+
+    captioner = Captioner.for_adapter(shapes_adapters["shapes"], name="shapes", device="cpu", quantization=quantization)
+    layer = captioner.model.get_base_model().language_model.model.decoder.layers[0].fc1
+    assert type(layer).__name__ == {"int8": "Linear8bitLt", "4bit": "Linear4bit"}[quantization]
+    want = [captioner.caption(image, "shapes") for image in images[:8]]
+    jobs = [job(captioner, "shapes", image, captioner.caption_prompt("shapes")) for image in images[:8]]
+    counters = run_staggered(captioner, jobs, max_batch_size=4)
+    assert [j.sink.text for j in jobs] == want
+    assert counters["decoded_rows"] > counters["decode_steps"], counters  # rows decoded together
