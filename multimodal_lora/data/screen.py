@@ -29,6 +29,7 @@ SHOWN = 5
 CHUNK = 32
 """Images a screening task decodes in a row (see :func:`scan`)."""
 PROBE = 8
+"""Images decoded in the calling thread first, to time one (see :func:`scan`)."""
 THREADS_FROM_SECONDS = 0.001
 """Images that take longer than this to decode are screened on several threads (see :func:`scan`)."""
 

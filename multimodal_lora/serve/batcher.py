@@ -44,9 +44,11 @@ class Batcher:
         max_queue: jobs that may wait; one more is refused with a 503.
     """
 
-    mode = "request"
-    """How requests share the model, for ``/health``: ``request`` (a ``generate`` call per batch),
-    ``off`` (one at a time), ``continuous`` (:class:`~multimodal_lora.serve.continuous.ContinuousBatcher`)."""
+    @property
+    def mode(self) -> str:
+        """How requests share the model, for ``/health``: ``request`` (a ``generate`` call per batch) or
+        ``off`` (one at a time); :class:`~multimodal_lora.serve.continuous.ContinuousBatcher` says ``continuous``."""
+        return "off" if self.max_batch_size == 1 else "request"
 
     def __init__(
         self,
@@ -59,8 +61,6 @@ class Batcher:
         if max_batch_size < 1 or max_wait_ms < 0 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be at least 1, max_wait_ms at least 0")
         self.run = run
-        if max_batch_size == 1 and max_wait_ms == 0 and type(self) is Batcher:
-            self.mode = "off"
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue

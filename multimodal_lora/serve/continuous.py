@@ -257,17 +257,18 @@ class ContinuousBatcher(Batcher):
         with self._cond:
             take: list[Job] = []
             rest: list[Job] = []
-            blocked = False
+            blocked = False  # an older request of another kind waits: nothing behind it may join
+            more = False  # a request that could join found no room: the server is saturated
             for job in self._waiting:
                 if job.key == key and job.cancelled.is_set():
                     continue  # the client went away while it waited
                 if job.key == key and not blocked and len(take) < room:
                     take.append(job)
                 else:
-                    rest.append(job)
+                    more = more or (job.key == key and not blocked)
                     blocked = blocked or job.key != key
+                    rest.append(job)
             self._waiting = [*take, *rest]
-            more = any(job.key == key for job in rest)  # more of this kind wait than the batch has room for
             if not take or not self._worth_a_prefill(take, running, more):
                 return []
             self._waiting = rest
@@ -281,7 +282,7 @@ class ContinuousBatcher(Batcher):
         are let in once the time they have waited, all together, is at least that
         hold-up (running rows × the recent prefills' time): a lone request soon, a
         group of them sooner. When more are waiting than the batch has room for (a
-        saturated server), they go in groups of at least a quarter of the batch, not
+        saturated server), they go in groups of at least half the batch, not
         one or two as rows finish: prefilling at every step would spend the batch's
         time on prefills. Per-request batching is the other extreme: it waits for the
         whole batch to finish.
