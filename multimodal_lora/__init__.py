@@ -4,12 +4,18 @@
     >>> caption("photo.jpg", adapter="runs/tiny/adapter")
 
 Importing the package loads neither torch-heavy modules nor bitsandbytes or
-gradio; the public names below are imported on first use.
+gradio; the public names below are imported on first use. It does keep
+bitsandbytes, whenever it is imported, from fetching a kernel from the hub
+(see :mod:`multimodal_lora.offline`).
 """
 
 from __future__ import annotations
 
 import importlib
+
+from multimodal_lora import offline
+
+offline.install()  # before PEFT or transformers can import bitsandbytes
 
 __version__ = "0.1.0"
 

@@ -39,6 +39,22 @@ class AdapterMeta:
     """How the base was loaded for training; ``None`` in adapters written before it was recorded."""
 
 
+# adapter_config.json, multimodal_lora.json and the safetensors header: a few KB at most.
+_SMALL_FILES = 8 * 1024
+
+
+def adapter_bytes(peft_model, state_dict: dict | None = None) -> int:
+    """About the bytes of the adapter's weights as saved: its trainable tensors (or ``state_dict``'s LoRA ones).
+
+    Said on a full disk ("it needs about ..."), before anything is written.
+    """
+    if state_dict is not None:
+        tensors = [t for name, t in state_dict.items() if "lora_" in name or "modules_to_save" in name]
+    else:
+        tensors = [p for p in peft_model.parameters() if p.requires_grad]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def save_adapter(
     peft_model,
     directory: str | Path,
@@ -62,7 +78,8 @@ def save_adapter(
         The adapter directory.
     """
     directory = Path(directory)
-    with atomic_dir(directory, "the adapter") as tmp:
+    needed = adapter_bytes(peft_model, state_dict) + len((card or "").encode()) + _SMALL_FILES
+    with atomic_dir(directory, "the adapter", needed=needed) as tmp:
         peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True, state_dict=state_dict)
         if adapter_name != "default":
             # save_pretrained puts non-default adapters in a sub-folder; keep the flat layout.

@@ -110,14 +110,15 @@ def atomic_dir(target: str | Path, what: str, *, if_exists: str = "replace", nee
         shutil.rmtree(tmp, ignore_errors=True)
         error = _as_write_error(exc, what, target, written) if isinstance(exc, Exception) else None
         if error is not None:
-            error.needed = error.needed or needed
-            raise WriteError(error.what, error.target, error.reason, error.written, error.hint, error.needed) from None
+            raise _with_needed(error, needed) from None
         raise
 
 
 @contextlib.contextmanager
-def atomic_file(target: str | Path, what: str) -> Iterator[Path]:
+def atomic_file(target: str | Path, what: str, *, needed: int | None = None) -> Iterator[Path]:
     """Write a file at a temporary path beside ``target`` and rename it into place.
+
+    ``needed``: about how many bytes it takes, when the writer knows (said on a full disk).
 
     Raises:
         WriteError: as :func:`atomic_dir`.
@@ -128,7 +129,7 @@ def atomic_file(target: str | Path, what: str) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(prefix=f".{target.name}-{os.getpid()}-", dir=target.parent)
         os.close(fd)
     except OSError as exc:
-        raise _as_write_error(exc, what, target, None) or exc from None
+        raise _with_needed(_as_write_error(exc, what, target, None), needed) or exc from None
     tmp = Path(name)
     try:
         yield tmp
@@ -140,19 +141,27 @@ def atomic_file(target: str | Path, what: str) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         error = _as_write_error(exc, what, target, written) if isinstance(exc, Exception) else None
         if error is not None:
-            raise error from None
+            raise _with_needed(error, needed) from None
         raise
 
 
-def as_write_error(exc: BaseException, what: str, target: str | Path) -> WriteError | None:
+def as_write_error(exc: BaseException, what: str, target: str | Path, needed: int | None = None) -> WriteError | None:
     """For writers that cannot stage (an append to a log): a :class:`WriteError` if ``exc`` is the disk's fault."""
-    return _as_write_error(exc, what, Path(target), None)
+    return _with_needed(_as_write_error(exc, what, Path(target), None), needed)
+
+
+def _with_needed(error: WriteError | None, needed: int | None) -> WriteError | None:
+    """``error`` saying the bytes it needs (what a nested write knew, else the writer's ``needed``)."""
+    if error is None or not needed or error.needed:
+        return error
+    return WriteError(error.what, error.target, error.reason, error.written, error.hint, needed)
 
 
 def write_text(target: str | Path, text: str, what: str) -> Path:
     """Write ``text`` (UTF-8) to ``target`` atomically."""
-    with atomic_file(target, what) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    data = text.encode("utf-8")
+    with atomic_file(target, what, needed=len(data) or None) as tmp:
+        tmp.write_bytes(data)
     return Path(target)
 
 
@@ -196,6 +205,26 @@ def remove_stale(directory: str | Path) -> list[Path]:
             path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+def remove_tree(path: str | Path) -> None:
+    """Delete the directory (or file) ``path`` so that it vanishes at once: renamed aside, then removed.
+
+    A process killed while deleting leaves a staging name (removed by :func:`remove_stale`
+    later), never a half-emptied directory under its real name, e.g. a checkpoint without
+    its ``state.json`` that resume would pick.
+    """
+    path = Path(path)
+    aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
 
 
 def _replace_dir(new: Path, target: Path) -> None:

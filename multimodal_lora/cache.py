@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from multimodal_lora.atomic import remove_tree
 
 ENV_VAR = "MULTIMODAL_LORA_CACHE"
 FEATURES = "features"
@@ -100,7 +101,7 @@ def clear(
         cutoff = time.time() - older_than_days * 86400
         chosen = [e for e in chosen if e.last_used < cutoff]
     for entry in chosen:
-        shutil.rmtree(entry.path, ignore_errors=True)
+        remove_tree(entry.path)
     return chosen
 
 

@@ -30,7 +30,6 @@ import json
 import logging
 import random
 import re
-import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,8 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from multimodal_lora.adapter import WEIGHTS_FILE, AdapterMeta, save_adapter
-from multimodal_lora.atomic import WriteError, atomic_dir, remove_stale
+from multimodal_lora.adapter import WEIGHTS_FILE, AdapterMeta, adapter_bytes, save_adapter
+from multimodal_lora.atomic import WriteError, atomic_dir, remove_stale, remove_tree
 from multimodal_lora.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -105,7 +104,12 @@ def save_checkpoint(
         # The same step written twice (an epoch end that is also a checkpoint step) replaces it.
         previous = find_checkpoints(output_dir)
         # About the size of the last one (all checkpoints of a run hold the same tensors).
-        needed = sum(p.stat().st_size for p in previous[-1].rglob("*") if p.is_file()) if previous else None
+        # The first: the adapter and the optimizer's two moments per weight (Adam), and small files.
+        needed = (
+            sum(p.stat().st_size for p in previous[-1].rglob("*") if p.is_file())
+            if previous
+            else 3 * adapter_bytes(model, model_state) + len((card or "").encode()) + 64 * 1024
+        )
         with atomic_dir(final, f"checkpoint {final.name}", needed=needed) as tmp:
             save_adapter(model, tmp / "adapter", meta, state_dict=model_state, card=card)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -123,7 +127,7 @@ def save_checkpoint(
         raise exc.with_hint(f"{kept}; free disk space (or fix permissions) and {resume}") from None
     # Only this run's checkpoints are pruned: another run's (higher-numbered) ones are never touched.
     for old in own_checkpoints(output_dir, state.run_id)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
     return final
 
 

@@ -18,9 +18,6 @@ def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("multimodal_lora").setLevel(level)
-    # bitsandbytes warns on CPU that it could not fetch an optional 4-bit kernel from the
-    # hub (through the `kernels` package, which we deliberately do not install).
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # transformers and PEFT report progress on weight loading that says nothing to our users.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:

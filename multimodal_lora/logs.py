@@ -15,6 +15,7 @@ file reads as if the run had never stopped.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import resource
@@ -64,12 +65,14 @@ class RunLog:
         """Append one record (must have ``step`` and ``split``)."""
         if not self.enabled:
             return
+        line = json.dumps(record) + "\n"
         try:
             with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(line)
         except OSError as exc:
-            # An append cannot be staged; a full disk still gets the one-line message.
-            raise as_write_error(exc, "the metrics log", self.path) or exc from None
+            # An append cannot be staged; a full disk still gets the one-line message. A torn
+            # last line is what read_metrics already skips, and a resumed run rewrites the file.
+            raise as_write_error(exc, "the metrics log", self.path, needed=len(line.encode())) or exc from None
         if self.accelerator is not None and self.accelerator.trackers:
             from multimodal_lora.trackers import tracker_scalars
 
@@ -141,8 +144,11 @@ def plot_losses(records: list[dict], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_file(path, "the loss curve") as tmp:
-        fig.savefig(tmp, format="png")  # a Figure without pyplot renders PNG through Agg
+    png = io.BytesIO()
+    fig.savefig(png, format="png")  # a Figure without pyplot renders PNG through Agg
+    # Drawn in memory first, so a full disk is told the size it needs.
+    with atomic_file(path, "the loss curve", needed=png.getbuffer().nbytes) as tmp:
+        tmp.write_bytes(png.getvalue())
     return path
 
 

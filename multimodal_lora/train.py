@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from multimodal_lora.adapter import AdapterMeta, adapter_size_bytes, save_adapter
-from multimodal_lora.atomic import WriteError, write_text
+from multimodal_lora.atomic import WriteError, remove_tree, write_text
 from multimodal_lora.callable_module import forward_calls
 from multimodal_lora.checkpoint import (
     TrainState,
@@ -745,13 +745,11 @@ def exclusive(output_dir: Path):
 
 def clear_previous_run(output_dir: Path) -> None:
     """``overwrite=true``: delete the previous run's artefacts (and nothing else in the directory)."""
-    import shutil
-
     removed = []
     for name in RUN_ARTEFACTS:
         path = output_dir / name
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+            remove_tree(path)  # a kill meanwhile leaves no half-deleted checkpoint or adapter
         elif path.exists() or path.is_symlink():
             path.unlink()
         else:

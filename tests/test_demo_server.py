@@ -376,7 +376,10 @@ def test_browser_caption_vqa_and_a_bad_upload(server, expected, tmp_path):
 
             # One upload for both tabs, previewed at once, before any button is pressed.
             page.locator("#upload input[type=file]").set_input_files(expected["images"][0])
-            expect(page.locator("#upload")).to_contain_text(Path(expected["images"][0]).name, timeout=60_000)
+            # The uploaded file, found by its accessible name (the file name), not by how a gradio
+            # release lays the label out (6.31 renders the stem and the extension as two spans).
+            uploaded = page.locator("#upload").get_by_role("cell", name=Path(expected["images"][0]).name, exact=True)
+            expect(uploaded).to_be_visible(timeout=60_000)
             expect(page.locator("#preview img")).to_be_visible(timeout=60_000)
             page.locator("#caption-button").click()
             output = page.locator("#caption-output textarea")

@@ -20,7 +20,17 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny.yaml"
 
 # Fills the mount: everything after this finds no space.
-FILL = "import os\ndef fill(mount):\n    with open(os.path.join(mount, 'filler'), 'wb') as f:\n        try:\n            while True:\n                f.write(b'x' * 65536); f.flush()\n        except OSError:\n            pass\n"
+FILL = (
+    "import os\n"
+    "def fill(mount):\n"
+    "    with open(os.path.join(mount, 'filler'), 'wb', buffering=0) as f:\n"
+    "        for chunk in (65536, 4096, 512, 1):  # down to the last byte\n"
+    "            try:\n"
+    "                while True:\n"
+    "                    f.write(b'x' * chunk)\n"
+    "            except OSError:\n"
+    "                pass\n"
+)
 
 
 def _can_mount() -> bool:
@@ -137,3 +147,79 @@ def test_caption_output_and_merged_model_on_a_full_disk(quick_adapter, shapes_di
     assert f"could not write the merged model to {mount / 'merged'}: no space left on device" in errors[1]
     assert "it needs about 3." in errors[1] and "MB" in errors[1]  # the merged weights: 0.8 M fp32 parameters
     assert "left: []" in proc.stdout and "torn rows: 0" in proc.stdout
+
+
+# Each point of a training run where the disk can fill: the audit hook fills it the moment the
+# run opens that file for writing (a staging copy, or the log it appends to), so the failing
+# write is that one, every time. The hook only fills the disk; the code under test is untouched.
+POINTS = {
+    # name: (path pattern opened for writing, how many such opens to let through first, what the line names)
+    # An append that fits in the slack of the file's last page needs no new one (tmpfs), so the
+    # disk fills when less than a record's length is left in that page.
+    "metrics": (r"/metrics\.jsonl$", 0, "the metrics log"),
+    "loss plot": (r"/\.loss\.png-\d+-", 0, "the loss curve"),
+    # The finished adapter's card (checkpoints carry one too; this is the last write of a run).
+    "adapter card": (r"/run/\.adapter-\d+-\w+/README\.md$", 0, "the adapter"),
+    "feature cache": (r"/features/.*\.(safetensors|json)$|/\.[^/]*features[^/]*-\d+-", 0, "feature cache"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(POINTS))
+def test_a_disk_that_fills_at_any_write_ends_in_one_line_and_the_run_resumes(point, small_shapes_dir, tmp_path):
+    pattern, let_through, names = POINTS[point]
+    mount = tmp_path / "disk"
+    proc = run_on_full_disk(tmp_path, mount, f"""
+        import os, re, subprocess, sys
+        from pathlib import Path
+        mount = {str(mount)!r}
+        os.environ["MULTIMODAL_LORA_CACHE"] = os.path.join(mount, "cache")  # the feature cache is on the small disk too
+        out = Path(mount) / "run"
+        seen, filled = [0], [False]
+
+        def audit(event, args):
+            if filled[0] or event != "open" or not isinstance(args[0], str) or not args[0].startswith(mount):
+                return
+            writing = (isinstance(args[1], str) and any(c in args[1] for c in "wax+")) or (isinstance(args[2], int) and args[2] & (os.O_WRONLY | os.O_RDWR))
+            if writing and re.search({pattern!r}, args[0]):
+                if {point!r} == "metrics" and (not (out / "checkpoints").is_dir() or -os.path.getsize(args[0]) % 4096 > 100):
+                    return
+                seen[0] += 1
+                if seen[0] > {let_through}:
+                    filled[0] = True
+                    fill(mount)
+
+        args = [{str(TINY)!r}, f"output_dir={{out}}", "data.path={small_shapes_dir}", "train.batch_size=2",
+                "train.epochs=2", "train.checkpoint_every=1", "train.log_every=1", "train.eval_every=2",
+                "train.plot_every_seconds=0", "train.eval_max_images=4", "train.cache_image_features=true", "lora.r=2"]
+        from multimodal_lora.cli import run_cli
+        from multimodal_lora.train import main
+        sys.addaudithook(audit)
+        try:
+            run_cli(main, args)
+        except SystemExit as exc:
+            code = exc.code
+            print("exit", exc.code, "filled", filled[0])
+        os.remove(os.path.join(mount, "filler"))
+        from multimodal_lora.atomic import is_staging
+        print("staging left:", sorted(str(p) for p in Path(mount).rglob("*") if is_staging(p.relative_to(mount))))
+        # A checkpoint on disk: continue it. None yet (the feature cache fills before the first): run again.
+        again = ["resume=true"] if list((out / "checkpoints").glob("checkpoint-*")) else []
+        print("again", again)
+        resumed = subprocess.run([sys.executable, "-m", "multimodal_lora.train", *args, *again],
+                                 capture_output=True, text=True)
+        print("resume exit", resumed.returncode, resumed.stderr[-2000:].replace(chr(10), " | "))
+        print("adapter", (out / "adapter" / "adapter_model.safetensors").is_file())
+        sys.exit(code)
+    """, size="8m")
+    assert "exit 2 filled True" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    line = one_error_line(proc)
+    assert names in line and "no space left on device" in line, line
+    assert "needs about" in line or "needed more than" in line, line  # the space it takes
+    assert "nothing partial was left" in line, line
+    assert "staging left: []" in proc.stdout, proc.stdout
+    assert "resume exit 0" in proc.stdout and "adapter True" in proc.stdout, proc.stdout
+    if point == "feature cache":  # before the first checkpoint: the message says to run again
+        assert "again []" in proc.stdout and "run again" in line, line
+    else:  # the message names the checkpoint the run then continues from
+        assert "again ['resume=true']" in proc.stdout and "resume=true" in line, line

@@ -247,3 +247,41 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(small_shape
     assert [p.name for p in find_checkpoints(out)] == ["checkpoint-00000002"]
     verify_checkpoint(find_checkpoints(out)[0])
     assert not (out / "adapter").exists()
+
+
+def _killed_while_deleting(tmp_path: Path, remover: str) -> Path:
+    """Copy a checkpoint-like tree and delete it in a process SIGKILLed at its first file deletion."""
+    out = tmp_path / remover
+    victim = out / "checkpoints" / "checkpoint-00000002"
+    (victim / "adapter").mkdir(parents=True)
+    for name in ("state.json", "optimizer.pt", "rng.pt", "adapter/adapter_model.safetensors"):
+        (victim / name).write_bytes(b"x" * 4096)
+    script = f"""
+import os, signal, sys, shutil
+from multimodal_lora.atomic import remove_tree
+def kill_at_first_delete(event, args):
+    if event in ("os.remove", "os.unlink"):
+        os.kill(os.getpid(), signal.SIGKILL)
+sys.addaudithook(kill_at_first_delete)
+{remover}({str(victim)!r})
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    return out
+
+
+def test_a_kill_while_pruning_a_checkpoint_leaves_none_half_deleted(tmp_path):
+    from multimodal_lora.checkpoint import remove_stale_temporaries
+
+    # What plain rmtree leaves: the checkpoint under its real name, with files gone (what resume then tripped on).
+    torn = _killed_while_deleting(tmp_path, "shutil.rmtree")
+    assert [p.name for p in find_checkpoints(torn)] == ["checkpoint-00000002"]
+    with pytest.raises(CheckpointError):
+        verify_checkpoint(find_checkpoints(torn)[0])
+    # remove_tree renames it aside first: resume sees no checkpoint, and the leftover is cleaned as stale.
+    out = _killed_while_deleting(tmp_path, "remove_tree")
+    assert find_checkpoints(out) == []
+    leftovers = list((out / "checkpoints").iterdir())
+    assert [p.name.startswith(".checkpoint-00000002.old-") for p in leftovers] == [True]
+    remove_stale_temporaries(out)
+    assert list((out / "checkpoints").iterdir()) == []
