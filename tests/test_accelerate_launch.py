@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from multimodal_lora.adapter import read_adapter
 from multimodal_lora.checkpoint import find_checkpoints
 from multimodal_lora.inference import Captioner
@@ -15,6 +17,7 @@ from multimodal_lora.inference import Captioner
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_write_the_adapter_once(small_shapes_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
@@ -46,6 +49,7 @@ def test_two_processes_train_and_write_the_adapter_once(small_shapes_dir, tmp_pa
     assert isinstance(captioner.caption(str(small_shapes_dir / "validation" / "00000.png"), adapter=name), str)
 
 
+@pytest.mark.slow
 def test_the_fsdp_config_trains_on_cpu_as_data_parallel_and_saves_a_normal_adapter(small_shapes_dir, tmp_path):
     # accelerate shards with FSDP only on GPUs; launched on CPU processes the same config must still
     # train (over gloo, data-parallel), say so, and write the adapter a one-process run writes.

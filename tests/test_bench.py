@@ -105,6 +105,7 @@ def test_cached_features_step_computes_the_same_loss_as_the_full_step():
     torch.testing.assert_close(cached, full)
 
 
+@pytest.mark.slow
 def test_gpu_full_size_runs_on_cpu_with_small(tmp_path):
     cmd = [
         sys.executable, str(REPO / "bench" / "gpu_full_size.py"), "--small", "--out", str(tmp_path),
@@ -130,6 +131,7 @@ def test_gpu_full_size_refuses_the_full_size_model_without_a_gpu():
     assert "needs a CUDA GPU" in done.stderr and "--small" in done.stderr
 
 
+@pytest.mark.slow
 def test_full_size_cpu_bench_runs_its_phases_on_a_small_config(tmp_path):
     from full_size_cpu import small_config
 
@@ -160,6 +162,7 @@ def test_full_size_cpu_bench_runs_its_phases_on_a_small_config(tmp_path):
         assert 0 < train["loop_peak_rss_bytes"] <= train["peak_rss_bytes"]  # the loop's own peak, loading not included
 
 
+@pytest.mark.slow
 def test_gpu_football_runs_its_steps_on_a_small_config(tmp_path):
     # The FSDP launch is left out here: tests/test_accelerate_launch.py runs fsdp.yaml on CPU.
     cmd = [sys.executable, str(REPO / "bench" / "gpu_football.py"), "--small", "--skip-fsdp"]

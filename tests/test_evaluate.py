@@ -39,6 +39,7 @@ def test_validation_rows_are_grouped_by_image():
     assert [(g.image_id, g.references) for g in groups] == [("a", ["a red circle", "red circle"]), ("b", ["a blue star"])]
 
 
+@pytest.mark.slow
 def test_evaluate_shows_the_adapter_beating_the_base(tiny_run, tmp_path, capsys):
     out = tmp_path / "eval"
     code = main([str(REPO / "recipes" / "tiny.yaml"), "--adapter", str(tiny_run.adapter_dir), "--out", str(out), "--max-images", "40", "--samples", "4"])

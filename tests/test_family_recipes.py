@@ -18,6 +18,9 @@ from multimodal_lora.inference import Captioner
 
 from .conftest import RECIPES
 
+# Each family's recipe trains for real (a minute or more each on 2 cores): in the full run only.
+pytestmark = pytest.mark.slow
+
 FAMILY = {"tiny-t5": "blip2-t5", "tiny-instructblip": "instructblip-vicuna"}
 HELD_OUT = 60
 

@@ -7,6 +7,7 @@ partial file or staging directory is left behind.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -153,21 +154,42 @@ def test_caption_output_and_merged_model_on_a_full_disk(quick_adapter, shapes_di
 # run opens that file for writing (a staging copy, or the log it appends to), so the failing
 # write is that one, every time. The hook only fills the disk; the code under test is untouched.
 POINTS = {
-    # name: (path pattern opened for writing, how many such opens to let through first, what the line names)
-    # An append that fits in the slack of the file's last page needs no new one (tmpfs), so the
-    # disk fills when less than a record's length is left in that page.
-    "metrics": (r"/metrics\.jsonl$", 0, "the metrics log"),
-    "loss plot": (r"/\.loss\.png-\d+-", 0, "the loss curve"),
+    # name: (path pattern opened for writing, how many such opens to let through first, what the line names,
+    #        overrides of the run)
+    "metrics": (r"/metrics\.jsonl$", 0, "the metrics log",
+                ["train.checkpoint_every=null", "train.eval_every=null", "train.plot_every_seconds=3600"]),
+    "loss plot": (r"/\.loss\.png-\d+-", 0, "the loss curve", []),
     # The finished adapter's card (checkpoints carry one too; this is the last write of a run).
-    "adapter card": (r"/run/\.adapter-\d+-\w+/README\.md$", 0, "the adapter"),
-    "feature cache": (r"/features/.*\.(safetensors|json)$|/\.[^/]*features[^/]*-\d+-", 0, "feature cache"),
+    "adapter card": (r"/run/\.adapter-\d+-\w+/README\.md$", 0, "the adapter", []),
+    "feature cache": (r"/features/.*\.(safetensors|json)$|/\.[^/]*features[^/]*-\d+-", 0, "feature cache", []),
 }
+# An append that fits in the slack of the file's last page needs no new page (tmpfs). So the metrics
+# point trains on three times the images (36 steps an epoch) with no checkpoint, validation or plot
+# inside an epoch: the disk fills at the second epoch's first line, and its 36 lines of 150-200 bytes
+# (over 4 KiB) need a new page before the run's next other write, the last validation.
+
+
+def tripled(data: Path, root: Path) -> Path:
+    """``data`` with each training image three times (under new names)."""
+    shutil.copytree(data, root)
+    rows = [json.loads(line) for line in (root / "train" / "metadata.jsonl").read_text().splitlines()]
+    out = []
+    for row in rows:
+        for copy in range(3):
+            name = f"{copy}-{row['file_name']}"
+            shutil.copy(root / "train" / row["file_name"], root / "train" / name)
+            out.append({**row, "file_name": name})
+    for row in rows:
+        (root / "train" / row["file_name"]).unlink()
+    (root / "train" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
+    return root
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", list(POINTS))
 def test_a_disk_that_fills_at_any_write_ends_in_one_line_and_the_run_resumes(point, small_shapes_dir, tmp_path):
-    pattern, let_through, names = POINTS[point]
+    pattern, let_through, names, overrides = POINTS[point]
+    data = small_shapes_dir if point != "metrics" else tripled(small_shapes_dir, tmp_path / "tripled")
     mount = tmp_path / "disk"
     proc = run_on_full_disk(tmp_path, mount, f"""
         import os, re, subprocess, sys
@@ -182,16 +204,16 @@ def test_a_disk_that_fills_at_any_write_ends_in_one_line_and_the_run_resumes(poi
                 return
             writing = (isinstance(args[1], str) and any(c in args[1] for c in "wax+")) or (isinstance(args[2], int) and args[2] & (os.O_WRONLY | os.O_RDWR))
             if writing and re.search({pattern!r}, args[0]):
-                if {point!r} == "metrics" and (not (out / "checkpoints").is_dir() or -os.path.getsize(args[0]) % 4096 > 100):
+                if {point!r} == "metrics" and not list(out.glob("checkpoints/checkpoint-*/state.json")):
                     return
                 seen[0] += 1
                 if seen[0] > {let_through}:
                     filled[0] = True
                     fill(mount)
 
-        args = [{str(TINY)!r}, f"output_dir={{out}}", "data.path={small_shapes_dir}", "train.batch_size=2",
+        args = [{str(TINY)!r}, f"output_dir={{out}}", "data.path={data}", "train.batch_size=2",
                 "train.epochs=2", "train.checkpoint_every=1", "train.log_every=1", "train.eval_every=2",
-                "train.plot_every_seconds=0", "train.eval_max_images=4", "train.cache_image_features=true", "lora.r=2"]
+                "train.plot_every_seconds=0", "train.eval_max_images=4", "train.cache_image_features=true", "lora.r=2", *{overrides!r}]
         from multimodal_lora.cli import run_cli
         from multimodal_lora.train import main
         sys.addaudithook(audit)

@@ -65,7 +65,8 @@ def test_every_command_is_a_module_and_its_flags_exist():
 def test_every_repository_path_exists_and_docs_links_resolve():
     paths = {s.strip() for s in re.findall(r"`([^`\s]+)`", README) if s.startswith(TOP_DIRS) and not re.search(r"[A-Z]{3,}", s)}  # NAME: a placeholder
     paths |= set(re.findall(r"\]\(((?:docs|demo)/[^)#]+)", README))
-    assert any(p.startswith("docs/") for p in paths) and "demo/screenshot.png" in paths
+    paths |= set(re.findall(r"python ((?:bench|demo)/[\w/]+\.py)", README))  # scripts it says to run
+    assert any(p.startswith("docs/") for p in paths) and {"demo/screenshot.png", "demo/make_screenshot.py"} <= paths
     for path in paths:
         assert (REPO / path.rstrip("/")).exists(), path
     for doc in ("performance", "serving", "training", "data", "adapters"):
@@ -107,3 +108,24 @@ def test_every_timing_comes_from_a_named_dated_bench_result():
             assert value in values or value.rstrip("0").rstrip(".") in values, f"{m.group()} is not in {names[0]}.json"
             checked += 1
     assert checked >= 4
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", markdown, re.M)}
+
+
+def test_links_between_the_readme_and_docs_resolve_to_files_and_headings():
+    checked = 0
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://|mailto:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            assert file.exists(), f"{page.name}: link to {target}: no such file"
+            if anchor:
+                assert anchor in _anchors(file.read_text()), f"{page.name}: link to {target}: no such heading"
+            checked += 1
+    assert checked >= 10

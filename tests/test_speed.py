@@ -218,6 +218,7 @@ def small_adapter(small_shapes_dir, tmp_path_factory):
     return train(load_recipe(RECIPES / "tiny.yaml", overrides)).adapter_dir
 
 
+@pytest.mark.slow
 def test_merged_captions_equal_unmerged_and_the_base_comes_back(small_adapter, shapes_dir):
     from multimodal_lora import Captioner
 

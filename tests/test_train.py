@@ -54,6 +54,7 @@ def test_adapter_records_its_base(tiny_run, tiny_base):
     assert meta["task"] == "caption"
 
 
+@pytest.mark.slow
 def test_adapter_learns_held_out_captions(captioner, validation):
     assert len(validation) >= 40
     images = [e.image for e in validation]
