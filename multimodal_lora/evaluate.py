@@ -120,7 +120,8 @@ def evaluate(
             f"{recipe.data.task!r}: its scores would be meaningless. Evaluate it with the recipe it was trained with "
             f"({adapter_dir.parent / 'recipe.yaml'} when it is there)"
         )
-    from multimodal_lora.model import load_processor, recipe_length_problems
+    from multimodal_lora.data.check import recipe_length_problems
+    from multimodal_lora.model import load_processor
 
     lengths = recipe_length_problems(recipe, load_processor(recipe.model.base, recipe.model.revision).tokenizer)
     if lengths:

@@ -188,29 +188,6 @@ def text_length_problem(max_length: int, config, what: str = "data.max_length") 
     )
 
 
-def recipe_length_problems(recipe, tokenizer, config=None) -> list[str]:
-    """Every length in a recipe the base cannot hold: training examples, and the captions evaluation generates.
-
-    Reads only the base's config (no weights), so a recipe fails before the model loads.
-    """
-    config = config if config is not None else base_config(recipe.model.base, recipe.model.revision)
-    problems = [p for p in [text_length_problem(recipe.data.max_length, config)] if p]
-    if recipe.train.eval_captions and position_limit(config) is not None:
-        from multimodal_lora.data.encoding import prompt_text
-
-        text = prompt_text(recipe.data.task, "", recipe.data.prompt, recipe.data.prompt_template)
-        prompt = len(tokenizer(text, add_special_tokens=False).input_ids) if text else 0
-        limit, queries = position_limit(config), int(config.num_query_tokens)
-        needed = queries + 1 + prompt + recipe.train.eval_max_new_tokens - 1
-        if needed > limit:
-            problems.append(
-                f"train.eval_max_new_tokens={recipe.train.eval_max_new_tokens}: after the {queries} image query tokens, "
-                f"the start token and the {prompt}-token prompt that needs {needed} positions, but the base holds "
-                f"{limit}; use at most train.eval_max_new_tokens={limit - queries - prompt}"
-            )
-    return problems
-
-
 def is_lora_target(module_name: str, family: Family) -> bool:
     """Whether ``module_name`` (relative to the model) is an attention projection of its family's language model."""
     return re.fullmatch(family.target_pattern(family.lora_targets), module_name) is not None

@@ -48,6 +48,7 @@ from multimodal_lora.checkpoint import (
 )
 from multimodal_lora.cli import run_cli, setup_logging
 from multimodal_lora.config import Recipe, load_recipe
+from multimodal_lora.data.check import recipe_length_problems
 from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset, WorkerCollator, as_tensors
 from multimodal_lora.data.screen import describe_bad, screen_examples
 from multimodal_lora.data.sources import load_splits
@@ -64,7 +65,6 @@ from multimodal_lora.model import (
     format_parameter_table,
     load_base,
     load_processor,
-    recipe_length_problems,
     set_train_mode,
     text_layout,
 )
