@@ -39,12 +39,12 @@ import numpy as np
 import torch
 
 from multimodal_lora.adapter import WEIGHTS_FILE, AdapterMeta, adapter_bytes, save_adapter
+from multimodal_lora.adapter.search import CHECKPOINTS  # the run layout adapter discovery skips
 from multimodal_lora.atomic import WriteError, atomic_dir, remove_stale, remove_tree
 from multimodal_lora.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 _NAME = re.compile(r"checkpoint-(\d{8})")
 

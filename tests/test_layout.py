@@ -155,16 +155,8 @@ def test_no_function_is_longer_than_a_screen():
     assert not shrunk, f"now under the limit: take them off NOT_YET_SPLIT: {shrunk}"
 
 
-# Cycles still there that issue 22 means to break; the test fails once one is gone, so the
-# entry goes with the change that breaks it.
-NOT_YET_BROKEN = [
-    # engine_process takes collect_adapters from serve.cli, which starts the app, which starts engine_process
-    ["multimodal_lora.serve.app", "multimodal_lora.serve.cli", "multimodal_lora.serve.engine_process"],
-]
-
-
 def test_no_import_cycle():
-    assert cycles(import_graph()) == NOT_YET_BROKEN
+    assert cycles(import_graph()) == []
 
 
 def test_every_unit_has_a_layer():
