@@ -38,7 +38,7 @@ def prompt_of(captioner, n: int) -> str:
 
 
 def test_training_refuses_a_max_length_the_base_cannot_hold_before_loading(small_shapes_dir, tmp_path, monkeypatch):
-    import multimodal_lora.train as training
+    import multimodal_lora.training.recipe as training
 
     loads = []
     real_load_base = training.load_base
