@@ -41,9 +41,6 @@ MIN_TORCH = "2.6"
 DEFAULT_ADAPTERS_DIR = "runs"
 BASE_CHOICE = "(base)"
 """The dropdown value that means "no adapter"."""
-# Images above this many pixels are refused before decoding: a small upload can
-# unpack to gigabytes (a decompression bomb). 40 MP is more than any phone photo.
-MAX_PIXELS = 40_000_000
 EXAMPLES = 4
 TOAST_SECONDS = 8
 """Error messages close by themselves after this long, so that a few mistakes do not pile them up."""
@@ -154,25 +151,18 @@ def _quiet_file_checks(component) -> None:
 
 def read_upload(path: str | None):
     """Decode an uploaded file as an RGB image, or raise a ``gr.Error`` the page shows."""
-    import gradio as gr
-    from PIL import Image
-
-    from multimodal_lora.data.images import load_image
+    from multimodal_lora.data.images import MAX_PIXELS, TooManyPixels, load_image
 
     if not path:
         raise refused("Upload an image first (or click one of the examples).")
     label = Path(path).name
     try:
-        with Image.open(path) as probe:
-            pixels = probe.width * probe.height
-        if pixels > MAX_PIXELS:
-            raise refused(f"{label}: {probe.width}×{probe.height} pixels is more than this demo takes ({MAX_PIXELS:,}); resize it.")
-    except gr.Error:
-        raise
-    except Exception:
-        pass  # load_image names every way the file can be unreadable
-    try:
-        return load_image(path, name=label)
+        return load_image(path, name=label, max_pixels=MAX_PIXELS)
+    except TooManyPixels as exc:
+        if exc.size is None:
+            raise refused(str(exc)) from None
+        width, height = exc.size
+        raise refused(f"{label}: {width}×{height} pixels is more than this demo takes ({MAX_PIXELS:,}); resize it.") from None
     except UserError as exc:
         raise refused(str(exc)) from None
 

@@ -17,15 +17,13 @@ MAX_FUNCTION_LINES = 80
 # Functions allowed past the limit because they are declarative: a list of checks or a
 # layout read top to bottom, where splitting would only scatter one picture over several
 # screens. Name them here with the reason.
-DECLARATIVE = {
-    # The Gradio page: one `with gr.Blocks()` layout of rows, columns and the events that
-    # wire them; each handler it names is a function of its own.
-    ("multimodal_lora.demo", "build_app"),
-}
+DECLARATIVE: set[tuple[str, str]] = set()
 
 # Functions still past the limit that issue 22 means to split. The test fails when one of
 # them shrinks under the limit, so the entry is removed with the change that fixes it.
 NOT_YET_SPLIT = {
+    # The Gradio page's layout (about 70 lines, declarative) still holds its six event handlers.
+    ("multimodal_lora.demo", "build_app"),
     ("multimodal_lora.serve.app", "create_app"),
     ("multimodal_lora.evaluate", "evaluate"),
     ("multimodal_lora.merge", "merge_adapter"),

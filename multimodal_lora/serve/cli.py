@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
+from multimodal_lora.data.images import MAX_PIXELS
 from multimodal_lora.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument(
         "--max-image-bytes", type=int, default=20 * 1024 * 1024, help="largest encoded image (default 20 MiB)"
     )
-    net.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, width × height (default 40 M)")
+    net.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="largest image, width × height (default 40 M)")
     net.add_argument(
         "--allow-remote-images",
         action="store_true",
