@@ -28,6 +28,7 @@ from multimodal_lora.atomic import atomic_dir
 from multimodal_lora.cli import run_cli, setup_logging
 from multimodal_lora.config import ModelConfig
 from multimodal_lora.errors import UserError
+from multimodal_lora.quantization import NAMES, SCHEMES
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +87,9 @@ def merge_adapter(
         quantization = recorded.quantization if recorded is not None else _trained_quantization(directory)
     if dtype is None:
         dtype = recorded.dtype if recorded is not None else "fp32"
-    if quantization not in ("none", "int8", "4bit"):
-        raise MergeError(f"quantization: {quantization!r}; choose from none, int8, 4bit")
-    if quantization != "none" and not dequantize:
+    if quantization not in SCHEMES:
+        raise MergeError(f"quantization: {quantization!r}; choose from {', '.join(NAMES)}")
+    if not SCHEMES[quantization].mergeable and not dequantize:
         raise MergeError(
             f"adapter {str(directory)!r} was trained on a base quantized to {quantization}. Its weights are rounded to "
             f"{quantization}, and merging would add the LoRA update to them and round again, so the merged "
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="where to merge: cpu (default), cuda, cuda:N")
     parser.add_argument(
         "--quantization",
-        choices=["none", "int8", "4bit"],
+        choices=list(NAMES),
         help="how the adapter's base was quantized in training (default: as the adapter records, else the run's recipe.yaml)",
     )
     parser.add_argument(

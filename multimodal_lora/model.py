@@ -22,6 +22,7 @@ from multimodal_lora.errors import ConfigError, UserError
 from multimodal_lora.families import FAMILIES, Family, family_for_config, published_family, tiny_family
 from multimodal_lora.families.base import image_features, stop_token_id  # noqa: F401 - part of this module's API
 from multimodal_lora.host_memory import keep_large_blocks_off_the_heap, return_freed_memory
+from multimodal_lora.quantization import scheme
 
 logger = logging.getLogger(__name__)
 
@@ -79,21 +80,11 @@ def quantization_config(quantization: str, dtype: str, quant_type: str = "nf4"):
 
     4-bit layers compute in ``dtype`` (fp32 for fp32) and use double quantization.
     """
-    if quantization == "none":
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    if quantization == "4bit":
-        compute = DTYPES[dtype] if dtype != "fp32" else torch.float32
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant_type,
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute,
-        )
-    raise ConfigError(f"model.quantization: {quantization!r}; choose from none, int8, 4bit")
+    try:
+        row = scheme(quantization, "model.quantization")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return row.bnb_config(DTYPES[dtype] if dtype != "fp32" else torch.float32, quant_type)
 
 
 def load_processor(base: str, revision: str | None = None):

@@ -35,7 +35,7 @@ NOT_YET_SPLIT = {
 LAYERS: list[tuple[str, set[str]]] = [
     (
         "foundation: no knowledge of models, recipes or data",
-        {"errors", "atomic", "offline", "host_memory", "metrics", "sampler", "callable_module", "cli"},
+        {"errors", "atomic", "offline", "host_memory", "metrics", "sampler", "callable_module", "cli", "quantization"},
     ),
     ("architectures", {"families"}),
     ("recipes", {"config"}),
