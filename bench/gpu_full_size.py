@@ -201,7 +201,7 @@ def train_speed(model, batch, *, cache: bool, steps: int, warmup: int, device) -
     import torch
 
     from multimodal_lora.model import set_train_mode
-    from multimodal_lora.train import build_optimizer
+    from multimodal_lora.training.optim import build_optimizer
 
     # The trainer's own optimizer (fused AdamW on a GPU) and train mode (frozen parts in eval).
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], 1e-5, 0.0, device)

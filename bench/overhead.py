@@ -90,7 +90,7 @@ def bare_setup(steps: int):
     size = recipe.train.batch_size
     # With the output head only where the loss reads it, as our loop computes it (the layout's for_loss).
     batches = [layout.for_loss(collate([dataset[(i * size + j) % len(dataset)] for j in range(size)])) for i in range(steps)]
-    from multimodal_lora.train import build_optimizer
+    from multimodal_lora.training.optim import build_optimizer
 
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], recipe.train.lr, 0.0, torch.device("cpu"))
     return model, optimizer, batches

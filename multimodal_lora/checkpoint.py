@@ -33,18 +33,21 @@ import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from multimodal_lora.adapter import WEIGHTS_FILE, AdapterMeta, adapter_bytes, save_adapter
+from multimodal_lora.adapter.search import CHECKPOINTS  # the run layout adapter discovery skips
 from multimodal_lora.atomic import WriteError, atomic_dir, remove_stale, remove_tree
 from multimodal_lora.errors import UserError
 
+if TYPE_CHECKING:
+    from multimodal_lora.config import Recipe
+
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 _NAME = re.compile(r"checkpoint-(\d{8})")
 
@@ -317,3 +320,43 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def run_identity(recipe: Recipe, base, splits, processes: int, total_steps: int) -> dict:
+    """Everything that changes the trained weights: a checkpoint is resumed only when all of it matches.
+
+    A difference is listed key by key; to change one of these, start a new run (another
+    ``output_dir``, or ``overwrite=true``). What does not change the weights (logging,
+    checkpoint frequency, evaluation settings, the feature cache, gradient checkpointing,
+    ``num_workers``, the device) may change on resume.
+    """
+    data = hashlib.sha256()
+    for e in splits.train:
+        data.update(json.dumps([e.image_id, e.target, e.question]).encode())
+    return {
+        "model.base": recipe.model.base,
+        "model.revision": recipe.model.revision,
+        "model.quantization": recipe.model.quantization,
+        "model.dtype": recipe.model.dtype,
+        "base config fingerprint": base.fingerprint,
+        "lora.r": recipe.lora.r,
+        "lora.alpha": recipe.lora.alpha,
+        "lora.dropout": recipe.lora.dropout,
+        "lora.target_modules": sorted(recipe.lora.target_modules or ["(the family's default)"]),
+        "data.path": recipe.data.path,
+        "data.task": recipe.data.task,
+        "data.prompt": recipe.data.prompt,
+        "data.prompt_template": recipe.data.prompt_template if recipe.data.task == "vqa" else None,
+        "data.max_length": recipe.data.max_length,
+        "training data (hash of rows)": data.hexdigest()[:16],
+        "seed": recipe.seed,
+        "train.batch_size": recipe.train.batch_size,
+        "train.grad_accum": recipe.train.grad_accum,
+        "train.lr": recipe.train.lr,
+        "train.weight_decay": recipe.train.weight_decay,
+        "train.scheduler": recipe.train.scheduler,
+        "train.warmup_ratio": recipe.train.warmup_ratio,
+        "train.max_grad_norm": recipe.train.max_grad_norm,
+        "total steps (train.epochs / train.max_steps)": total_steps,
+        "processes": processes,
+    }

@@ -53,7 +53,9 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
 def add_load_arguments(parser, *, what: str = "the adapter's base") -> None:
     """``--quantization/--dtype/--device``: load the base otherwise than the adapter records."""
     default = "default: as the adapter was trained, or the nearest setting this machine supports"
-    parser.add_argument("--quantization", choices=["none", "int8", "4bit"], help=f"load {what} this way ({default})")
+    from multimodal_lora.quantization import NAMES
+
+    parser.add_argument("--quantization", choices=list(NAMES), help=f"load {what} this way ({default})")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help=f"dtype of {what} ({default})")
     parser.add_argument("--device", help=f"auto | cpu | cuda | cuda:N ({default})")
 

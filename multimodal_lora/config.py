@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from multimodal_lora.errors import ConfigError
+from multimodal_lora.quantization import QuantizationName
 
 
 @dataclass
@@ -34,7 +35,7 @@ class ModelConfig:
     or a local model directory."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of ``base``."""
-    quantization: Literal["none", "int8", "4bit"] = "none"
+    quantization: QuantizationName = "none"
     """Load the base with bitsandbytes in int8 or 4-bit; ``none`` keeps ``dtype``."""
     quant_type: Literal["nf4", "fp4"] = "nf4"
     """4-bit only: the 4-bit data type (NF4, as in QLoRA, or FP4)."""

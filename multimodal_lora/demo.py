@@ -21,16 +21,15 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
-from multimodal_lora.errors import AdapterError, UserError
+from multimodal_lora.errors import UserError
 from multimodal_lora.report import legible
 
 if TYPE_CHECKING:
-    from multimodal_lora.loading import LoadSettings
+    from multimodal_lora.adapter import Found
 
 logger = logging.getLogger(__name__)
 
@@ -42,29 +41,9 @@ MIN_TORCH = "2.6"
 DEFAULT_ADAPTERS_DIR = "runs"
 BASE_CHOICE = "(base)"
 """The dropdown value that means "no adapter"."""
-# Images above this many pixels are refused before decoding: a small upload can
-# unpack to gigabytes (a decompression bomb). 40 MP is more than any phone photo.
-MAX_PIXELS = 40_000_000
 EXAMPLES = 4
-SEARCH_DEPTH = 4
 TOAST_SECONDS = 8
 """Error messages close by themselves after this long, so that a few mistakes do not pile them up."""
-
-
-@dataclass
-class Found:
-    """What :func:`find_adapters` found under a directory."""
-
-    adapters: dict[str, Path] = field(default_factory=dict)
-    """Dropdown name → adapter directory."""
-    tasks: dict[str, str] = field(default_factory=dict)
-    """Dropdown name → ``caption`` or ``vqa``."""
-    problems: list[str] = field(default_factory=list)
-    """Adapters that cannot be used (listed as unusable in the page), and why."""
-    base: str | None = None
-    """The base the first usable adapter was trained on."""
-    load: LoadSettings | None = None
-    """How that adapter's base was loaded for training (``None``: not recorded)."""
 
 
 def check_versions() -> None:
@@ -80,90 +59,6 @@ def check_versions() -> None:
         )
     if Version(torch.__version__.split("+")[0]) < Version(MIN_TORCH):
         raise UserError(f"torch {torch.__version__} is too old: the demo needs >= {MIN_TORCH} (safe torch.load)")
-
-
-def find_adapters(root: str | Path) -> Found:
-    """Every adapter directory under ``root`` (a run directory's ``adapter/`` is named after the run).
-
-    A run's checkpoints are left out: the finished run's ``adapter/`` is what to show.
-
-    Broken adapter directories are skipped and listed in ``problems``; a missing
-    ``root`` is a problem too, not an error, so the demo still starts with the base.
-    """
-    from multimodal_lora.adapter import CONFIG_FILE, read_adapter
-    from multimodal_lora.checkpoint import CHECKPOINTS
-
-    root = Path(root)
-    found = Found()
-    if not root.is_dir():
-        found.problems.append(f"{root} does not exist or is not a directory")
-        return found
-    configs = []
-    # os.walk, not rglob: a symlinked run directory is followed (the depth limit ends any loop).
-    for current, dirs, files in os.walk(root, followlinks=True):
-        relative = Path(current).relative_to(root)
-        # A run's checkpoints (OUTPUT_DIR/checkpoints/checkpoint-N/adapter) and
-        # half-written temporaries (.tmp-*, .adapter-*) are not adapters to offer.
-        deep = len(relative.parts) >= SEARCH_DEPTH
-        dirs[:] = [] if deep else [d for d in dirs if d != CHECKPOINTS and not d.startswith(".")]
-        if CONFIG_FILE in files:
-            configs.append(Path(current) / CONFIG_FILE)
-    configs.sort()
-    for config in configs:
-        directory = config.parent
-        relative = directory.relative_to(root)
-        if relative.name == "adapter" and len(relative.parts) > 1:
-            relative = relative.parent
-        name = relative.as_posix() if relative.parts else directory.name
-        try:
-            directory, meta = read_adapter(directory)
-        except (AdapterError, OSError) as exc:
-            found.problems.append(f"unusable: {name}: {exc}")
-            continue
-        found.adapters[name] = directory
-        found.tasks[name] = meta.task if meta is not None else "caption"
-        if found.base is None and meta is not None:
-            found.base, found.load = meta.base.name, meta.load
-    return found
-
-
-def load_captioner(
-    found: Found,
-    base: str | None,
-    device: str | None = None,
-    dtype: str | None = None,
-    quantization: str | None = None,
-    purpose: str = "the demo",
-):
-    """A Captioner with the base and every adapter that fits it (the others go to ``found.problems``).
-
-    The base is loaded the way the first adapter was trained (its recorded
-    quantization, dtype and device kind), unless ``device``, ``dtype`` or
-    ``quantization`` say otherwise. ``purpose`` names the caller in the log line that says how.
-    """
-    from multimodal_lora.inference import Captioner
-    from multimodal_lora.loading import resolve
-
-    name = base or found.base or "tiny"
-    settings = resolve(
-        found.load,
-        quantization=quantization,
-        dtype=dtype,
-        device=device,
-        subject=f"base {name} for {purpose}",
-        bare=found.base is None,
-    )
-    captioner = Captioner.with_settings(name, None, settings)
-    for name, directory in list(found.adapters.items()):
-        try:
-            captioner.load_adapter(directory, name=name)
-        except Exception as exc:  # noqa: BLE001 - one bad adapter must not stop the demo; it is listed
-            if not isinstance(exc, (AdapterError, OSError)):
-                logger.exception("loading adapter %s failed", directory)
-            found.problems.append(f"unusable: {name}: {exc}")
-            del found.adapters[name]
-            del found.tasks[name]
-    return captioner
 
 
 def example_images(directory: Path, count: int = EXAMPLES) -> list[str]:
@@ -256,25 +151,18 @@ def _quiet_file_checks(component) -> None:
 
 def read_upload(path: str | None):
     """Decode an uploaded file as an RGB image, or raise a ``gr.Error`` the page shows."""
-    import gradio as gr
-    from PIL import Image
-
-    from multimodal_lora.data.images import load_image
+    from multimodal_lora.data.images import MAX_PIXELS, TooManyPixels, load_image
 
     if not path:
         raise refused("Upload an image first (or click one of the examples).")
     label = Path(path).name
     try:
-        with Image.open(path) as probe:
-            pixels = probe.width * probe.height
-        if pixels > MAX_PIXELS:
-            raise refused(f"{label}: {probe.width}×{probe.height} pixels is more than this demo takes ({MAX_PIXELS:,}); resize it.")
-    except gr.Error:
-        raise
-    except Exception:
-        pass  # load_image names every way the file can be unreadable
-    try:
-        return load_image(path, name=label)
+        return load_image(path, name=label, max_pixels=MAX_PIXELS)
+    except TooManyPixels as exc:
+        if exc.size is None:
+            raise refused(str(exc)) from None
+        width, height = exc.size
+        raise refused(f"{label}: {width}×{height} pixels is more than this demo takes ({MAX_PIXELS:,}); resize it.") from None
     except UserError as exc:
         raise refused(str(exc)) from None
 
@@ -477,8 +365,11 @@ def serve(
     os.environ["GRADIO_TEMP_DIR"] = str(temp_dir)
     atexit.register(shutil.rmtree, temp_dir, ignore_errors=True)
 
+    from multimodal_lora.adapter import find_adapters
+    from multimodal_lora.inference import Captioner
+
     found = find_adapters(adapters_dir)
-    captioner = load_captioner(found, base, device, dtype, quantization)
+    captioner = Captioner.for_adapters(found, base, quantization=quantization, dtype=dtype, device=device)
     for problem in found.problems:
         logger.warning("%s", problem)
     logger.info("base %s with %d adapter(s): %s", captioner.base.name, len(found.adapters), ", ".join(found.adapters) or "none")

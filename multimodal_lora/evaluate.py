@@ -108,19 +108,21 @@ def evaluate(
     Raises:
         UserError: the data has no validation split, or the adapter cannot be used with the base.
     """
-    from multimodal_lora.adapter import read_adapter
+    from multimodal_lora.adapter import open_adapter
     from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
     from multimodal_lora.data.sources import load_splits
     from multimodal_lora.inference import Captioner
 
-    adapter_dir, meta = read_adapter(adapter)
+    opened = open_adapter(adapter)  # read once: for_adapter below takes this value
+    adapter_dir, meta = opened.directory, opened.meta
     if meta is not None and meta.task != recipe.data.task:
         raise UserError(
             f"adapter {adapter_dir} was trained for task {meta.task!r}, but the recipe's data.task is "
             f"{recipe.data.task!r}: its scores would be meaningless. Evaluate it with the recipe it was trained with "
             f"({adapter_dir.parent / 'recipe.yaml'} when it is there)"
         )
-    from multimodal_lora.model import load_processor, recipe_length_problems
+    from multimodal_lora.data.check import recipe_length_problems
+    from multimodal_lora.model import load_processor
 
     lengths = recipe_length_problems(recipe, load_processor(recipe.model.base, recipe.model.revision).tokenizer)
     if lengths:
@@ -134,7 +136,7 @@ def evaluate(
         # Written before load settings were recorded: the recipe says how, as it always did.
         quantization, dtype, device = quantization or cfg.quantization, dtype or cfg.dtype, device or cfg.device
     captioner = Captioner.for_adapter(
-        adapter_dir, name="adapter", base=cfg.base, quantization=quantization, dtype=dtype, device=device
+        opened, name="adapter", base=cfg.base, quantization=quantization, dtype=dtype, device=device
     )
     name = "adapter"
 

@@ -23,12 +23,23 @@ from pathlib import Path
 
 import torch
 
-from multimodal_lora.adapter import AdapterMeta, base_of, check_base_matches, check_fits, read_adapter
+from multimodal_lora.adapter import (
+    OPENED,
+    Adapter,
+    AdapterMeta,
+    BaseChoice,
+    Found,
+    attach,
+    base_for,
+    check_base_matches,
+    check_fits,
+    open_adapter,
+)
 from multimodal_lora.config import ModelConfig
 from multimodal_lora.data.encoding import prompt_text
 from multimodal_lora.data.images import ImageSource, load_image
 from multimodal_lora.errors import AdapterError, ConfigError
-from multimodal_lora.loading import LoadSettings, resolve
+from multimodal_lora.loading import LoadSettings
 from multimodal_lora.model import load_base, load_processor, position_limit, text_layout
 
 logger = logging.getLogger(__name__)
@@ -107,7 +118,7 @@ class Captioner:
     @classmethod
     def for_adapter(
         cls,
-        adapter: str | Path,
+        adapter: str | Path | Adapter,
         *,
         name: str | None = None,
         base: str | None = None,
@@ -125,17 +136,40 @@ class Captioner:
             >>> captioner = Captioner.for_adapter("runs/football/adapter")          # int8 if trained in int8
             >>> captioner = Captioner.for_adapter("runs/football/adapter", quantization="none", dtype="bf16")
         """
-        directory, meta = read_adapter(adapter)
-        base_name, revision = base_of(directory, meta, base)
-        settings = resolve(
-            meta.load if meta is not None else None,
-            quantization=quantization,
-            dtype=dtype,
-            device=device,
-            subject=f"base {base_name} for adapter {directory}",
-        )
-        self = cls.with_settings(base_name, revision, settings)
-        self.load_adapter(directory, name=name)
+        opened = open_adapter(adapter)
+        choice = base_for([opened], base, quantization=quantization, dtype=dtype, device=device)
+        self = cls.with_settings(choice.name, choice.revision, choice.settings)
+        self.load_adapter(opened, name=name)
+        return self
+
+    @classmethod
+    def for_adapters(
+        cls,
+        found: Found,
+        base: str | None = None,
+        *,
+        quantization: str | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        purpose: str = "the demo",
+    ) -> Captioner:
+        """A captioner with the base and every adapter in ``found`` that fits it (the others go to ``found.problems``).
+
+        The base is the one :func:`~multimodal_lora.adapter.base_for` decides for the set (the first
+        recorded adapter's, loaded the way it was trained, unless ``base``, ``quantization``, ``dtype``
+        or ``device`` say otherwise). ``purpose`` names the caller in the log line that says how.
+        """
+        adapters = list(found.opened.values())
+        choice = base_for(adapters, base, quantization=quantization, dtype=dtype, device=device, purpose=purpose)
+        self = cls.with_settings(choice.name, choice.revision, choice.settings)
+        for name, opened in list(found.opened.items()):
+            try:
+                self.load_adapter(opened, name=name)
+            except Exception as exc:  # noqa: BLE001 - one bad adapter must not stop the demo; it is listed
+                if not isinstance(exc, (AdapterError, OSError)):
+                    logger.exception("loading adapter %s failed", opened.directory)
+                found.problems.append(f"unusable: {name}: {exc}")
+                found.drop(name)
         return self
 
     @classmethod
@@ -176,19 +210,21 @@ class Captioner:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def load_adapter(self, path: str | Path, name: str | None = None) -> str:
+    def load_adapter(self, path: str | Path | Adapter, name: str | None = None) -> str:
         """Load an adapter directory under ``name`` (default: the directory's name).
 
         ``name`` is only ours: any string works (a path with dots, spaces or any
         letters). PEFT gets a derived name that is always a valid module name
         (see :func:`peft_adapter_name`). Loading the same directory twice under
-        the same name is a no-op.
+        the same name is a no-op that opens no file. ``path`` may be an adapter
+        already opened (:func:`~multimodal_lora.adapter.open_adapter`).
 
         Raises:
             AdapterError: the directory is not a complete adapter, or it was
                 trained on a different base.
         """
-        directory, meta = read_adapter(path)
+        adapter = path if isinstance(path, Adapter) else open_adapter(path)
+        directory, meta = adapter.directory, adapter.meta
         name = name or _default_name(directory)
         if name in self.adapters:
             if self._paths.get(name) == directory.resolve():
@@ -197,20 +233,14 @@ class Captioner:
             raise AdapterError(f"an adapter named {name!r} is already loaded (from {where}); choose another name")
         check_base_matches(directory, meta, self.base)
         self._note_other_settings(directory, meta)
-        from peft import PeftModel
-
         peft_name = peft_adapter_name(name)
         with self._lock:
             self._merge(None)  # adapters are added to unmerged weights
             # Checked against the model before PEFT changes it: a refused adapter leaves it as it was.
-            check_fits(directory, self.model)
+            check_fits(adapter, self.model)
             # The first adapter wraps the base in a PeftModel; later ones are added to
             # the same wrapper, so the base's weights are loaded exactly once.
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(str(directory), adapter_name=peft_name, is_trainable=False)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, str(directory), adapter_name=peft_name, is_trainable=False)
-            self.model.eval()
+            self.model = attach(self.model, adapter, peft_name)
         self.adapters[name] = meta
         self._paths[name] = directory.resolve()
         self._peft_names[name] = peft_name
@@ -540,8 +570,9 @@ load settings). Adapters that share a base and the way it is loaded share one lo
 
 
 def clear_cache() -> None:
-    """Drop every cached :class:`Captioner` (and the memory of its base)."""
+    """Drop every cached :class:`Captioner` (and the memory of its base), and every adapter opened."""
     CAPTIONERS.clear()
+    OPENED.clear()
 
 
 def captioner_for(
@@ -559,21 +590,12 @@ def captioner_for(
     ``dtype`` and ``device`` override them. Without an adapter: the bare
     ``base_model`` (default ``tiny``), loaded as today's defaults unless overridden.
     """
-    meta = None
-    directory = None
-    if adapter is not None:
-        directory, meta = read_adapter(adapter)
-        base_model, revision = base_of(directory, meta, base_model)
-        subject = f"base {base_model} for adapter {directory}"
-    else:
-        base_model, revision, subject = base_model or "tiny", None, f"base {base_model or 'tiny'}"
-    recorded = meta.load if meta is not None else None
-    settings = resolve(recorded, quantization=quantization, dtype=dtype, device=device, subject=subject, bare=adapter is None)
-    key = (base_model, revision, settings)
-    if key not in CAPTIONERS:
-        CAPTIONERS[key] = Captioner.with_settings(base_model, revision, settings)
-    captioner = CAPTIONERS[key]
-    name = captioner.load_adapter(directory, name=str(directory.resolve())) if directory is not None else None
+    opened = [open_adapter(adapter)] if adapter is not None else []
+    choice: BaseChoice = base_for(opened, base_model, quantization=quantization, dtype=dtype, device=device)
+    if choice.key not in CAPTIONERS:
+        CAPTIONERS[choice.key] = Captioner.with_settings(choice.name, choice.revision, choice.settings)
+    captioner = CAPTIONERS[choice.key]
+    name = captioner.load_adapter(opened[0], name=str(opened[0].directory.resolve())) if opened else None
     return captioner, name
 
 

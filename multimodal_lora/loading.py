@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from multimodal_lora.config import ModelConfig
+from multimodal_lora.quantization import SCHEMES
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class LoadSettings:
     @classmethod
     def of(cls, cfg: ModelConfig, device: torch.device) -> LoadSettings:
         """What a training run with ``cfg`` on ``device`` records."""
-        four_bit = cfg.quantization == "4bit"
+        four_bit = _four_bit(cfg.quantization)
         return cls(
             quantization=cfg.quantization,
             dtype=cfg.dtype,
@@ -70,7 +71,7 @@ class LoadSettings:
     def describe(self) -> str:
         """``int8, fp16, cuda`` / ``4bit nf4 (compute bf16), bf16, cuda``."""
         quant = self.quantization
-        if quant == "4bit":
+        if _four_bit(quant):
             quant = f"4bit {self.quant_type or 'nf4'} (compute {self.compute_dtype or self.dtype})"
         return f"{quant}, {self.dtype}, {self.device}"
 
@@ -113,13 +114,13 @@ def resolve(
     start = recorded or LEGACY
     settings = start
     if quantization is not None and quantization != start.quantization:
-        four_bit = quantization == "4bit"
+        four_bit = _four_bit(quantization)
         settings = replace(settings, quantization=quantization, quant_type="nf4" if four_bit else None)
     if dtype is not None:
         settings = replace(settings, dtype=dtype)
     if device is not None:
         settings = replace(settings, device=device)
-    settings = replace(settings, compute_dtype=settings.dtype if settings.quantization == "4bit" else None)
+    settings = replace(settings, compute_dtype=settings.dtype if _four_bit(settings.quantization) else None)
 
     # Only what was recorded (not what the caller asked for) is changed to fit the machine:
     # an explicit request that cannot work fails where it is loaded, with its own message.
@@ -127,7 +128,7 @@ def resolve(
     if device is None and settings.device not in ("auto", "cpu") and not _device_available(settings.device):
         reasons.append(f"no {settings.device} device here")
         settings = replace(settings, device="cpu")
-    if quantization is None and settings.quantization != "none" and not _bitsandbytes_available():
+    if quantization is None and _quantized(settings.quantization) and not _bitsandbytes_available():
         reasons.append(f"{settings.quantization} needs bitsandbytes, which is not installed")
         settings = replace(settings, quantization="none", quant_type=None, compute_dtype=None)
     kind = _device_kind(settings.device)
@@ -135,7 +136,7 @@ def resolve(
         fallback = "fp16" if kind == "cuda" else "fp32"
         reasons.append(f"this {kind.upper() if kind == 'cpu' else 'GPU'} has no {settings.dtype} support")
         settings = replace(
-            settings, dtype=fallback, compute_dtype=fallback if settings.quantization == "4bit" else None
+            settings, dtype=fallback, compute_dtype=fallback if _four_bit(settings.quantization) else None
         )
 
     asked = [
@@ -153,6 +154,14 @@ def resolve(
         how += f", with {', '.join(asked)} as asked"
     logger.info("loading %s %s: %s", subject, how, settings.describe())
     return settings
+
+
+def _four_bit(quantization: str) -> bool:
+    return quantization in SCHEMES and SCHEMES[quantization].four_bit
+
+
+def _quantized(quantization: str) -> bool:
+    return quantization in SCHEMES and SCHEMES[quantization].quantized
 
 
 def _device_kind(device: str) -> str:

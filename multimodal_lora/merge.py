@@ -23,11 +23,12 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from multimodal_lora.adapter import base_of, check_base_matches, check_fits, read_adapter
+from multimodal_lora.adapter import attach, base_of, check_base_matches, check_fits, open_adapter
 from multimodal_lora.atomic import atomic_dir
 from multimodal_lora.cli import run_cli, setup_logging
 from multimodal_lora.config import ModelConfig
 from multimodal_lora.errors import UserError
+from multimodal_lora.quantization import NAMES, SCHEMES
 
 logger = logging.getLogger(__name__)
 
@@ -78,16 +79,17 @@ def merge_adapter(
         >>> merge_adapter("runs/tiny/adapter", "merged/tiny")
         PosixPath('merged/tiny')
     """
-    directory, meta = read_adapter(adapter)
+    opened = open_adapter(adapter)
+    directory, meta = opened.directory, opened.meta
     out = Path(out)
     recorded = meta.load if meta is not None else None
     if quantization is None:
         quantization = recorded.quantization if recorded is not None else _trained_quantization(directory)
     if dtype is None:
         dtype = recorded.dtype if recorded is not None else "fp32"
-    if quantization not in ("none", "int8", "4bit"):
-        raise MergeError(f"quantization: {quantization!r}; choose from none, int8, 4bit")
-    if quantization != "none" and not dequantize:
+    if quantization not in SCHEMES:
+        raise MergeError(f"quantization: {quantization!r}; choose from {', '.join(NAMES)}")
+    if not SCHEMES[quantization].mergeable and not dequantize:
         raise MergeError(
             f"adapter {str(directory)!r} was trained on a base quantized to {quantization}. Its weights are rounded to "
             f"{quantization}, and merging would add the LoRA update to them and round again, so the merged "
@@ -99,13 +101,11 @@ def merge_adapter(
     if out.resolve() == directory.resolve() or directory.resolve() in out.resolve().parents:
         raise MergeError(f"--out {out} is inside the adapter directory; write the merged model elsewhere")
 
-    base_name, revision = base_of(directory, meta, base)
+    base_name, revision = base_of(directory, meta, base, opened.config)
     cfg = ModelConfig(base=base_name, revision=revision, device=device, dtype=dtype, quantization="none")
     problems = cfg.problems()
     if problems:
         raise MergeError("; ".join(problems))
-
-    from peft import PeftModel
 
     from multimodal_lora.model import load_base, load_processor
 
@@ -114,8 +114,8 @@ def merge_adapter(
     processor = load_processor(base_name, revision)
     model, info = load_base(cfg, for_training=False)
     check_base_matches(directory, meta, info)
-    check_fits(directory, model)
-    model = PeftModel.from_pretrained(model, str(directory), is_trainable=False)
+    check_fits(opened, model)
+    model = attach(model, opened)
     # safe_merge: check the merged weights for NaNs before replacing the originals.
     model = model.merge_and_unload(safe_merge=True)
     model.eval()
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="where to merge: cpu (default), cuda, cuda:N")
     parser.add_argument(
         "--quantization",
-        choices=["none", "int8", "4bit"],
+        choices=list(NAMES),
         help="how the adapter's base was quantized in training (default: as the adapter records, else the run's recipe.yaml)",
     )
     parser.add_argument(

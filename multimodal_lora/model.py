@@ -22,6 +22,7 @@ from multimodal_lora.errors import ConfigError, UserError
 from multimodal_lora.families import FAMILIES, Family, family_for_config, published_family, tiny_family
 from multimodal_lora.families.base import image_features, stop_token_id  # noqa: F401 - part of this module's API
 from multimodal_lora.host_memory import keep_large_blocks_off_the_heap, return_freed_memory
+from multimodal_lora.quantization import scheme
 
 logger = logging.getLogger(__name__)
 
@@ -79,21 +80,11 @@ def quantization_config(quantization: str, dtype: str, quant_type: str = "nf4"):
 
     4-bit layers compute in ``dtype`` (fp32 for fp32) and use double quantization.
     """
-    if quantization == "none":
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    if quantization == "4bit":
-        compute = DTYPES[dtype] if dtype != "fp32" else torch.float32
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant_type,
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute,
-        )
-    raise ConfigError(f"model.quantization: {quantization!r}; choose from none, int8, 4bit")
+    try:
+        row = scheme(quantization, "model.quantization")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return row.bnb_config(DTYPES[dtype] if dtype != "fp32" else torch.float32, quant_type)
 
 
 def load_processor(base: str, revision: str | None = None):
@@ -186,29 +177,6 @@ def text_length_problem(max_length: int, config, what: str = "data.max_length") 
         f"{what}={max_length}: with the {queries} image query tokens that is {queries + max_length} positions, "
         f"but the base holds {limit}; use at most {what}={limit - queries}"
     )
-
-
-def recipe_length_problems(recipe, tokenizer, config=None) -> list[str]:
-    """Every length in a recipe the base cannot hold: training examples, and the captions evaluation generates.
-
-    Reads only the base's config (no weights), so a recipe fails before the model loads.
-    """
-    config = config if config is not None else base_config(recipe.model.base, recipe.model.revision)
-    problems = [p for p in [text_length_problem(recipe.data.max_length, config)] if p]
-    if recipe.train.eval_captions and position_limit(config) is not None:
-        from multimodal_lora.data.encoding import prompt_text
-
-        text = prompt_text(recipe.data.task, "", recipe.data.prompt, recipe.data.prompt_template)
-        prompt = len(tokenizer(text, add_special_tokens=False).input_ids) if text else 0
-        limit, queries = position_limit(config), int(config.num_query_tokens)
-        needed = queries + 1 + prompt + recipe.train.eval_max_new_tokens - 1
-        if needed > limit:
-            problems.append(
-                f"train.eval_max_new_tokens={recipe.train.eval_max_new_tokens}: after the {queries} image query tokens, "
-                f"the start token and the {prompt}-token prompt that needs {needed} positions, but the base holds "
-                f"{limit}; use at most train.eval_max_new_tokens={limit - queries - prompt}"
-            )
-    return problems
 
 
 def is_lora_target(module_name: str, family: Family) -> bool:

@@ -36,7 +36,6 @@ frozen-feature cache, which lives in host memory.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +51,7 @@ from multimodal_lora.model import (
     meta_model,
     quantized_linears,
 )
+from multimodal_lora.quantization import NAMES, SCHEMES
 
 __all__ = ["MemoryPlan", "plan_memory", "plan_recipe", "quantized_weight_bytes"]
 
@@ -60,8 +60,6 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 LORA_BYTES_PER_PARAM = 4 + 4 + 8
 # NF4 with double quantization: absmax per block of 64 weights, itself 8-bit with
 # one fp32 scale per 256 blocks.
-NF4_BLOCK = 64
-NF4_NESTED_BLOCK = 256
 
 
 @dataclass(frozen=True)
@@ -149,8 +147,8 @@ def plan_memory(config, *, quantization: str, dtype: str, lora: LoraSettings, ba
         ...                    batch_size=2, max_length=64)
         >>> print(plan.format())
     """
-    if quantization not in ("none", "int8", "4bit"):
-        raise ValueError(f"quantization {quantization!r}; choose from none, int8, 4bit")
+    if quantization not in SCHEMES:
+        raise ValueError(f"quantization {quantization!r}; choose from {', '.join(NAMES)}")
     model = meta_model(config)
     weights = base_weight_bytes(model, quantization, dtype)
     peft_model = add_lora(model, lora)
@@ -206,13 +204,14 @@ def base_weight_bytes(model, quantization: str, dtype: str, *, for_training: boo
     keep_fp32 = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     if dtype == "fp16":
         keep_fp32 |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    quantized = quantized_linears(model) if quantization != "none" else set()
-    other = 4 if (quantization != "none" and for_training) else BYTES[dtype]
+    row = SCHEMES[quantization]
+    quantized = quantized_linears(model) if row.quantized else set()
+    other = 4 if (row.quantized and for_training) else BYTES[dtype]
     total = 0
     for name, param in model.named_parameters():
         module, _, leaf = name.rpartition(".")
         if module in quantized and leaf == "weight":
-            total += quantized_weight_bytes(tuple(param.shape), quantization)
+            total += row.weight_bytes(tuple(param.shape))
         elif any(part in keep_fp32 for part in name.split(".")):
             total += 4 * param.numel()
         else:
@@ -221,17 +220,11 @@ def base_weight_bytes(model, quantization: str, dtype: str, *, for_training: boo
 
 
 def quantized_weight_bytes(shape: tuple[int, int], quantization: str) -> int:
-    """Bytes of one bitsandbytes weight matrix of ``shape`` (out, in), scales included."""
-    out_features, in_features = shape
-    n = out_features * in_features
-    if quantization == "int8":
-        return n + 4 * out_features  # int8 weights + one fp32 scale (SCB) per row
-    if quantization == "4bit":
-        blocks = math.ceil(n / NF4_BLOCK)
-        nested = math.ceil(blocks / NF4_NESTED_BLOCK)
-        # + the two code books: 16 NF4 levels and 256 8-bit levels, in fp32.
-        return math.ceil(n / 2) + blocks + 4 * nested + 4 * (16 + 256)
-    raise ValueError(f"quantization {quantization!r} is not a bitsandbytes format")
+    """Bytes of one bitsandbytes weight matrix of ``shape`` (out, in), scales included (the scheme's row says)."""
+    row = SCHEMES.get(quantization)
+    if row is None:
+        raise ValueError(f"quantization {quantization!r} is not a bitsandbytes format")
+    return row.weight_bytes(shape)
 
 
 def measured_weight_bytes(model) -> int:

@@ -115,16 +115,16 @@ def test_merge_at_hostile_paths(places, expected, images, tmp_path):
 
 
 def test_demo_discovery_at_hostile_paths(places, quick_adapter, tmp_path):
-    from multimodal_lora import demo
+    from multimodal_lora.adapter import find_adapters
 
     runs = tmp_path / "runs.d"
     shutil.copytree(places["run"], runs / "j.doe" / "tiny.v2")
     shutil.copytree(quick_adapter, runs / "ñandú 写真" / "adapter")
     os.symlink(places["run"], runs / "linked.run")
-    found = demo.find_adapters(runs)
+    found = find_adapters(runs)
     assert sorted(found.adapters) == ["j.doe/tiny.v2", "linked.run", "ñandú 写真"]
     assert found.problems == []
-    captioner = demo.load_captioner(found, None, "cpu", "fp32", "none")
+    captioner = Captioner.for_adapters(found, None, device="cpu", dtype="fp32", quantization="none")
     assert found.problems == [] and sorted(captioner.adapter_names) == sorted(found.adapters)
 
 

@@ -150,14 +150,15 @@ def test_evaluate_refuses_and_writes_no_report(broken, small_shapes_dir):
 
 def test_demo_lists_broken_adapters_as_unusable_and_serves_the_rest(broken, quick_adapter, tmp_path):
     from multimodal_lora import demo
+    from multimodal_lora.adapter import find_adapters
 
     runs = tmp_path / "runs"
     shutil.copytree(broken["nan"].parent, runs / "diverged")
     shutil.copytree(broken["shape"].parent, runs / "other-model")
     shutil.copytree(broken["vision"].parent, runs / "stray")
     shutil.copytree(quick_adapter, runs / "good" / "adapter")
-    found = demo.find_adapters(runs)
-    captioner = demo.load_captioner(found, None, "cpu", "fp32", "none")
+    found = find_adapters(runs)
+    captioner = Captioner.for_adapters(found, None, device="cpu", dtype="fp32", quantization="none")
     assert list(found.adapters) == ["good"] and captioner.adapter_names == ["good"]
     problems = "\n".join(found.problems)
     assert len(found.problems) == 3

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from multimodal_lora import demo
+from multimodal_lora.adapter import find_adapters
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ def test_find_adapters_names_runs_and_skips_broken_ones(tiny_run, tmp_path):
     shutil.copytree(tiny_run.adapter_dir, runs / "football" / "checkpoints" / "checkpoint-00000010" / "adapter")
     shutil.copytree(tiny_run.adapter_dir, runs / "football" / ".tmp-adapter" / "adapter")
 
-    found = demo.find_adapters(runs)
+    found = find_adapters(runs)
     assert list(found.adapters) == ["football", "sweeps/r8"]
     assert found.tasks == {"football": "caption", "sweeps/r8": "caption"}
     assert found.base == "tiny"
@@ -56,7 +57,7 @@ def test_find_adapters_names_runs_and_skips_broken_ones(tiny_run, tmp_path):
 
 
 def test_missing_adapters_dir_is_a_message_not_an_error(tmp_path):
-    found = demo.find_adapters(tmp_path / "runs")
+    found = find_adapters(tmp_path / "runs")
     assert found.adapters == {}
     assert found.problems == [f"{tmp_path / 'runs'} does not exist or is not a directory"]
     text = demo.status_text(found, tmp_path / "runs", "tiny")

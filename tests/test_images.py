@@ -147,3 +147,20 @@ def test_decompression_bomb_is_an_image_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 24 × 16 = 384 > 2 × 100 pixels: a "bomb"
     with pytest.raises(ImageError, match="decompression bomb"):
         load_image(path)
+
+
+def test_pixel_and_format_limits_are_checked_from_the_header(tmp_path):
+    """The demo and the server open images the same way: limits from the header, before decoding."""
+    from multimodal_lora.data.images import FormatRefused, TooManyPixels
+
+    path = imagefiles.rgb_png(tmp_path / "red.png")  # 24 × 16
+    assert load_image(path, max_pixels=24 * 16, formats={"PNG"}).size == imagefiles.SIZE
+    with pytest.raises(TooManyPixels, match="24×16 = 384 pixels is more than 383") as info:
+        load_image(path, max_pixels=383)
+    assert info.value.size == (24, 16)
+    with pytest.raises(FormatRefused, match="PNG images are not accepted") as refused:
+        load_image(path.read_bytes(), name="upload", formats={"JPEG"})
+    assert refused.value.format == "PNG" and str(refused.value).startswith("upload:")
+    with pytest.raises(FormatRefused) as unknown:
+        load_image(b"not an image", formats={"PNG"})
+    assert unknown.value.format is None

@@ -38,7 +38,7 @@ def prompt_of(captioner, n: int) -> str:
 
 
 def test_training_refuses_a_max_length_the_base_cannot_hold_before_loading(small_shapes_dir, tmp_path, monkeypatch):
-    import multimodal_lora.train as training
+    import multimodal_lora.training.recipe as training
 
     loads = []
     real_load_base = training.load_base
@@ -55,7 +55,8 @@ def test_training_refuses_a_max_length_the_base_cannot_hold_before_loading(small
 
 
 def test_evaluation_lengths_are_checked_too(tiny_base):
-    from multimodal_lora.model import load_processor, recipe_length_problems
+    from multimodal_lora.data.check import recipe_length_problems
+    from multimodal_lora.model import load_processor
 
     tokenizer = load_processor("tiny").tokenizer
     ok = load_recipe(TINY, ["data.max_length=96", "train.eval_max_new_tokens=95"])

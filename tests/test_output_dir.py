@@ -19,7 +19,8 @@ from multimodal_lora.checkpoint import CheckpointError, TrainState, find_checkpo
 from multimodal_lora.cli import run_cli
 from multimodal_lora.config import load_recipe
 from multimodal_lora.errors import ConfigError, DataError
-from multimodal_lora.train import main, resume_command, train
+from multimodal_lora.train import main, train
+from multimodal_lora.training.run_dir import resume_command
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny.yaml"
@@ -134,7 +135,7 @@ def test_the_stop_hint_repeats_the_overrides(tmp_path):
 
 
 def test_two_runs_at_once_into_one_directory(tmp_path):
-    from multimodal_lora.train import exclusive
+    from multimodal_lora.training.run_dir import exclusive
 
     with exclusive(tmp_path):
         with pytest.raises(ConfigError, match=f"output_dir {tmp_path} is in use by another training run right now"):

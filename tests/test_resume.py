@@ -222,7 +222,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(small_shapes_di
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(small_shapes_dir, tmp_path, monkeypatch):
     import torch
 
-    import multimodal_lora.train as train_module
+    import multimodal_lora.training.recipe as train_module
     from multimodal_lora.train import TrainingError
 
     real = train_module.forward_inputs

@@ -66,12 +66,12 @@ def test_recipe_defaults_are_the_fast_ones_and_new_keys_are_checked(tmp_path):
 
 
 def test_auto_cache_and_workers_follow_the_run(caplog):
-    from multimodal_lora.train import cache_features, loader_workers
+    from multimodal_lora.training.loaders import cache_features, loader_workers
 
     model, _ = load_base(ModelConfig(base="tiny", device="cpu"))
     model = add_lora(model, LoraSettings(r=2, alpha=4))
     recipe = load_recipe(RECIPES / "tiny.yaml")
-    with caplog.at_level(logging.INFO, logger="multimodal_lora.train"):
+    with caplog.at_level(logging.INFO, logger="multimodal_lora.training.loaders"):
         assert cache_features(recipe, model, epochs=8) is True
         assert cache_features(recipe, model, epochs=1) is False
     assert "image feature cache: on (cache_image_features=auto: the run sees each image 8 times)" in caplog.text

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 from multimodal_lora.config import Recipe
-from multimodal_lora.data.encoding import IGNORE_INDEX, ExampleEncoder
+from multimodal_lora.data.encoding import IGNORE_INDEX, ExampleEncoder, prompt_text
 from multimodal_lora.data.screen import scan
 from multimodal_lora.data.sources import BadExample, Example, load_splits
 from multimodal_lora.errors import UserError
@@ -144,7 +144,7 @@ def check_data(recipe: Recipe, progress: bool = True) -> DataReport:
     except (OSError, ValueError, UserError) as exc:
         report.tokenizer_problem = f"cannot load the tokenizer of {recipe.model.base!r}: {exc}"
         return report
-    from multimodal_lora.model import base_config, position_limit, recipe_length_problems
+    from multimodal_lora.model import base_config, position_limit
 
     try:
         config = base_config(recipe.model.base, recipe.model.revision)
@@ -182,3 +182,26 @@ def _stats(values: list[int]) -> str:
         return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
     return f"min {ordered[0]} / median {at(0.5)} / p95 {at(0.95)} / max {ordered[-1]}"
+
+
+def recipe_length_problems(recipe, tokenizer, config=None) -> list[str]:
+    """Every length in a recipe the base cannot hold: training examples, and the captions evaluation generates.
+
+    Reads only the base's config (no weights), so a recipe fails before the model loads.
+    """
+    from multimodal_lora.model import base_config, position_limit, text_length_problem
+
+    config = config if config is not None else base_config(recipe.model.base, recipe.model.revision)
+    problems = [p for p in [text_length_problem(recipe.data.max_length, config)] if p]
+    if recipe.train.eval_captions and position_limit(config) is not None:
+        text = prompt_text(recipe.data.task, "", recipe.data.prompt, recipe.data.prompt_template)
+        prompt = len(tokenizer(text, add_special_tokens=False).input_ids) if text else 0
+        limit, queries = position_limit(config), int(config.num_query_tokens)
+        needed = queries + 1 + prompt + recipe.train.eval_max_new_tokens - 1
+        if needed > limit:
+            problems.append(
+                f"train.eval_max_new_tokens={recipe.train.eval_max_new_tokens}: after the {queries} image query tokens, "
+                f"the start token and the {prompt}-token prompt that needs {needed} positions, but the base holds "
+                f"{limit}; use at most train.eval_max_new_tokens={limit - queries - prompt}"
+            )
+    return problems

@@ -6,7 +6,8 @@ value of 40000 becomes pure white. :func:`load_image` converts every mode
 correctly (transparency composited on white, 16-bit scaled to 8-bit), applies
 EXIF orientation, takes the first frame of an animation, and turns every way a
 file can be unreadable into an :class:`~multimodal_lora.errors.ImageError`
-naming the file.
+naming the file. Given ``max_pixels`` or ``formats`` (the demo, the server), it
+checks them from the header before decoding: a few hundred bytes can claim gigapixels.
 """
 
 from __future__ import annotations
@@ -56,17 +57,45 @@ ImageSource = str | os.PathLike | bytes | Image.Image | StoredImage
 
 BACKGROUND = (255, 255, 255)
 
+MAX_PIXELS = 40_000_000
+"""The most pixels (width × height) the demo and the server take by default: more than any phone
+photo, while a small upload can unpack to gigabytes (a decompression bomb)."""
 
-def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
+
+class TooManyPixels(ImageError):
+    """The image has more pixels than allowed (or Pillow refused it at once as a decompression bomb)."""
+
+    def __init__(self, message: str, size: tuple[int, int] | None = None, detail: str = ""):
+        super().__init__(message)
+        self.size = size
+        """``(width, height)`` from the header; ``None`` when Pillow refused to open it at all."""
+        self.detail = detail
+
+
+class FormatRefused(ImageError):
+    """The data is not an image in one of the formats allowed."""
+
+    def __init__(self, message: str, format: str | None = None):
+        super().__init__(message)
+        self.format = format
+        """The format the header names; ``None`` when it is no image Pillow identifies."""
+
+
+def load_image(
+    source: ImageSource, name: str | None = None, *, max_pixels: int | None = None, formats: set[str] | None = None
+) -> Image.Image:
     """Open an image and return it as an RGB ``PIL.Image``.
 
     Args:
         source: a path, the file's bytes, or an already opened image.
         name: how to call the image in error messages (defaults to the path).
+        max_pixels: refuse, from the header and before decoding, more pixels than this.
+        formats: accept only these Pillow formats (``{"PNG", "JPEG", "WEBP"}``), checked from the header.
 
     Raises:
         ImageError: the file is missing, empty, not an image, truncated,
             corrupt, or a decompression bomb; the message names it.
+            :class:`TooManyPixels` and :class:`FormatRefused` for the limits given.
     """
     label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "image")
     if isinstance(source, Image.Image):
@@ -83,7 +112,9 @@ def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
             raise ImageError(f"{label}: is a directory, not an image file")
         if path.stat().st_size == 0:
             raise ImageError(f"{label}: empty file (0 bytes)")
-    elif isinstance(source, bytes) and not source:
+    if max_pixels is not None or formats is not None:
+        _check_header(source, label, max_pixels, formats)
+    if isinstance(source, bytes) and not source:
         raise ImageError(f"{label}: empty file (0 bytes)")
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes) else source
@@ -98,6 +129,25 @@ def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
         raise ImageError(f"{label}: not an image Pillow can read (wrong extension, or not an image at all)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{label}: corrupt or truncated image ({exc})") from None
+
+
+def _check_header(source, label: str, max_pixels: int | None, formats: set[str] | None) -> None:
+    """The format and pixel count from the header alone (nothing is decoded)."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as probe:
+            width, height, fmt = probe.width, probe.height, probe.format
+    except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: refused at open
+        raise TooManyPixels(f"{label}: refused as a decompression bomb ({exc})", detail=str(exc)) from None
+    except Exception:
+        if formats is not None:
+            raise FormatRefused(f"{label}: not an image in an accepted format ({', '.join(sorted(formats))})") from None
+        return  # decoding below names every way the file can be unreadable
+    if formats is not None and fmt not in formats:
+        raise FormatRefused(f"{label}: {fmt} images are not accepted ({', '.join(sorted(formats))})", format=fmt)
+    if max_pixels is not None and width * height > max_pixels:
+        raise TooManyPixels(
+            f"{label}: {width}×{height} = {width * height:,} pixels is more than {max_pixels:,}", size=(width, height)
+        )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

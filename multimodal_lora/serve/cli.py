@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
+from multimodal_lora.data.images import MAX_PIXELS
 from multimodal_lora.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -48,29 +49,6 @@ def parse_adapter_args(values: list[str]) -> dict[str, Path]:
             raise ConfigError(f"--adapter: the name {name!r} is given twice")
         adapters[name] = Path(directory)
     return adapters
-
-
-def collect_adapters(adapters_dir: str, explicit: dict[str, Path]):
-    """The adapters to serve: those found under ``adapters_dir`` and those given by ``--adapter``
-    (a :class:`~multimodal_lora.demo.Found`; the engine process loads them)."""
-    from multimodal_lora.adapter import read_adapter
-    from multimodal_lora.demo import find_adapters
-
-    found = find_adapters(adapters_dir)
-    if explicit and adapters_dir == "runs" and not Path("runs").is_dir():
-        found.problems.clear()  # only --adapter was meant: the missing default directory is no problem
-    for name, directory in explicit.items():
-        if name in found.adapters:
-            raise ConfigError(
-                f"--adapter {name}: an adapter named {name!r} was also found under {adapters_dir}; choose another name"
-            )
-        directory, meta = read_adapter(directory)
-        found.adapters[name] = directory
-        found.tasks[name] = meta.task if meta is not None else "caption"
-        if found.base is None and meta is not None:
-            # The base loads the way this adapter was trained (recorded quantization, dtype, device kind).
-            found.base, found.load = meta.base.name, meta.load
-    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument(
         "--max-image-bytes", type=int, default=20 * 1024 * 1024, help="largest encoded image (default 20 MiB)"
     )
-    net.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, width × height (default 40 M)")
+    net.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="largest image, width × height (default 40 M)")
     net.add_argument(
         "--allow-remote-images",
         action="store_true",

@@ -281,13 +281,15 @@ def _load(spec: EngineSpec):
     """The base and its adapters, and the adapters that could not be loaded."""
     import torch
 
-    from multimodal_lora.demo import load_captioner
-    from multimodal_lora.serve.cli import collect_adapters
+    from multimodal_lora.adapter import collect_adapters
+    from multimodal_lora.inference import Captioner
 
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
     found = collect_adapters(spec.adapters_dir, spec.explicit)
-    captioner = load_captioner(found, spec.base, spec.device, spec.dtype, spec.quantization, purpose="the server")
+    captioner = Captioner.for_adapters(
+        found, spec.base, quantization=spec.quantization, dtype=spec.dtype, device=spec.device, purpose="the server"
+    )
     return captioner, found.problems
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 import http.client
-import io
 import ipaddress
 import logging
 import re
@@ -28,7 +27,7 @@ from urllib.parse import urljoin, urlsplit
 
 from PIL import Image
 
-from multimodal_lora.data.images import load_image
+from multimodal_lora.data.images import MAX_PIXELS, FormatRefused, TooManyPixels, load_image
 from multimodal_lora.errors import ImageError
 from multimodal_lora.serve.protocol import APIError
 
@@ -45,7 +44,7 @@ MAX_REDIRECTS = 3
 class ImageLimits:
     """What one request's image may be."""
 
-    max_pixels: int = 40_000_000
+    max_pixels: int = MAX_PIXELS
     """Width × height; more is refused before decoding (a decompression bomb costs nothing to send)."""
     max_bytes: int = 20 * 1024 * 1024
     """The encoded image (also bounds a remote download)."""
@@ -119,39 +118,24 @@ def decode_data_url(url: str, limits: ImageLimits) -> bytes:
 def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     """Check the format and pixel count from the header, then decode to RGB."""
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height, fmt = probe.width, probe.height, probe.format
-    except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: refused at open
-        raise APIError(
-            400,
-            f"image_url: too many pixels ({exc}); this server takes at most {limits.max_pixels:,}; resize it",
-            param="messages",
-            code="too_many_pixels",
-        ) from None
-    except Exception:
-        raise APIError(
-            400,
-            "image_url: the data is not an image this server reads (PNG, JPEG or WebP)",
-            param="messages",
-            code="not_an_image",
-        ) from None
-    if fmt not in FORMATS:
-        raise APIError(
-            400,
-            f"image_url: {fmt} images are not accepted; send PNG, JPEG or WebP",
-            param="messages",
-            code="not_an_image",
+        return load_image(data, name="image_url", max_pixels=limits.max_pixels, formats=FORMATS)
+    except TooManyPixels as exc:
+        if exc.size is None:
+            message = f"image_url: too many pixels ({exc.detail}); this server takes at most {limits.max_pixels:,}; resize it"
+        else:
+            width, height = exc.size
+            message = (
+                f"image_url: too many pixels: {width}×{height} = {width * height:,} is more than this server takes "
+                f"({limits.max_pixels:,}); resize it"
+            )
+        raise APIError(400, message, param="messages", code="too_many_pixels") from None
+    except FormatRefused as exc:
+        message = (
+            "image_url: the data is not an image this server reads (PNG, JPEG or WebP)"
+            if exc.format is None
+            else f"image_url: {exc.format} images are not accepted; send PNG, JPEG or WebP"
         )
-    if width * height > limits.max_pixels:
-        raise APIError(
-            400,
-            f"image_url: too many pixels: {width}×{height} = {width * height:,} is more than this server takes "
-            f"({limits.max_pixels:,}); resize it",
-            param="messages",
-            code="too_many_pixels",
-        )
-    try:
-        return load_image(data, name="image_url")
+        raise APIError(400, message, param="messages", code="not_an_image") from None
     except ImageError as exc:
         raise APIError(400, str(exc), param="messages", code="not_an_image") from None
 

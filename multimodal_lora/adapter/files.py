@@ -1,4 +1,4 @@
-"""Adapter directories: written atomically in PEFT's format, checked before loading.
+"""Adapter directories: written atomically in PEFT's format, opened and checked once before loading.
 
 An adapter directory is what ``PeftModel.from_pretrained`` reads
 (``adapter_config.json`` + ``adapter_model.safetensors``), plus
@@ -37,6 +37,115 @@ class AdapterMeta:
     prompt_template: str = "Question: {question} Answer:"
     load: LoadSettings | None = None
     """How the base was loaded for training; ``None`` in adapters written before it was recorded."""
+
+
+@dataclass(frozen=True, eq=False)
+class Adapter:
+    """An adapter directory opened and checked once (:func:`open_adapter`): everything loading it needs.
+
+    Holding this value, nothing reads the directory again: :func:`check_fits`
+    checks its tensors against a model, :func:`attach` gives them to PEFT.
+    """
+
+    directory: Path
+    meta: AdapterMeta | None
+    """``multimodal_lora.json``; ``None`` for a plain PEFT adapter written by another tool."""
+    config: dict
+    """``adapter_config.json`` as written."""
+    tensors: dict[str, torch.Tensor]
+    """The weights, checked: a whole safetensors file, every value finite."""
+
+    @property
+    def task(self) -> str:
+        """``caption`` or ``vqa`` (an adapter that does not say captions)."""
+        return self.meta.task if self.meta is not None else "caption"
+
+    def lora_config(self):
+        """The PEFT ``LoraConfig`` its ``adapter_config.json`` describes (as ``LoraConfig.from_pretrained`` builds it).
+
+        Raises:
+            AdapterError: PEFT cannot read it, or it is not a LoRA adapter.
+        """
+        from peft import LoraConfig
+
+        try:
+            kwargs = LoraConfig.check_kwargs(**{k: v for k, v in self.config.items() if k != "runtime_config"})
+            config = LoraConfig.from_peft_type(**kwargs)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise AdapterError(f"{self.directory / CONFIG_FILE}: not a LoRA adapter config PEFT can read ({exc})") from None
+        if str(config.peft_type).split(".")[-1] != "LORA":
+            raise AdapterError(f"{self.directory / CONFIG_FILE}: a {config.peft_type} adapter; only LoRA adapters are supported")
+        return config
+
+
+OPENED: dict[Path, tuple[tuple, Adapter]] = {}
+"""Adapters already opened in this process, by resolved directory, with the files' ``stat`` when read.
+
+An adapter is read once: opening it again while its files are unchanged (same inode, size
+and times; a new save renames a new directory into place) returns the same value without
+opening a file. :func:`multimodal_lora.inference.clear_cache` empties it."""
+
+
+def open_adapter(path: str | Path | Adapter) -> Adapter:
+    """Find, read and check an adapter directory: once per process while its files stay the same.
+
+    Accepts an adapter directory or a run directory holding ``adapter/``. Reads
+    ``adapter_config.json`` and ``multimodal_lora.json``, and reads
+    ``adapter_model.safetensors`` once: whole (a truncated file fails here,
+    naming it, rather than deep inside PEFT) and finite.
+
+    Raises:
+        AdapterError: not a complete, readable adapter directory (the message names the file).
+    """
+    if isinstance(path, Adapter):
+        return path
+    directory = find_adapter_dir(path)
+    key = directory.resolve()
+    stamp = _stamp(directory)
+    cached = OPENED.get(key)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    try:
+        adapter = _open_checked(directory)
+    except OSError as exc:  # no permission, an I/O error: name the file, no traceback
+        raise AdapterError(f"{exc.filename or directory}: cannot read it ({exc.strerror or exc})") from None
+    OPENED[key] = (stamp, adapter)
+    return adapter
+
+
+def _stamp(directory: Path) -> tuple:
+    """What changes when any of the adapter's files is rewritten (``stat`` only: no file is opened)."""
+    stamp = []
+    for name in (CONFIG_FILE, WEIGHTS_FILE, META_FILE):
+        try:
+            st = (directory / name).stat()
+        except FileNotFoundError:
+            stamp.append(None)
+            continue
+        stamp.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(stamp)
+
+
+def attach(model, adapter: Adapter, name: str = "default"):
+    """Add ``adapter`` to ``model`` under the PEFT name ``name``, frozen, from the tensors already read.
+
+    What ``PeftModel.from_pretrained`` (the first adapter) and ``PeftModel.load_adapter``
+    (the next ones) do, without reading the directory again. Call :func:`check_fits` first.
+
+    Returns:
+        The ``PeftModel`` (``model`` itself when it already was one).
+    """
+    from peft import PeftModel, set_peft_model_state_dict
+
+    config = adapter.lora_config()
+    config.inference_mode = True
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, config)
+    else:
+        model = PeftModel(model, config, adapter_name=name)
+    set_peft_model_state_dict(model, adapter.tensors, adapter_name=name)
+    model.eval()
+    return model
 
 
 # adapter_config.json, multimodal_lora.json and the safetensors header: a few KB at most.
@@ -117,32 +226,28 @@ def find_adapter_dir(path: str | Path) -> Path:
 
 
 def read_adapter(path: str | Path) -> tuple[Path, AdapterMeta | None]:
-    """Validate an adapter directory and read its metadata.
-
-    Checks the weights file opens as safetensors (a truncated file fails here,
-    naming it, rather than deep inside PEFT).
+    """Validate an adapter directory and read its metadata (through :func:`open_adapter`: once per process).
 
     Returns:
         ``(directory, meta)``; ``meta`` is ``None`` for a plain PEFT adapter
         written by another tool.
     """
-    directory = find_adapter_dir(path)
-    try:
-        return directory, _read_checked(directory)
-    except OSError as exc:  # no permission, an I/O error: name the file, no traceback
-        raise AdapterError(f"{exc.filename or directory}: cannot read it ({exc.strerror or exc})") from None
+    adapter = open_adapter(path)
+    return adapter.directory, adapter.meta
 
 
-def _read_checked(directory: Path) -> AdapterMeta | None:
+def _open_checked(directory: Path) -> Adapter:
     try:
         config = json.loads((directory / CONFIG_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{directory / CONFIG_FILE}: not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{directory / CONFIG_FILE}: not a PEFT adapter config (a JSON object)")
-    _check_safetensors(directory / WEIGHTS_FILE)
-    _check_finite(directory / WEIGHTS_FILE)
-    meta_path = directory / META_FILE
+    tensors = _read_weights(directory / WEIGHTS_FILE)
+    return Adapter(directory=directory, meta=_read_meta(directory / META_FILE), config=config, tensors=tensors)
+
+
+def _read_meta(meta_path: Path) -> AdapterMeta | None:
     if not meta_path.is_file():
         return None
     try:
@@ -178,7 +283,7 @@ def check_base_matches(directory: Path, meta: AdapterMeta | None, base: BaseInfo
 _PEFT_PREFIX = "base_model.model."
 
 
-def check_fits(directory: Path, model) -> None:
+def check_fits(adapter: Adapter | str | Path, model) -> None:
     """Refuse an adapter that would load into ``model`` wrongly or not at all, before PEFT touches the model.
 
     PEFT loads such adapters with at best a warning: tensors of modules its
@@ -188,21 +293,17 @@ def check_fits(directory: Path, model) -> None:
     each is an :class:`AdapterError` naming the file, the tensor and the problem.
 
     Args:
-        directory: an adapter directory (already through :func:`read_adapter`).
+        adapter: an opened adapter (:func:`open_adapter`), or its directory.
         model: the base it is about to be loaded into (bare, or a ``PeftModel`` holding other adapters).
     """
-    from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
     from peft.utils.other import get_pattern_key
-    from safetensors import safe_open
 
+    if not isinstance(adapter, Adapter):
+        adapter = open_adapter(adapter)
+    directory = adapter.directory
     weights = directory / WEIGHTS_FILE
-    try:
-        config = LoraConfig.from_pretrained(str(directory))
-    except (TypeError, ValueError, KeyError) as exc:
-        raise AdapterError(f"{directory / CONFIG_FILE}: not a LoRA adapter config PEFT can read ({exc})") from None
-    if str(config.peft_type).split(".")[-1] != "LORA":
-        raise AdapterError(f"{directory / CONFIG_FILE}: a {config.peft_type} adapter; only LoRA adapters are supported")
+    config = adapter.lora_config()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     family = family_of(base)
     # Under a PeftModel, a LoRA layer wraps the original as .base_layer and holds lora_A/lora_B modules.
@@ -218,38 +319,37 @@ def check_fits(directory: Path, model) -> None:
             "modules, so it would load as the bare base; it was made for another model"
         )
     found: set[str] = set()
-    with safe_open(str(weights), "pt") as f:
-        for key in f.keys():
-            name = key.removeprefix(_PEFT_PREFIX)
-            module_name, lora, kind = name.partition(".lora_")
-            where = f"{weights}: tensor {key}"
-            if not lora or kind not in ("A.weight", "B.weight"):
-                raise AdapterError(f"{where} is not a LoRA A/B matrix; this package loads plain LoRA adapters only")
-            if not is_lora_target(module_name, family):
-                raise AdapterError(
-                    f"{where} adapts {module_name}, which is not an attention projection of the language model "
-                    f"({family.name}: {', '.join(family.lora_targets)}); PEFT would drop or misapply it"
-                )
-            if module_name not in modules:
-                raise AdapterError(f"{where}: the base has no module {module_name}; the adapter was made for another model")
-            if module_name not in targeted:
-                raise AdapterError(
-                    f"{where}: {module_name} is not selected by the adapter's own target_modules "
-                    f"({config.target_modules}); PEFT would silently drop it"
-                )
-            layer = modules[module_name]
-            shape = tuple(f.get_slice(key).get_shape())
-            r = config.r
-            if config.rank_pattern:
-                pattern = get_pattern_key(config.rank_pattern.keys(), module_name)
-                r = config.rank_pattern.get(pattern, config.r)
-            expected = (r, layer.in_features) if kind == "A.weight" else (layer.out_features, r)
-            if shape != expected:
-                raise AdapterError(
-                    f"{where} has shape {list(shape)}, but {module_name} of this base (in {layer.in_features}, "
-                    f"out {layer.out_features}) with r={r} needs {list(expected)}; the adapter was made for another model"
-                )
-            found.add(module_name)
+    for key, tensor in sorted(adapter.tensors.items()):  # in the file's (sorted) order
+        name = key.removeprefix(_PEFT_PREFIX)
+        module_name, lora, kind = name.partition(".lora_")
+        where = f"{weights}: tensor {key}"
+        if not lora or kind not in ("A.weight", "B.weight"):
+            raise AdapterError(f"{where} is not a LoRA A/B matrix; this package loads plain LoRA adapters only")
+        if not is_lora_target(module_name, family):
+            raise AdapterError(
+                f"{where} adapts {module_name}, which is not an attention projection of the language model "
+                f"({family.name}: {', '.join(family.lora_targets)}); PEFT would drop or misapply it"
+            )
+        if module_name not in modules:
+            raise AdapterError(f"{where}: the base has no module {module_name}; the adapter was made for another model")
+        if module_name not in targeted:
+            raise AdapterError(
+                f"{where}: {module_name} is not selected by the adapter's own target_modules "
+                f"({config.target_modules}); PEFT would silently drop it"
+            )
+        layer = modules[module_name]
+        shape = tuple(tensor.shape)
+        r = config.r
+        if config.rank_pattern:
+            pattern = get_pattern_key(config.rank_pattern.keys(), module_name)
+            r = config.rank_pattern.get(pattern, config.r)
+        expected = (r, layer.in_features) if kind == "A.weight" else (layer.out_features, r)
+        if shape != expected:
+            raise AdapterError(
+                f"{where} has shape {list(shape)}, but {module_name} of this base (in {layer.in_features}, "
+                f"out {layer.out_features}) with r={r} needs {list(expected)}; the adapter was made for another model"
+            )
+        found.add(module_name)
     if not found:
         raise AdapterError(f"{weights}: holds no LoRA weights; it would load as the bare base")
     missing = sorted(targeted - found)
@@ -260,7 +360,9 @@ def check_fits(directory: Path, model) -> None:
         )
 
 
-def base_of(directory: Path, meta: AdapterMeta | None, base: str | None = None) -> tuple[str, str | None]:
+def base_of(
+    directory: Path, meta: AdapterMeta | None, base: str | None = None, config: dict | None = None
+) -> tuple[str, str | None]:
     """``(base, revision)`` an adapter belongs to: ``base`` if given, else its record, else PEFT's config.
 
     Raises:
@@ -271,7 +373,8 @@ def base_of(directory: Path, meta: AdapterMeta | None, base: str | None = None) 
         return base, (meta.base.revision if meta is not None and meta.base.name == base else None)
     if meta is not None:
         return meta.base.name, meta.base.revision
-    config = json.loads((directory / CONFIG_FILE).read_text())
+    if config is None:
+        config = json.loads((directory / CONFIG_FILE).read_text())
     if not config.get("base_model_name_or_path"):
         raise AdapterError(f"adapter {str(directory)!r} does not say which base it belongs to; pass the base (base_model= or --base)")
     return config["base_model_name_or_path"], config.get("revision")
@@ -289,35 +392,42 @@ def _record_base(config_path: Path, base: BaseInfo) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _check_safetensors(path: Path) -> None:
-    """A safetensors file is an 8-byte header length, a JSON header, then exactly the data it lists."""
-    size = path.stat().st_size
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The weights file's tensors, read once: a whole safetensors file whose every value is finite."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    data = path.read_bytes()
+    _check_safetensors(path, data)
     try:
-        with path.open("rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            if size < 8 or 8 + header_len > size:
-                raise ValueError("the header runs past the end of the file")
-            header = json.loads(f.read(header_len))
+        tensors = load(data)
+    except SafetensorError as exc:
+        raise AdapterError(f"{path}: unreadable safetensors file ({exc}); retrain or copy it again") from None
+    _check_finite(path, tensors)
+    return tensors
+
+
+def _check_safetensors(path: Path, data: bytes) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header, then exactly the data it lists."""
+    size = len(data)
+    try:
+        header_len = int.from_bytes(data[:8], "little")
+        if size < 8 or 8 + header_len > size:
+            raise ValueError("the header runs past the end of the file")
+        header = json.loads(data[8 : 8 + header_len])
         data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if 8 + header_len + data_end != size:
             raise ValueError(f"expected {8 + header_len + data_end} bytes, found {size}")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError) as exc:
         raise AdapterError(f"{path}: truncated or corrupt safetensors file ({exc}); retrain or copy it again") from None
 
 
-def _check_finite(path: Path) -> None:
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """NaN or inf in an adapter make every caption empty; refuse it, naming the tensor."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            for key in f.keys():
-                tensor = f.get_tensor(key)
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    bad = int((~torch.isfinite(tensor)).sum())
-                    raise AdapterError(
-                        f"{path}: tensor {key} has {bad} non-finite values (NaN or inf) of {tensor.numel()}; "
-                        "the run that wrote it diverged. Retrain (lower train.lr) or use an earlier checkpoint's adapter"
-                    )
-    except SafetensorError as exc:
-        raise AdapterError(f"{path}: unreadable safetensors file ({exc}); retrain or copy it again") from None
+    for key, tensor in sorted(tensors.items()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise AdapterError(
+                f"{path}: tensor {key} has {bad} non-finite values (NaN or inf) of {tensor.numel()}; "
+                "the run that wrote it diverged. Retrain (lower train.lr) or use an earlier checkpoint's adapter"
+            )

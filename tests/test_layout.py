@@ -1,0 +1,184 @@
+"""The shape of the package: short functions, no import cycles, imports only run downwards.
+
+Pure ``ast``: no module is imported, no model is built. The layer order below is the
+one README's "Project layout" section describes; a module may import from its own
+layer or any layer below it, never from one above.
+"""
+
+from __future__ import annotations
+
+import ast
+from functools import cache
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "multimodal_lora"
+MAX_FUNCTION_LINES = 80
+
+# Functions allowed past the limit because they are declarative: a list of checks or a
+# layout read top to bottom, where splitting would only scatter one picture over several
+# screens. Name them here with the reason.
+DECLARATIVE: set[tuple[str, str]] = set()
+
+# Functions still past the limit that issue 22 means to split. The test fails when one of
+# them shrinks under the limit, so the entry is removed with the change that fixes it.
+NOT_YET_SPLIT = {
+    # The Gradio page's layout (about 70 lines, declarative) still holds its six event handlers.
+    ("multimodal_lora.demo", "build_app"),
+    ("multimodal_lora.serve.app", "create_app"),
+    ("multimodal_lora.evaluate", "evaluate"),
+    ("multimodal_lora.merge", "merge_adapter"),
+    ("multimodal_lora.serve.cli", "main"),
+}
+
+# The layers, lowest first. A name is a top-level module or subpackage of multimodal_lora
+# (its "unit"). Each unit may import from units in its own layer or below.
+LAYERS: list[tuple[str, set[str]]] = [
+    (
+        "foundation: no knowledge of models, recipes or data",
+        {"errors", "atomic", "offline", "host_memory", "metrics", "sampler", "callable_module", "cli", "quantization"},
+    ),
+    ("architectures", {"families"}),
+    ("recipes", {"config"}),
+    ("caches, the tiny twins, run logs", {"cache", "tiny", "trackers", "logs"}),
+    ("the base model and how it loads", {"model", "loading", "plan"}),
+    ("adapter directories", {"adapter"}),
+    ("data: sources, images, encoding, the screen and `data check`", {"data"}),
+    (
+        "built on a loaded base: checkpoints, the card, the feature cache, the report",
+        {"checkpoint", "card", "feature_cache", "report"},
+    ),
+    (
+        "inference and what runs on it",
+        {"inference", "evaluate", "merge", "push", "caption_inputs", "caption_output", "caption_run"},
+    ),
+    ("the training recipe", {"train", "training"}),
+    ("batch captioning and the demo", {"caption", "demo"}),
+    ("the server", {"serve"}),
+]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+@cache
+def modules() -> dict[str, ast.Module]:
+    return {module_name(p): ast.parse(p.read_text(), str(p)) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports_of(name: str, tree: ast.Module) -> set[str]:
+    """Every multimodal_lora module ``name`` imports, at any depth (function-level imports too)."""
+    known = modules()
+    is_package = (PACKAGE.parent / name.replace(".", "/") / "__init__.py").exists()
+    package = name if is_package else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            # `from pkg import mod` imports the module pkg.mod; `from mod import f` imports mod
+            targets = [f"{source}.{a.name}" if f"{source}.{a.name}" in known else source for a in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t in known and t != name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    return {name: imports_of(name, tree) for name, tree in modules().items()}
+
+
+def unit(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 else None  # None: the package's own __init__
+
+
+def long_functions() -> set[tuple[str, str, int]]:
+    found = set()
+    for name, tree in modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.add((name, node.name, length))
+    return found
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan's algorithm)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = {(m, f) for m, f, _ in long_functions()}
+    unexpected = sorted(f"{m}.{f} ({n} lines)" for m, f, n in long_functions() if (m, f) not in DECLARATIVE | NOT_YET_SPLIT)
+    assert not unexpected, f"functions over {MAX_FUNCTION_LINES} lines: {unexpected}"
+    shrunk = sorted(f"{m}.{f}" for m, f in NOT_YET_SPLIT - long)
+    assert not shrunk, f"now under the limit: take them off NOT_YET_SPLIT: {shrunk}"
+
+
+def test_no_import_cycle():
+    assert cycles(import_graph()) == []
+
+
+def test_every_unit_has_a_layer():
+    layered = set().union(*(units for _, units in LAYERS))
+    units = {unit(name) for name in modules()} - {None}
+    assert units <= layered, f"give these a layer in LAYERS (and README's layout): {sorted(units - layered)}"
+
+
+def test_imports_run_downwards():
+    level = {u: i for i, (_, units) in enumerate(LAYERS) for u in units}
+    upward = sorted(
+        f"{name} -> {target}"
+        for name, targets in import_graph().items()
+        for target in targets
+        if unit(name) and unit(target) and level[unit(target)] > level[unit(name)]
+    )
+    assert not upward, f"imports from a higher layer: {upward}"
+
+
+def test_units_form_no_cycle():
+    """Packages as wholes: data may not import model while model imports data."""
+    graph: dict[str, set[str]] = {}
+    for name, targets in import_graph().items():
+        if unit(name):
+            graph.setdefault(unit(name), set()).update(unit(t) for t in targets if unit(t) and unit(t) != unit(name))
+    for targets in graph.values():
+        for t in targets:
+            graph.setdefault(t, set())
+    assert cycles(graph) == []
