@@ -51,7 +51,8 @@ class VllmCaptioner:
     Args:
         adapter: the adapter directory (its record gives the base, dtype and prompts).
         base, dtype, quantization: as the caption command's options.
-        python: the interpreter with vLLM (see :func:`~multimodal_lora.vllm.env.find_python`).
+        python: the interpreter with vLLM (``--vllm-python``; found as :func:`~multimodal_lora.vllm.env.find_python`
+            says, after the family is checked).
         parallel: tensor, pipeline and data parallel sizes.
         cpu: vLLM runs on the CPU.
 
@@ -59,7 +60,7 @@ class VllmCaptioner:
         UserError: the family is not one vLLM serves (before vLLM starts), or the worker failed.
     """
 
-    def __init__(self, adapter, base, dtype, quantization, *, python: Path, parallel: Parallel, cpu: bool, log_dir: Path):
+    def __init__(self, adapter, base, dtype, quantization, *, python: str | None, parallel: Parallel, cpu: bool, log_dir: Path):
         from multimodal_lora.adapter import read_adapter
         from multimodal_lora.model import load_processor
 
@@ -74,6 +75,7 @@ class VllmCaptioner:
         self.processor = load_processor(self.plan.model, self.plan.revision)
         self.batch_size = DEFAULT_BATCH_SIZE
         self.parallel = parallel
+        python = env.find_python(python)
         self._workers = [
             _Worker(python, self._setup(cpu), _devices(i, parallel), cpu, log_dir / f"caption-{os.getpid()}-{i}.log")
             for i in range(parallel.data)
@@ -172,7 +174,7 @@ def from_args(args) -> VllmCaptioner:
         raise UserError("--tensor-parallel-size, --pipeline-parallel-size and --data-parallel-size must be at least 1")
     parallel = Parallel(args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size, args.gpu_memory_utilization)
     return VllmCaptioner(
-        args.adapter, args.base, args.dtype, args.quantization, python=env.find_python(args.vllm_python),
+        args.adapter, args.base, args.dtype, args.quantization, python=args.vllm_python,
         parallel=parallel, cpu=on_cpu(args.device), log_dir=cache_dir() / "vllm" / "logs",
     )  # fmt: skip
 
