@@ -272,7 +272,12 @@ def test_vllm_captions_and_answers_equal_caption_and_ask_plain_and_streamed(vllm
         for stream in (False, True):
             assert _ask(client, "shapes", image, stream=stream) == parity["shapes"][i], (i, stream)
             assert _ask(client, "shapes-vqa", image, QUESTION, stream=stream) == parity["shapes-vqa"][i], (i, stream)
-        assert _ask(client, "tiny", image) == parity["tiny"][i], i
+        assert _ask(client, "tiny", image) == parity["tiny"][i].rstrip(UNFINISHED), i
+
+
+# The bare tiny base (random weights) ends some answers inside a multi-byte character: transformers
+# decodes the unfinished bytes as U+FFFD, vLLM leaves them out. The adapters' answers have none.
+UNFINISHED = "\ufffd"
 
 
 @pytest.mark.vllm
@@ -288,7 +293,7 @@ def test_two_adapters_in_one_vllm_server_never_mix(vllm_server, parity):
 
     with ThreadPoolExecutor(max_workers=32) as pool:
         for model, image, answer in pool.map(one, range(96)):
-            assert answer == parity[model][image], (model, image, answer)
+            assert answer == parity[model][image].rstrip(UNFINISHED), (model, image, answer)
 
 
 @pytest.mark.vllm
@@ -331,9 +336,11 @@ def test_caption_on_vllm_equals_the_builtin_engine_and_resumes_after_sigkill(sha
     workers = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    _, alive = psutil.wait_procs(workers, timeout=60)  # vLLM's side sees its input close and ends
-    for p in alive:
-        p.kill()
+    for p in workers:  # the whole job, vLLM's processes too, as a machine that goes down
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
     rows = len(out.read_bytes().splitlines())
     assert 250 <= rows < 500, rows
     resumed = subprocess.run([*command, "--resume"], cwd=REPO, env=env_with_repo(), capture_output=True, text=True, timeout=300)

@@ -137,6 +137,8 @@ class VllmCaptioner:
         if num_beams != 1:
             raise UserError("--engine vllm decodes greedily or samples; beam search (--num-beams) is the built-in engine's")
         sampling = {"max_tokens": max_new_tokens, "temperature": temperature if do_sample else 0.0}
+        # Stop where caption() stops: on the family's stop token alone, not also on the tokenizer's EOS.
+        sampling.update(ignore_eos=True, stop_token_ids=[self.plan.stop_token_id])
         if do_sample:
             sampling["top_p"] = top_p
         tokenizer = self.processor.tokenizer

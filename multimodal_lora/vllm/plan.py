@@ -275,7 +275,8 @@ def serve_command(
         args += ["--enable-lora", "--max-lora-rank", str(plan.max_lora_rank), "--max-loras", str(len(plan.adapters))]
         args += ["--lora-modules", *(f"{name}={directory}" for name, directory in plan.adapters.items())]
     args += extra
-    return Command(args, runtime_env(cpu), api_key)
+    # The middleware makes vLLM stop where caption() stops: on the family's stop token alone.
+    return Command(args, {**runtime_env(cpu), "MMLORA_VLLM_STOP_TOKEN_IDS": str(plan.stop_token_id)}, api_key)
 
 
 def runtime_env(cpu: bool) -> dict[str, str]:

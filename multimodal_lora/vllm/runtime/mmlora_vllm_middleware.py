@@ -13,14 +13,21 @@ Two things vLLM's chat endpoint does not do by itself:
   Plain answers are stripped; a stream has its leading whitespace dropped and
   trailing whitespace held back until more text follows, so the streamed
   pieces join to the stripped answer (as the built-in server streams).
+* **It stops where ``caption()`` stops:** on the family's stop token only
+  (``$MMLORA_VLLM_STOP_TOKEN_IDS``, e.g. BLIP-2 OPT's "\n"), not also on the
+  tokenizer's end-of-sequence token, which vLLM adds by itself. A request that
+  sets ``stop_token_ids`` or ``ignore_eos`` keeps its own.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 CHAT_PATH = "/v1/chat/completions"
 MODEL_KWARG = "mmlora_model"
+STOP_ENV = "MMLORA_VLLM_STOP_TOKEN_IDS"
+STOP_TOKEN_IDS = [int(t) for t in os.environ.get(STOP_ENV, "").split(",") if t.strip()]
 
 
 class Middleware:
@@ -67,6 +74,8 @@ def _with_model_kwarg(body: bytes, scope):
     kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
     kwargs[MODEL_KWARG] = request.get("model")
     request["chat_template_kwargs"] = kwargs
+    if STOP_TOKEN_IDS and "stop_token_ids" not in request and "ignore_eos" not in request:
+        request["ignore_eos"], request["stop_token_ids"] = True, STOP_TOKEN_IDS
     body = json.dumps(request).encode()
     headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
     headers.append((b"content-length", str(len(body)).encode()))
