@@ -32,6 +32,12 @@ processor (the tiny base's tokenizer, the real image size), plus a random LoRA
 adapter (r=16 on q_proj, v_proj, as ``recipes/football.yaml``); every request
 then generates ``--max-tokens`` tokens (random weights rarely stop early).
 Writes ``bench/results/serve.json`` (``serve_full_size.json`` with ``--full-size``).
+
+``--modes continuous,vllm`` puts vLLM's server (``serve --engine vllm``: the same base,
+adapter, requests and clients) beside ours, and prints vLLM's requests/s and p95 over
+continuous batching's at each level; it writes ``serve_vllm.json`` (``serve_vllm_full_size.json``).
+vLLM runs as its defaults have it (its own batching, its CPU threads); the
+"together" and CPU-per-request columns are ours only.
 """
 
 from __future__ import annotations
@@ -172,7 +178,7 @@ class Server:
 
     def health(self) -> dict:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=10) as response:
-            return json.loads(response.read())
+            return json.loads(response.read() or b"{}")  # vLLM's /health has an empty body
 
     def cpu_seconds(self) -> float | None:
         """CPU time the server has used (user + system, its HTTP process and the model's), or ``None`` without psutil."""
@@ -423,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in modes:
             (workdir / name).mkdir()
             extra = ["--batching", name, *(limits if name != "off" else [])]
+            if name == "vllm":
+                extra = ["--engine", "vllm", "--vllm-log", str(workdir / name / "vllm.log")]
             servers[name] = Server(model_args, extra, workdir / name / "server.log", args.threads)
         for server in servers.values():
             server.wait()
@@ -438,8 +446,11 @@ def main(argv: list[str] | None = None) -> int:
                 before, cpu_before = servers[name].health(), servers[name].cpu_seconds()
                 result = load(servers[name].port, clients, args.seconds, bodies)
                 after, cpu_after = servers[name].health(), servers[name].cpu_seconds()
+                if name == "vllm":
+                    after = {"batching": "vllm", "batches": 0, "batched_requests": 0}
+                    before = dict(after)
                 result.update(
-                    batching=after["batching"], mean_batch=mean_batch(before, after),
+                    batching=after["batching"], mean_batch=float("nan") if name == "vllm" else mean_batch(before, after),
                     prefills=after["batches"] - before["batches"],
                     prefill_ms=after.get("prefill_ms"), step_ms=after.get("step_ms"),
                     server_cpu_ms_per_request=None if cpu_before is None else
@@ -528,7 +539,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"they cannot average under {alone['batch'] * cpu / cores:.0f} ms, "
                   f"{floor['cpu_floor_over_one_alone']:.2f}× one request alone")  # fmt: skip
         summary["floor"] = floor
+    if "vllm" in modes and "continuous" in modes:
+        ratios = {}
+        for clients in levels:
+            ours, theirs = by[(clients, "continuous")], by[(clients, "vllm")]
+            ratios[clients] = {"rps": theirs["requests_per_second"] / max(ours["requests_per_second"], 1e-9),
+                               "p95": theirs["p95_ms"] / max(ours["p95_ms"], 1e-9)}  # fmt: skip
+            print(f"{clients:>3} clients: vLLM {ratios[clients]['rps']:.2f}× the requests/s of continuous batching, "
+                  f"p95 {ratios[clients]['p95']:.2f}×")  # fmt: skip
+        summary["vllm_over_continuous"] = ratios
     name = ("serve_full_size_small" if args.small else "serve_full_size") if args.full_size else "serve"
+    if "vllm" in modes:
+        name = name.replace("serve", "serve_vllm", 1)
     path = write_result(name, {
         "base": "Salesforce/blip2-opt-2.7b (published config, random weights)" if args.full_size else "tiny",
         "dtype": dtype, "quantization": args.quantization, "device": args.device, "seconds_per_level": args.seconds,

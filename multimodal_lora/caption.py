@@ -68,6 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="caption the first N validation images of the run that wrote --adapter, next to their references",
     )
+    engine = parser.add_argument_group("engine", "--engine vllm: generation in vLLM (BLIP-2 OPT; see docs/serving.md)")
+    engine.add_argument(
+        "--engine", choices=["builtin", "vllm"], default="builtin",
+        help="builtin: this package, every family, int8/4-bit (default); vllm: vLLM's engine, many GPUs",
+    )  # fmt: skip
+    from multimodal_lora.vllm.captioner import add_arguments as add_vllm_arguments
+
+    add_vllm_arguments(engine)
     args = parser.parse_args(argv)
     if not args.images and not args.validation:
         parser.error("give image files, directories, globs, lists or manifests, or --validation N with --adapter")
@@ -77,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size must be at least 1 and --num-workers 0 or more")
     fmt = out_format(args.out) if args.out else None
     setup_logging()
+    if args.engine == "vllm" and (args.validation or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        parser.error("--engine vllm captions inputs in one process (vLLM spreads the work: --data-parallel-size); "
+                     "--validation and accelerate launch are the built-in engine's")  # fmt: skip
     if args.validation:
         captioner, name = _captioner(args)
         return _caption_validation(captioner, name, args)
@@ -86,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         check_out(Path(args.out), resume=args.resume, overwrite=args.overwrite)
         if args.resume and Path(args.out).is_file():
             _check_resume_matches(args, read_existing(Path(args.out), fmt, row_fields(args.question is not None)))
+    if args.engine == "vllm":
+        from multimodal_lora.vllm.captioner import from_args
+
+        with from_args(args) as captioner:
+            args.batch_size = args.batch_size or captioner.batch_size
+            return caption_inputs(captioner, captioner.name, args, fmt, None)
     state = _distributed_state()
     captioner, name = _captioner(args, _process_device(state))
     if args.batch_size is None:

@@ -95,6 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="comma-separated host names remote images may come from ('*': any public host)",
     )
+    engine = parser.add_argument_group(
+        "engine", "--engine vllm: vLLM's server (BLIP-2 OPT; see docs/serving.md); flags this command does not know "
+        "go to vLLM (--tensor-parallel-size 4 ...)"
+    )
+    engine.add_argument(
+        "--engine", choices=["builtin", "vllm"], default="builtin",
+        help="builtin: this package's server, every family, int8/4-bit (default); vllm: vLLM's OpenAI server",
+    )  # fmt: skip
+    engine.add_argument("--vllm-python", help="the interpreter with vLLM (default: see python -m multimodal_lora.vllm where)")
+    engine.add_argument("--print-command", action="store_true", help="--engine vllm: print the vllm serve line, start nothing")
+    engine.add_argument("--vllm-log", help="--engine vllm: vLLM's log file (default: under the cache)")
+    engine.add_argument(
+        "--vllm-start-timeout", type=float, default=600.0, help="--engine vllm: seconds to wait for /health (default 600)"
+    )
     batch = parser.add_argument_group("batching")
     batch.add_argument(
         "--batching",
@@ -123,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.engine != "vllm":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging()
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     problems = []
@@ -142,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         raise ConfigError("; ".join(problems))
     explicit = parse_adapter_args(args.adapter)
+    if args.engine == "vllm":
+        from multimodal_lora.vllm import serve as vllm_serve
+
+        return vllm_serve.main(args, collect_adapters(args.adapters_dir, explicit), extra, api_key)
 
     from multimodal_lora.serve.engine_process import EngineProcess, EngineSpec
 
