@@ -52,6 +52,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         {"inference", "evaluate", "merge", "push", "caption_inputs", "caption_output", "caption_run"},
     ),
     ("the training recipe", {"train", "training"}),
+    ("the vLLM engine: its environment, the serve plan, batch captioning in its workers", {"vllm"}),
     ("batch captioning and the demo", {"caption", "demo"}),
     ("the server", {"serve"}),
 ]

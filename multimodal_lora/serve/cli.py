@@ -70,7 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--base", help="base model (default: the base the adapters record, else tiny)")
     add_load_arguments(model, what="the base")
     model.add_argument("--torch-threads", type=int, help="torch CPU threads (default: torch's choice)")
-    net = parser.add_argument_group("network and safety")
+    _add_network_arguments(parser.add_argument_group("network and safety"))
+    _add_engine_arguments(parser)
+    _add_batching_arguments(parser.add_argument_group("batching"))
+    return parser
+
+
+def _add_network_arguments(net) -> None:
     net.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; anything else needs --api-key)"
     )
@@ -95,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="comma-separated host names remote images may come from ('*': any public host)",
     )
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine = parser.add_argument_group(
         "engine", "--engine vllm: vLLM's server (BLIP-2 OPT; see docs/serving.md); flags this command does not know "
         "go to vLLM (--tensor-parallel-size 4 ...)"
@@ -109,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument(
         "--vllm-start-timeout", type=float, default=600.0, help="--engine vllm: seconds to wait for /health (default 600)"
     )
-    batch = parser.add_argument_group("batching")
+
+
+def _add_batching_arguments(batch) -> None:
     batch.add_argument(
         "--batching",
         choices=["continuous", "request", "off"],
@@ -133,7 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument(
         "--default-max-tokens", type=int, default=30, help="max_tokens when a request gives none (default 30)"
     )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("; ".join(problems))
     explicit = parse_adapter_args(args.adapter)
     if args.engine == "vllm":
+        from multimodal_lora.adapter.search import collect_adapters
         from multimodal_lora.vllm import serve as vllm_serve
 
         return vllm_serve.main(args, collect_adapters(args.adapters_dir, explicit), extra, api_key)
