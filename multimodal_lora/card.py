@@ -20,6 +20,7 @@ from importlib import resources
 import yaml
 
 from multimodal_lora.adapter import AdapterMeta
+from multimodal_lora.errors import ConfigError
 from multimodal_lora.families import tiny_names
 from multimodal_lora.metrics import LABELS, SCALES
 
@@ -116,6 +117,8 @@ def render_card(meta: AdapterMeta, facts: CardFacts):
         task=task,
         task_description="caption images" if task == "caption" else "answer questions about images",
         target_modules=", ".join(f"`{t}`" for t in targets) if targets else "see `adapter_config.json`",
+        parts=list(meta.parts),
+        parts_description=_parts_description(meta, targets),
         metrics=_metric_rows(facts.metrics),
         metrics_step=facts.metrics_step,
         eval_images=f"{facts.eval_images} validation images captioned" if facts.eval_images else "validation split",
@@ -125,6 +128,23 @@ def render_card(meta: AdapterMeta, facts: CardFacts):
         prompt_code=repr(prompt),
         model_class=facts.model_class,
     )
+
+
+def _parts_description(meta: AdapterMeta, targets) -> str:
+    """``the language model's attention (`q_proj`, `v_proj`), the language model's MLP (`fc1`, `fc2`) and ...``."""
+    from multimodal_lora.families import family_named
+
+    try:
+        family = family_named(meta.base.family or "")
+    except ConfigError:
+        return " and ".join(meta.parts)
+    names = {
+        "attention": ("the language model's attention", targets or family.default_targets),
+        "mlp": ("the language model's MLP", family.mlp_targets),
+        "connector": ("the connector", family.connector.modules if family.connector else ()),
+    }
+    described = [f"{names[p][0]} ({', '.join(f'`{n}`' for n in names[p][1])})" for p in meta.parts]
+    return ", ".join(described[:-1]) + (" and " if len(described) > 1 else "") + described[-1]
 
 
 def _model_name(facts: CardFacts) -> str:

@@ -343,6 +343,8 @@ def run_identity(recipe: Recipe, base, splits, processes: int, total_steps: int)
         "lora.alpha": recipe.lora.alpha,
         "lora.dropout": recipe.lora.dropout,
         "lora.target_modules": sorted(recipe.lora.target_modules or ["(the family's default)"]),
+        # Only when not the default, so checkpoints from before lora.parts existed still resume.
+        **({"lora.parts": sorted(recipe.lora.parts)} if list(recipe.lora.parts) != ["attention"] else {}),
         "data.path": recipe.data.path,
         "data.task": recipe.data.task,
         "data.prompt": recipe.data.prompt,

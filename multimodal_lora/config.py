@@ -67,6 +67,12 @@ class LoraSettings:
     """Which of the language model's attention projections get adapters. Their names are the
     base's family's (``multimodal_lora.families``; the README's Families table lists them), checked
     against that family before anything loads. ``null``: the family's default."""
+    parts: list[Literal["attention", "mlp", "connector"]] = field(default_factory=lambda: ["attention"])
+    """Which parts of the model LoRA trains: ``attention`` (the language model's attention
+    projections, narrowed by ``target_modules``), ``mlp`` (every linear of the language model's
+    MLP blocks), ``connector`` (what joins the image to the language model: BLIP-2's and
+    InstructBLIP's Q-Former linears and ``language_projection``). Checked against the base's
+    family before anything loads. Training the connector turns the frozen-feature cache off."""
 
     def problems(self) -> list[str]:
         out = []
@@ -76,6 +82,15 @@ class LoraSettings:
             out.append(f"lora.alpha: must be positive (got {self.alpha}); usually 2 × r")
         if not 0 <= self.dropout < 1:
             out.append(f"lora.dropout: must be in [0, 1) (got {self.dropout})")
+        if not self.parts:
+            out.append("lora.parts: name at least one part; choose from attention, mlp, connector")
+        if len(set(self.parts)) != len(self.parts):
+            out.append("lora.parts: lists a part twice")
+        if self.target_modules is not None and self.parts and "attention" not in self.parts:
+            out.append(
+                "lora.target_modules: chooses attention projections, but lora.parts has no attention; "
+                "add attention to lora.parts or drop target_modules"
+            )
         return out
 
     def target_problems(self, base: str, revision: str | None) -> list[str]:
@@ -98,7 +113,8 @@ class LoraSettings:
         if family is None:
             return []
         problems = family.target_problems(self.target_modules)
-        return [p + _closest_hint(p, self.target_modules, family.lora_targets) for p in problems]
+        problems = [p + _closest_hint(p, self.target_modules, family.lora_targets) for p in problems]
+        return problems + _mlp_hint(family, self.target_modules) + family.part_problems(self.parts)
 
 
 DATA_SOURCES = ("auto", "builtin", "imagefolder", "manifest", "coco", "saved", "hub")
@@ -292,6 +308,11 @@ class Recipe:
             out.extend(section.problems())
         if self.model.base:
             out.extend(self.lora.target_problems(self.model.base, self.model.revision))
+        if self.train.cache_image_features is True and "connector" in self.lora.parts:
+            out.append(
+                "train.cache_image_features: true caches the frozen image path's output, but lora.parts trains the "
+                "connector, whose output changes every step; set it to auto (turns itself off) or false"
+            )
         if self.overwrite and self.resume is not False:
             out.append("overwrite: true deletes the run that resume would continue; set only one of them")
         if not str(self.output_dir).strip():
@@ -565,6 +586,14 @@ def _closest_hint(problem: str, names, valid) -> str:
             hint = _closest(name, valid)
             return f" {hint.strip()}" if hint else ""
     return ""
+
+
+def _mlp_hint(family, targets) -> list[str]:
+    """An MLP linear named as an attention projection: say how to train the MLP instead."""
+    named = [t for t in targets or () if t in family.mlp_targets]
+    if not named:
+        return []
+    return [f"lora.target_modules: {', '.join(named)} belong to the MLP; to train it, add mlp to lora.parts"]
 
 
 def _field_names(cls) -> list[str]:

@@ -153,9 +153,9 @@ def lora_targets(lora: LoraSettings, family: Family) -> list[str]:
     return list(lora.target_modules) if lora.target_modules is not None else list(family.default_targets)
 
 
-def lora_target_pattern(targets: list[str] | tuple[str, ...], family: Family) -> str:
-    """A regex PEFT matches against full module names: only the language model's attention."""
-    return family.target_pattern(targets)
+def lora_target_pattern(targets: list[str] | tuple[str, ...], family: Family, parts=("attention",)) -> str:
+    """A regex PEFT matches against full module names: the chosen parts (by default the language model's attention)."""
+    return family.lora_pattern(parts, targets)
 
 
 def position_limit(config) -> int | None:
@@ -179,42 +179,67 @@ def text_length_problem(max_length: int, config, what: str = "data.max_length") 
     )
 
 
-def is_lora_target(module_name: str, family: Family) -> bool:
-    """Whether ``module_name`` (relative to the model) is an attention projection of its family's language model."""
-    return re.fullmatch(family.target_pattern(family.lora_targets), module_name) is not None
+def is_lora_target(module_name: str, family: Family, parts=None) -> bool:
+    """Whether ``module_name`` (relative to the model) is a LoRA target of one of ``parts`` (default: any the family offers)."""
+    part = family.part_of(module_name)
+    return part is not None and (parts is None or part in parts)
 
 
 def add_lora(model, lora: LoraSettings):
-    """Wrap ``model`` with fresh LoRA adapters on the language model's attention.
+    """Wrap ``model`` with fresh LoRA adapters on the parts ``lora.parts`` names (by default the language model's attention).
 
     Raises:
-        ConfigError: a requested projection is not one of the family's names, or is
+        ConfigError: a requested part or projection is not one of the family's, or is
             not in the model.
     """
     from peft import LoraConfig, get_peft_model
 
     family = family_of(model)
     targets = lora_targets(lora, family)
-    pattern = lora_target_pattern(targets, family)
-    hits = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if re.fullmatch(pattern, name)}
-    missing = [t for t in targets if t not in hits]
-    if missing:
-        raise ConfigError(
-            f"lora.target_modules: the language model has no {', '.join(missing)} in its attention layers "
-            f"(it has: {', '.join(sorted(hits)) or 'none of ' + '/'.join(family.lora_targets)})"
-        )
+    patterns = family.part_patterns(lora.parts, targets)
+    names = [name for name, _ in model.named_modules()]
+    if "attention" in patterns:
+        hits = {name.rsplit(".", 1)[-1] for name in names if re.fullmatch(patterns["attention"], name)}
+        missing = [t for t in targets if t not in hits]
+        if missing:
+            raise ConfigError(
+                f"lora.target_modules: the language model has no {', '.join(missing)} in its attention layers "
+                f"(it has: {', '.join(sorted(hits)) or 'none of ' + '/'.join(family.lora_targets)})"
+            )
+    empty = [part for part, pattern in patterns.items() if not any(re.fullmatch(pattern, n) for n in names)]
+    if empty:
+        raise ConfigError(f"lora.parts: this {family.name} model has no modules of its {', '.join(empty)} part")
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=pattern,
+        target_modules=family.lora_pattern(lora.parts, targets),
         bias="none",
     )
     peft_model = get_peft_model(model, config)
-    lm = family.components[-1][1]
-    stray = [n for n, p in peft_model.named_parameters() if p.requires_grad and not _strip_peft_prefix(n).startswith(lm)]
-    assert not stray, f"LoRA reached outside the language model: {stray[:3]}"
+    # What trains is LoRA, and only in the parts asked for: never the frozen vision encoder, never a part not named.
+    stray = [
+        n for n, p in peft_model.named_parameters()
+        if p.requires_grad and ("lora_" not in n or family.part_of(_lora_module(n)) not in lora.parts)
+    ]  # fmt: skip
+    assert not stray, f"LoRA reached outside lora.parts={lora.parts}: {stray[:3]}"
     return peft_model
+
+
+def _lora_module(parameter_name: str) -> str:
+    """``base_model.model.X.lora_A.default.weight`` → ``X``: the module a LoRA parameter adapts."""
+    return _strip_peft_prefix(parameter_name).partition(".lora_")[0]
+
+
+def count_lora_parts(model) -> dict[str, int]:
+    """Trainable LoRA parameters per part (``attention``, ``mlp``, ``connector``), for the parts that have any."""
+    family = family_of(model)
+    out: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad and ".lora_" in name:
+            part = family.part_of(_lora_module(name)) or "other"
+            out[part] = out.get(part, 0) + _numel(param)
+    return {p: out[p] for p in (*family.parts(), "other") if p in out}
 
 
 def count_parameters(model) -> dict[str, tuple[int, int]]:
@@ -235,12 +260,14 @@ def count_parameters(model) -> dict[str, tuple[int, int]]:
     return {k: (v[0], v[1]) for k, v in counts.items()}
 
 
-def format_parameter_table(counts: dict[str, tuple[int, int]]) -> str:
-    """The trainable-parameter table printed before training."""
+def format_parameter_table(counts: dict[str, tuple[int, int]], parts: dict[str, int] | None = None) -> str:
+    """The trainable-parameter table printed before training; ``parts`` (:func:`count_lora_parts`) adds a line by part."""
     lines = [f"{'component':<16}{'trainable':>14}{'total':>16}{'trainable %':>13}"]
     for name, (trainable, total) in counts.items():
         share = 100 * trainable / total if total else 0.0
         lines.append(f"{name:<16}{trainable:>14,}{total:>16,}{share:>12.3f}%")
+    if parts:
+        lines.append("LoRA by part: " + ", ".join(f"{part} {n:,}" for part, n in parts.items()))
     return "\n".join(lines)
 
 
@@ -381,17 +408,20 @@ def _blip2(model):
 
 
 def set_train_mode(model) -> None:
-    """Train mode for the language model only.
+    """Train mode for what trains: the language model, and the connector when ``lora.parts`` has it.
 
-    The vision encoder and Q-Former are frozen, so they should see each image the
-    same way every step: their dropout (0.1 in the Q-Former of BLIP-2) stays off.
-    That is also what makes a cached visual prefix equal to a computed one.
+    A frozen part of the image path (the vision encoder always; the Q-Former and
+    projection unless the connector trains) should see each image the same way every
+    step: its dropout (0.1 in the Q-Former of BLIP-2) stays off. That is also what makes
+    a cached visual prefix equal to a computed one. A connector that trains is trained
+    as the language model is, with its dropout on.
     """
     model.train()
     blip2 = _blip2(model)
+    trained = set(image_path_trainable(blip2))
     for name in family_of(blip2).image_path:
         part = getattr(blip2, name)
-        if isinstance(part, torch.nn.Module):
+        if isinstance(part, torch.nn.Module) and name not in trained:
             part.eval()
 
 

@@ -28,6 +28,11 @@ memory), adds the recipe's LoRA there, and adds up:
   under checkpointing still keeps each layer's quantized-projection inputs,
   which bitsandbytes holds outside autograd's saved tensors (checked against
   ``bench/gpu_full_size.py`` on an H100: see the README's Performance section).
+  ``lora.parts`` adds to this: LoRA on the MLP keeps each adapted linear's
+  dropped-out input (the wide ``ffn`` one for the down projection), and a
+  connector that trains keeps its own activations per image
+  (:func:`multimodal_lora.families.base.qformer_activation_values`; an estimate
+  not yet checked on a GPU, unlike the language model's terms).
 
 What it leaves out: the CUDA context (about 0.5 GB per process, outside
 ``torch.cuda.max_memory_allocated``), the allocator's fragmentation, and the
@@ -45,6 +50,7 @@ from multimodal_lora.families import family_for_config
 from multimodal_lora.model import (
     add_lora,
     base_config,
+    count_lora_parts,
     count_parameters,
     format_parameter_table,
     lora_targets,
@@ -152,7 +158,7 @@ def plan_memory(config, *, quantization: str, dtype: str, lora: LoraSettings, ba
     model = meta_model(config)
     weights = base_weight_bytes(model, quantization, dtype)
     peft_model = add_lora(model, lora)
-    table = format_parameter_table(count_parameters(peft_model))
+    table = format_parameter_table(count_parameters(peft_model), count_lora_parts(peft_model))
     lora_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
     family = family_for_config(config)
@@ -174,8 +180,13 @@ def plan_memory(config, *, quantization: str, dtype: str, lora: LoraSettings, ba
     # Logits in the compute dtype, their fp32 copy for the loss, the saved
     # log-softmax, and (at the start of the backward pass) their fp32 gradient.
     logits = tokens * dims.vocab * (act + 4 + 4 + 4)
-    full = tokens * per_layer * layers * act + logits
-    checkpointed = tokens * (hidden * layers + per_layer) * act + logits
+    # lora.parts beyond attention (nothing for the default [attention]).
+    mlp = mlp_dropout_inputs(peft_model, family) if lora.dropout > 0 and "mlp" in lora.parts else 0
+    connector = 0
+    if "connector" in lora.parts and family.connector is not None:
+        connector = batch_size * family.connector.activation_values(config) * act
+    full = tokens * (per_layer * layers + mlp) * act + logits + connector
+    checkpointed = tokens * (hidden * layers + per_layer + mlp // layers) * act + logits + connector
     if quantization == "int8":
         # bitsandbytes' MatMul8bitLt keeps its input for the backward pass on ``ctx``
         # rather than in autograd's saved tensors, so gradient checkpointing cannot drop
@@ -195,6 +206,15 @@ def plan_memory(config, *, quantization: str, dtype: str, lora: LoraSettings, ba
         activations=full,
         activations_checkpointed=checkpointed,
     )
+
+
+def mlp_dropout_inputs(peft_model, family) -> int:
+    """Values per token the MLP's LoRA keeps: each adapted MLP linear's dropped-out input (its ``in_features``)."""
+    total = 0
+    for name, module in peft_model.get_base_model().named_modules():
+        if hasattr(module, "lora_A") and family.part_of(name) == "mlp":
+            total += module.in_features
+    return total
 
 
 def base_weight_bytes(model, quantization: str, dtype: str, *, for_training: bool = True) -> int:

@@ -18,6 +18,7 @@ import torch
 
 from multimodal_lora.atomic import atomic_dir, is_staging
 from multimodal_lora.errors import AdapterError
+from multimodal_lora.families.base import DEFAULT_PARTS, PARTS
 from multimodal_lora.loading import LoadSettings, settings_from_record
 from multimodal_lora.model import BaseInfo, family_of, is_lora_target
 
@@ -37,6 +38,9 @@ class AdapterMeta:
     prompt_template: str = "Question: {question} Answer:"
     load: LoadSettings | None = None
     """How the base was loaded for training; ``None`` in adapters written before it was recorded."""
+    parts: tuple[str, ...] = DEFAULT_PARTS
+    """What the adapter's LoRA trains (``lora.parts``); adapters written before parts existed trained
+    the language model's attention only, the default."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -252,11 +256,17 @@ def _read_meta(meta_path: Path) -> AdapterMeta | None:
         return None
     try:
         raw = json.loads(meta_path.read_text())
-        meta = AdapterMeta(**{**raw, "base": BaseInfo(**raw["base"]), "load": settings_from_record(raw.get("load"))})
+        parts = tuple(raw.get("parts", DEFAULT_PARTS))
+        meta = AdapterMeta(
+            **{**raw, "base": BaseInfo(**raw["base"]), "load": settings_from_record(raw.get("load")), "parts": parts}
+        )
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as exc:
         raise AdapterError(f"{meta_path}: unreadable ({exc}); delete it to load the adapter as a plain PEFT adapter") from None
     if meta.task not in ("caption", "vqa"):
         raise AdapterError(f"{meta_path}: task {meta.task!r} is not caption or vqa")
+    unknown = [p for p in meta.parts if p not in PARTS]
+    if unknown or not meta.parts:
+        raise AdapterError(f"{meta_path}: parts {list(meta.parts)} must be drawn from {', '.join(PARTS)}")
     return meta
 
 
@@ -325,10 +335,12 @@ def check_fits(adapter: Adapter | str | Path, model) -> None:
         where = f"{weights}: tensor {key}"
         if not lora or kind not in ("A.weight", "B.weight"):
             raise AdapterError(f"{where} is not a LoRA A/B matrix; this package loads plain LoRA adapters only")
-        if not is_lora_target(module_name, family):
+        # A plain PEFT adapter may adapt any part this family offers; ours, only the parts it records.
+        parts = adapter.meta.parts if adapter.meta is not None else family.parts()
+        if not is_lora_target(module_name, family, parts):
             raise AdapterError(
-                f"{where} adapts {module_name}, which is not an attention projection of the language model "
-                f"({family.name}: {', '.join(family.lora_targets)}); PEFT would drop or misapply it"
+                f"{where} adapts {module_name}, which is not in the parts the adapter trained "
+                f"({family.name}: {_describe_parts(family, parts)}); PEFT would drop or misapply it"
             )
         if module_name not in modules:
             raise AdapterError(f"{where}: the base has no module {module_name}; the adapter was made for another model")
@@ -358,6 +370,17 @@ def check_fits(adapter: Adapter | str | Path, model) -> None:
             f"{weights}: has no weights for {len(missing)} of the {len(targeted)} modules its target_modules select "
             f"(e.g. {missing[0]}); PEFT would leave those at their initial values. The file is incomplete"
         )
+
+
+def _describe_parts(family, parts) -> str:
+    """``attention (q_proj, ...), mlp (fc1, fc2)``: what each recorded part may adapt."""
+    return ", ".join(family.describe_part(part) for part in parts if part in family.parts())
+
+
+def adapter_parts(adapter: Adapter, family) -> tuple[str, ...]:
+    """The parts an adapter's tensors adapt, whatever its record says (a plain PEFT adapter has none)."""
+    found = {family.part_of(key.removeprefix(_PEFT_PREFIX).partition(".lora_")[0]) for key in adapter.tensors}
+    return tuple(p for p in PARTS if p in found)
 
 
 def base_of(

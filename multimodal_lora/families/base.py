@@ -28,6 +28,9 @@ QFORMER_COMPONENTS = (
 )
 # The frozen image path: what turns pixels into the language model's visual prefix.
 QFORMER_IMAGE_PATH = ("vision_model", "qformer", "language_projection", "query_tokens")
+PARTS = ("attention", "mlp", "connector")
+"""What ``lora.parts`` may name, in the order they are listed everywhere."""
+DEFAULT_PARTS = ("attention",)
 PRINTABLE = [chr(c) for c in range(33, 127)]
 PROMPTS = "Question: What colour is the shape? Answer: A short image description:"
 
@@ -43,6 +46,18 @@ class PlanDims:
     layers: int
     """Transformer blocks the tokens pass through (an encoder–decoder counts both stacks)."""
     vocab: int
+
+
+@dataclass(frozen=True)
+class Connector:
+    """What joins the image path to the language model, when LoRA may train it (``lora.parts: [connector]``)."""
+
+    pattern: str
+    """A regex over full module names of its linear layers (only Linear: PEFT refuses to wrap a LayerNorm or a block)."""
+    modules: tuple[str, ...]
+    """Its top-level modules, for messages (``("qformer", "language_projection")``)."""
+    activation_values: Callable[[object], int]
+    """``model config -> `` values autograd keeps per image in it while it trains (the memory plan's term)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +97,67 @@ class Family:
     tables: OPT, LLaMA); ``None`` for relative positions with no table to run past (T5)."""
     components: tuple = QFORMER_COMPONENTS
     image_path: tuple[str, ...] = QFORMER_IMAGE_PATH
+    mlp_targets: tuple[str, ...] = ()
+    """The language model's MLP (feed-forward) linears that ``lora.parts: [mlp]`` adapts, all of them;
+    empty: this family offers no ``mlp`` part."""
+    mlp_pattern: str | None = None
+    """A regex with ``{names}`` for :attr:`mlp_targets`, anchored on the language model's MLP blocks
+    (the vision encoder's MLP must never match)."""
+    connector: Connector | None = None
+    """What ``lora.parts: [connector]`` adapts; ``None``: this family offers no ``connector`` part."""
+
+    def parts(self) -> tuple[str, ...]:
+        """The parts ``lora.parts`` may name for this family, in :data:`PARTS` order."""
+        offered = {"attention": True, "mlp": self.mlp_pattern is not None, "connector": self.connector is not None}
+        return tuple(p for p in PARTS if offered[p])
+
+    def part_problems(self, parts: Sequence[str]) -> list[str]:
+        """What is wrong with a recipe's ``lora.parts`` for this family (empty when fine)."""
+        offered = self.parts()
+        return [
+            f"lora.parts: the {self.name} family has no {part!r} part to train; it offers {', '.join(offered)}"
+            for part in parts
+            if part in PARTS and part not in offered
+        ]
+
+    def part_patterns(self, parts: Sequence[str], targets: Sequence[str] | None = None) -> dict[str, str]:
+        """Each chosen part's regex over full module names (``targets``: the attention projections, default all)."""
+        problems = self.part_problems(parts)
+        if problems:
+            from multimodal_lora.errors import ConfigError
+
+            raise ConfigError("; ".join(problems))
+        out = {}
+        for part in (p for p in PARTS if p in parts):
+            if part == "attention":
+                out[part] = self.target_pattern(self.lora_targets if targets is None else targets)
+            elif part == "mlp":
+                out[part] = self.mlp_pattern.format(names="|".join(re.escape(t) for t in self.mlp_targets))
+            else:
+                out[part] = self.connector.pattern
+        return out
+
+    def lora_pattern(self, parts: Sequence[str], targets: Sequence[str]) -> str:
+        """The one regex PEFT's ``target_modules`` gets for ``parts``.
+
+        Attention alone gives exactly :meth:`target_pattern`, so adapters of the default
+        ``lora.parts: [attention]`` are byte for byte what they were before parts existed.
+        """
+        patterns = list(self.part_patterns(parts, targets).values())
+        return patterns[0] if len(patterns) == 1 else "|".join(f"(?:{p})" for p in patterns)
+
+    def describe_part(self, part: str) -> str:
+        """``mlp (fc1, fc2)``: a part and the modules it adapts, for messages."""
+        connector = self.connector.modules if self.connector is not None else ()
+        names = {"attention": self.lora_targets, "mlp": self.mlp_targets, "connector": connector}[part]
+        return f"{part} ({', '.join(names)})"
+
+    def part_of(self, module_name: str) -> str | None:
+        """Which part (``attention``, ``mlp``, ``connector``) a full module name is a LoRA target of, else ``None``."""
+        for part, pattern in self.part_patterns(self.parts()).items():
+            if re.fullmatch(pattern, module_name):
+                return part
+        return None
 
     def target_pattern(self, targets: Sequence[str]) -> str:
         """The regex PEFT matches against full module names: only the language model's attention."""
@@ -121,6 +197,42 @@ class Family:
 
 
 # --- what every Q-Former family does the same way ----------------------------------------------
+
+
+def qformer_activation_values(config) -> int:
+    """Values autograd keeps per image in a Q-Former and projection whose LoRA trains (the memory plan).
+
+    The vision encoder stays frozen and keeps nothing. Per Q-Former layer, each of the
+    ``Q`` query tokens keeps about ``8 × hidden + 2 × ffn`` values (as a language-model
+    layer does) and the self-attention maps ``2 × heads × Q²`` (probabilities and their
+    dropout); a layer with cross-attention (every ``cross_attention_frequency``-th) also
+    keeps the keys and values over the ``V`` vision tokens (``2 × V × hidden``), the
+    LoRA inputs of those two projections (``2 × V × vision width``, the vision encoder's
+    output) and the cross-attention maps (``2 × heads × Q × V``); the projection's LoRA
+    keeps its input (``Q × hidden``). InstructBLIP's instruction tokens add a little more,
+    left out: the prompt is short beside the 257 vision tokens.
+    """
+    qformer, vision = config.qformer_config, config.vision_config
+    queries, hidden, heads = int(config.num_query_tokens), qformer.hidden_size, qformer.num_attention_heads
+    layers = qformer.num_hidden_layers
+    cross_layers = len(range(0, layers, max(1, qformer.cross_attention_frequency)))
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1  # patches and the class token
+    per_layer = queries * (8 * hidden + 2 * qformer.intermediate_size) + 2 * heads * queries**2
+    per_cross = 2 * tokens * hidden + 2 * tokens * vision.hidden_size + 2 * heads * queries * tokens
+    return layers * per_layer + cross_layers * per_cross + queries * hidden
+
+
+# The Q-Former families' connector: every linear layer of the Q-Former (self- and cross-attention,
+# the query FFN, InstructBLIP's instruction FFN too) and the projection into the language model.
+# The query tokens are a bare parameter, not a layer LoRA can wrap: they stay as trained.
+QFORMER_CONNECTOR = Connector(
+    pattern=(
+        r"qformer\.encoder\.layer\.\d+\.(?:(?:attention|crossattention)\.(?:attention\.(?:query|key|value)|output\.dense)"
+        r"|(?:intermediate|output)(?:_query)?\.dense)|language_projection"
+    ),
+    modules=("qformer", "language_projection"),
+    activation_values=qformer_activation_values,
+)
 
 
 def stop_token_id(generation_config, text_config) -> int:

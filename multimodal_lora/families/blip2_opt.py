@@ -28,12 +28,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from multimodal_lora.families.base import Family, PlanDims, scaled_init, stop_token_id
+from multimodal_lora.families.base import (
+    QFORMER_CONNECTOR,
+    Family,
+    PlanDims,
+    scaled_init,
+    stop_token_id,
+)
 from multimodal_lora.families.layouts import DecoderOnlyLayout
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 # Attention projections of the OPT decoder, and nothing else: match from the root.
 ATTENTION_PATTERN = r"language_model\.model\.decoder\.layers\.\d+\.self_attn\.({names})"
+# lora.parts: [mlp]: the decoder layers' two MLP linears (the vision encoder's MLP has fc1/fc2 too).
+MLP_TARGETS = ("fc1", "fc2")
+MLP_PATTERN = r"language_model\.model\.decoder\.layers\.\d+\.({names})"
 
 TINY_NAME = "tiny"
 TINY_SEED = 0
@@ -260,6 +269,9 @@ FAMILY = Family(
     lora_targets=LORA_TARGETS,
     default_targets=LORA_TARGETS,
     attention_pattern=ATTENTION_PATTERN,
+    mlp_targets=MLP_TARGETS,
+    mlp_pattern=MLP_PATTERN,
+    connector=QFORMER_CONNECTOR,
     matches=_matches,
     make_layout=_layout,
     plan_dims=_plan_dims,

@@ -31,7 +31,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from multimodal_lora.families import blip2_opt
-from multimodal_lora.families.base import Family, PlanDims, metaspace_tokenizer, stop_token_id
+from multimodal_lora.families.base import (
+    QFORMER_CONNECTOR,
+    Family,
+    PlanDims,
+    metaspace_tokenizer,
+    stop_token_id,
+)
 from multimodal_lora.families.layouts import EncoderDecoderLayout
 
 LORA_TARGETS = ("q", "k", "v", "o")
@@ -40,6 +46,10 @@ DEFAULT_TARGETS = ("q", "v")
 ATTENTION_PATTERN = (
     r"language_model\.(?:encoder|decoder)\.block\.\d+\.layer\.\d+\.(?:SelfAttention|EncDecAttention)\.({names})"
 )
+# lora.parts: [mlp]: the feed-forward of every encoder and decoder block. Flan-T5's is gated
+# (wi_0, wi_1, wo); the original T5's ReLU one has a single wi.
+MLP_TARGETS = ("wi", "wi_0", "wi_1", "wo")
+MLP_PATTERN = r"language_model\.(?:encoder|decoder)\.block\.\d+\.layer\.\d+\.DenseReluDense\.({names})"
 
 TINY_NAME = "tiny-t5"
 TINY_SEED = 0
@@ -172,6 +182,9 @@ FAMILY = Family(
     lora_targets=LORA_TARGETS,
     default_targets=DEFAULT_TARGETS,
     attention_pattern=ATTENTION_PATTERN,
+    mlp_targets=MLP_TARGETS,
+    mlp_pattern=MLP_PATTERN,
+    connector=QFORMER_CONNECTOR,
     matches=_matches,
     make_layout=_layout,
     plan_dims=plan_dims,

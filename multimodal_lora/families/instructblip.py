@@ -29,12 +29,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from multimodal_lora.families import blip2_opt, blip2_t5
-from multimodal_lora.families.base import PRINTABLE, PROMPTS, Family, PlanDims, metaspace_tokenizer
+from multimodal_lora.families.base import (
+    PRINTABLE,
+    PROMPTS,
+    QFORMER_CONNECTOR,
+    Family,
+    PlanDims,
+    metaspace_tokenizer,
+)
 from multimodal_lora.families.layouts import DecoderOnlyLayout
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LLAMA_DEFAULT = ("q_proj", "v_proj")
 LLAMA_ATTENTION = r"language_model\.model\.layers\.\d+\.self_attn\.({names})"
+LLAMA_MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+LLAMA_MLP = r"language_model\.model\.layers\.\d+\.mlp\.({names})"
 T5_ATTENTION = blip2_t5.ATTENTION_PATTERN
 
 TINY_NAME = "tiny-instructblip"
@@ -208,6 +217,9 @@ VICUNA = Family(
     lora_targets=LLAMA_TARGETS,
     default_targets=LLAMA_DEFAULT,
     attention_pattern=LLAMA_ATTENTION,
+    mlp_targets=LLAMA_MLP_TARGETS,
+    mlp_pattern=LLAMA_MLP,
+    connector=QFORMER_CONNECTOR,
     matches=_matches_vicuna,
     make_layout=_vicuna_layout,
     plan_dims=_llama_dims,
@@ -225,6 +237,9 @@ FLAN_T5 = Family(
     lora_targets=blip2_t5.LORA_TARGETS,
     default_targets=blip2_t5.DEFAULT_TARGETS,
     attention_pattern=T5_ATTENTION,
+    mlp_targets=blip2_t5.MLP_TARGETS,
+    mlp_pattern=blip2_t5.MLP_PATTERN,
+    connector=QFORMER_CONNECTOR,
     matches=_matches_t5,
     make_layout=_t5_layout,
     plan_dims=blip2_t5.plan_dims,

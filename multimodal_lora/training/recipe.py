@@ -39,6 +39,7 @@ from multimodal_lora.logs import RunLog, peak_memory_mb, reset_peak_memory
 from multimodal_lora.model import (
     add_lora,
     base_family,
+    count_lora_parts,
     count_parameters,
     enable_gradient_checkpointing,
     format_parameter_table,
@@ -149,8 +150,9 @@ def train(recipe: Recipe) -> TrainResult:
         identity = run_identity(recipe, base, splits, accelerator.num_processes, loaders.total_steps)
         state = setup_resume(resume, identity, accelerator, model, optimizer, scheduler, loaders.total_steps)
         meta = AdapterMeta(
-            base=base, task=recipe.data.task, prompt=recipe.data.prompt, prompt_template=recipe.data.prompt_template, load=load_settings
-        )
+            base=base, task=recipe.data.task, prompt=recipe.data.prompt, prompt_template=recipe.data.prompt_template,
+            load=load_settings, parts=tuple(recipe.lora.parts),
+        )  # fmt: skip
         captioner, val_groups = setup_evaluation(recipe, accelerator, model, processor, base, splits, meta)
         log = setup_log(recipe, accelerator, output_dir, trackers, resume_step=state.step if resume else None)
         run = Run(
@@ -191,9 +193,9 @@ def _collector_spared():
 
 
 def check_family(recipe: Recipe):
-    """The base's family (from its config alone), which checks the recipe's LoRA targets."""
+    """The base's family (from its config alone), which checks the recipe's LoRA targets and parts."""
     family = base_family(recipe.model.base, recipe.model.revision)
-    problems = family.target_problems(recipe.lora.target_modules)
+    problems = family.target_problems(recipe.lora.target_modules) + family.part_problems(recipe.lora.parts)
     if problems:
         raise ConfigError("\n".join(problems))
     return family
@@ -243,7 +245,7 @@ def setup_model(recipe: Recipe, accelerator, processor):
         enable_gradient_checkpointing(model)
     parameters = count_parameters(model)
     if accelerator.is_main_process:
-        logger.info("trainable parameters:\n%s", format_parameter_table(parameters))
+        logger.info("trainable parameters:\n%s", format_parameter_table(parameters, count_lora_parts(model)))
     return model, base, layout, load_settings, parameters
 
 

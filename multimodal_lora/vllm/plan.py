@@ -18,7 +18,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from multimodal_lora.vllm.support import VLLM_DTYPES, check_family, quantization_note
+from multimodal_lora.vllm.support import VLLM_DTYPES, check_family, check_parts, quantization_note
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def make_plan(adapters: dict[str, Path], base: str | None, dtype: str | None = N
     Raises:
         UserError: the family is not one vLLM serves (before anything loads).
     """
-    from multimodal_lora.adapter import base_of, read_adapter
+    from multimodal_lora.adapter import adapter_parts, base_of, open_adapter, read_adapter
     from multimodal_lora.model import base_family, resolve_base
 
     metas = {name: read_adapter(directory) for name, directory in adapters.items()}
@@ -96,6 +96,8 @@ def make_plan(adapters: dict[str, Path], base: str | None, dtype: str | None = N
     revision = next((base_of(d, m, base)[1] for d, m in metas.values()), None)
     family = base_family(base, revision)
     check_family(family.name, f"{base!r}")
+    for name, (directory, _) in metas.items():
+        check_parts(name, adapter_parts(open_adapter(directory), family))  # from its tensors: a plain PEFT adapter too
     first = next((m.load for _, m in metas.values() if m is not None and m.load is not None), None)
     ours = dtype or (first.dtype if first is not None else "fp32")
     for name, (_, meta) in metas.items():

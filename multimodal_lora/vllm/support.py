@@ -42,6 +42,24 @@ def check_family(family: str, what: str) -> None:
     )
 
 
+SERVED_PARTS = ("attention", "mlp")
+"""The ``lora.parts`` vLLM applies: it puts LoRA on the language model only, never on the connector."""
+
+
+def check_parts(name: str, parts) -> None:
+    """Refuse, in one line and before anything starts, an adapter that trains what vLLM cannot apply.
+
+    Raises:
+        UserError: naming the adapter, the parts, and the built-in engine that serves it.
+    """
+    unserved = [part for part in parts if part not in SERVED_PARTS]
+    if unserved:
+        raise UserError(
+            f"adapter {name!r} trains the {', '.join(unserved)} (lora.parts), but vLLM applies LoRA to the language "
+            "model only; drop --engine vllm: the built-in engine serves it"
+        )
+
+
 def quantization_note(name: str, quantization: str, dtype: str) -> str | None:
     """What vLLM does with an adapter trained on an int8/4-bit base (``None`` for an unquantized one).
 
