@@ -338,10 +338,7 @@ def check_fits(adapter: Adapter | str | Path, model) -> None:
         # A plain PEFT adapter may adapt any part this family offers; ours, only the parts it records.
         parts = adapter.meta.parts if adapter.meta is not None else family.parts()
         if not is_lora_target(module_name, family, parts):
-            raise AdapterError(
-                f"{where} adapts {module_name}, which is not in the parts the adapter trained "
-                f"({family.name}: {_describe_parts(family, parts)}); PEFT would drop or misapply it"
-            )
+            raise AdapterError(f"{where} adapts {module_name}, which is {_not_in(family, parts)}; PEFT would drop or misapply it")
         if module_name not in modules:
             raise AdapterError(f"{where}: the base has no module {module_name}; the adapter was made for another model")
         if module_name not in targeted:
@@ -372,9 +369,12 @@ def check_fits(adapter: Adapter | str | Path, model) -> None:
         )
 
 
-def _describe_parts(family, parts) -> str:
-    """``attention (q_proj, ...), mlp (fc1, fc2)``: what each recorded part may adapt."""
-    return ", ".join(family.describe_part(part) for part in parts if part in family.parts())
+def _not_in(family, parts) -> str:
+    """Where a stray tensor is not: the attention projections, or the parts the adapter trained."""
+    if tuple(parts) == DEFAULT_PARTS:
+        return f"not an attention projection of the language model ({family.name}: {', '.join(family.lora_targets)})"
+    described = ", ".join(family.describe_part(part) for part in parts if part in family.parts())
+    return f"not in the parts the adapter trained ({family.name}: {described})"
 
 
 def adapter_parts(adapter: Adapter, family) -> tuple[str, ...]:
