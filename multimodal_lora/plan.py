@@ -31,8 +31,9 @@ memory), adds the recipe's LoRA there, and adds up:
   ``lora.parts`` adds to this: LoRA on the MLP keeps each adapted linear's
   dropped-out input (the wide ``ffn`` one for the down projection), and a
   connector that trains keeps its own activations per image
-  (:func:`multimodal_lora.families.base.qformer_activation_values`; an estimate
-  not yet checked on a GPU, unlike the language model's terms).
+  (:func:`multimodal_lora.families.base.qformer_activation_values`, counted from
+  what autograd saves: within 1% of ``bench/connector_activations.py``'s
+  measurement on the CPU; not yet checked against a GPU peak).
 
 What it leaves out: the CUDA context (about 0.5 GB per process, outside
 ``torch.cuda.max_memory_allocated``), the allocator's fragmentation, and the
@@ -184,7 +185,7 @@ def plan_memory(config, *, quantization: str, dtype: str, lora: LoraSettings, ba
     mlp = mlp_dropout_inputs(peft_model, family) if lora.dropout > 0 and "mlp" in lora.parts else 0
     connector = 0
     if "connector" in lora.parts and family.connector is not None:
-        connector = batch_size * family.connector.activation_values(config) * act
+        connector = batch_size * family.connector.activation_values(config, lora.r) * act
     full = tokens * (per_layer * layers + mlp) * act + logits + connector
     checkpointed = tokens * (hidden * layers + per_layer + mlp // layers) * act + logits + connector
     if quantization == "int8":

@@ -165,11 +165,22 @@ def test_the_plan_counts_the_parts():
     every = plan_memory(config, lora=LoraSettings(r=16, parts=ALL), **shape)
     assert every.lora_parameters == 27_013_120 and default.lora_parameters == 10_485_760
     assert "LoRA by part: attention 10,485,760, mlp 13,107,200, connector 3,420,160" in every.format()
-    # Q-Former per image: 12 layers × (32 queries × (8 × 768 + 2 × 3072) + 2 × 12 heads × 32²) = 5,013,504;
-    # 6 cross-attention layers × (2 × 257 × 768 + 2 × 257 × 1408 + 2 × 12 × 32 × 257) = 7,895,040; projection input 32 × 768.
-    assert qformer_activation_values(config) == 5_013_504 + 7_895_040 + 24_576 == 12_933_120
+    # Q-Former per image (r=16): every layer 32 × (17 × 768 + 3 × 3072 + 6 × 16 + 4) + 3 × 12 × 32² = 752,768,
+    # × 12 = 9,033,216; the 6 cross-attention layers add 32 × (7 × 768 + 2 × 16 + 2) + 2 × 257 × (1408 + 16)
+    # + 2 × 257 × 768 + 3 × 12 × 32 × 257 = 1,595,872 each, 9,575,232; the projection 32 × (2 × 768 + 16) = 49,664.
+    assert qformer_activation_values(config, 16) == 9_033_216 + 9_575_232 + 49_664 == 18_658_112
     # MLP LoRA dropout inputs per token: 32 layers × (fc1's 2560 + fc2's 10240) = 409,600; 4 × 64 tokens; bf16.
-    assert every.activations - default.activations == 4 * 64 * 409_600 * 2 + 4 * 12_933_120 * 2
+    assert every.activations - default.activations == 4 * 64 * 409_600 * 2 + 4 * 18_658_112 * 2
+
+
+def test_the_connector_term_is_what_autograd_was_measured_to_keep():
+    from multimodal_lora.families.base import qformer_activation_values
+
+    result = json.loads((RECIPES.parent / "bench" / "results" / "connector_activations.json").read_text())
+    assert result["base"] == "Salesforce/blip2-opt-2.7b" and result["lora"]["r"] == 16
+    planned = 4 * qformer_activation_values(published_config(result["base"]), 16)
+    assert planned == result["per_image_bytes_planned"]
+    assert abs(planned - result["per_image_bytes_measured"]) <= 0.05 * result["per_image_bytes_measured"]
 
 
 # --- where the adapter's tensors sit ------------------------------------------------------------

@@ -56,8 +56,8 @@ class Connector:
     """A regex over full module names of its linear layers (only Linear: PEFT refuses to wrap a LayerNorm or a block)."""
     modules: tuple[str, ...]
     """Its top-level modules, for messages (``("qformer", "language_projection")``)."""
-    activation_values: Callable[[object], int]
-    """``model config -> `` values autograd keeps per image in it while it trains (the memory plan's term)."""
+    activation_values: Callable[[object, int], int]
+    """``(model config, LoRA rank) -> `` values autograd keeps per image in it while it trains (the memory plan's term)."""
 
 
 @dataclass(frozen=True)
@@ -199,27 +199,36 @@ class Family:
 # --- what every Q-Former family does the same way ----------------------------------------------
 
 
-def qformer_activation_values(config) -> int:
-    """Values autograd keeps per image in a Q-Former and projection whose LoRA trains (the memory plan).
+def qformer_activation_values(config, r: int) -> int:
+    """Values autograd keeps per image in a Q-Former and projection whose LoRA (rank ``r``) trains.
 
-    The vision encoder stays frozen and keeps nothing. Per Q-Former layer, each of the
-    ``Q`` query tokens keeps about ``8 × hidden + 2 × ffn`` values (as a language-model
-    layer does) and the self-attention maps ``2 × heads × Q²`` (probabilities and their
-    dropout); a layer with cross-attention (every ``cross_attention_frequency``-th) also
-    keeps the keys and values over the ``V`` vision tokens (``2 × V × hidden``), the
-    LoRA inputs of those two projections (``2 × V × vision width``, the vision encoder's
-    output) and the cross-attention maps (``2 × heads × Q × V``); the projection's LoRA
-    keeps its input (``Q × hidden``). InstructBLIP's instruction tokens add a little more,
-    left out: the prompt is short beside the 257 vision tokens.
+    Counted from the tensors autograd saves in BLIP-2's Q-Former in train mode with LoRA
+    dropout on (``bench/connector_activations.py`` lists them; the frozen vision encoder
+    keeps nothing). With ``Q`` query tokens, Q-Former width ``h``, FFN width ``f``,
+    ``n`` heads, ``V`` vision tokens of width ``v``:
+
+    * every layer, per query token: ``17 h`` (layer-norm inputs, the q/k/v/out
+      LoRA inputs and dropout masks, the per-head q/k/v), ``3 f`` (the FFN's inner
+      activations and the down projection's LoRA input), ``6 r`` (LoRA's A outputs)
+      and 4 layer-norm statistics; and ``3 n Q²`` of attention maps (softmax, dropout
+      mask, dropped-out probabilities);
+    * a layer with cross-attention (every ``cross_attention_frequency``-th) adds
+      ``Q (7 h + 2 r + 2)``, the key and value LoRA inputs over the vision output
+      ``2 V (v + r)``, the per-head keys and values ``2 V h``, and ``3 n Q V`` of maps;
+    * the projection's LoRA: ``Q (2 h + r)``.
+
+    Dropout masks count as values here, as the CPU saves them; a GPU keeps them as
+    bytes, so there this is an upper bound. InstructBLIP's instruction tokens, which
+    also pass through its Q-Former, are left out: a prompt is short beside ``V``.
     """
     qformer, vision = config.qformer_config, config.vision_config
-    queries, hidden, heads = int(config.num_query_tokens), qformer.hidden_size, qformer.num_attention_heads
+    q, h, f, n = int(config.num_query_tokens), qformer.hidden_size, qformer.intermediate_size, qformer.num_attention_heads
     layers = qformer.num_hidden_layers
     cross_layers = len(range(0, layers, max(1, qformer.cross_attention_frequency)))
     tokens = (vision.image_size // vision.patch_size) ** 2 + 1  # patches and the class token
-    per_layer = queries * (8 * hidden + 2 * qformer.intermediate_size) + 2 * heads * queries**2
-    per_cross = 2 * tokens * hidden + 2 * tokens * vision.hidden_size + 2 * heads * queries * tokens
-    return layers * per_layer + cross_layers * per_cross + queries * hidden
+    per_layer = q * (17 * h + 3 * f + 6 * r + 4) + 3 * n * q * q
+    per_cross = q * (7 * h + 2 * r + 2) + 2 * tokens * (vision.hidden_size + r) + 2 * tokens * h + 3 * n * q * tokens
+    return layers * per_layer + cross_layers * per_cross + q * (2 * h + r)
 
 
 # The Q-Former families' connector: every linear layer of the Q-Former (self- and cross-attention,
