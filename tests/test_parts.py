@@ -208,6 +208,33 @@ def test_each_part_lands_where_its_family_says_and_nowhere_else(name):
     assert ("qformer.encoder.layer.N.intermediate.dense" in leaves) == name.startswith("Salesforce/instructblip")
 
 
+def test_every_part_takes_lora_on_an_int8_base_and_gets_gradients(tiny_base, shapes_dir):
+    import bitsandbytes as bnb
+
+    from multimodal_lora.config import ModelConfig
+    from multimodal_lora.data.images import load_image
+    from multimodal_lora.model import load_base, load_processor
+
+    model, _ = load_base(ModelConfig(base="tiny", device="cpu", quantization="int8"))
+    # The projection and the MLP are int8 (the Q-Former stays fp32, as transformers keeps it).
+    assert isinstance(model.language_projection, bnb.nn.Linear8bitLt)
+    assert isinstance(model.language_model.model.decoder.layers[0].fc1, bnb.nn.Linear8bitLt)
+    model = add_lora(model, LoraSettings(r=8, alpha=16, dropout=0.0, parts=ALL))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)  # so that every lora_A gets a gradient too
+    processor = load_processor("tiny")
+    image = load_image(sorted((shapes_dir / "train").glob("*.png"))[0])
+    inputs = processor(images=image, text="a red circle", return_tensors="pt")
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    grads = {part: 0.0 for part in ALL}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            grads[blip2_opt.FAMILY.part_of(name.removeprefix("base_model.model.").partition(".lora_")[0])] += float(param.grad.abs().sum())
+    assert all(g > 0 for g in grads.values()), grads
+
+
 # --- a real run with every part ----------------------------------------------------------------
 
 
@@ -282,6 +309,10 @@ def test_merged_equals_unmerged(all_parts_run, images, tmp_path):
     with torch.no_grad():
         merged = merged_model(**batch).logits
     torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-4)
+    # The Captioner's in-place merge (evaluate, the server) too.
+    assert captioner.merge(name)
+    with torch.no_grad(), captioner.using(name):
+        torch.testing.assert_close(captioner.model(**batch).logits, unmerged, rtol=0, atol=1e-4)
     # The merged Q-Former and projection differ from the base's: the connector really was merged.
     base = Blip2ForConditionalGeneration.from_pretrained(captioner.base.name_or_path)
     assert not torch.equal(merged_model.language_projection.weight, base.language_projection.weight)
