@@ -369,16 +369,53 @@ def test_resuming_with_other_parts_is_refused(all_parts_run):
 # --- attention + MLP learns -----------------------------------------------------------------------
 
 
-def test_attention_and_mlp_learn(small_shapes_dir, tmp_path):
+@pytest.fixture(scope="module")
+def mlp_run(small_shapes_dir, tmp_path_factory):
     from multimodal_lora.train import train
 
+    out = tmp_path_factory.mktemp("mlp")
     overrides = [
-        f"output_dir={tmp_path / 'run'}", f"data.path={small_shapes_dir}", "train.batch_size=8", "train.max_steps=24",
+        f"output_dir={out}", f"data.path={small_shapes_dir}", "train.batch_size=8", "train.max_steps=24",
         "train.log_every=3", "train.eval_captions=false", "lora.parts=[attention,mlp]",
     ]  # fmt: skip
-    result = train(load_recipe(RECIPES / "tiny.yaml", overrides))
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    return out, train(load_recipe(RECIPES / "tiny.yaml", overrides))
+
+
+def test_attention_and_mlp_learn(mlp_run):
+    out, result = mlp_run
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["split"] == "train"]  # fmt: skip
     assert len(losses) == 8
     assert losses[-1] < 0.5 * losses[0], losses
     assert {blip2_opt.FAMILY.part_of(m) for m in adapted_modules(result.adapter_dir)} == {"attention", "mlp"}
+
+
+def test_vllm_commands_refuse_a_connector_adapter_in_one_line_before_anything_starts(all_parts_run, shapes_dir, tmp_path):
+    import shutil
+
+    from .test_vllm import run_cli
+
+    shutil.copytree(all_parts_run.adapter_dir, tmp_path / "runs" / "all" / "adapter")
+    image = str(next((shapes_dir / "validation").glob("*.png")))
+    for command in (
+        ["multimodal_lora.serve", "--engine", "vllm", "--adapters-dir", str(tmp_path / "runs")],
+        ["multimodal_lora.caption", "--engine", "vllm", "--adapter", str(all_parts_run.adapter_dir), image],
+    ):
+        result = run_cli(*command, "--vllm-python", "/nonexistent/python")  # refused before vLLM is looked for
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert "trains the connector (lora.parts), but vLLM applies LoRA to the language model only" in lines[0]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_an_mlp_adapter_captions_on_vllm_as_on_the_builtin_engine(mlp_run, shapes_dir):
+    from .test_vllm import run_cli, vllm_python
+
+    vllm_python()
+    adapter = str(mlp_run[1].adapter_dir)
+    images = [str(p) for p in sorted((shapes_dir / "validation").glob("*.png"))[:16]]
+    builtin = run_cli("multimodal_lora.caption", "--adapter", adapter, *images)
+    on_vllm = run_cli("multimodal_lora.caption", "--engine", "vllm", "--adapter", adapter, *images, timeout=900)
+    assert builtin.returncode == 0 and on_vllm.returncode == 0, on_vllm.stderr[-3000:]
+    assert on_vllm.stdout == builtin.stdout and len(builtin.stdout.splitlines()) == 16
