@@ -153,11 +153,6 @@ def lora_targets(lora: LoraSettings, family: Family) -> list[str]:
     return list(lora.target_modules) if lora.target_modules is not None else list(family.default_targets)
 
 
-def lora_target_pattern(targets: list[str] | tuple[str, ...], family: Family, parts=("attention",)) -> str:
-    """A regex PEFT matches against full module names: the chosen parts (by default the language model's attention)."""
-    return family.lora_pattern(parts, targets)
-
-
 def position_limit(config) -> int | None:
     """How many positions (image query tokens + text) the base's language model holds; ``None``: no limit.
 

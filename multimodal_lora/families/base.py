@@ -108,7 +108,8 @@ class Family:
 
     def parts(self) -> tuple[str, ...]:
         """The parts ``lora.parts`` may name for this family, in :data:`PARTS` order."""
-        offered = {"attention": True, "mlp": self.mlp_pattern is not None, "connector": self.connector is not None}
+        mlp = bool(self.mlp_targets) and self.mlp_pattern is not None
+        offered = {"attention": True, "mlp": mlp, "connector": self.connector is not None}
         return tuple(p for p in PARTS if offered[p])
 
     def part_problems(self, parts: Sequence[str]) -> list[str]:
@@ -233,7 +234,7 @@ def qformer_activation_values(config, r: int) -> int:
 
 # The Q-Former families' connector: every linear layer of the Q-Former (self- and cross-attention,
 # the query FFN, InstructBLIP's instruction FFN too) and the projection into the language model.
-# The query tokens are a bare parameter, not a layer LoRA can wrap: they stay as trained.
+# The query tokens are a bare parameter, not a layer LoRA can wrap: they stay frozen.
 QFORMER_CONNECTOR = Connector(
     pattern=(
         r"qformer\.encoder\.layer\.\d+\.(?:(?:attention|crossattention)\.(?:attention\.(?:query|key|value)|output\.dense)"
