@@ -235,6 +235,44 @@ def test_every_part_takes_lora_on_an_int8_base_and_gets_gradients(tiny_base, sha
     assert all(g > 0 for g in grads.values()), grads
 
 
+@pytest.mark.parametrize("base", ["tiny-t5", "tiny-instructblip"])
+def test_other_families_all_parts_adapter_loads_in_plain_peft_and_merges_to_the_same_logits(base, shapes_dir, tmp_path):
+    from peft import PeftModel
+
+    from multimodal_lora import Captioner
+    from multimodal_lora.adapter import AdapterMeta, save_adapter
+    from multimodal_lora.config import ModelConfig
+    from multimodal_lora.data.images import load_image
+    from multimodal_lora.merge import merge_adapter
+    from multimodal_lora.model import family_of, load_base
+
+    model, info = load_base(ModelConfig(base=base, device="cpu"))
+    model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, parts=ALL))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # a non-zero update in every part, as training would leave
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    family = family_of(model)
+    adapter = save_adapter(model, tmp_path / "adapter", AdapterMeta(base=info, parts=tuple(ALL)))
+    assert {family.part_of(m) for m in adapted_modules(adapter)} == set(ALL)
+
+    captioner = Captioner(base, device="cpu")
+    name = captioner.load_adapter(adapter, name="all")
+    images = sorted((shapes_dir / "validation").glob("*.png"))[:2]
+    batch = captioner.generation_inputs([load_image(p) for p in images], ["a"] * 2)
+    forward = {**batch, "decoder_input_ids": batch["input_ids"][:, :1]} if "t5" in base else batch
+    with torch.no_grad(), captioner.using(name):
+        ours = captioner.model(**forward).logits
+    plain = PeftModel.from_pretrained(family.model_cls().from_pretrained(info.name_or_path), str(adapter)).eval()
+    merged = family.model_cls().from_pretrained(merge_adapter(adapter, tmp_path / "merged")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**forward).logits, ours, rtol=0, atol=1e-5)
+        torch.testing.assert_close(merged(**forward).logits, ours, rtol=0, atol=1e-4)
+        with captioner.using(None):
+            assert (captioner.model(**forward).logits - ours).abs().max() > 1e-2
+
+
 # --- a real run with every part ----------------------------------------------------------------
 
 
