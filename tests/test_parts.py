@@ -96,7 +96,8 @@ def test_feature_cache_auto_turns_itself_off_when_the_connector_trains(tiny_base
     model = add_lora(load_base(ModelConfig(base="tiny", device="cpu"))[0], recipe.lora)
     with caplog.at_level(logging.INFO, logger="multimodal_lora.training.loaders"):
         assert cache_features(recipe, model, epochs=8) is False
-    assert "image feature cache: off" in caplog.text and "qformer, language_projection" in caplog.text
+    expected = "cache_image_features=auto: lora.parts=[attention, connector] trains qformer, language_projection of the image path"
+    assert f"image feature cache: off ({expected})" in caplog.text
     attention_only = add_lora(load_base(ModelConfig(base="tiny", device="cpu"))[0], LoraSettings())
     assert cache_features(load_recipe(RECIPES / "tiny.yaml"), attention_only, epochs=8) is True
 

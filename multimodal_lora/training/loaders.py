@@ -95,7 +95,7 @@ def cache_features(recipe: Recipe, model, epochs: float) -> bool:
         return setting
     use = epochs > 1 and not trained
     why = (
-        f"{', '.join(trained)} of the image path are trained (lora.parts={list(recipe.lora.parts)})"
+        f"lora.parts=[{', '.join(recipe.lora.parts)}] trains {', '.join(trained)} of the image path"
         if trained
         else f"the run sees each image {epochs:.3g} times" if epochs > 1 else "the run sees each image once"
     )
