@@ -27,14 +27,18 @@ a recipe, and an entry in :data:`FAMILIES`. The module must provide:
 5. a tiny twin builder (deterministic, offline, same classes and module names
    as the real model, a tokenizer trained locally) and its cache directory name;
 6. tests: the tiny twin learns the shapes recipe, and trainable-parameter
-   counts of the real configs on the ``meta`` device, with the arithmetic.
+   counts of the real configs on the ``meta`` device, with the arithmetic;
+7. for ``--engine vllm``: ``vllm``, a :class:`~multimodal_lora.families.base.VllmRoute`
+   (vLLM's architecture name and the text framing a prompt as our layout does),
+   or ``vllm_refusal``, why vLLM cannot serve it (``tests/test_vllm.py`` checks
+   the route's tokens against ``generation_inputs``).
 """
 
 from __future__ import annotations
 
 from multimodal_lora.errors import ConfigError
 from multimodal_lora.families import blip2_opt, blip2_t5, instructblip
-from multimodal_lora.families.base import Family, PlanDims
+from multimodal_lora.families.base import Family, PlanDims, VllmRoute
 from multimodal_lora.families.layouts import IGNORE_INDEX, DecoderOnlyLayout, EncoderDecoderLayout, Padding, TokenLayout
 
 __all__ = [
@@ -46,6 +50,7 @@ __all__ = [
     "Padding",
     "PlanDims",
     "TokenLayout",
+    "VllmRoute",
     "family_for_config",
     "family_named",
     "published_family",

@@ -46,6 +46,27 @@ class PlanDims:
 
 
 @dataclass(frozen=True)
+class VllmRoute:
+    """What vLLM needs to serve a family with its adapters (:mod:`multimodal_lora.vllm`).
+
+    vLLM builds the model from its own registry and turns the image into its own
+    placeholders; what it must be told is which of its architectures this is, and
+    what text surrounds our prompt so that it sees the tokens our layout generates
+    from (the start token, a chat frame, the image placeholder where the family's
+    prompt holds one).
+    """
+
+    architecture: str
+    """vLLM's registered architecture, one that supports LoRA (``SupportsLoRA``) in the release
+    ``python -m multimodal_lora.vllm install`` builds (``tests/test_vllm.py`` asks it)."""
+    prompt_frame: Callable[[object, TokenLayout], tuple[str, str]]
+    """``(tokenizer, layout) -> (before, after)``: the text written before and after the prompt
+    text (a caption prompt, or the question in its VQA template). Tokenized without special tokens
+    added, ``before + prompt + after`` must give the ids our layout puts after the image
+    placeholders; ``tests/test_vllm.py`` checks that against ``generation_inputs``."""
+
+
+@dataclass(frozen=True)
 class Family:
     """One architecture: its names, its token layout, its plan dimensions, its configs and its tiny twin."""
 
@@ -82,6 +103,10 @@ class Family:
     tables: OPT, LLaMA); ``None`` for relative positions with no table to run past (T5)."""
     components: tuple = QFORMER_COMPONENTS
     image_path: tuple[str, ...] = QFORMER_IMAGE_PATH
+    vllm: VllmRoute | None = None
+    """How vLLM serves it (``serve --engine vllm``, ``caption --engine vllm``); ``None``: it does not."""
+    vllm_refusal: str = ""
+    """Why vLLM cannot serve it (``vllm`` is ``None``), for the one-line refusal."""
 
     def target_pattern(self, targets: Sequence[str]) -> str:
         """The regex PEFT matches against full module names: only the language model's attention."""
