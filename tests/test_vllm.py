@@ -73,6 +73,23 @@ def test_a_family_vllm_cannot_serve_is_refused_in_one_line_before_anything_start
         assert time.monotonic() - started < 60  # nothing was loaded, no vLLM looked for (--vllm-python is no file)
 
 
+def test_a_route_needing_a_module_vllms_environment_lacks_is_refused_in_one_line(tmp_path):
+    """Qwen2.5-VL's route needs torchvision in vLLM's interpreter; this one (ours) has none."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("this interpreter has torchvision")
+    result = run_cli("multimodal_lora.serve", "--engine", "vllm", "--base", "tiny-qwen2vl", "--adapters-dir", str(tmp_path),
+                     "--vllm-python", sys.executable)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert error == [
+        f"error: 'tiny-qwen2vl' (Qwen2_5_VLForConditionalGeneration in vLLM) needs torchvision in vLLM's environment "
+        f"({sys.executable}), which does not have it (the CPU install removes PyPI's torchvision: it is built for CUDA "
+        "torch); install a build for its torch there, or drop --engine vllm: the built-in engine serves every family"
+    ], result.stderr
+
+
 def test_an_int8_or_4bit_adapter_is_served_unquantized_and_says_so(quick_adapter):
     from multimodal_lora.vllm.plan import make_plan
 
@@ -255,26 +272,34 @@ def test_the_middleware_adds_the_model_and_strips_answers_plain_and_streamed():
 
 @pytest.mark.vllm
 def test_the_installed_vllm_serves_exactly_the_families_we_say():
-    """Our table (vllm/support.py) against the installed vLLM's model registry."""
+    """Our families' routes (vllm/support.py reads them) against the installed vLLM's model registry: each
+    route's architecture is registered and supports LoRA; the refused ones are not registered."""
     from multimodal_lora.vllm.env import clean_env
     from multimodal_lora.vllm.plan import runtime_env
     from multimodal_lora.vllm.support import SERVED_FAMILIES
 
+    archs = [*SERVED_FAMILIES.values(), "OPTForCausalLM", "InstructBlipForConditionalGeneration", "T5ForConditionalGeneration"]
+    # Registered and LoRA-capable, read from the class as vLLM declares it (importing it may need more: see docs).
     script = (
-        "import json; from vllm.model_executor.models import ModelRegistry as R; a = set(R.get_supported_archs()); "
-        "print(json.dumps({x: x in a for x in ['Blip2ForConditionalGeneration', 'OPTForCausalLM', "
-        "'InstructBlipForConditionalGeneration', 'T5ForConditionalGeneration']}))"
+        "import ast, importlib.util, json, sys; from vllm.model_executor.models import ModelRegistry as R; "
+        "from vllm.model_executor.models.registry import _VLLM_MODELS as M; a = set(R.get_supported_archs()); out = {}\n"
+        "for x in sys.argv[1:]:\n"
+        "    if x not in a or x not in M: out[x] = [x in a, False]; continue\n"
+        "    spec = importlib.util.find_spec('vllm.model_executor.models.' + M[x][0]); tree = ast.parse(open(spec.origin).read())\n"
+        "    bases = [ast.unparse(b) for n in tree.body if isinstance(n, ast.ClassDef) and n.name == M[x][1] for b in n.bases]\n"
+        "    out[x] = [True, 'SupportsLoRA' in bases]\n"
+        "print(json.dumps(out))"
     )
     result = subprocess.run(
-        [str(vllm_python()), "-c", script], env=clean_env(runtime_env(cpu=True)), capture_output=True, text=True, timeout=300
+        [str(vllm_python()), "-c", script, *archs], env=clean_env(runtime_env(cpu=True)), capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
-    assert found == {
-        "Blip2ForConditionalGeneration": True, "OPTForCausalLM": True,
-        "InstructBlipForConditionalGeneration": False, "T5ForConditionalGeneration": False,
-    }  # fmt: skip
-    assert SERVED_FAMILIES == {"blip2-opt": "Blip2ForConditionalGeneration"}
+    for arch in SERVED_FAMILIES.values():
+        assert found[arch] == [True, True], (arch, found[arch])
+    assert found["OPTForCausalLM"][0] is True  # BLIP-2 OPT's language model
+    assert found["InstructBlipForConditionalGeneration"][0] is False and found["T5ForConditionalGeneration"][0] is False
+    assert SERVED_FAMILIES == {"blip2-opt": "Blip2ForConditionalGeneration", "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration"}
 
 
 KEY = "test-key-123"

@@ -74,6 +74,7 @@ class VllmCaptioner:
         self.batch_size = DEFAULT_BATCH_SIZE
         self.parallel = parallel
         python = env.find_python(python)
+        env.check_modules(python, self.plan.needs, f"{self.plan.base_name!r} ({self.plan.architecture} in vLLM)")
         self._workers = [
             _Worker(python, self._setup(cpu), _devices(i, parallel), cpu, log_dir / f"caption-{os.getpid()}-{i}.log")
             for i in range(parallel.data)

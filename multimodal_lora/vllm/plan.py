@@ -62,6 +62,8 @@ class Plan:
     family: str
     architecture: str
     """vLLM's architecture for the family (its :class:`~multimodal_lora.families.base.VllmRoute`)."""
+    needs: tuple[str, ...]
+    """Modules vLLM's interpreter must have for it (``VllmRoute.needs``)."""
     dtype: str
     """vLLM's ``--dtype``."""
     prompt_before: str
@@ -143,6 +145,7 @@ def make_plan(
         revision=revision,
         family=family.name,
         architecture=route.architecture,
+        needs=route.needs,
         dtype=VLLM_DTYPES[ours],
         prompt_before=before,
         prompt_after=after,

@@ -93,6 +93,7 @@ def main(args, found, extra: list[str], api_key: str | None, given: set[str] = f
         print(command.shell(f"{shlex.quote(str(env.find_python(args.vllm_python)))} {shlex.quote(str(CLI))} serve" if cpu else "vllm serve"))
         return 0
     python = env.find_python(args.vllm_python)
+    env.check_modules(python, plan.needs, f"{plan.base_name!r} ({plan.architecture} in vLLM)")
     log = Path(args.vllm_log) if args.vllm_log else _log_path(args.port)
     names = [plan.base_name, *plan.adapters]
     logger.info("starting vLLM (%s) for %s; its log: %s", python, ", ".join(names), log)
