@@ -54,11 +54,16 @@ class Middleware:
         if body is None:
             await _refuse(send, 413, f"the request body is larger than this server's limit ({MAX_BODY_BYTES} bytes)")
             return
-        refusal = _image_refusal(body)
-        if refusal is not None:
-            await _refuse(send, *refusal)
-            return
-        body, scope = _with_model_kwarg(body, scope)
+        try:
+            request = json.loads(body)
+        except ValueError:
+            request = None  # vLLM answers a body that is not JSON with its own 400
+        if isinstance(request, dict):
+            refusal = _image_refusal(request)
+            if refusal is not None:
+                await _refuse(send, *refusal)
+                return
+            body, scope = _with_model_kwarg(request, scope)
         sent = False
 
         async def replay():
@@ -98,14 +103,8 @@ def _image_urls(request) -> list[str]:
     return urls
 
 
-def _image_refusal(body: bytes):
+def _image_refusal(request: dict):
     """``(status, message)`` for an image the built-in server would refuse; ``None`` if none is."""
-    try:
-        request = json.loads(body)
-    except ValueError:
-        return None  # vLLM answers a body that is not JSON with its own 400
-    if not isinstance(request, dict):
-        return None
     for url in _image_urls(request):
         if url.startswith("data:") and MAX_IMAGE_BYTES is not None:
             encoded = len(url) - url.find(",") - 1
@@ -129,13 +128,7 @@ async def _refuse(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _with_model_kwarg(body: bytes, scope):
-    try:
-        request = json.loads(body)
-    except ValueError:
-        return body, scope  # vLLM answers a body that is not JSON with its own 400
-    if not isinstance(request, dict):
-        return body, scope
+def _with_model_kwarg(request: dict, scope):
     kwargs = request.get("chat_template_kwargs")
     kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
     kwargs[MODEL_KWARG] = request.get("model")
