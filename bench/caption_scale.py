@@ -18,6 +18,15 @@ to end (command start to exit: imports, model load, process start-up), and
 each as a ratio to one process. On CPU every process runs one torch thread
 (``OMP_NUM_THREADS=1``) and ``--num-workers`` DataLoader workers. Writes
 ``bench/results/caption_scale.json``.
+
+``--engines builtin,vllm`` adds ``caption --engine vllm`` (one process: vLLM
+spreads the work itself) beside the built-in engine's runs, on the same images,
+adapter and batch size, alternating with them; its output is compared row for
+row with the built-in engine's (the count of equal rows is reported, not
+required: vLLM's kernels may round differently), and the file is
+``bench/results/caption_scale_vllm.json``. Give ``--adapter`` a trained adapter
+there: a random one writes text where the two engines' tokenizer decoding
+differs (an answer ending inside a multi-byte character).
 """
 
 from __future__ import annotations
@@ -66,15 +75,15 @@ def make_adapter(root: Path) -> Path:
 
 
 def command(processes: int, gpu: bool, args: list[str]) -> list[str]:
-    if processes == 1:
+    if processes == 1:  # and always with --engine vllm
         return [sys.executable, "-m", "multimodal_lora.caption", *args]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     return [*launch, "-m", "multimodal_lora.caption", *args]
 
 
-def run_once(processes: int, gpu: bool, images: Path, adapter: Path, out: Path, opts) -> dict:
-    args = [str(images), "--adapter", str(adapter), "--out", str(out), "--overwrite"]
+def run_once(engine: str, processes: int, gpu: bool, images: Path, adapter: Path, out: Path, opts) -> dict:
+    args = [str(images), "--adapter", str(adapter), "--out", str(out), "--overwrite", "--engine", engine]
     args += ["--batch-size", str(opts.batch_size), "--max-new-tokens", str(opts.max_new_tokens)]
     args += ["--num-workers", str(opts.num_workers)]
     if gpu:
@@ -87,12 +96,12 @@ def run_once(processes: int, gpu: bool, images: Path, adapter: Path, out: Path, 
     proc = subprocess.run(command(processes, gpu, args), env=env, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
-        raise SystemExit(f"{processes} process(es) failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{engine}, {processes} process(es) failed:\n{proc.stderr[-3000:]}")
     match = RATE.search(proc.stderr)
     if match is None or int(match.group(3)) != processes:
-        raise SystemExit(f"no throughput line from {processes} process(es):\n{proc.stderr[-2000:]}")
+        raise SystemExit(f"no throughput line from {engine}, {processes} process(es):\n{proc.stderr[-2000:]}")
     rows = out.read_text().splitlines()
-    return {"processes": processes, "loop_seconds": float(match.group(1)), "loop_images_per_s": float(match.group(2)),
+    return {"engine": engine, "processes": processes, "loop_seconds": float(match.group(1)), "loop_images_per_s": float(match.group(2)),
             "wall_seconds": wall, "end_to_end_images_per_s": len(rows) / wall, "rows": rows}  # fmt: skip
 
 
@@ -107,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=1, help="DataLoader workers per process")
     parser.add_argument("--small", action="store_true", help="200 images, 1 repeat: a check, not a figure")
+    parser.add_argument(
+        "--engines", default="builtin", help="builtin, or builtin,vllm: also caption --engine vllm (one process)"
+    )
+    parser.add_argument("--adapter", type=Path, default=None, help="the adapter to caption with (default: a random one)")
     parser.add_argument("--out", type=Path, default=None, help="results directory (default bench/results)")
     opts = parser.parse_args(argv)
     quiet()
@@ -120,26 +133,34 @@ def main(argv: list[str] | None = None) -> int:
     else:
         # On one GPU, 2 processes share it (each its own CUDA context and generate loop).
         counts = [1, max(2, torch.cuda.device_count())] if gpu else [1, 2]
+    engines = [e.strip() for e in opts.engines.split(",") if e.strip()]
+    configs = [("builtin", n) for n in counts] + [("vllm", 1)] * ("vllm" in engines)
     with tempfile.TemporaryDirectory(prefix="caption-scale-") as tmp:
         root = Path(tmp)
-        images, adapter = make_images(root, opts.images), make_adapter(root)
+        images = make_images(root, opts.images)
+        adapter = opts.adapter.resolve() if opts.adapter else make_adapter(root)
         runs = []
         for repeat in range(opts.repeats):
-            # Alternate the order, so that neither count always runs first (cold caches, a busy neighbour).
-            for processes in counts if repeat % 2 == 0 else counts[::-1]:
-                run = run_once(processes, gpu, images, adapter, root / f"out-{processes}.jsonl", opts)
+            # Alternate the order, so that no configuration always runs first (cold caches, a busy neighbour).
+            for engine, processes in configs if repeat % 2 == 0 else configs[::-1]:
+                run = run_once(engine, processes, gpu, images, adapter, root / f"out-{engine}-{processes}.jsonl", opts)
+                run["load_average"] = os.getloadavg()[0]
                 runs.append(run)
-                print(f"  {processes} process(es): {run['loop_images_per_s']:.1f} images/s in the loop, "
+                print(f"  {engine}, {processes} process(es): {run['loop_images_per_s']:.1f} images/s in the loop, "
                       f"{run['end_to_end_images_per_s']:.1f} end to end", file=sys.stderr)  # fmt: skip
     reference = next(r["rows"] for r in runs if r["processes"] == counts[0])
     assert len(reference) == opts.images
     for run in runs:
-        if run.pop("rows") != reference:
+        rows = run.pop("rows")
+        if run["engine"] == "vllm":
+            run["rows_equal_to_builtin"] = sum(a == b for a, b in zip(rows, reference))
+        elif rows != reference:
             raise SystemExit(f"{run['processes']} processes wrote a different file than {counts[0]}")
     summary = []
-    for processes in counts:
-        mine = [r for r in runs if r["processes"] == processes]
+    for engine, processes in configs:
+        mine = [r for r in runs if r["engine"] == engine and r["processes"] == processes]
         summary.append({
+            "engine": engine,
             "processes": processes,
             "loop_images_per_s": median(r["loop_images_per_s"] for r in mine),
             "end_to_end_images_per_s": median(r["end_to_end_images_per_s"] for r in mine),
@@ -149,14 +170,17 @@ def main(argv: list[str] | None = None) -> int:
         row["loop_speedup"] = row["loop_images_per_s"] / base_loop
         row["end_to_end_speedup"] = row["end_to_end_images_per_s"] / base_e2e
     print(table(
-        ["processes", "loop images/s", "× 1 process", "end-to-end images/s", "× 1 process"],
-        [[r["processes"], r["loop_images_per_s"], r["loop_speedup"], r["end_to_end_images_per_s"], r["end_to_end_speedup"]]
-         for r in summary],
+        ["engine", "processes", "loop images/s", "× builtin 1 process", "end-to-end images/s", "× builtin 1 process"],
+        [[r["engine"], r["processes"], r["loop_images_per_s"], r["loop_speedup"], r["end_to_end_images_per_s"],
+          r["end_to_end_speedup"]] for r in summary],
         title=f"caption {opts.images} images ({'GPU' if gpu else 'CPU, gloo'}), batch {opts.batch_size}/process, "
-        f"{opts.max_new_tokens} new tokens, medians of {opts.repeats}; outputs identical across process counts",
+        f"{opts.max_new_tokens} new tokens, medians of {opts.repeats}; built-in outputs identical across process counts",
     ))  # fmt: skip
-    settings = {k: v for k, v in vars(opts).items() if k != "out"}
-    path = write_result("caption_scale", {"settings": settings, "device": "cuda" if gpu else "cpu",
+    for run in runs:
+        if run["engine"] == "vllm":
+            print(f"vLLM's file: {run['rows_equal_to_builtin']} of {opts.images} rows equal to the built-in engine's")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items() if k != "out"}
+    path = write_result("caption_scale_vllm" if "vllm" in engines else "caption_scale", {"settings": settings, "device": "cuda" if gpu else "cpu",
                                           "summary": summary, "runs": runs}, opts.out)  # fmt: skip
     print(f"wrote {path}")
     return 0

@@ -70,6 +70,8 @@ def machine() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        # The machine may be shared: the 1, 5 and 15-minute load when the figures were written.
+        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -116,7 +118,8 @@ def write_result(name: str, data: dict, directory: Path | None = None) -> Path:
     """Write ``data`` (plus the machine and the command) to ``bench/results/NAME.json``."""
     directory = Path(directory) if directory is not None else RESULTS
     directory.mkdir(parents=True, exist_ok=True)
-    payload = {"bench": name, "command": " ".join(["python", *sys.argv]), "machine": machine(), **data}
+    date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    payload = {"bench": name, "command": " ".join(["python", *sys.argv]), "date": date, "machine": machine(), **data}
     path = directory / f"{name}.json"
     fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".json", dir=directory)
     with os.fdopen(fd, "w") as f:

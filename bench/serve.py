@@ -156,10 +156,12 @@ class Server:
         self.port = free_port()
         env = {**os.environ, "PYTHONPATH": repo_on_path(), "PYTHONUNBUFFERED": "1"}
         self.log = log
+        # Our engine's threads and queue; vLLM sizes its own (it refuses our flags for them).
+        ours = [] if "vllm" in extra else ["--torch-threads", str(threads), "--max-queue", "1024"]
         with log.open("w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "multimodal_lora.serve", "--port", str(self.port), "--adapters-dir", str(log.parent / "none"),
-                 "--torch-threads", str(threads), "--max-queue", "1024", *model_args, *extra],
+                 *ours, *model_args, *extra],
                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
 
@@ -224,19 +226,28 @@ def request_bodies(images: Path, model: str, max_tokens: int | None, count: int 
     return bodies
 
 
-def load(port: int, clients: int, seconds: float, bodies: list[bytes]) -> dict:
-    """``clients`` threads sending requests back to back for ``seconds``; latencies and throughput."""
+def load(port: int, clients: int, seconds: float, bodies: list[bytes], requests: int | None = None) -> dict:
+    """``clients`` threads sending requests back to back for ``seconds``, or until ``requests`` have been
+    sent, whichever comes first; latencies and throughput."""
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
     start_gate = threading.Barrier(clients + 1)
-    state = {"deadline": 0.0, "last": 0.0}
+    state = {"deadline": 0.0, "last": 0.0, "sent": 0}
+
+    def take() -> bool:
+        """Whether this client may send one more request."""
+        with lock:
+            if time.perf_counter() >= state["deadline"] or (requests is not None and state["sent"] >= requests):
+                return False
+            state["sent"] += 1
+            return True
 
     def client(index: int) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
         start_gate.wait()
         n = index
-        while time.perf_counter() < state["deadline"]:
+        while take():
             body = bodies[n % len(bodies)]
             n += clients
             sent = time.perf_counter()
@@ -375,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seconds", type=float, default=6.0, help="load time per level and server (default 6)")
     parser.add_argument(
+        "--requests", type=int, default=None, help="at most this many requests per level and server (default: no cap)"
+    )
+    parser.add_argument(
         "--modes", default="off,request,continuous", help="the servers' --batching modes to compare (default all three)"
     )
     parser.add_argument("--max-batch-size", type=int, default=16)
@@ -443,9 +457,10 @@ def main(argv: list[str] | None = None) -> int:
         for i, clients in enumerate(levels):
             order = modes[i % len(modes) :] + modes[: i % len(modes)]  # each mode goes first at some level
             for name in order:
-                before, cpu_before = servers[name].health(), servers[name].cpu_seconds()
-                result = load(servers[name].port, clients, args.seconds, bodies)
+                before, cpu_before, load_before = servers[name].health(), servers[name].cpu_seconds(), os.getloadavg()[0]
+                result = load(servers[name].port, clients, args.seconds, bodies, args.requests)
                 after, cpu_after = servers[name].health(), servers[name].cpu_seconds()
+                result["load_average"] = [load_before, os.getloadavg()[0]]  # 1-minute, before and after
                 if name == "vllm":
                     after = {"batching": "vllm", "batches": 0, "batched_requests": 0}
                     before = dict(after)
@@ -461,8 +476,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"p50 {result['p50_ms']:.0f} ms, p95 {result['p95_ms']:.0f} ms, {result['mean_batch']:.1f} together", flush=True)  # fmt: skip
         for server in servers.values():
             server.stop()
-        # The floor under any server's latency on this machine: the model alone, quiet (see quiet_model).
-        alone = quiet_model_alone(model_load, images, max_tokens or 30, args.max_batch_size, args.threads)
+        # The floor under any server's latency on this machine: the model alone, quiet (see quiet_model);
+        # it divides by one request alone with batching off, so only with that mode.
+        if "off" in modes:
+            alone = quiet_model_alone(model_load, images, max_tokens or 30, args.max_batch_size, args.threads)
     finally:
         for server in servers.values():
             server.stop()
@@ -554,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     path = write_result(name, {
         "base": "Salesforce/blip2-opt-2.7b (published config, random weights)" if args.full_size else "tiny",
         "dtype": dtype, "quantization": args.quantization, "device": args.device, "seconds_per_level": args.seconds,
+        "requests_per_level": args.requests,
         "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms, "max_tokens": max_tokens,
         "rows": rows, "summary": summary,
     }, args.out)  # fmt: skip

@@ -58,13 +58,15 @@ def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
     )
 
 
-def start_server(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(args: list[str], log: Path, torch_threads: int | None = 1) -> tuple[subprocess.Popen, str]:
+    """The server on a free port, once its /health answers (``torch_threads=None``: no --torch-threads, for vLLM)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     env.pop("MULTIMODAL_LORA_API_KEY", None)
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "multimodal_lora.serve", "--port", str(port), "--torch-threads", "1", *args],
+            [sys.executable, "-m", "multimodal_lora.serve", "--port", str(port),
+             *(["--torch-threads", str(torch_threads)] if torch_threads else []), *args],  # fmt: skip
             cwd=REPO,
             env=env,
             stdout=out,

@@ -25,7 +25,7 @@ from multimodal_lora.adapter.files import (
     read_adapter,
     save_adapter,
 )
-from multimodal_lora.adapter.search import BaseChoice, Found, base_for, collect_adapters, find_adapters
+from multimodal_lora.adapter.search import BaseChoice, Found, base_for, base_name_for, collect_adapters, find_adapters
 
 __all__ = [
     "CARD_FILE",
@@ -42,6 +42,7 @@ __all__ = [
     "adapter_size_bytes",
     "attach",
     "base_for",
+    "base_name_for",
     "base_of",
     "check_base_matches",
     "check_fits",

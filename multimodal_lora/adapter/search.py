@@ -153,15 +153,27 @@ def base_for(
         AdapterError: nothing says which base a foreign adapter belongs to and ``base`` was not given.
     """
     overrides = dict(quantization=quantization, dtype=dtype, device=device)
+    name, revision, deciding = _decide(adapters, base, purpose)
+    recorded = deciding.meta.load if deciding is not None and deciding.meta is not None else None
+    if purpose is None and adapters:
+        settings = resolve(recorded, **overrides, subject=f"base {name} for adapter {deciding.directory}")
+        return BaseChoice(name, revision, settings)
+    subject = f"base {name} for {purpose}" if purpose else f"base {name}"
+    settings = resolve(recorded, **overrides, subject=subject, bare=deciding is None)
+    return BaseChoice(name, revision, settings)
+
+
+def base_name_for(adapters: Sequence[Adapter], base: str | None = None, *, purpose: str | None = None) -> tuple[str, str | None]:
+    """``(base, revision)`` that :func:`base_for` decides, without deciding how it loads (and without its
+    log line): for a caller that refuses some bases before it says anything else."""
+    name, revision, _ = _decide(adapters, base, purpose)
+    return name, revision
+
+
+def _decide(adapters: Sequence[Adapter], base: str | None, purpose: str | None) -> tuple[str, str | None, Adapter | None]:
+    """The base's name and revision, and the adapter whose record decides how it loads (``None``: none)."""
     if purpose is None and adapters:
         adapter = adapters[0]
-        name, revision = base_of(adapter.directory, adapter.meta, base, adapter.config)
-        recorded = adapter.meta.load if adapter.meta is not None else None
-        settings = resolve(recorded, **overrides, subject=f"base {name} for adapter {adapter.directory}")
-        return BaseChoice(name, revision, settings)
+        return (*base_of(adapter.directory, adapter.meta, base, adapter.config), adapter)
     first = next((a for a in adapters if a.meta is not None), None)
-    name = base or (first.meta.base.name if first is not None else None) or DEFAULT_BASE
-    subject = f"base {name} for {purpose}" if purpose else f"base {name}"
-    recorded = first.meta.load if first is not None else None
-    settings = resolve(recorded, **overrides, subject=subject, bare=first is None)
-    return BaseChoice(name, None, settings)
+    return base or (first.meta.base.name if first is not None else None) or DEFAULT_BASE, None, first

@@ -40,31 +40,47 @@ a recipe, and an entry in :data:`FAMILIES`. The module must provide:
 6. tests: the tiny twin learns the shapes recipe, and trainable-parameter
    counts of the real configs on the ``meta`` device, with the arithmetic
    (per part, when it offers more than attention: ``tests/test_parts.py``).
+7. for ``--engine vllm``: ``vllm``, a :class:`~multimodal_lora.families.base.VllmRoute`
+   (vLLM's architecture name and the text framing a prompt as our layout does),
+   or ``vllm_refusal``, why vLLM cannot serve it (``tests/test_vllm.py`` checks
+   the route's tokens against ``generation_inputs``).
 """
 
 from __future__ import annotations
 
 from multimodal_lora.errors import ConfigError
-from multimodal_lora.families import blip2_opt, blip2_t5, instructblip
-from multimodal_lora.families.base import Family, PlanDims
-from multimodal_lora.families.layouts import IGNORE_INDEX, DecoderOnlyLayout, EncoderDecoderLayout, Padding, TokenLayout
+from multimodal_lora.families import blip2_opt, blip2_t5, instructblip, qwen2_5_vl
+from multimodal_lora.families.base import Family, PlanDims, VllmRoute
+from multimodal_lora.families.layouts import (
+    IGNORE_INDEX,
+    ChatLayout,
+    DecoderOnlyLayout,
+    EncoderDecoderLayout,
+    Padding,
+    TokenLayout,
+)
+from multimodal_lora.families.visual import PIXELS, VisualInputs
 
 __all__ = [
     "FAMILIES",
     "IGNORE_INDEX",
+    "PIXELS",
+    "ChatLayout",
     "DecoderOnlyLayout",
     "EncoderDecoderLayout",
     "Family",
     "Padding",
     "PlanDims",
     "TokenLayout",
+    "VisualInputs",
+    "VllmRoute",
     "family_for_config",
     "family_named",
     "published_family",
     "tiny_family",
 ]
 
-FAMILIES: tuple[Family, ...] = (blip2_opt.FAMILY, blip2_t5.FAMILY, instructblip.VICUNA, instructblip.FLAN_T5)
+FAMILIES: tuple[Family, ...] = (blip2_opt.FAMILY, blip2_t5.FAMILY, instructblip.VICUNA, instructblip.FLAN_T5, qwen2_5_vl.FAMILY)
 
 
 def family_for_config(config) -> Family:

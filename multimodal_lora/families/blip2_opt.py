@@ -32,6 +32,7 @@ from multimodal_lora.families.base import (
     QFORMER_CONNECTOR,
     Family,
     PlanDims,
+    VllmRoute,
     scaled_init,
     stop_token_id,
 )
@@ -90,6 +91,12 @@ def _layout(config, generation_config, processor) -> DecoderOnlyLayout:
         # A byte-level BPE marks a new word by its leading space.
         target_prefix=" ",
     )
+
+
+def _vllm_prompt_frame(tokenizer, layout: DecoderOnlyLayout) -> tuple[str, str]:
+    """vLLM's BLIP-2 puts the image's 32 query tokens before the text itself; the text starts, as
+    our layout's does, with the start token ``</s>``."""
+    return tokenizer.convert_ids_to_tokens(layout.bos_token_id), ""
 
 
 def _plan_dims(text) -> PlanDims:
@@ -279,4 +286,5 @@ FAMILY = Family(
     tiny_name=TINY_NAME,
     tiny_dirname=f"tiny-blip2-v{TINY_VERSION}",
     build_tiny=save_tiny_base,
+    vllm=VllmRoute(architecture="Blip2ForConditionalGeneration", prompt_frame=_vllm_prompt_frame),
 )

@@ -196,4 +196,5 @@ FAMILY = Family(
     tiny_name=TINY_NAME,
     tiny_dirname=f"tiny-blip2-t5-v{TINY_VERSION}",
     build_tiny=save_tiny_base,
+    vllm_refusal="vLLM has no T5 language model for Blip2ForConditionalGeneration",
 )

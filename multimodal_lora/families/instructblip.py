@@ -227,6 +227,7 @@ VICUNA = Family(
     tiny_name=TINY_NAME,
     tiny_dirname=f"tiny-instructblip-v{TINY_VERSION}",
     build_tiny=save_tiny_base,
+    vllm_refusal="vLLM has no InstructBlipForConditionalGeneration",
 )
 
 FLAN_T5 = Family(
@@ -244,4 +245,5 @@ FLAN_T5 = Family(
     make_layout=_t5_layout,
     plan_dims=blip2_t5.plan_dims,
     max_positions=blip2_t5.no_position_limit,
+    vllm_refusal="vLLM has no InstructBlipForConditionalGeneration",
 )

@@ -146,6 +146,15 @@ def _add_batching_arguments(batch) -> None:
     )
 
 
+def given_options(argv: list[str] | None) -> set[str]:
+    """The options given on the command line (their ``dest``), whatever their value: the parser again,
+    with every default suppressed."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_known_args(argv)[0]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -173,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         from multimodal_lora.adapter.search import collect_adapters
         from multimodal_lora.vllm import serve as vllm_serve
 
-        return vllm_serve.main(args, collect_adapters(args.adapters_dir, explicit), extra, api_key)
+        return vllm_serve.main(args, collect_adapters(args.adapters_dir, explicit), extra, api_key, given_options(argv))
 
     from multimodal_lora.serve.engine_process import EngineProcess, EngineSpec
 

@@ -61,14 +61,12 @@ class VllmCaptioner:
     """
 
     def __init__(self, adapter, base, dtype, quantization, *, python: str | None, parallel: Parallel, cpu: bool, log_dir: Path):
-        from multimodal_lora.adapter import read_adapter
+        from multimodal_lora.adapter import open_adapter
         from multimodal_lora.model import load_processor
 
-        adapters = {}
-        if adapter is not None:
-            directory, _ = read_adapter(adapter)
-            adapters["adapter"] = directory  # vLLM's name for it; nothing outside this process sees it
-        self.plan: Plan = make_plan(adapters, base, dtype, quantization)
+        # "adapter" is vLLM's name for it; nothing outside this process sees it.
+        adapters = {"adapter": open_adapter(adapter)} if adapter is not None else {}
+        self.plan: Plan = make_plan(adapters, base, dtype, quantization, purpose=None)
         for note in self.plan.notes:
             logger.warning("%s", note)
         self.name = next(iter(self.plan.adapters), None)
@@ -76,6 +74,7 @@ class VllmCaptioner:
         self.batch_size = DEFAULT_BATCH_SIZE
         self.parallel = parallel
         python = env.find_python(python)
+        env.check_modules(python, self.plan.needs, f"{self.plan.base_name!r} ({self.plan.architecture} in vLLM)")
         self._workers = [
             _Worker(python, self._setup(cpu), _devices(i, parallel), cpu, log_dir / f"caption-{os.getpid()}-{i}.log")
             for i in range(parallel.data)
@@ -141,8 +140,7 @@ class VllmCaptioner:
         sampling.update(ignore_eos=True, stop_token_ids=[self.plan.stop_token_id])
         if do_sample:
             sampling["top_p"] = top_p
-        tokenizer = self.processor.tokenizer
-        ids = [[self.plan.bos_token_id, *(tokenizer(p, add_special_tokens=False).input_ids if p else [])] for p in prompts]
+        ids = [self.plan.prompt_ids(self.processor.tokenizer, p) for p in prompts]
         encoded = [_encode(image) for image in images]
         share = -(-len(images) // len(self._workers))
         jobs = [

