@@ -33,7 +33,7 @@ a recipe, and an entry in :data:`FAMILIES`. The module must provide:
 from __future__ import annotations
 
 from multimodal_lora.errors import ConfigError
-from multimodal_lora.families import blip2_opt, blip2_t5, instructblip
+from multimodal_lora.families import blip2_opt, blip2_t5, instructblip, paligemma, smolvlm
 from multimodal_lora.families.base import Family, PlanDims
 from multimodal_lora.families.layouts import IGNORE_INDEX, DecoderOnlyLayout, EncoderDecoderLayout, Padding, TokenLayout
 
@@ -52,7 +52,15 @@ __all__ = [
     "tiny_family",
 ]
 
-FAMILIES: tuple[Family, ...] = (blip2_opt.FAMILY, blip2_t5.FAMILY, instructblip.VICUNA, instructblip.FLAN_T5)
+FAMILIES: tuple[Family, ...] = (
+    blip2_opt.FAMILY,
+    blip2_t5.FAMILY,
+    instructblip.VICUNA,
+    instructblip.FLAN_T5,
+    paligemma.FAMILY,
+    smolvlm.SMOLVLM,
+    smolvlm.IDEFICS3,
+)
 
 
 def family_for_config(config) -> Family:

@@ -1,0 +1,258 @@
+"""PaliGemma 2 and SmolVLM2: detection, LoRA placement and counts on the real configs, the tiny twins,
+and each family's token layout checked against the processor transformers ships for it."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from multimodal_lora.config import LoraSettings, ModelConfig
+from multimodal_lora.errors import UserError
+from multimodal_lora.families import FAMILIES, family_for_config, family_named
+from multimodal_lora.families.layouts import IGNORE_INDEX
+from multimodal_lora.model import (
+    add_lora,
+    count_parameters,
+    load_base,
+    load_processor,
+    meta_model,
+    published_config,
+    text_layout,
+)
+
+TINY = {"tiny-paligemma": "paligemma", "tiny-smolvlm": "smolvlm"}
+LM_PREFIX = {"paligemma": "model.language_model.layers.", "smolvlm": "model.text_model.layers."}
+VISION_PREFIX = {"paligemma": "model.vision_tower.", "smolvlm": "model.vision_model."}
+
+
+def lora_parameters(model) -> dict[str, int]:
+    return {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# --- the real configs on the meta device ------------------------------------------------------
+
+
+def test_the_published_configs_are_their_familys_and_no_other():
+    from transformers import Idefics3Config
+
+    expect = {
+        "google/paligemma2-3b-pt-224": "paligemma",
+        "google/paligemma2-3b-pt-448": "paligemma",
+        "HuggingFaceTB/SmolVLM2-2.2B-Instruct": "smolvlm",
+        "HuggingFaceTB/SmolVLM2-500M-Video-Instruct": "smolvlm",
+    }
+    for hub, name in expect.items():
+        config = published_config(hub)
+        assert [f.name for f in FAMILIES if f.matches(config)] == [name], hub
+    # SmolVLM v1 / Idefics3: the same shape under its own model type and class.
+    assert [f.name for f in FAMILIES if f.matches(Idefics3Config())] == ["idefics3"]
+
+
+def test_paligemma2_3b_lora_count_and_frozen_image_path():
+    # Gemma 2 2B: hidden 2304, 8 query heads and 4 key/value heads of 256, 26 layers. r = 16, q/k/v/o:
+    # q 2304 -> 2048: 16 × (2304 + 2048) = 69,632;  k, v 2304 -> 1024: 16 × 3,328 = 53,248 each;
+    # o 2048 -> 2304: 69,632.  Per layer 245,760; × 26 layers = 6,389,760.
+    counts = {}
+    for size in (224, 448):
+        model = meta_model(published_config(f"google/paligemma2-3b-pt-{size}"))
+        counts[size] = count_parameters(add_lora(model, LoraSettings(r=16)))
+        assert counts[size]["language model"][0] == counts[size]["total"][0] == 6_389_760
+        assert counts[size]["vision"][0] == counts[size]["projection"][0] == 0
+    assert 3.0e9 < counts[224]["total"][1] < 3.1e9  # "3B": 3.03 B with the adapters
+    # The two checkpoints differ only in the SigLIP position table: (32² - 16²) patches × 1152 wide.
+    assert counts[448]["vision"][1] - counts[224]["vision"][1] == (1024 - 256) * 1152
+    assert counts[448]["language model"][1] == counts[224]["language model"][1]
+
+
+def test_smolvlm2_lora_counts():
+    # 2.2B: SmolLM2-1.7B, hidden 2048, 32 heads and 32 key/value heads of 64, 24 layers:
+    # 4 projections 2048 -> 2048, 16 × (2048 + 2048) = 65,536 each; 24 × 4 × 65,536 = 6,291,456.
+    model = meta_model(published_config("HuggingFaceTB/SmolVLM2-2.2B-Instruct"))
+    counts = count_parameters(add_lora(model, LoraSettings(r=16)))
+    assert counts["language model"][0] == counts["total"][0] == 6_291_456
+    assert counts["vision"][0] == counts["connector"][0] == 0
+    assert 2.1e9 < counts["total"][1] < 2.3e9
+    # 500M: hidden 960, 15 heads and 5 key/value heads of 64, 32 layers:
+    # q, o 960 <-> 960: 16 × 1,920 = 30,720;  k, v 960 -> 320: 16 × 1,280 = 20,480.  32 × 102,400 = 3,276,800.
+    model = meta_model(published_config("HuggingFaceTB/SmolVLM2-500M-Video-Instruct"))
+    assert count_parameters(add_lora(model, LoraSettings(r=16)))["total"][0] == 3_276_800
+
+
+@pytest.mark.parametrize("hub", ["google/paligemma2-3b-pt-224", "HuggingFaceTB/SmolVLM2-2.2B-Instruct"])
+def test_the_vision_towers_attention_has_the_same_names_and_none_of_it_is_adapted(hub):
+    model = meta_model(published_config(hub))
+    family = family_for_config(model.config)
+    vision = [n for n, _ in model.named_modules() if n.startswith(VISION_PREFIX[family.name]) and n.endswith("self_attn.q_proj")]
+    assert len(vision) == 27  # SigLIP So400m: 27 layers, each with q/k/v/out_proj
+    names = {n.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for n in lora_parameters(add_lora(model, LoraSettings(r=4)))}
+    assert names and all(n.startswith(LM_PREFIX[family.name]) for n in names)
+    assert not names & set(vision)
+
+
+# --- the tiny twins --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    return {name: (load_base(ModelConfig(base=name, device="cpu"))[0], load_processor(name)) for name in TINY}
+
+
+def test_the_tiny_twins_load_with_their_familys_class_and_give_logits(tiny_models):
+    classes = {"tiny-paligemma": "PaliGemmaForConditionalGeneration", "tiny-smolvlm": "SmolVLMForConditionalGeneration"}
+    stops = {"tiny-paligemma": "<eos>", "tiny-smolvlm": "<end_of_utterance>"}
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    for name, (model, processor) in tiny_models.items():
+        family = family_named(TINY[name])
+        assert type(model).__name__ == classes[name] == family.model_class
+        assert family_for_config(model.config) is family
+        layout = text_layout(model, processor)
+        assert processor.tokenizer.convert_ids_to_tokens(layout.stop_token_id) == stops[name]
+        assert model.generation_config.eos_token_id == layout.stop_token_id
+        encoded, _ = layout.encode(processor.tokenizer, "", "a red circle", max_length=32)
+        batch = {k: torch.tensor([v]) for k, v in encoded.items()}
+        pixels = processor.image_processor([image], return_tensors="pt").pixel_values
+        with torch.no_grad():
+            out = model(**batch, pixel_values=pixels)
+        assert out.logits.shape == (1, len(encoded["input_ids"]), model.config.text_config.vocab_size)
+        assert torch.isfinite(out.loss) and all(not p.requires_grad for p in model.parameters())
+
+
+def test_lora_lands_only_in_the_language_models_attention_of_each_tiny_twin(tiny_models):
+    for name, (model, _) in tiny_models.items():
+        family = family_named(TINY[name])
+        pattern = family.target_pattern(family.default_targets)
+        modules = [n for n, _ in model.named_modules()]
+        vision_attention = [n for n in modules if n.startswith(VISION_PREFIX[family.name]) and re.search(r"self_attn\.(q|k|v|out)_proj$", n)]
+        assert len(vision_attention) == 2 * 4  # two tower layers, four projections each: present, not matched
+        matched = [n for n in modules if re.fullmatch(pattern, n)]
+        assert len(matched) == 2 * 4 and all(n.startswith(LM_PREFIX[family.name]) for n in matched)
+        peft_model = add_lora(model, LoraSettings(r=2, alpha=4))
+        adapted = {n.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for n in lora_parameters(peft_model)}
+        assert adapted == set(matched)
+        peft_model.unload()
+
+
+# --- PaliGemma: prefix / suffix, as PaliGemmaProcessor lays it out --------------------------------
+
+
+def test_paligemma_layout_is_the_processors_prefix_and_suffix(tiny_models):
+    model, processor = tiny_models["tiny-paligemma"]
+    layout = text_layout(model, processor)
+    image = Image.new("RGB", (32, 32), (30, 30, 200))
+    # The processor's own training encoding: text = prefix, suffix = target (labels from token_type_ids).
+    reference = processor(text="<image>caption en", images=image, suffix="a blue square")
+    encoded, truncated = layout.encode(processor.tokenizer, "caption en", "a blue square", max_length=32)
+    assert not truncated
+    assert encoded["input_ids"] == list(reference["input_ids"][0])
+    assert encoded["token_type_ids"] == list(reference["token_type_ids"][0])
+    assert encoded["labels"] == [int(x) for x in reference["labels"][0]]
+    n = layout.num_query_tokens
+    assert n == 16 and encoded["input_ids"][:n] == [model.config.image_token_index] * n
+    suffix = [i for i, t in enumerate(encoded["token_type_ids"]) if t == 1]
+    assert [encoded["labels"][i] for i in suffix] == [encoded["input_ids"][i] for i in suffix]
+    assert all(encoded["labels"][i] == IGNORE_INDEX for i in range(suffix[0]))
+    tokens = processor.tokenizer.convert_ids_to_tokens(encoded["input_ids"][n:])
+    assert tokens[:4] == ["<bos>", "▁caption", "▁en", "\n"] and tokens[-1] == "<eos>"
+    assert processor.tokenizer.decode([encoded["input_ids"][i] for i in suffix]).strip() == "a blue square<eos>"
+    # Generation: the prefix alone, left-padded, all of type 0.
+    gen = layout.generation_inputs(processor.tokenizer, ["caption en", ""])
+    assert gen["input_ids"].shape == gen["token_type_ids"].shape and int(gen["token_type_ids"].sum()) == 0
+    assert list(gen["input_ids"][0]) == list(processor(text="<image>caption en", images=image)["input_ids"][0])
+
+
+def test_paligemma_prefix_attends_both_ways_and_the_suffix_causally(tiny_models):
+    """How transformers 5.25 builds the mask from token_type_ids, observed on the logits."""
+    model, processor = tiny_models["tiny-paligemma"]
+    layout = text_layout(model, processor)
+    encoded, _ = layout.encode(processor.tokenizer, "caption en", "a blue square", max_length=32)
+    ids = torch.tensor([encoded["input_ids"]])
+    types = torch.tensor([encoded["token_type_ids"]])
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    prefix_end = int((types[0] == 0).sum())  # the "\n"
+    first = layout.num_query_tokens  # <bos>, early in the prefix
+
+    def logits(ids):
+        with torch.no_grad():
+            return model(input_ids=ids, token_type_ids=types, pixel_values=pixels).logits[0]
+
+    base = logits(ids)
+    changed_prefix = ids.clone()
+    changed_prefix[0, prefix_end - 2] = processor.tokenizer.convert_tokens_to_ids("▁red")
+    changed_suffix = ids.clone()
+    changed_suffix[0, prefix_end + 1] = processor.tokenizer.convert_tokens_to_ids("▁red")
+    # A later prefix token changes what an earlier one sees (bidirectional block) ...
+    assert not torch.allclose(logits(changed_prefix)[first], base[first])
+    # ... a suffix token changes nothing before it (causal).
+    after = logits(changed_suffix)
+    torch.testing.assert_close(after[: prefix_end + 1], base[: prefix_end + 1])
+    assert not torch.allclose(after[prefix_end + 2], base[prefix_end + 2])
+    # Without token_type_ids the whole sequence is causal: the early position no longer sees the later one.
+    with torch.no_grad():
+        causal = model(input_ids=changed_prefix, pixel_values=pixels).logits[0]
+        causal_base = model(input_ids=ids, pixel_values=pixels).logits[0]
+    torch.testing.assert_close(causal[first], causal_base[first])
+
+
+def test_paligemma_loss_from_the_kept_logits_is_the_full_loss(tiny_models):
+    model, processor = tiny_models["tiny-paligemma"]
+    layout = text_layout(model, processor)
+    from multimodal_lora.data.encoding import Collator
+
+    rows = [layout.encode(processor.tokenizer, p, t, 32)[0] for p, t in [("caption en", "a red circle"), ("", "an orange star")]]
+    batch = Collator(layout.pad_token_id, layout.padding())([{**r, "pixel_values": torch.randn(3, 32, 32)} for r in rows])
+    assert batch["token_type_ids"].shape == batch["input_ids"].shape
+    trimmed, keep = layout.for_loss(batch)
+    with torch.no_grad():
+        full = model(**batch).loss
+        cut = model(**trimmed, logits_to_keep=keep)
+    assert cut.logits.shape[1] == keep < batch["input_ids"].shape[1]
+    torch.testing.assert_close(cut.loss, full)
+
+
+# --- SmolVLM: the chat template and the image block, as the processor lays them out ------------------
+
+
+def test_smolvlm_layout_is_the_processors_chat_template(tiny_models):
+    model, processor = tiny_models["tiny-smolvlm"]
+    layout = text_layout(model, processor)
+    image = Image.new("RGB", (32, 32), (30, 200, 30))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == "<|im_start|>User:<image>Describe the image.<end_of_utterance>\nAssistant:"
+    reference = processor(text=[text], images=[[image]])["input_ids"][0]
+    gen = layout.generation_inputs(processor.tokenizer, ["Describe the image."])
+    assert list(gen["input_ids"][0]) == list(reference)
+    tokens = processor.tokenizer.convert_ids_to_tokens(reference)
+    n = model.model.image_seq_len
+    assert n == 16 and tokens.count("<image>") == n and tokens.count("<fake_token_around_image>") == 2
+    assert layout.num_query_tokens == n + 3  # <fake><global-img> <image>×16 <fake>
+    encoded, _ = layout.encode(processor.tokenizer, "Describe the image.", "a green square", max_length=32)
+    assert encoded["input_ids"][: len(reference)] == list(reference)
+    learned = [t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != IGNORE_INDEX]
+    assert processor.tokenizer.decode(learned) == " a green square<end_of_utterance>"
+    assert encoded["labels"][: len(reference)] == [IGNORE_INDEX] * len(reference)
+
+
+def test_smolvlm_refuses_a_processor_that_splits_images_into_tiles(tiny_models):
+    model, processor = tiny_models["tiny-smolvlm"]
+    processor.image_processor.do_image_splitting = True
+    try:
+        with pytest.raises(UserError, match="splits each image into tiles .*do_image_splitting to false"):
+            text_layout(model, processor)
+    finally:
+        processor.image_processor.do_image_splitting = False
+    with pytest.raises(UserError, match="needs its processor"):
+        text_layout(model, processor.tokenizer)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_the_tiny_twin_build_is_deterministic(name, tmp_path):
+    build = family_named(TINY[name]).build_tiny
+    build(tmp_path / "a")
+    build(tmp_path / "b")
+    for file in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
