@@ -349,9 +349,9 @@ class Captioner:
         return prompt_text("vqa", question, None, template)
 
     def prompt_tokens(self, prompt: str) -> int:
-        """Tokens the model reads before generating: the image placeholders, ``</s>`` and ``prompt``."""
-        ids = self.processor.tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
-        return self.layout.num_query_tokens + 1 + len(ids)
+        """Tokens the model reads before generating: the image's tokens (at most, for a family whose
+        count varies with the image), then the prompt as the layout frames it (``</s>`` and ``prompt``)."""
+        return self.layout.prompt_length(self.processor.tokenizer, prompt)
 
     @property
     def context_length(self) -> int | None:
@@ -499,41 +499,46 @@ class Captioner:
 
     def _check_length(self, prompts: list[str], max_new_tokens: int) -> None:
         """Refuse, before any image is read, a prompt and length the base's positions cannot hold."""
-        tokenizer, layout = self.processor.tokenizer, self.layout
         if self.max_positions is None:
             return  # relative positions (T5): no table to run past
-        longest = max((len(tokenizer(p, add_special_tokens=False).input_ids) if p else 0 for p in set(prompts)), default=0)
-        start = layout.num_query_tokens + 1 + longest  # image queries, </s>, the prompt
+        start = max((self.prompt_tokens(p) for p in set(prompts)), default=0)
+        image = self.layout.image_positions
         # The last new token is returned, never fed back: it needs no position.
         if start + max_new_tokens - 1 > self.max_positions:
             room = self.max_positions - start + 1
             fix = f"lower max_new_tokens to at most {room}" if room >= 1 else "shorten the prompt"
             raise ConfigError(
-                f"the prompt takes {start} positions ({layout.num_query_tokens} image query tokens, 1 start token, "
-                f"{longest} prompt tokens) and max_new_tokens={max_new_tokens} needs {max_new_tokens - 1} more, but "
+                f"the prompt takes {start} positions ({image} image tokens, {start - image} text tokens) and "
+                f"max_new_tokens={max_new_tokens} needs {max_new_tokens - 1} more, but "
                 f"the base holds {self.max_positions}; {fix}"
             )
 
-    def pixels(self, image) -> torch.Tensor:
-        """One decoded image as the model's input pixels (channels, height, width).
+    def pixels(self, image) -> dict[str, torch.Tensor]:
+        """One decoded image as the model's inputs for it (``{"pixel_values": (channels, height, width)}``,
+        or what else its family's processor gives per image).
 
         :meth:`generate_batch` takes these in place of images: a server prepares
         each request's pixels as it arrives, while the model is busy with the
         batch before, instead of all of them at the start of the batch.
         """
-        return self.processor.image_processor([image], return_tensors="pt").pixel_values[0]
+        return self.layout.visual.split(self.processor.image_processor([image], return_tensors="pt"))[0]
 
     def generation_inputs(self, images, prompts) -> dict[str, torch.Tensor]:
         """The layout's generation inputs for these prompts, and the images' pixels (or what
         :meth:`pixels` made of them), on the model's device: what ``generate`` is given."""
-        batch = self.layout.generation_inputs(self.processor.tokenizer, prompts)
-        if all(isinstance(image, torch.Tensor) for image in images):  # already prepared by pixels()
-            pixel_values = torch.stack(list(images))
+        visual = self.layout.visual
+        if all(isinstance(image, dict) for image in images):  # already prepared by pixels()
+            items = list(images)
         else:
-            pixel_values = self.processor.image_processor(images, return_tensors="pt").pixel_values
+            items = visual.split(self.processor.image_processor(images, return_tensors="pt"))
+        tokens = [visual.image_tokens(item) for item in items]
+        batch = self.layout.generation_inputs(self.processor.tokenizer, prompts, tokens)
+        batch.update(visual.token_inputs(batch["input_ids"]))
         dtype = self.model.get_input_embeddings().weight.dtype
+        dtype = dtype if dtype.is_floating_point else torch.float32
         out = {k: v.to(self.device) for k, v in batch.items()}
-        out["pixel_values"] = pixel_values.to(self.device, dtype=dtype if dtype.is_floating_point else torch.float32)
+        for key, value in visual.collate(items).items():
+            out[key] = value.to(self.device, dtype=dtype) if value.is_floating_point() else value.to(self.device)
         return out
 
     def using(self, adapter: str | None):

@@ -20,7 +20,7 @@ import torch
 from multimodal_lora.config import LoraSettings, ModelConfig
 from multimodal_lora.errors import ConfigError, UserError
 from multimodal_lora.families import FAMILIES, Family, family_for_config, published_family, tiny_family
-from multimodal_lora.families.base import image_features, stop_token_id  # noqa: F401 - part of this module's API
+from multimodal_lora.families.base import attribute, image_features, stop_token_id  # noqa: F401 - part of this module's API
 from multimodal_lora.host_memory import keep_large_blocks_off_the_heap, return_freed_memory
 from multimodal_lora.quantization import scheme
 
@@ -91,8 +91,11 @@ def load_processor(base: str, revision: str | None = None):
     """The processor (image processor + tokenizer(s)) of a base."""
     from transformers import AutoProcessor
 
+    family = _known_family(base, revision)
     path = resolve_base(base)
     try:
+        if family is not None and family.load_processor is not None:
+            return family.load_processor(path, revision)
         return AutoProcessor.from_pretrained(path, revision=revision)
     except OSError as exc:
         raise UserError(_not_found_message(base, exc)) from None
@@ -137,6 +140,14 @@ def load_base(cfg: ModelConfig, *, for_training: bool = True):
     return model, info
 
 
+def _known_family(base: str, revision: str | None) -> Family | None:
+    """The family of ``base`` when its config says (``None`` for one no family knows: AutoProcessor decides)."""
+    try:
+        return base_family(base, revision)
+    except (ConfigError, UserError, ValueError):
+        return None
+
+
 def family_of(model) -> Family:
     """The family of a loaded (or ``meta``) model, from its config."""
     return family_for_config(_blip2(model).config)
@@ -168,9 +179,14 @@ def position_limit(config) -> int | None:
     return family_for_config(config).max_positions(config.text_config)
 
 
+def image_positions(config) -> int:
+    """Positions one image takes in the language model's sequence (its family's figure; see :class:`Family`)."""
+    return family_for_config(config).image_tokens(config)
+
+
 def text_length_problem(max_length: int, config, what: str = "data.max_length") -> str | None:
     """Why ``max_length`` text tokens after the image's query tokens do not fit the base, or ``None``."""
-    limit, queries = position_limit(config), int(config.num_query_tokens)
+    limit, queries = position_limit(config), image_positions(config)
     if limit is None or queries + max_length <= limit:
         return None
     return (
@@ -390,7 +406,7 @@ def set_train_mode(model) -> None:
     model.train()
     blip2 = _blip2(model)
     for name in family_of(blip2).image_path:
-        part = getattr(blip2, name)
+        part = attribute(blip2, name)
         if isinstance(part, torch.nn.Module):
             part.eval()
 
@@ -415,7 +431,7 @@ def image_path_trainable(model) -> list[str]:
     blip2 = _blip2(model)
     parts = []
     for name in family_of(blip2).image_path:
-        part = getattr(blip2, name)
+        part = attribute(blip2, name)
         params = part.parameters() if isinstance(part, torch.nn.Module) else [part]
         if any(p.requires_grad for p in params):
             parts.append(name)
@@ -450,4 +466,5 @@ def image_path_fingerprint(model) -> str:
 
 def enable_gradient_checkpointing(model) -> None:
     """Recompute the language model's activations in backward (non-reentrant, so frozen inputs are fine)."""
-    _blip2(model).language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    blip2 = _blip2(model)
+    attribute(blip2, family_of(blip2).language_model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -135,7 +135,7 @@ def plan_memory(config, *, quantization: str, dtype: str, lora: LoraSettings, ba
         dtype: ``fp32``, ``bf16`` or ``fp16``: the unquantized weights' dtype.
         lora: the adapters to add.
         batch_size: examples per micro-batch.
-        max_length: text tokens per example (the image adds ``num_query_tokens``).
+        max_length: text tokens per example (the image adds its family's ``image_tokens``).
 
     Returns:
         A :class:`MemoryPlan`.
@@ -157,7 +157,7 @@ def plan_memory(config, *, quantization: str, dtype: str, lora: LoraSettings, ba
 
     family = family_for_config(config)
     dims = family.plan_dims(config.text_config)
-    seq = int(config.num_query_tokens) + max_length
+    seq = family.image_tokens(config) + max_length
     tokens = batch_size * seq
     # On a GPU the trainer runs under autocast in the recipe's dtype (accelerate's
     # mixed precision), so the saved matmul outputs are 2 bytes unless dtype is fp32.

@@ -40,7 +40,7 @@ def job(captioner, adapter, image, prompt, max_tokens=30, sampling=None, stop=()
     from multimodal_lora.serve.engine import Job
     from multimodal_lora.serve.protocol import Sampling
 
-    pixels = image if isinstance(image, torch.Tensor) else captioner.pixels(image)
+    pixels = image if isinstance(image, dict) else captioner.pixels(image)
     return Job(adapter, pixels, prompt, captioner.prompt_tokens(prompt), max_tokens, sampling or Sampling(),
                list(stop), sink or Sink())  # fmt: skip
 
@@ -196,7 +196,7 @@ def test_a_failing_prefill_fails_only_its_own_request(captioner, images, caplog)
 
     want = [captioner.caption(image, "shapes") for image in images[:5]]
     good = [job(captioner, "shapes", image, captioner.caption_prompt("shapes")) for image in images[:5]]
-    broken = job(captioner, "shapes", torch.zeros(1, 32, 32), captioner.caption_prompt("shapes"))  # one channel, not 3
+    broken = job(captioner, "shapes", {"pixel_values": torch.zeros(1, 32, 32)}, captioner.caption_prompt("shapes"))  # one channel, not 3
     batcher = ContinuousBatcher(captioner, max_batch_size=8, max_wait_ms=200)
     try:
         with caplog.at_level(logging.WARNING, logger="multimodal_lora.serve.continuous"):

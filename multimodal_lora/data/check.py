@@ -144,12 +144,12 @@ def check_data(recipe: Recipe, progress: bool = True) -> DataReport:
     except (OSError, ValueError, UserError) as exc:
         report.tokenizer_problem = f"cannot load the tokenizer of {recipe.model.base!r}: {exc}"
         return report
-    from multimodal_lora.model import base_config, position_limit
+    from multimodal_lora.model import base_config, image_positions, position_limit
 
     try:
         config = base_config(recipe.model.base, recipe.model.revision)
         limit = position_limit(config)
-        report.text_limit = None if limit is None else limit - int(config.num_query_tokens)
+        report.text_limit = None if limit is None else limit - image_positions(config)
         report.length_problems = recipe_length_problems(recipe, tokenizer, config)
     except (UserError, OSError, AttributeError) as exc:
         logger.warning("the base's position limit could not be read (%s); lengths not checked against it", exc)
@@ -189,14 +189,14 @@ def recipe_length_problems(recipe, tokenizer, config=None) -> list[str]:
 
     Reads only the base's config (no weights), so a recipe fails before the model loads.
     """
-    from multimodal_lora.model import base_config, position_limit, text_length_problem
+    from multimodal_lora.model import base_config, image_positions, position_limit, text_length_problem
 
     config = config if config is not None else base_config(recipe.model.base, recipe.model.revision)
     problems = [p for p in [text_length_problem(recipe.data.max_length, config)] if p]
     if recipe.train.eval_captions and position_limit(config) is not None:
         text = prompt_text(recipe.data.task, "", recipe.data.prompt, recipe.data.prompt_template)
         prompt = len(tokenizer(text, add_special_tokens=False).input_ids) if text else 0
-        limit, queries = position_limit(config), int(config.num_query_tokens)
+        limit, queries = position_limit(config), image_positions(config)
         needed = queries + 1 + prompt + recipe.train.eval_max_new_tokens - 1
         if needed > limit:
             problems.append(

@@ -9,6 +9,10 @@ once about truncated targets, and pads batches as the layout says (labels with
 Text is tokenized once, when the data set is built; images are decoded and
 resized once per epoch, a batch at a time (``__getitems__``: one image-processor
 call per batch, not one per image), in DataLoader workers when ``num_workers > 0``.
+What the processor returns becomes one item per image, and the item's image
+tokens are put into the example's text there, as the layout's
+:class:`~multimodal_lora.families.visual.VisualInputs` says (a no-op for a
+family whose image-token count is fixed).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from multimodal_lora.data.images import load_image
 from multimodal_lora.data.sources import Example
 from multimodal_lora.families.layouts import IGNORE_INDEX, Padding
+from multimodal_lora.families.visual import PIXELS, VisualInputs
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +78,19 @@ class ExampleEncoder:
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Examples with their tokens; images are decoded and resized on access."""
+    """Examples with their tokens; images are decoded and resized on access.
 
-    def __init__(self, examples: list[Example], encoded: list[Encoded], image_processor):
+    Args:
+        layout: the base's token layout; its ``visual`` cuts the processor's output into
+            items and puts each image's tokens into the text. ``None``: fixed-size pixels.
+    """
+
+    def __init__(self, examples: list[Example], encoded: list[Encoded], image_processor, layout=None):
         assert len(examples) == len(encoded)
         self.examples = examples
         self.encoded = encoded
         self.image_processor = image_processor
+        self.layout = layout
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -94,11 +105,11 @@ class PairDataset(torch.utils.data.Dataset):
         processor's fixed cost per call, which dominates for small images.
         """
         images = [_load(self.examples[i]) for i in indices]
-        pixel_values = self.image_processor(images, return_tensors="pt").pixel_values
-        return [
-            {"pixel_values": pixels, **self.encoded[i]}
-            for i, pixels in zip(indices, pixel_values)
-        ]
+        processed = self.image_processor(images, return_tensors="pt")
+        if self.layout is None:
+            return [{**item, **self.encoded[i]} for i, item in zip(indices, PIXELS.split(processed))]
+        items = self.layout.visual.split(processed)
+        return [{**item, **self.layout.with_image(self.encoded[i], item)} for i, item in zip(indices, items)]
 
 
 def _load(example: Example):
@@ -112,10 +123,12 @@ class Collator:
     Args:
         pad_token_id: pads ``input_ids`` (and ``labels`` get -100) when ``padding`` is not given.
         padding: the layout's :meth:`~multimodal_lora.families.layouts.TokenLayout.padding`.
+        visual: the layout's ``visual``: joins the images' items, adds per-token inputs.
     """
 
     pad_token_id: int = 0
     padding: tuple[Padding, ...] | None = None
+    visual: VisualInputs = PIXELS
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         padding = self.padding or (Padding("input_ids", self.pad_token_id, "attention_mask"), Padding("labels", IGNORE_INDEX))
@@ -131,8 +144,8 @@ class Collator:
             batch[pad.key] = values
             if pad.mask is not None:
                 batch[pad.mask] = mask.long()
-        if "pixel_values" in items[0]:
-            batch["pixel_values"] = torch.stack([item["pixel_values"] for item in items])
+        batch.update(self.visual.collate(items))
+        batch.update(self.visual.token_inputs(batch["input_ids"]))
         return batch
 
 

@@ -35,17 +35,28 @@ from __future__ import annotations
 from multimodal_lora.errors import ConfigError
 from multimodal_lora.families import blip2_opt, blip2_t5, instructblip, paligemma, smolvlm
 from multimodal_lora.families.base import Family, PlanDims
-from multimodal_lora.families.layouts import IGNORE_INDEX, DecoderOnlyLayout, EncoderDecoderLayout, Padding, TokenLayout
+from multimodal_lora.families.layouts import (
+    IGNORE_INDEX,
+    ChatLayout,
+    DecoderOnlyLayout,
+    EncoderDecoderLayout,
+    Padding,
+    TokenLayout,
+)
+from multimodal_lora.families.visual import PIXELS, VisualInputs
 
 __all__ = [
     "FAMILIES",
     "IGNORE_INDEX",
+    "PIXELS",
+    "ChatLayout",
     "DecoderOnlyLayout",
     "EncoderDecoderLayout",
     "Family",
     "Padding",
     "PlanDims",
     "TokenLayout",
+    "VisualInputs",
     "family_for_config",
     "family_named",
     "published_family",

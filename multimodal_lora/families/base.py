@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 
 import torch
 
@@ -81,7 +82,24 @@ class Family:
     """``text_config -> `` how many positions its language model holds (learned or rotary position
     tables: OPT, LLaMA); ``None`` for relative positions with no table to run past (T5)."""
     components: tuple = QFORMER_COMPONENTS
+    """``(name, parameter-name prefixes)`` for the trainable-parameter table, first match wins;
+    the language model last (LoRA must stay inside it)."""
     image_path: tuple[str, ...] = QFORMER_IMAGE_PATH
+    """The frozen parts that turn pixels into the language model's input, as attribute paths
+    from the model (``model.visual``): kept in eval mode, hashed for the feature cache."""
+    language_model: str = "language_model"
+    """Attribute path from the model to its language model (gradient checkpointing)."""
+    image_tokens: Callable[[object], int] = lambda config: int(config.num_query_tokens)
+    """``config -> `` positions one image takes in the language model's sequence, for length checks
+    and the memory plan; a family whose count varies with the image gives its documented
+    planning figure (see its module)."""
+    no_feature_cache: str | None = None
+    """Why the frozen-feature cache cannot serve this family (``None``: it can)."""
+    no_continuous_batching: str | None = None
+    """Why the server's decode loop cannot run this family's rows together (``None``: it can)."""
+    load_processor: Callable[[str, str | None], object] | None = None
+    """``(path or hub id, revision) -> processor`` when ``AutoProcessor`` cannot build the family's
+    processor here (see :class:`ProcessorParts`); ``None``: ``AutoProcessor``."""
 
     def target_pattern(self, targets: Sequence[str]) -> str:
         """The regex PEFT matches against full module names: only the language model's attention."""
@@ -118,6 +136,43 @@ class Family:
 
         text = resources.files("multimodal_lora.families").joinpath("configs", self.published[hub_id]).read_text()
         return getattr(transformers, self.config_class).from_dict(json.loads(text))
+
+
+@dataclass
+class ProcessorParts:
+    """A processor made of its two parts, for a family whose ``transformers`` processor class cannot be
+    built here: Qwen2.5-VL's processor also holds a video processor, which needs torchvision (not a
+    dependency of this package). Everything here reads only ``.tokenizer`` and ``.image_processor``.
+    """
+
+    tokenizer: object
+    image_processor: object
+
+    def save_pretrained(self, directory) -> None:
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(cls, path: str, revision: str | None = None) -> ProcessorParts:
+        """The tokenizer (with its chat template) and the image processor (its PIL backend when
+        torchvision is missing) of a model directory or hub id."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers.utils import cached_file
+
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+        if getattr(tokenizer, "chat_template", None) is None:
+            # Some checkpoints keep the template with the processor (chat_template.json), not the tokenizer.
+            found = cached_file(path, "chat_template.json", revision=revision, _raise_exceptions_for_missing_entries=False)
+            if found is not None:
+                tokenizer.chat_template = json.loads(Path(found).read_text())["chat_template"]
+        return cls(tokenizer, AutoImageProcessor.from_pretrained(path, revision=revision))
+
+
+def attribute(model, path: str):
+    """``model.a.b`` for ``path="a.b"``."""
+    for name in path.split("."):
+        model = getattr(model, name)
+    return model
 
 
 # --- what every Q-Former family does the same way ----------------------------------------------
@@ -179,7 +234,7 @@ def scaled_init(modules, generator: torch.Generator) -> None:
     passes on *where* things are, not an average of patches (see ``blip2_opt``'s docstring)."""
     with torch.no_grad():
         for module in modules:
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)):
                 fan_in = module.weight[0].numel()
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator) / fan_in**0.5)
 

@@ -23,13 +23,31 @@ learned. Generation feeds the encoder and returns only decoder tokens.
 **Instruction to the Q-Former** (InstructBLIP): the prompt is also tokenized
 by the Q-Former's own (BERT) tokenizer into ``qformer_input_ids``, so the
 visual prefix depends on it.
+
+**Chat** (Qwen2.5-VL and other instruct checkpoints): the prompt goes through
+the tokenizer's chat template, a user turn holding the image and the prompt;
+the target is the assistant's answer, ended by the template's end-of-turn
+token (``<|im_end|>``), which is also where generation stops::
+
+    <|im_start|>user  <image>  prompt <|im_end|>  <|im_start|>assistant   target  <|im_end|>
+    └──────────────────────────── label -100 ─────────────────────────┘ └──── learned ─────┘
+
+**Image tokens whose count varies** with the image (Qwen2.5-VL): the text is
+tokenized with one placeholder per image; once the image is processed (per
+batch in training, per call at generation) the placeholder becomes as many
+tokens as the family's :class:`~multimodal_lora.families.visual.VisualInputs`
+says, labelled -100 (:meth:`TokenLayout.with_image`). ``max_length`` and every
+text-length check count text tokens only, as for the fixed-count families.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from multimodal_lora.families.visual import PIXELS, VisualInputs
 
 IGNORE_INDEX = -100
 
@@ -53,6 +71,43 @@ class TokenLayout:
     stop_token_id: int
     qformer_tokenizer: object | None = field(default=None, repr=False)
     """InstructBLIP: the Q-Former's tokenizer; ``None`` when the Q-Former reads no text."""
+    visual: VisualInputs = PIXELS
+    """What the image processor's output becomes (see :mod:`~multimodal_lora.families.visual`)."""
+
+    aligned_keys = ("input_ids",)
+    """The per-token lists that run alongside ``input_ids`` (expanded with it)."""
+    left_padded = True
+    """Whether generation pads prompts on the left (decoder-only: every row ends where generation starts)."""
+
+    @property
+    def image_positions(self) -> int:
+        """Positions one image takes in the language model's sequence (at most, when it varies)."""
+        return self.visual.max_tokens or self.num_query_tokens
+
+    def with_image(self, encoded: Mapping[str, list[int]], item: Mapping) -> Mapping[str, list[int]]:
+        """An encoded example with its image placeholder expanded to the tokens ``item`` (the processed
+        image) takes; unchanged when the count is fixed (already in the text)."""
+        count = self.visual.image_tokens(item)
+        if count is None:
+            return encoded
+        return expand_placeholder(encoded, self.image_token_id, count, self.aligned_keys)
+
+    def generation_inputs(self, tokenizer, prompts: list[str], image_tokens: Sequence[int | None] | None = None):
+        """The padded prompts ``generate`` continues, each image placeholder expanded to ``image_tokens``."""
+        rows = [{"input_ids": row} for row in self.generation_rows(tokenizer, prompts)]
+        if image_tokens is not None:
+            rows = [
+                row if count is None else expand_placeholder(row, self.image_token_id, count, ("input_ids",))
+                for row, count in zip(rows, image_tokens)
+            ]
+        out = _pad_rows([row["input_ids"] for row in rows], self.pad_token_id, left=self.left_padded, key="input_ids", mask="attention_mask")
+        out.update(self.qformer_inputs(prompts))
+        return out
+
+    def prompt_length(self, tokenizer, prompt: str) -> int:
+        """Positions the model reads before generating: the text of the prompt and the image's tokens
+        (at most, when their count varies)."""
+        return len(self.generation_rows(tokenizer, [prompt])[0]) - self.num_query_tokens + self.image_positions
 
     @property
     def reads_instruction(self) -> bool:
@@ -98,6 +153,7 @@ class DecoderOnlyLayout(TokenLayout):
 
     bos_token_id: int = 0
     target_prefix: str = ""
+    aligned_keys = ("input_ids", "labels")
     """Put before the target when a prompt precedes it: a byte-level BPE (OPT) marks a new word
     by its leading space; a SentencePiece tokenizer (LLaMA) already starts a text with one."""
 
@@ -111,11 +167,7 @@ class DecoderOnlyLayout(TokenLayout):
         target_text = target.strip()
         if len(prompt_ids) > 1:
             target_text = self.target_prefix + target_text
-        target_ids = _ids(tokenizer, target_text)
-        room = max_length - len(prompt_ids) - 1
-        truncated = len(target_ids) > room
-        if truncated:
-            target_ids = target_ids[: max(room, 0)]
+        target_ids, truncated = _fit(_ids(tokenizer, target_text), max_length - len(prompt_ids) - 1)
         image = [self.image_token_id] * self.num_query_tokens
         input_ids = image + prompt_ids + target_ids + [self.stop_token_id]
         labels = [IGNORE_INDEX] * (len(image) + len(prompt_ids)) + target_ids + [self.stop_token_id]
@@ -125,14 +177,9 @@ class DecoderOnlyLayout(TokenLayout):
         """Text tokens of an encoded example (the image placeholders not counted)."""
         return len(encoded["input_ids"]) - self.num_query_tokens
 
-    def generation_inputs(self, tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Left-padded ``<image>×Q BOS prompt``, so every row ends where generation starts."""
-        rows = [
-            [self.image_token_id] * self.num_query_tokens + [self.bos_token_id, *_ids(tokenizer, p)] for p in prompts
-        ]
-        out = _pad_rows(rows, self.pad_token_id, left=True, key="input_ids", mask="attention_mask")
-        out.update(self.qformer_inputs(prompts))
-        return out
+    def generation_rows(self, tokenizer, prompts: list[str]) -> list[list[int]]:
+        """``<image>×Q BOS prompt``; left-padded, so every row ends where generation starts."""
+        return [[self.image_token_id] * self.num_query_tokens + [self.bos_token_id, *_ids(tokenizer, p)] for p in prompts]
 
     def new_tokens(self, output: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """``generate`` returns the input followed by the new tokens: keep the new ones."""
@@ -168,6 +215,8 @@ class DecoderOnlyLayout(TokenLayout):
 class EncoderDecoderLayout(TokenLayout):
     """Image placeholders and prompt to the encoder, the target to the decoder (T5)."""
 
+    left_padded = False
+
     def padding(self) -> tuple[Padding, ...]:
         # The decoder's labels have their own length; the mask tells the decoder where they end.
         pads = list(super().padding())
@@ -183,11 +232,8 @@ class EncoderDecoderLayout(TokenLayout):
         ``max_length`` counts the text tokens of both sides (prompt, ``</s>``, target, ``</s>``).
         """
         input_ids = self._encoder_ids(tokenizer, prompt)
-        target_ids = _ids(tokenizer, target.strip())
         room = max_length - (len(input_ids) - self.num_query_tokens) - 1
-        truncated = len(target_ids) > room
-        if truncated:
-            target_ids = target_ids[: max(room, 0)]
+        target_ids, truncated = _fit(_ids(tokenizer, target.strip()), room)
         labels = target_ids + [self.stop_token_id]
         return self._with_instruction({"input_ids": input_ids, "labels": labels}, prompt), truncated
 
@@ -195,12 +241,9 @@ class EncoderDecoderLayout(TokenLayout):
         """Text tokens of an encoded example: the encoder's (without image placeholders) and the decoder's."""
         return len(encoded["input_ids"]) - self.num_query_tokens + len(encoded["labels"])
 
-    def generation_inputs(self, tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def generation_rows(self, tokenizer, prompts: list[str]) -> list[list[int]]:
         """The encoder's ``<image>×Q prompt </s>``, right-padded (masked; the decoder starts on its own)."""
-        rows = [self._encoder_ids(tokenizer, p) for p in prompts]
-        out = _pad_rows(rows, self.pad_token_id, left=False, key="input_ids", mask="attention_mask")
-        out.update(self.qformer_inputs(prompts))
-        return out
+        return [self._encoder_ids(tokenizer, p) for p in prompts]
 
     def for_loss(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int | None]:
         """The decoder reads only the target: every logit is needed (see :meth:`DecoderOnlyLayout.for_loss`)."""
@@ -209,6 +252,63 @@ class EncoderDecoderLayout(TokenLayout):
     def new_tokens(self, output: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """``generate`` returns only decoder tokens (starting with the decoder start token, a special one)."""
         return output
+
+
+@dataclass(frozen=True, eq=False)
+class ChatLayout(DecoderOnlyLayout):
+    """An instruct checkpoint's chat template: a user turn with the image and the prompt, the target as
+    the assistant's answer (Qwen2.5-VL). The template is the tokenizer's own (``chat_template``).
+
+    The text holds ``num_query_tokens`` placeholders per image as the template writes them (one, for a
+    family whose :class:`~multimodal_lora.families.visual.VisualInputs` expands it per image).
+    """
+
+    def user_turn(self, tokenizer, prompt: str) -> list[int]:
+        """Everything up to where the assistant's answer starts, as the template renders it."""
+        content = [{"type": "image"}, *([{"type": "text", "text": prompt}] if prompt else [])]
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        return _ids(tokenizer, text)
+
+    def encode(self, tokenizer, prompt: str, target: str, max_length: int) -> tuple[dict[str, list[int]], bool]:
+        """One training example; ``max_length`` counts its text tokens (the template's included, the
+        image's not); a longer target is cut and still ends on the end-of-turn token."""
+        prompt_ids = self.user_turn(tokenizer, prompt)
+        room = max_length - (len(prompt_ids) - self.num_query_tokens) - 1
+        target_ids, truncated = _fit(_ids(tokenizer, target.strip()), room)
+        input_ids = prompt_ids + target_ids + [self.stop_token_id]
+        labels = [IGNORE_INDEX] * len(prompt_ids) + target_ids + [self.stop_token_id]
+        return {"input_ids": input_ids, "labels": labels}, truncated
+
+    def generation_rows(self, tokenizer, prompts: list[str]) -> list[list[int]]:
+        """The user turn and the assistant's header, left-padded."""
+        return [self.user_turn(tokenizer, p) for p in prompts]
+
+
+def expand_placeholder(encoded: Mapping[str, list[int]], image_token_id: int, count: int, keys: Sequence[str]) -> dict:
+    """``encoded`` with its one image placeholder repeated ``count`` times in every list of ``keys``
+    (the placeholder's label, -100, repeated with it); other keys unchanged.
+
+    Raises:
+        ValueError: the text holds no placeholder, or more than one.
+    """
+    ids = encoded["input_ids"]
+    at = ids.index(image_token_id) if image_token_id in ids else -1
+    if at < 0 or image_token_id in ids[at + 1 :]:
+        raise ValueError(f"expected one image placeholder (token {image_token_id}) in the text, found {ids.count(image_token_id)}")
+    out = dict(encoded)
+    for key in keys:
+        if key in encoded:
+            row = encoded[key]
+            out[key] = [*row[:at], *[row[at]] * count, *row[at + 1 :]]
+    return out
+
+
+def _fit(target_ids: list[int], room: int) -> tuple[list[int], bool]:
+    """A target cut to the ``room`` left for it (never below nothing), and whether it was cut."""
+    truncated = len(target_ids) > room
+    return (target_ids[: max(room, 0)] if truncated else target_ids), truncated
 
 
 def _ids(tokenizer, text: str) -> list[int]:

@@ -25,7 +25,8 @@ and :meth:`~multimodal_lora.inference.Captioner.ask` (the tests check it on
 requests that join mid-way).
 
 This needs a decoder-only language model (BLIP-2 OPT, InstructBLIP Vicuna)
-with a plain key/value cache, and a generation config that only chooses
+with a plain key/value cache and plain positions (not Qwen2.5-VL's 3-D ones:
+its family says so in ``Family.no_continuous_batching``), and a generation config that only chooses
 tokens (no repetition penalty and the like, which the loop does not apply);
 :func:`continuous_problem` says why a base does not qualify, and the server
 then batches per ``generate`` call instead.
@@ -71,6 +72,11 @@ _NEUTRAL = {
 
 def continuous_problem(captioner) -> str | None:
     """Why ``captioner``'s model cannot decode in a continuous batch, or ``None`` when it can."""
+    from multimodal_lora.model import family_of
+
+    family = family_of(captioner.model)
+    if family.no_continuous_batching is not None:
+        return family.no_continuous_batching
     if not isinstance(captioner.layout, DecoderOnlyLayout):
         return "its language model is an encoder–decoder (a T5): a row's decoder cache cannot join another's"
     text = _model(captioner).config.text_config

@@ -147,10 +147,10 @@ class EngineProcess:
             job_id = next(self._ids)
             job.cancelled = _ForwardedCancel(self, job_id, job)
             self._jobs[job_id] = job
-            # Pixels travel as a numpy array: pickled by value. A torch tensor would go through
+            # Pixels (Captioner.pixels: a dict of tensors) travel as numpy arrays: pickled by value. A torch tensor would go through
             # shared memory and a file-descriptor handshake, which costs more than these bytes.
             fields = dict(
-                adapter=job.adapter, image=job.image.numpy(), prompt=job.prompt, prompt_tokens=job.prompt_tokens,
+                adapter=job.adapter, image={k: v.numpy() for k, v in job.image.items()}, prompt=job.prompt, prompt_tokens=job.prompt_tokens,
                 max_tokens=job.max_tokens, sampling=job.sampling, stop=job.stop, stream=job.stream, arrived=job.arrived,
             )  # fmt: skip
             try:
@@ -309,7 +309,7 @@ def _serve(conn, batcher) -> None:
                 break
             if message[0] == "job":
                 _, job_id, fields = message
-                fields["image"] = torch.from_numpy(fields["image"])
+                fields["image"] = {k: torch.from_numpy(v) for k, v in fields["image"].items()}
                 job = Job(**fields, sink=_RemoteSink(job_id, outbox, jobs, batcher.counters))
                 jobs[job_id] = job
                 try:

@@ -81,9 +81,15 @@ def cache_features(recipe: Recipe, model, epochs: float) -> bool:
     frozen image path once per image, about what one epoch costs, and from then on each
     epoch skips it. It cannot cache when any part of the image path is being trained.
     """
-    from multimodal_lora.model import image_path_trainable
+    from multimodal_lora.model import family_of, image_path_trainable
 
     setting = recipe.train.cache_image_features
+    refused = family_of(model).no_feature_cache
+    if refused is not None:
+        if setting is True:  # train() refuses this before the weights load; kept for other callers
+            raise ConfigError(f"train.cache_image_features: true, but {refused}; set it to false or auto")
+        logger.info("image feature cache: off (%s)", refused)
+        return False
     trained = image_path_trainable(model)
     if setting is True and trained:
         raise ConfigError(
@@ -121,11 +127,11 @@ def build_datasets(recipe: Recipe, accelerator, model, processor, encoder, split
     """Train and validation datasets: pixels decoded per access, or cached visual prefixes."""
     train_encoded = encoder.encode_all(splits.train)
     val_encoded = encoder.encode_all(splits.validation)
-    collate = Collator(layout.pad_token_id, layout.padding())
+    collate = Collator(layout.pad_token_id, layout.padding(), layout.visual)
     if not use_cache:
         return (
-            PairDataset(splits.train, train_encoded, processor.image_processor),
-            PairDataset(splits.validation, val_encoded, processor.image_processor),
+            PairDataset(splits.train, train_encoded, processor.image_processor, layout),
+            PairDataset(splits.validation, val_encoded, processor.image_processor, layout),
             collate,
         )
     from multimodal_lora.cache import cache_dir

@@ -191,9 +191,11 @@ def _collector_spared():
 
 
 def check_family(recipe: Recipe):
-    """The base's family (from its config alone), which checks the recipe's LoRA targets."""
+    """The base's family (from its config alone), which checks the recipe's LoRA targets and feature cache."""
     family = base_family(recipe.model.base, recipe.model.revision)
     problems = family.target_problems(recipe.lora.target_modules)
+    if recipe.train.cache_image_features is True and family.no_feature_cache is not None:
+        problems.append(f"train.cache_image_features: true, but {family.no_feature_cache}; set it to false or auto")
     if problems:
         raise ConfigError("\n".join(problems))
     return family

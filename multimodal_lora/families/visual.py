@@ -1,0 +1,63 @@
+"""Visual inputs: how a family's image-processor output becomes per-example items, and items a batch.
+
+A Q-Former family (BLIP-2, InstructBLIP) gets one fixed-size ``pixel_values``
+tensor per image and a fixed number of image tokens already in its text:
+:data:`PIXELS`, the default. Other families differ in two ways, and a
+family says how through its own :class:`VisualInputs`:
+
+* **what the processor returns**: patches of all images concatenated plus a
+  per-image grid (Qwen2-VL/2.5-VL), or extra per-image tensors
+  (``pixel_attention_mask``); :meth:`VisualInputs.split` cuts one processor
+  call's output into one item per image, :meth:`VisualInputs.collate` joins
+  items back into the model's keyword arguments (stacked or concatenated);
+* **how many tokens an image takes**, which may depend on the image's size:
+  text is tokenized once with *one* placeholder per image, and
+  :meth:`VisualInputs.image_tokens` tells, once the image is processed, how
+  many copies of it the language model needs (the layout expands it, labels
+  -100; see :meth:`~multimodal_lora.families.layouts.TokenLayout.with_image`).
+  ``None`` means the count is fixed and already in the text.
+
+Per-token inputs that follow from where the image tokens are (Qwen's
+``mm_token_type_ids``) come from :meth:`VisualInputs.token_inputs`, computed
+on the padded ids of a batch, in training and at generation alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class VisualInputs:
+    """Fixed-size images and a fixed image-token count: the interface, and BLIP-2's behaviour."""
+
+    max_tokens: int | None = None
+    """The most tokens one image takes in the language model's sequence when the count varies
+    (length checks use it); ``None``: fixed, the layout's ``num_query_tokens``."""
+    cacheable: bool = True
+    """Whether an image's visual features, stored once, can stand in for its pixels (the feature cache)."""
+
+    def split(self, processed: Mapping) -> list[dict[str, torch.Tensor]]:
+        """One processor call's output (``BatchFeature``) as one item per image."""
+        return [{"pixel_values": pixels} for pixels in processed["pixel_values"]]
+
+    def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        """Items (or dataset rows that hold them) as the model's keyword arguments."""
+        if not items or "pixel_values" not in items[0]:
+            return {}  # rows with a cached prefix instead of pixels
+        return {"pixel_values": torch.stack([item["pixel_values"] for item in items])}
+
+    def image_tokens(self, item: Mapping) -> int | None:
+        """How many tokens this image takes, or ``None`` when that is fixed and already in the text."""
+        return None
+
+    def token_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-token model inputs that follow from the padded ``input_ids`` (none here)."""
+        return {}
+
+
+PIXELS = VisualInputs()
+"""The default: one ``pixel_values`` tensor per image, stacked; image tokens fixed in the text."""
