@@ -113,9 +113,9 @@ def test_the_tiny_twins_load_with_their_familys_class_and_give_logits(tiny_model
         assert model.generation_config.eos_token_id == layout.stop_token_id
         encoded, _ = layout.encode(processor.tokenizer, "", "a red circle", max_length=32)
         batch = {k: torch.tensor([v]) for k, v in encoded.items()}
-        pixels = processor.image_processor([image], return_tensors="pt").pixel_values
+        pixels = layout.visual.collate(layout.visual.split(processor.image_processor([image], return_tensors="pt")))
         with torch.no_grad():
-            out = model(**batch, pixel_values=pixels)
+            out = model(**batch, **pixels)
         assert out.logits.shape == (1, len(encoded["input_ids"]), model.config.text_config.vocab_size)
         assert torch.isfinite(out.loss) and all(not p.requires_grad for p in model.parameters())
 
@@ -216,8 +216,15 @@ def test_paligemma_loss_from_the_kept_logits_is_the_full_loss(tiny_models):
 
 
 def test_smolvlm_layout_is_the_processors_chat_template(tiny_models):
-    model, processor = tiny_models["tiny-smolvlm"]
-    layout = text_layout(model, processor)
+    from transformers import Idefics3Processor
+
+    from multimodal_lora.families.smolvlm import CHAT_TEMPLATE
+
+    model, parts = tiny_models["tiny-smolvlm"]
+    layout = text_layout(model, parts)
+    # The family loads tokenizer and image processor as parts (SmolVLMProcessor needs torchvision here);
+    # the reference is the transformers processor built from them, with the checkpoints' chat template.
+    processor = Idefics3Processor(parts.image_processor, parts.tokenizer, image_seq_len=16, chat_template=CHAT_TEMPLATE)
     image = Image.new("RGB", (32, 32), (30, 200, 30))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -256,3 +263,76 @@ def test_the_tiny_twin_build_is_deterministic(name, tmp_path):
     build(tmp_path / "b")
     for file in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
+
+
+# --- the frozen-feature cache and the server's decode loop -----------------------------------------
+
+
+def test_paligemma_cached_image_features_give_the_loss_pixels_give(tiny_models, small_shapes_dir, tmp_path):
+    from multimodal_lora.config import DataConfig
+    from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
+    from multimodal_lora.data.sources import read_imagefolder
+    from multimodal_lora.feature_cache import CachedPairDataset, PrefixCollator, forward_inputs, open_or_build
+
+    model, processor = tiny_models["tiny-paligemma"]
+    layout = text_layout(model, processor)
+    examples = read_imagefolder(small_shapes_dir / "train", DataConfig())[:6]
+    encoder = ExampleEncoder(processor.tokenizer, layout, task="caption", prompt="caption en", prompt_template="{question}", max_length=16)
+    encoded = [encoder.encode(e) for e in examples]
+    model.eval()
+    cache, keys = open_or_build(examples, model, processor.image_processor, tmp_path, progress=False, layout=layout)
+    assert cache.features.shape == (6, layout.num_query_tokens, model.config.text_config.hidden_size)
+    collate = Collator(layout.pad_token_id, layout.padding(), layout.visual)
+    pixels = collate(PairDataset(examples, encoded, processor.image_processor, layout).__getitems__(list(range(6))))
+    cached = PrefixCollator(collate)([CachedPairDataset(encoded, cache, keys)[i] for i in range(6)])
+    with torch.no_grad():
+        loss_pixels = model(**forward_inputs(pixels, torch.device("cpu"))).loss
+        loss_cached = model(**forward_inputs(cached, torch.device("cpu"))).loss
+    torch.testing.assert_close(loss_cached, loss_pixels)
+
+
+def test_smolvlm_refuses_the_feature_cache_before_weights_load(tmp_path):
+    from multimodal_lora.config import load_recipe
+    from multimodal_lora.errors import ConfigError
+    from multimodal_lora.training.recipe import check_family
+
+    from .conftest import RECIPES
+
+    recipe = load_recipe(RECIPES / "tiny-smolvlm.yaml", [f"output_dir={tmp_path}", "train.cache_image_features=true"])
+    with pytest.raises(ConfigError, match="train.cache_image_features: true, but its image features come back as a list"):
+        check_family(recipe)  # train()'s first step, from the config alone
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [("tiny-paligemma", "attends both ways through token_type_ids"), ("tiny-smolvlm", "has no output head of its own")],
+)
+def test_the_server_batches_these_families_per_request_and_says_why(name, why, shapes_dir, caplog):
+    """The shared decode loop cannot run them (their module docstrings say why): the server falls back
+    to one generate call per batch, and its answers are caption()'s."""
+    import logging
+
+    from multimodal_lora.data.images import load_image
+    from multimodal_lora.inference import Captioner
+    from multimodal_lora.serve.continuous import ContinuousBatcher, continuous_problem
+    from multimodal_lora.serve.engine_process import EngineSpec, make_batcher
+
+    from .test_continuous import job, wait
+
+    captioner = Captioner(name, device="cpu")
+    assert why in continuous_problem(captioner)
+    with pytest.raises(ValueError, match="cannot decode in a continuous batch"):
+        ContinuousBatcher(captioner)
+    with caplog.at_level(logging.INFO, logger="multimodal_lora.serve.engine_process"):
+        batcher = make_batcher(captioner, EngineSpec(batching="continuous"))
+    images = [load_image(p) for p in sorted((shapes_dir / "validation").glob("*.png"))[:3]]
+    try:
+        assert batcher.counters()["batching"] == "request"
+        assert "continuous batching is not available for this base" in caplog.text
+        jobs = [job(captioner, None, image, captioner.caption_prompt(None), max_tokens=6) for image in images]
+        for j in jobs:
+            batcher.submit(j)
+        wait(jobs)
+    finally:
+        batcher.close()
+    assert [j.sink.text for j in jobs] == [captioner.caption(image, None, max_new_tokens=6) for image in images]

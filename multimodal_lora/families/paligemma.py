@@ -53,7 +53,7 @@ import torch
 
 from multimodal_lora.families import blip2_opt
 from multimodal_lora.families.base import Family, PlanDims, metaspace_tokenizer, stop_token_id
-from multimodal_lora.families.layouts import IGNORE_INDEX, DecoderOnlyLayout, Padding, _ids, _pad_rows
+from multimodal_lora.families.layouts import IGNORE_INDEX, DecoderOnlyLayout, Padding, _fit, _ids
 from multimodal_lora.families.twins import init_weights, set_generation_defaults
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -86,6 +86,7 @@ class PrefixLMLayout(DecoderOnlyLayout):
     """PaliGemma's ``<image>×N <bos> prompt \\n | target <eos>`` with ``token_type_ids`` (prefix 0, suffix 1)."""
 
     separator_id: int = 0
+    aligned_keys = ("input_ids", "labels", "token_type_ids")
     """The ``\\n`` that ends the prefix (big_vision's and ``PaliGemmaProcessor``'s convention)."""
 
     def padding(self) -> tuple[Padding, ...]:
@@ -103,11 +104,7 @@ class PrefixLMLayout(DecoderOnlyLayout):
         longer target is cut and still ends on EOS.
         """
         prefix = self._prefix(tokenizer, prompt)
-        target_ids = _ids(tokenizer, target.strip())
-        room = max_length - (len(prefix) - self.num_query_tokens) - 1
-        truncated = len(target_ids) > room
-        if truncated:
-            target_ids = target_ids[: max(room, 0)]
+        target_ids, truncated = _fit(_ids(tokenizer, target.strip()), max_length - (len(prefix) - self.num_query_tokens) - 1)
         suffix = [*target_ids, self.stop_token_id]
         encoded = {
             "input_ids": prefix + suffix,
@@ -116,9 +113,13 @@ class PrefixLMLayout(DecoderOnlyLayout):
         }
         return encoded, truncated
 
-    def generation_inputs(self, tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Left-padded prefixes, all of type 0 (``generate`` marks each new token 1)."""
-        out = _pad_rows([self._prefix(tokenizer, p) for p in prompts], self.pad_token_id, left=True, key="input_ids", mask="attention_mask")
+    def generation_rows(self, tokenizer, prompts: list[str]) -> list[list[int]]:
+        """The prefixes ``<image>×N <bos> prompt \\n``, left-padded."""
+        return [self._prefix(tokenizer, p) for p in prompts]
+
+    def generation_inputs(self, tokenizer, prompts: list[str], image_tokens=None) -> dict[str, torch.Tensor]:
+        """The prefixes, all of type 0 (``generate`` marks each new token 1)."""
+        out = super().generation_inputs(tokenizer, prompts, image_tokens)
         out["token_type_ids"] = torch.zeros_like(out["input_ids"])
         return out
 
@@ -263,4 +264,10 @@ FAMILY = Family(
     build_tiny=save_tiny_base,
     components=COMPONENTS,
     image_path=IMAGE_PATH,
+    language_model="model.language_model",
+    image_tokens=image_tokens,
+    no_continuous_batching=(
+        "its prefix (image and prompt) attends both ways through token_type_ids and its positions count "
+        "from 1, which the shared decode loop's causal prefill does not build"
+    ),
 )

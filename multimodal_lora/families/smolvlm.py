@@ -46,15 +46,17 @@ SmolVLM2 processors name ``SmolVLMProcessor``, so loading theirs needs both.)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from multimodal_lora.families import blip2_opt
-from multimodal_lora.families.base import PRINTABLE, PROMPTS, Family, PlanDims, stop_token_id
-from multimodal_lora.families.layouts import IGNORE_INDEX, DecoderOnlyLayout, _ids, _pad_rows
+from multimodal_lora.families.base import PRINTABLE, PROMPTS, Family, PlanDims, ProcessorParts, stop_token_id
+from multimodal_lora.families.layouts import IGNORE_INDEX, DecoderOnlyLayout, _fit, _ids
 from multimodal_lora.families.twins import init_weights, set_generation_defaults
+from multimodal_lora.families.visual import VisualInputs
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # The LLaMA's attention, from the root: model.vision_model.* has q/k/v/out_proj of its own.
@@ -117,18 +119,29 @@ class SmolVLMLayout(DecoderOnlyLayout):
     def encode(self, tokenizer, prompt: str, target: str, max_length: int) -> tuple[dict[str, list[int]], bool]:
         """One training example; ``max_length`` counts the text tokens (the template's included)."""
         prompt_ids = self._prompt(tokenizer, prompt)
-        target_ids = _ids(tokenizer, self.target_prefix + target.strip())
         room = max_length - (len(prompt_ids) - self.num_query_tokens) - 1
-        truncated = len(target_ids) > room
-        if truncated:
-            target_ids = target_ids[: max(room, 0)]
+        target_ids, truncated = _fit(_ids(tokenizer, self.target_prefix + target.strip()), room)
         answer = [*target_ids, self.stop_token_id]
         return {"input_ids": prompt_ids + answer, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer}, truncated
 
-    def generation_inputs(self, tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Left-padded prompts ending on ``Assistant:``."""
-        rows = [self._prompt(tokenizer, p) for p in prompts]
-        return _pad_rows(rows, self.pad_token_id, left=True, key="input_ids", mask="attention_mask")
+    def generation_rows(self, tokenizer, prompts: list[str]) -> list[list[int]]:
+        """The user turn up to ``Assistant:``, left-padded."""
+        return [self._prompt(tokenizer, p) for p in prompts]
+
+
+@dataclass(frozen=True)
+class OneTilePerImage(VisualInputs):
+    """The Idefics3 / SmolVLM image processors read a flat list of images as *one* example's images,
+    ``pixel_values (1, images, 3, H, W)``; cut it into one ``(1, 3, H, W)`` tile per image, which the
+    default collate stacks into the model's ``(batch, 1, 3, H, W)``. (With splitting off every image is
+    one tile, resized to a square, so ``pixel_attention_mask`` is all ones and is left to the model.)"""
+
+    def split(self, processed: Mapping) -> list[dict[str, torch.Tensor]]:
+        pixels = processed["pixel_values"]
+        return [{"pixel_values": tile[None]} for tile in pixels.reshape(-1, *pixels.shape[-3:])]
+
+
+ONE_TILE = OneTilePerImage()
 
 
 def _matches_smolvlm(config) -> bool:
@@ -143,6 +156,11 @@ def image_tokens(config) -> int:
     """``<image>`` placeholders per tile: patches after the connector's pixel shuffle."""
     vision = config.vision_config
     return (vision.image_size // vision.patch_size) ** 2 // config.scale_factor**2
+
+
+def image_positions(config) -> int:
+    """Positions one unsplit image takes: its ``<image>`` tokens and the three markers around them."""
+    return image_tokens(config) + 3
 
 
 def image_block(config, processor) -> list[int]:
@@ -183,6 +201,7 @@ def _layout(config, generation_config, processor) -> SmolVLMLayout:
         bos_token_id=int(tokenizer.bos_token_id),
         # A byte-level BPE marks a new word by its leading space: "Assistant: a red circle".
         target_prefix=" ",
+        visual=ONE_TILE,
         image_block=tuple(block),
         user_ids=tuple(_ids(tokenizer, USER)),
         turn_end_ids=(*tokenizer.convert_tokens_to_ids([END_OF_UTTERANCE]), *_ids(tokenizer, ASSISTANT)),
@@ -297,6 +316,14 @@ _SHARED = dict(
     plan_dims=_plan_dims,
     components=COMPONENTS,
     image_path=IMAGE_PATH,
+    language_model="model.text_model",
+    image_tokens=image_positions,
+    no_feature_cache="its image features come back as a list per image (tiles after pixel shuffle), not the one fixed-shape prefix the cache stores",
+    no_continuous_batching=(
+        "its language model (model.text_model) has no output head of its own (lm_head is on the outer "
+        "model), and the shared decode loop calls the language model for logits directly"
+    ),
+    load_processor=ProcessorParts.from_pretrained,
 )
 
 SMOLVLM = Family(
