@@ -336,3 +336,62 @@ def test_the_server_batches_these_families_per_request_and_says_why(name, why, s
     finally:
         batcher.close()
     assert [j.sink.text for j in jobs] == [captioner.caption(image, None, max_new_tokens=6) for image in images]
+
+
+# --- VQA: the question is the prompt (masked), the answer is learned ---------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_vqa_learns_only_the_answer(tiny_models, name):
+    from multimodal_lora.data.encoding import ExampleEncoder
+    from multimodal_lora.data.sources import Example
+
+    model, processor = tiny_models[name]
+    layout = text_layout(model, processor)
+    encoder = ExampleEncoder(processor.tokenizer, layout, task="vqa", prompt=None, prompt_template="Question: {question} Answer:", max_length=32)
+    encoded = encoder.encode(Example(Image.new("RGB", (32, 32)), "red", "0", "x", question="What colour is the shape?"))
+    learned = [t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != IGNORE_INDEX]
+    assert processor.tokenizer.decode(learned, skip_special_tokens=True).strip() == "red"
+    assert learned[-1] == layout.stop_token_id
+    prompt = processor.tokenizer.decode(encoded["input_ids"][: len(encoded["input_ids"]) - len(learned)], skip_special_tokens=True)
+    assert "What colour is the shape? Answer:" in prompt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_the_vqa_recipe_on_each_tiny_twin_answers_held_out_questions(name, tmp_path):
+    """recipes/tiny-vqa.yaml with this base (400 steps, about a minute): held-out answers against ~0 bare."""
+    from multimodal_lora.config import load_recipe
+    from multimodal_lora.data.sources import load_splits
+    from multimodal_lora.inference import Captioner
+    from multimodal_lora.train import train
+
+    from .conftest import RECIPES
+
+    overrides = [f"output_dir={tmp_path}", f"model.base={name}", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
+                 "train.max_steps=400", "train.eval_max_images=8"]  # fmt: skip
+    recipe = load_recipe(RECIPES / "tiny-vqa.yaml", overrides)
+    result = train(recipe)
+    held_out = load_splits(recipe.data).validation[:40]
+    captioner = Captioner(name, device="cpu")
+    captioner.load_adapter(result.adapter_dir, name="vqa")
+
+    def accuracy(adapter):
+        answers = [captioner.ask(e.image, e.question, adapter) for e in held_out]
+        return sum(a.strip() == e.target.strip() for a, e in zip(answers, held_out)) / len(held_out)
+
+    assert accuracy("vqa") >= 0.5
+    assert accuracy(None) <= 0.05
+
+
+def test_the_real_recipes_plan_from_the_shipped_configs():
+    from multimodal_lora.config import load_recipe
+    from multimodal_lora.plan import plan_recipe
+
+    from .conftest import RECIPES
+
+    # PaliGemma 2 at 224 px: 256 image tokens + data.max_length 64; SmolVLM2: the 81-token block + 3 markers.
+    for recipe, lora, sequence in (("paligemma2-3b-224", 6_389_760, 256 + 64), ("smolvlm2-2.2b", 6_291_456, 84 + 64)):
+        plan = plan_recipe(load_recipe(RECIPES / f"{recipe}.yaml"))
+        assert plan.lora_parameters == lora and plan.sequence_length == sequence
+        assert plan.lora_weights == 4 * lora and plan.total(True) < plan.total(False)
