@@ -40,8 +40,10 @@ trained here with SmolLM2's ids (``<|endoftext|>`` 0, ``<|im_start|>`` 1,
 ``Idefics3ImageProcessorPil`` with image splitting off. Not ``SmolVLMProcessor``:
 in transformers 5.25 it requires a ``SmolVLMVideoProcessor``, which needs
 torchvision, and the ``num2words`` package, neither of which is installed here;
-``Idefics3Processor`` lays out a single image the same way. (The published
-SmolVLM2 processors name ``SmolVLMProcessor``, so loading theirs needs both.)
+``Idefics3Processor`` lays out a single image the same way. The family loads
+any base's tokenizer and image processor as parts
+(:class:`~multimodal_lora.families.base.ProcessorParts`), so the published
+SmolVLM2 checkpoints load here too; the layout reads nothing else.
 """
 
 from __future__ import annotations
