@@ -154,7 +154,7 @@ def evaluate(
     rows = [e for e in splits.validation if e.image_id in chosen]
     layout = captioner.layout
     val_set = PairDataset(rows, encoder.encode_all(rows), captioner.processor.image_processor, layout)
-    loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.train.batch_size, collate_fn=Collator(layout.pad_token_id, layout.padding(), layout.visual))
+    loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.train.batch_size, collate_fn=Collator.of(layout))
     use_meteor = meteor and meteor_available()
     table, captions = {}, {}
     for column, adapter_name in (("base", None), ("adapter", name)):

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 FAMILY = {
     "tiny-t5": "blip2-t5",
     "tiny-instructblip": "instructblip-vicuna",
+    "tiny-qwen2vl": "qwen2.5-vl",
     "tiny-paligemma": "paligemma",
     "tiny-smolvlm": "smolvlm",
 }

@@ -113,7 +113,7 @@ def test_the_tiny_twins_load_with_their_familys_class_and_give_logits(tiny_model
         assert model.generation_config.eos_token_id == layout.stop_token_id
         encoded, _ = layout.encode(processor.tokenizer, "", "a red circle", max_length=32)
         batch = {k: torch.tensor([v]) for k, v in encoded.items()}
-        pixels = layout.visual.collate(layout.visual.split(processor.image_processor([image], return_tensors="pt")))
+        pixels = layout.image_inputs.collate(layout.image_inputs.split(processor.image_processor([image], return_tensors="pt")))
         with torch.no_grad():
             out = model(**batch, **pixels)
         assert out.logits.shape == (1, len(encoded["input_ids"]), model.config.text_config.vocab_size)
@@ -282,7 +282,7 @@ def test_paligemma_cached_image_features_give_the_loss_pixels_give(tiny_models, 
     model.eval()
     cache, keys = open_or_build(examples, model, processor.image_processor, tmp_path, progress=False, layout=layout)
     assert cache.features.shape == (6, layout.num_query_tokens, model.config.text_config.hidden_size)
-    collate = Collator(layout.pad_token_id, layout.padding(), layout.visual)
+    collate = Collator.of(layout)
     pixels = collate(PairDataset(examples, encoded, processor.image_processor, layout).__getitems__(list(range(6))))
     cached = PrefixCollator(collate)([CachedPairDataset(encoded, cache, keys)[i] for i in range(6)])
     with torch.no_grad():

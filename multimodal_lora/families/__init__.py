@@ -28,13 +28,22 @@ a recipe, and an entry in :data:`FAMILIES`. The module must provide:
    as the real model, a tokenizer trained locally) and its cache directory name;
 6. tests: the tiny twin learns the shapes recipe, and trainable-parameter
    counts of the real configs on the ``meta`` device, with the arithmetic.
+
+A family that is not a Q-Former (Qwen2.5-VL) also says, through its layout's
+:class:`~multimodal_lora.families.image_inputs.ImageInputs`, what its image
+processor returns and how many tokens each image takes (the text carries one
+placeholder, expanded per image), and through its :class:`Family` where its
+language model and frozen image path are, its plan's image-token figure, how
+its processor loads, and why (if so) it cannot use the feature cache or the
+server's continuous batching (see ``docs/families.md``).
 """
 
 from __future__ import annotations
 
 from multimodal_lora.errors import ConfigError
-from multimodal_lora.families import blip2_opt, blip2_t5, instructblip, paligemma, smolvlm
+from multimodal_lora.families import blip2_opt, blip2_t5, instructblip, paligemma, qwen2_5_vl, smolvlm
 from multimodal_lora.families.base import Family, PlanDims
+from multimodal_lora.families.image_inputs import PIXELS, ImageInputs
 from multimodal_lora.families.layouts import (
     IGNORE_INDEX,
     ChatLayout,
@@ -43,7 +52,6 @@ from multimodal_lora.families.layouts import (
     Padding,
     TokenLayout,
 )
-from multimodal_lora.families.visual import PIXELS, VisualInputs
 
 __all__ = [
     "FAMILIES",
@@ -56,7 +64,7 @@ __all__ = [
     "Padding",
     "PlanDims",
     "TokenLayout",
-    "VisualInputs",
+    "ImageInputs",
     "family_for_config",
     "family_named",
     "published_family",
@@ -68,6 +76,7 @@ FAMILIES: tuple[Family, ...] = (
     blip2_t5.FAMILY,
     instructblip.VICUNA,
     instructblip.FLAN_T5,
+    qwen2_5_vl.FAMILY,
     paligemma.FAMILY,
     smolvlm.SMOLVLM,
     smolvlm.IDEFICS3,

@@ -35,7 +35,7 @@ token (``<|im_end|>``), which is also where generation stops::
 **Image tokens whose count varies** with the image (Qwen2.5-VL): the text is
 tokenized with one placeholder per image; once the image is processed (per
 batch in training, per call at generation) the placeholder becomes as many
-tokens as the family's :class:`~multimodal_lora.families.visual.VisualInputs`
+tokens as the family's :class:`~multimodal_lora.families.image_inputs.ImageInputs`
 says, labelled -100 (:meth:`TokenLayout.with_image`). ``max_length`` and every
 text-length check count text tokens only, as for the fixed-count families.
 """
@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from multimodal_lora.families.visual import PIXELS, VisualInputs
+from multimodal_lora.families.image_inputs import PIXELS, ImageInputs
 
 IGNORE_INDEX = -100
 
@@ -71,8 +71,8 @@ class TokenLayout:
     stop_token_id: int
     qformer_tokenizer: object | None = field(default=None, repr=False)
     """InstructBLIP: the Q-Former's tokenizer; ``None`` when the Q-Former reads no text."""
-    visual: VisualInputs = PIXELS
-    """What the image processor's output becomes (see :mod:`~multimodal_lora.families.visual`)."""
+    image_inputs: ImageInputs = PIXELS
+    """What the image processor's output becomes (see :mod:`~multimodal_lora.families.image_inputs`)."""
 
     aligned_keys = ("input_ids",)
     """The per-token lists that run alongside ``input_ids`` (expanded with it)."""
@@ -82,12 +82,12 @@ class TokenLayout:
     @property
     def image_positions(self) -> int:
         """Positions one image takes in the language model's sequence (at most, when it varies)."""
-        return self.visual.max_tokens or self.num_query_tokens
+        return self.image_inputs.max_tokens or self.num_query_tokens
 
     def with_image(self, encoded: Mapping[str, list[int]], item: Mapping) -> Mapping[str, list[int]]:
         """An encoded example with its image placeholder expanded to the tokens ``item`` (the processed
         image) takes; unchanged when the count is fixed (already in the text)."""
-        count = self.visual.image_tokens(item)
+        count = self.image_inputs.image_tokens(item)
         if count is None:
             return encoded
         return expand_placeholder(encoded, self.image_token_id, count, self.aligned_keys)
@@ -260,7 +260,7 @@ class ChatLayout(DecoderOnlyLayout):
     the assistant's answer (Qwen2.5-VL). The template is the tokenizer's own (``chat_template``).
 
     The text holds ``num_query_tokens`` placeholders per image as the template writes them (one, for a
-    family whose :class:`~multimodal_lora.families.visual.VisualInputs` expands it per image).
+    family whose :class:`~multimodal_lora.families.image_inputs.ImageInputs` expands it per image).
     """
 
     def user_turn(self, tokenizer, prompt: str) -> list[int]:

@@ -56,9 +56,9 @@ import torch
 
 from multimodal_lora.families import blip2_opt
 from multimodal_lora.families.base import PRINTABLE, PROMPTS, Family, PlanDims, ProcessorParts, stop_token_id
+from multimodal_lora.families.image_inputs import ImageInputs
 from multimodal_lora.families.layouts import IGNORE_INDEX, DecoderOnlyLayout, _fit, _ids
 from multimodal_lora.families.twins import init_weights, set_generation_defaults
-from multimodal_lora.families.visual import VisualInputs
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # The LLaMA's attention, from the root: model.vision_model.* has q/k/v/out_proj of its own.
@@ -132,7 +132,7 @@ class SmolVLMLayout(DecoderOnlyLayout):
 
 
 @dataclass(frozen=True)
-class OneTilePerImage(VisualInputs):
+class OneTilePerImage(ImageInputs):
     """The Idefics3 / SmolVLM image processors read a flat list of images as *one* example's images,
     ``pixel_values (1, images, 3, H, W)``; cut it into one ``(1, 3, H, W)`` tile per image, which the
     default collate stacks into the model's ``(batch, 1, 3, H, W)``. (With splitting off every image is
@@ -203,7 +203,7 @@ def _layout(config, generation_config, processor) -> SmolVLMLayout:
         bos_token_id=int(tokenizer.bos_token_id),
         # A byte-level BPE marks a new word by its leading space: "Assistant: a red circle".
         target_prefix=" ",
-        visual=ONE_TILE,
+        image_inputs=ONE_TILE,
         image_block=tuple(block),
         user_ids=tuple(_ids(tokenizer, USER)),
         turn_end_ids=(*tokenizer.convert_tokens_to_ids([END_OF_UTTERANCE]), *_ids(tokenizer, ASSISTANT)),

@@ -23,6 +23,7 @@ WHY_NOT = {
     "blip2-t5": "vLLM has no T5 language model for Blip2ForConditionalGeneration",
     "instructblip-vicuna": "vLLM has no InstructBlipForConditionalGeneration",
     "instructblip-t5": "vLLM has no InstructBlipForConditionalGeneration",
+    "qwen2.5-vl": "this package's vLLM engine frames prompts and image tokens the BLIP-2 way only",
 }
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

@@ -1,0 +1,212 @@
+"""Qwen2.5-VL: the real configs on the meta device, the anchored targets, per-image token counts with
+mixed image sizes, the chat layout, and what the family refuses (feature cache, continuous batching).
+
+What every family's tiny recipe must do (learn, PEFT, merge, refusal by another family, CLI and
+evaluate) is in tests/test_family_recipes.py, which trains ``recipes/tiny-qwen2vl.yaml`` too.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from multimodal_lora.config import LoraSettings, load_recipe
+from multimodal_lora.data.encoding import Collator
+from multimodal_lora.errors import ConfigError
+from multimodal_lora.families import IGNORE_INDEX, qwen2_5_vl
+from multimodal_lora.model import add_lora, count_parameters, meta_model, published_config
+
+from .conftest import RECIPES
+
+FAMILY = qwen2_5_vl.FAMILY
+
+
+# --- the real configs on the meta device ----------------------------------------------------------
+
+
+def test_3b_default_lora_count():
+    # 36 layers; hidden 2048, 16 query heads and 2 key/value heads of 128: k and v project to 256.
+    # r=16 adds A (16 × in) + B (out × 16) per projection:
+    #   q: 16 × 2048 + 2048 × 16 = 65,536     k, v: 16 × 2048 + 256 × 16 = 36,864 each
+    #   o: 16 × 2048 + 2048 × 16 = 65,536     → 204,800 a layer × 36 = 7,372,800.
+    counts = count_parameters(add_lora(meta_model(published_config("Qwen/Qwen2.5-VL-3B-Instruct")), LoraSettings(r=16)))
+    assert counts["language model"][0] == counts["total"][0] == 7_372_800
+    assert counts["vision"][0] == counts["projection"][0] == 0
+    assert counts["total"][1] == 3_754_622_976 + 7_372_800  # 3.75 B (embeddings tied) plus the adapters
+
+
+def test_7b_default_lora_count():
+    # 28 layers; hidden 3584, 28 query heads and 4 key/value heads of 128: k and v project to 512.
+    #   q, o: 16 × 3584 + 3584 × 16 = 114,688 each     k, v: 16 × 3584 + 512 × 16 = 65,536 each
+    #   → 360,448 a layer × 28 = 10,092,544.
+    counts = count_parameters(add_lora(meta_model(published_config("Qwen/Qwen2.5-VL-7B-Instruct")), LoraSettings(r=16)))
+    assert counts["language model"][0] == counts["total"][0] == 10_092_544
+    assert counts["total"][1] == 8_292_166_656 + 10_092_544  # 8.29 B (untied head) plus the adapters
+
+
+def test_the_pattern_reaches_only_the_language_models_attention():
+    model = meta_model(published_config("Qwen/Qwen2.5-VL-3B-Instruct"))
+    pattern = FAMILY.target_pattern(FAMILY.lora_targets)
+    names = [name for name, _ in model.named_modules()]
+    hits = [n for n in names if re.fullmatch(pattern, n)]
+    assert len(hits) == 36 * 4 and all(n.startswith("model.language_model.layers.") for n in hits)
+    # The vision tower has attention (qkv, proj) and MLPs named like the text model's: none is hit.
+    vision_linears = [n for n in names if n.startswith("model.visual.") and n.endswith(("qkv", "proj"))]
+    assert vision_linears and not [n for n in vision_linears if re.fullmatch(pattern, n)]
+    with pytest.raises(ConfigError, match="has no 'qkv'; choose from q_proj, k_proj, v_proj, o_proj"):
+        FAMILY.target_pattern(["qkv"])
+
+
+# --- the chat layout and per-image token counts (tokenizer and image processor only) ---------------
+
+
+@pytest.fixture(scope="module")
+def parts():
+    """The tiny twin's tokenizer and image processor, and a layout on its ids (no model weights)."""
+    from types import SimpleNamespace
+
+    from multimodal_lora.families.base import ProcessorParts
+
+    tokenizer = qwen2_5_vl.build_tokenizer()
+    processor = ProcessorParts(tokenizer, qwen2_5_vl.image_processor())
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    config = SimpleNamespace(
+        image_token_id=image_pad,
+        text_config=SimpleNamespace(pad_token_id=None, bos_token_id=0, eos_token_id=tokenizer.eos_token_id),
+        vision_config=SimpleNamespace(spatial_merge_size=2),
+    )
+    return processor, FAMILY.make_layout(config, None, processor), image_pad
+
+
+def test_the_chat_layout_learns_only_the_answer_and_its_end_of_turn(parts):
+    processor, layout, image_pad = parts
+    tokenizer = processor.tokenizer
+    encoded, truncated = layout.encode(tokenizer, "What colour?", "a red circle", max_length=64)
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    assert not truncated and ids.count(image_pad) == 1  # one placeholder, expanded per image later
+    learned = [t for t in labels if t != IGNORE_INDEX]
+    assert tokenizer.decode(learned) == "a red circle<|im_end|>"
+    assert learned[-1] == layout.stop_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompt = tokenizer.decode(ids[: len(ids) - len(learned)])
+    assert prompt.endswith("<|vision_start|><|image_pad|><|vision_end|>What colour?<|im_end|>\n<|im_start|>assistant\n")
+    assert layout.text_length(encoded) == len(ids) - 1  # the placeholder is not text
+    # Generation starts from exactly the prompt the answer was learned after.
+    assert layout.generation_rows(tokenizer, ["What colour?"])[0] == ids[: len(ids) - len(learned)]
+
+
+def test_images_of_different_sizes_get_their_own_token_counts_in_one_batch(parts):
+    processor, layout, image_pad = parts
+    images = [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (48, 32), "blue")]
+    items = layout.image_inputs.split(processor.image_processor(images, return_tensors="pt"))
+    # 64×64 → 32×32 (the tiny processor's pixel budget): 8×8 patches of 4 px, 2×2 merged: 16 tokens.
+    # 48×32 is 1,536 pixels, over the 1,024 budget: 24×32 (multiples of 8): 6×8 patches, 12 tokens.
+    assert [layout.image_inputs.image_tokens(i) for i in items] == [16, 12]
+    encoded = layout.encode(processor.tokenizer, "", "a shape", max_length=64)[0]
+    rows = [{**item, **layout.with_image(encoded, item)} for item in items]
+    for row, count in zip(rows, [16, 12]):
+        assert row["input_ids"].count(image_pad) == count
+        assert len(row["labels"]) == len(row["input_ids"])
+        assert all(label == IGNORE_INDEX for t, label in zip(row["input_ids"], row["labels"]) if t == image_pad)
+    batch = Collator.of(layout)(rows)
+    assert batch["pixel_values"].shape[0] == 64 + 48  # patches of both images, concatenated
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 8], [1, 6, 8]]
+    assert batch["mm_token_type_ids"].sum(dim=1).tolist() == [16, 12]
+    assert torch.equal(batch["mm_token_type_ids"].bool(), batch["input_ids"] == image_pad)
+
+
+def test_the_feature_cache_is_refused_before_any_weights_load(tmp_path):
+    from multimodal_lora.train import train
+
+    recipe = load_recipe(RECIPES / "tiny-qwen2vl.yaml", [f"output_dir={tmp_path}/run", "train.cache_image_features=true"])
+    with pytest.raises(ConfigError, match="train.cache_image_features: true, but Qwen2.5-VL's image features vary in length"):
+        train(recipe)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# --- on the tiny twin (building it takes ~25 s on a loaded machine) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    from multimodal_lora.inference import Captioner
+
+    return Captioner("tiny-qwen2vl", device="cpu")
+
+
+@pytest.mark.slow
+def test_mixed_sizes_captioned_in_one_batch_equal_one_by_one(captioner, shapes_dir):
+    from multimodal_lora.data.images import load_image
+
+    paths = sorted((shapes_dir / "validation").glob("*.png"))[:3]
+    images = [load_image(p) for p in paths] + [load_image(paths[0]).resize((48, 32)), Image.new("RGB", (40, 64), "green")]
+    batch = captioner.generation_inputs(images, [""] * len(images))
+    assert batch["mm_token_type_ids"].sum(dim=1).tolist() == [16, 16, 16, 12, 15]
+    together = captioner.caption(images, max_new_tokens=6)
+    alone = [captioner.caption(image, max_new_tokens=6) for image in images]
+    assert together == alone
+    # Prepared per image (a server does this as requests arrive), then batched: the same.
+    prepared = [captioner.pixels(image) for image in images]
+    tokens = captioner.generate_batch(prepared, [""] * len(images), max_new_tokens=6)
+    texts = captioner.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    assert [t.strip() for t in texts] == together
+
+
+@pytest.mark.slow
+def test_the_server_batches_per_call_for_this_family(captioner):
+    from multimodal_lora.serve.continuous import ContinuousBatcher, continuous_problem
+
+    assert "3-D (mrope) positions" in continuous_problem(captioner)
+    with pytest.raises(ValueError, match="cannot decode in a continuous batch"):
+        ContinuousBatcher(captioner)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["int8", "4bit"])
+def test_quantized_training_on_cpu(quantization, small_shapes_dir, tmp_path):
+    import bitsandbytes as bnb
+
+    from multimodal_lora.train import train
+
+    overrides = [
+        f"output_dir={tmp_path}", f"data.path={small_shapes_dir}", f"model.quantization={quantization}",
+        "train.max_steps=6", "train.batch_size=4", "train.eval_captions=false",
+    ]  # fmt: skip
+    result = train(load_recipe(RECIPES / "tiny-qwen2vl.yaml", overrides))
+    layer = result.model.get_base_model().model.language_model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(layer, bnb.nn.Linear8bitLt if quantization == "int8" else bnb.nn.Linear4bit)
+    assert result.steps == 6 and torch.isfinite(torch.tensor(result.final_loss))
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_resumed_run_ends_with_the_same_adapter(small_shapes_dir, tmp_path):
+    """A run resumed from its mid-epoch checkpoint (step 4 of 12; lora dropout on, so the random
+    state matters) ends with the adapter of the run that never stopped, bit for bit."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from multimodal_lora.train import train
+
+    def run(out, *extra):
+        overrides = [
+            f"output_dir={out}", f"data.path={small_shapes_dir}", "train.batch_size=4", "train.epochs=2",
+            "train.eval_captions=false", "lora.dropout=0.1", "train.checkpoint_every=4", "train.keep_checkpoints=5",
+            *extra,
+        ]  # fmt: skip
+        return train(load_recipe(RECIPES / "tiny-qwen2vl.yaml", overrides))
+
+    whole = run(tmp_path / "whole")
+    assert whole.steps == 12  # 24 images, batches of 4: 6 steps an epoch
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "adapter")
+    for checkpoint in (tmp_path / "cut" / "checkpoints").glob("checkpoint-*"):
+        if int(checkpoint.name.split("-")[1]) > 4:
+            shutil.rmtree(checkpoint)
+    resumed = run(tmp_path / "cut", "resume=true")
+    a = load_file(whole.adapter_dir / "adapter_model.safetensors")
+    b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    assert resumed.steps == 12 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
