@@ -86,8 +86,8 @@ class PrefixLMLayout(DecoderOnlyLayout):
     """PaliGemma's ``<image>×N <bos> prompt \\n | target <eos>`` with ``token_type_ids`` (prefix 0, suffix 1)."""
 
     separator_id: int = 0
-    aligned_keys = ("input_ids", "labels", "token_type_ids")
     """The ``\\n`` that ends the prefix (big_vision's and ``PaliGemmaProcessor``'s convention)."""
+    aligned_keys = ("input_ids", "labels", "token_type_ids")
 
     def padding(self) -> tuple[Padding, ...]:
         # Padded positions are masked by attention_mask; their type does not matter (0 as transformers pads).
