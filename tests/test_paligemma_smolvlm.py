@@ -395,3 +395,31 @@ def test_the_real_recipes_plan_from_the_shipped_configs():
         plan = plan_recipe(load_recipe(RECIPES / f"{recipe}.yaml"))
         assert plan.lora_parameters == lora and plan.sequence_length == sequence
         assert plan.lora_weights == 4 * lora and plan.total(True) < plan.total(False)
+
+
+@pytest.mark.parametrize(
+    ("name", "count"),
+    [
+        # r=8, 2 layers: q, o 128 <-> 128: 8 × 256 = 2,048; Gemma's k, v 128 -> 2 × 32: 8 × 192 = 1,536. 2 × 7,168.
+        ("tiny-paligemma", 14_336),
+        # r=8, 2 layers, four 128 -> 128 projections: 2 × 4 × 2,048.
+        ("tiny-smolvlm", 16_384),
+    ],
+)
+def test_an_int8_base_on_cpu_takes_lora_and_trains(name, count):
+    import bitsandbytes as bnb
+
+    model, _ = load_base(ModelConfig(base=name, device="cpu", quantization="int8"))
+    processor = load_processor(name)
+    layout = text_layout(model, processor)
+    family = family_named(TINY[name])
+    attention = [m for n, m in model.named_modules() if re.fullmatch(family.target_pattern(family.default_targets), n)]
+    assert attention and all(isinstance(m, bnb.nn.Linear8bitLt) for m in attention)
+    peft_model = add_lora(model, LoraSettings(r=8, alpha=16))
+    assert count_parameters(peft_model)["language model"][0] == count_parameters(peft_model)["total"][0] == count
+    encoded, _ = layout.encode(processor.tokenizer, "", "a red circle", 24)
+    pixels = layout.image_inputs.collate(layout.image_inputs.split(processor.image_processor([Image.new("RGB", (32, 32))], return_tensors="pt")))
+    loss = peft_model(**{k: torch.tensor([v]) for k, v in encoded.items()}, **pixels).loss
+    loss.backward()
+    grads = [p.grad for p in peft_model.parameters() if p.requires_grad]
+    assert torch.isfinite(loss) and all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
