@@ -423,3 +423,38 @@ def test_an_int8_base_on_cpu_takes_lora_and_trains(name, count):
     loss.backward()
     grads = [p.grad for p in peft_model.parameters() if p.requires_grad]
     assert torch.isfinite(loss) and all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_the_server_answers_what_caption_gives_through_the_openai_client(name, shapes_dir, tmp_path):
+    """A short caption run (80 steps), served with its base: the real OpenAI client gets caption()'s
+    text for the adapter and for the bare base, plain and streamed (per-request batching, logged)."""
+    import openai
+
+    from multimodal_lora.config import load_recipe
+    from multimodal_lora.inference import caption, clear_cache
+    from multimodal_lora.train import train
+
+    from .conftest import RECIPES
+    from .test_serve import chat, start_server, stop_server, stream
+
+    run = train(load_recipe(RECIPES / f"{name}.yaml", [f"output_dir={tmp_path / 'run'}", "train.max_steps=80", "train.eval_max_images=4"]))
+    images = sorted((shapes_dir / "validation").glob("*.png"))[:3]
+    try:
+        want = [caption(str(p), adapter=run.adapter_dir) for p in images]
+        bare = [caption(str(p), base_model=name) for p in images]
+    finally:
+        clear_cache()
+    assert want != bare
+    proc, url = start_server(["--adapter", f"shapes={run.adapter_dir}", "--adapters-dir", str(tmp_path / "none")], tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == [name, "shapes"]
+        got = [chat(client, "shapes", p.read_bytes()).choices[0].message.content for p in images]
+        got_bare = [chat(client, name, p.read_bytes()).choices[0].message.content for p in images]
+        streamed = stream(client, "shapes", images[0].read_bytes())[0]
+    finally:
+        stop_server(proc)
+    assert got == want and got_bare == bare and streamed == want[0]
+    assert "continuous batching is not available for this base" in (tmp_path / "server.log").read_text()
