@@ -243,16 +243,47 @@ def test_smolvlm_layout_is_the_processors_chat_template(tiny_models):
     assert encoded["labels"][: len(reference)] == [IGNORE_INDEX] * len(reference)
 
 
-def test_smolvlm_refuses_a_processor_that_splits_images_into_tiles(tiny_models):
-    model, processor = tiny_models["tiny-smolvlm"]
-    processor.image_processor.do_image_splitting = True
-    try:
-        with pytest.raises(UserError, match="splits each image into tiles .*do_image_splitting to false"):
-            text_layout(model, processor)
-    finally:
-        processor.image_processor.do_image_splitting = False
+def test_smolvlm_lays_out_tiled_images_as_the_processor_does_and_pads_their_views(tiny_models):
+    """With splitting on (as the published SmolVLM2 processors have it), each image takes its own tile
+    grid's block: the layout's ids equal Idefics3Processor's, for grids 2×2, 2×1 and one view."""
+    from transformers import Idefics3Processor
+
+    from multimodal_lora.families.smolvlm import CHAT_TEMPLATE
+
+    model, _ = tiny_models["tiny-smolvlm"]
+    parts = load_processor("tiny-smolvlm")  # its own copy: the image processor is changed below
+    image_processor = parts.image_processor
+    image_processor.do_image_splitting = True
+    image_processor.size, image_processor.max_image_size = {"longest_edge": 64}, {"longest_edge": 32}
+    layout = text_layout(model, parts)
+    assert set(layout.tile_blocks) == {(0, 0), (1, 1), (1, 2), (2, 1), (2, 2)}
+    reference = Idefics3Processor(image_processor, parts.tokenizer, image_seq_len=16, chat_template=CHAT_TEMPLATE)
+    images = [Image.new("RGB", size, (200, 30, 30)) for size in [(64, 48), (20, 60), (32, 32)]]
+    prompt = "Describe the image."
+    text = reference.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}], add_generation_prompt=True)
+    want = [list(reference(text=[text], images=[[image]])["input_ids"][0]) for image in images]
+    items = layout.image_inputs.split(image_processor(images, return_tensors="pt"))
+    assert [tuple(int(x) for x in item["tile_grid"]) for item in items] == [(2, 2), (2, 1), (2, 2)]
+    assert [len(item["pixel_values"]) for item in items] == [5, 3, 5]  # the tiles and the global view
+    gen = layout.generation_inputs(parts.tokenizer, [prompt] * 3, [layout.image_inputs.image_tokens(i) for i in items])
+    got = [row[mask.bool()].tolist() for row, mask in zip(gen["input_ids"], gen["attention_mask"])]
+    assert got == want
+    assert layout.image_positions == len(layout.tile_blocks[(2, 2)])  # length checks use the largest block
+    # Training: the encoded text gets the same block, labels -100 over it; views padded with zeros per batch.
+    encoded = [layout.with_image(layout.encode(parts.tokenizer, prompt, "a red circle", 32)[0], item) for item in items]
+    assert [e["input_ids"][: len(w)] for e, w in zip(encoded, want)] == want
+    assert all(e["labels"][: len(w)] == [IGNORE_INDEX] * len(w) for e, w in zip(encoded, want))
+    from multimodal_lora.data.encoding import Collator
+
+    batch = Collator.of(layout)([{**item, **e} for item, e in zip(items, encoded)])
+    assert batch["pixel_values"].shape == (3, 5, 3, 32, 32) and float(batch["pixel_values"][1, 3:].abs().sum()) == 0
+    with torch.no_grad():
+        together = model(**batch).logits
+        alone = model(**Collator.of(layout)([{**items[1], **encoded[1]}])).logits
+    n = len(encoded[1]["input_ids"])
+    torch.testing.assert_close(together[1, :n], alone[0, :n], atol=1e-4, rtol=1e-4)
     with pytest.raises(UserError, match="needs its processor"):
-        text_layout(model, processor.tokenizer)
+        text_layout(model, parts.tokenizer)
 
 
 @pytest.mark.slow

@@ -22,15 +22,20 @@ answer after it::
     <|im_start|>User:  <fake><global-img><image>×N<fake>  prompt  <end_of_utterance>\\nAssistant:   target  <end_of_utterance>
     └──────────────────────────────────── label -100 ───────────────────────────────────────────┘ └────── learned ───────┘
 
-``<image>`` in the template is what the processor expands, for one image that is
-not split into tiles, into ``<fake_token_around_image><global-img><image>×N
-<fake_token_around_image>``, N being ``(image_size // patch_size)² / scale_factor²``
-(81 for the 2.2B model at 384 px, 64 for the 500M at 512 px). The stop token is
-``<end_of_utterance>``, which the published generation configs stop on. The
-checkpoints' own image processors split a large image into up to 4×4 tiles plus a
-global view, each tile with its ``<row_R_col_C>`` marker: that gives a variable
-number of image tokens per image, which this layout (one tile, fixed N) does not
-lay out; :func:`image_block` refuses such a processor with a message.
+``<image>`` in the template is what the processor expands. One view of an image
+(splitting off, or an image no larger than a tile) is
+``<fake_token_around_image><global-img><image>×N<fake_token_around_image>``, N being
+``(image_size // patch_size)² / scale_factor²`` (81 for the 2.2B model at 384 px,
+64 for the 500M at 512 px); the text is encoded with that block. The published
+image processors split a large image into up to 4×4 tiles plus the global view,
+``<fake_token_around_image><row_R_col_C><image>×N`` per tile and a newline after
+each row: once the image is processed, :meth:`SmolVLMLayout.with_image` (training)
+and :meth:`SmolVLMLayout.generation_inputs` put in the block of its tile grid
+(:func:`tile_blocks`, tokenized as the processor writes it), labels -100, and
+:class:`Tiles` pads each example's views with all-zero ones, which the model
+drops. The stop token is ``<end_of_utterance>``, which the published generation
+configs stop on. ``Family.image_tokens`` (the memory plan, config-level length
+checks) counts one view; the captioner's length check counts the largest grid.
 
 **The tiny twin** (``base: tiny-smolvlm``): a real ``SmolVLMForConditionalGeneration``
 with a two-layer LLaMA and a two-layer vision tower on 32×32 images with 4×4
@@ -49,7 +54,7 @@ SmolVLM2 checkpoints load here too; the layout reads nothing else.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -57,7 +62,7 @@ import torch
 from multimodal_lora.families import blip2_opt
 from multimodal_lora.families.base import PRINTABLE, PROMPTS, Family, PlanDims, ProcessorParts, stop_token_id
 from multimodal_lora.families.image_inputs import ImageInputs
-from multimodal_lora.families.layouts import IGNORE_INDEX, DecoderOnlyLayout, _fit, _ids
+from multimodal_lora.families.layouts import IGNORE_INDEX, DecoderOnlyLayout, _fit, _ids, _pad_rows
 from multimodal_lora.families.twins import init_weights, set_generation_defaults
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -110,7 +115,9 @@ class SmolVLMLayout(DecoderOnlyLayout):
     """
 
     image_block: tuple[int, ...] = ()
-    """``<fake><global-img><image>×N<fake>`` as ids."""
+    """``<fake><global-img><image>×N<fake>`` as ids: one view, what the text holds until the image is processed."""
+    tile_blocks: Mapping[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)
+    """Every block the image processor can ask for, by tile grid ``(rows, cols)``; ``(0, 0)`` is one view."""
     user_ids: tuple[int, ...] = ()
     turn_end_ids: tuple[int, ...] = ()
     """``<end_of_utterance>\\nAssistant:``."""
@@ -130,20 +137,79 @@ class SmolVLMLayout(DecoderOnlyLayout):
         """The user turn up to ``Assistant:``, left-padded."""
         return [self._prompt(tokenizer, p) for p in prompts]
 
+    def with_image(self, encoded: Mapping[str, list[int]], item: Mapping) -> Mapping[str, list[int]]:
+        """The example with its one-view image block replaced by the tiled one ``item`` needs (labels -100)."""
+        grid = tile_grid(item)
+        return encoded if grid == ONE_VIEW else self._with_block(encoded, grid)
+
+    def generation_inputs(self, tokenizer, prompts: list[str], image_tokens=None) -> dict[str, torch.Tensor]:
+        """Left-padded prompts, each image's block the one its tiles need (found from its token count:
+        every tile grid's block has a length of its own, see :func:`tile_blocks`)."""
+        rows = [{"input_ids": row} for row in self.generation_rows(tokenizer, prompts)]
+        if image_tokens is not None:
+            grids = {len(block): grid for grid, block in self.tile_blocks.items()}
+            rows = [row if count is None else self._with_block(row, grids[count]) for row, count in zip(rows, image_tokens)]
+        return _pad_rows([row["input_ids"] for row in rows], self.pad_token_id, left=True, key="input_ids", mask="attention_mask")
+
+    def _with_block(self, encoded: Mapping[str, list[int]], grid: tuple[int, int]) -> dict[str, list[int]]:
+        start = 1 + len(self.user_ids)  # after <|im_start|>User:
+        end = start + len(self.image_block)
+        block = list(self.tile_blocks[grid])
+        out = dict(encoded, input_ids=[*encoded["input_ids"][:start], *block, *encoded["input_ids"][end:]])
+        if "labels" in encoded:
+            out["labels"] = [*encoded["labels"][:start], *[IGNORE_INDEX] * len(block), *encoded["labels"][end:]]
+        return out
+
+
+ONE_VIEW = (0, 0)
+
+
+def tile_grid(item: Mapping) -> tuple[int, int]:
+    """``(rows, cols)`` of an image's tiles; ``(0, 0)``: one view, not split."""
+    grid = item.get("tile_grid")
+    return ONE_VIEW if grid is None else (int(grid[0]), int(grid[1]))
+
 
 @dataclass(frozen=True)
-class OneTilePerImage(ImageInputs):
-    """The Idefics3 / SmolVLM image processors read a flat list of images as *one* example's images,
-    ``pixel_values (1, images, 3, H, W)``; cut it into one ``(1, 3, H, W)`` tile per image, which the
-    default collate stacks into the model's ``(batch, 1, 3, H, W)``. (With splitting off every image is
-    one tile, resized to a square, so ``pixel_attention_mask`` is all ones and is left to the model.)"""
+class Tiles(ImageInputs):
+    """The Idefics3 / SmolVLM image processors: an image is one view, or ``rows × cols`` tiles and a
+    global view, each a ``(3, H, W)`` square.
+
+    They read a flat list of images as *one* example's images and return ``pixel_values
+    (1, views of all images, 3, H, W)`` with ``rows``/``cols`` per image (``return_row_col_info``,
+    which the family's processor loading turns on); :meth:`split` cuts that into one item per image
+    (its views and its tile grid), :meth:`collate` pads each example's views to the batch's most
+    with all-zero views, which the model drops. Every tile is a full square, so
+    ``pixel_attention_mask`` is all ones and is left to the model.
+    """
+
+    lengths: Mapping[tuple[int, int], int] = field(default_factory=dict)
+    """Tokens an image takes, by tile grid."""
 
     def split(self, processed: Mapping) -> list[dict[str, torch.Tensor]]:
         pixels = processed["pixel_values"]
-        return [{"pixel_values": tile[None]} for tile in pixels.reshape(-1, *pixels.shape[-3:])]
+        views = pixels.reshape(-1, *pixels.shape[-3:])
+        rows = [r for sample in processed.get("rows", []) for r in sample]
+        cols = [c for sample in processed.get("cols", []) for c in sample]
+        grids = list(zip(rows, cols)) or [ONE_VIEW] * len(views)
+        items, at = [], 0
+        for r, c in grids:
+            n = r * c + 1 if r * c else 1
+            items.append({"pixel_values": views[at : at + n], "tile_grid": torch.tensor([r, c])})
+            at += n
+        return items
 
+    def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        if not items or "pixel_values" not in items[0]:
+            return {}
+        first = items[0]["pixel_values"]
+        out = first.new_zeros((len(items), max(len(i["pixel_values"]) for i in items), *first.shape[1:]))
+        for row, item in enumerate(items):
+            out[row, : len(item["pixel_values"])] = item["pixel_values"]
+        return {"pixel_values": out}
 
-ONE_TILE = OneTilePerImage()
+    def image_tokens(self, item: Mapping) -> int:
+        return self.lengths[tile_grid(item)]
 
 
 def _matches_smolvlm(config) -> bool:
@@ -165,46 +231,61 @@ def image_positions(config) -> int:
     return image_tokens(config) + 3
 
 
-def image_block(config, processor) -> list[int]:
-    """The ids one (unsplit) image takes in the prompt, as the processor lays it out.
+def tile_blocks(config, processor) -> dict[tuple[int, int], tuple[int, ...]]:
+    """Every image block the processor can ask for, as ids, by tile grid: ``(0, 0)`` one view
+    (``<fake><global-img><image>×N<fake>``); with splitting, ``rows × cols`` tiles, each
+    ``<fake><row_R_col_C><image>×N``, a newline after each row, then the global view, as
+    ``Idefics3Processor`` / ``SmolVLMProcessor`` write them (tokenized as they are).
 
     Raises:
-        UserError: the processor splits images into tiles (a variable number of tokens per image).
+        UserError: not given a processor, or its ``<image>`` is not the model's.
     """
     from multimodal_lora.errors import UserError
 
     image_processor = getattr(processor, "image_processor", None)
     if image_processor is None:
         raise UserError("a SmolVLM / Idefics3 base needs its processor (image processor and tokenizer), not only its tokenizer")
-    if getattr(image_processor, "do_image_splitting", False):
-        raise UserError(
-            "this base's image processor splits each image into tiles (do_image_splitting: true), which gives a "
-            "variable number of image tokens per image; set do_image_splitting to false in its "
-            "preprocessor_config.json to train and caption on one tile per image"
-        )
     tokenizer = processor.tokenizer
-    n = image_tokens(config)
-    fake, glob, image = tokenizer.convert_tokens_to_ids([FAKE_TOKEN, GLOBAL_TOKEN, IMAGE_TOKEN])
-    if image != config.image_token_id:
-        raise UserError(f"the tokenizer's {IMAGE_TOKEN} is id {image}, the model's image_token_id is {config.image_token_id}")
-    return [fake, glob, *[image] * n, fake]
+    if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != config.image_token_id:
+        raise UserError(f"the tokenizer's {IMAGE_TOKEN} is not the model's image_token_id {config.image_token_id}")
+    image = IMAGE_TOKEN * image_tokens(config)
+    view = f"{FAKE_TOKEN}{GLOBAL_TOKEN}{image}{FAKE_TOKEN}"
+    texts = {ONE_VIEW: view}
+    if getattr(image_processor, "do_image_splitting", False):
+        side = -(-image_processor.size["longest_edge"] // image_processor.max_image_size["longest_edge"])
+        for rows in range(1, side + 1):
+            for cols in range(1, side + 1):
+                tiles = "".join("".join(f"{FAKE_TOKEN}<row_{r}_col_{c}>{image}" for c in range(1, cols + 1)) + "\n" for r in range(1, rows + 1))
+                texts[(rows, cols)] = f"{tiles}\n{view}"
+    blocks = {grid: tuple(_ids(tokenizer, text)) for grid, text in texts.items()}
+    # The block of a generation row is found again from its length: lengths must tell grids apart.
+    assert len({len(b) for b in blocks.values()}) == len(blocks), "two tile grids give blocks of one length"
+    return blocks
+
+
+def load_processor(path: str, revision: str | None = None) -> ProcessorParts:
+    """Tokenizer and image processor (see the module docstring), the latter asked for each image's tile grid."""
+    parts = ProcessorParts.from_pretrained(path, revision)
+    parts.image_processor.return_row_col_info = True
+    return parts
 
 
 def _layout(config, generation_config, processor) -> SmolVLMLayout:
-    block = image_block(config, processor)
+    blocks = tile_blocks(config, processor)
     tokenizer = processor.tokenizer
     text = config.text_config
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else text.pad_token_id
     return SmolVLMLayout(
         image_token_id=int(config.image_token_id),
-        num_query_tokens=len(block),
+        num_query_tokens=len(blocks[ONE_VIEW]),
         pad_token_id=int(pad),
         stop_token_id=stop_token_id(generation_config, text),
+        image_inputs=Tiles(max_tokens=max(map(len, blocks.values())), lengths={g: len(b) for g, b in blocks.items()}),
         bos_token_id=int(tokenizer.bos_token_id),
         # A byte-level BPE marks a new word by its leading space: "Assistant: a red circle".
         target_prefix=" ",
-        image_inputs=ONE_TILE,
-        image_block=tuple(block),
+        image_block=blocks[ONE_VIEW],
+        tile_blocks=blocks,
         user_ids=tuple(_ids(tokenizer, USER)),
         turn_end_ids=(*tokenizer.convert_tokens_to_ids([END_OF_UTTERANCE]), *_ids(tokenizer, ASSISTANT)),
     )
@@ -325,7 +406,7 @@ _SHARED = dict(
         "its language model (model.text_model) has no output head of its own (lm_head is on the outer "
         "model), and the shared decode loop calls the language model for logits directly"
     ),
-    load_processor=ProcessorParts.from_pretrained,
+    load_processor=load_processor,
 )
 
 SMOLVLM = Family(
