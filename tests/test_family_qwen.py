@@ -152,6 +152,9 @@ def test_mixed_sizes_captioned_in_one_batch_equal_one_by_one(captioner, shapes_d
     tokens = captioner.generate_batch(prepared, [""] * len(images), max_new_tokens=6)
     texts = captioner.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
     assert [t.strip() for t in texts] == together
+    # The server's usage count is what the model reads for that image; without one, the most an image takes.
+    assert [captioner.prompt_tokens("", p) for p in prepared] == batch["attention_mask"].sum(dim=1).tolist()
+    assert captioner.prompt_tokens("") == captioner.prompt_tokens("", prepared[0]) == batch["attention_mask"][0].sum()
 
 
 @pytest.mark.slow
@@ -210,3 +213,35 @@ def test_a_resumed_run_ends_with_the_same_adapter(small_shapes_dir, tmp_path):
     a = load_file(whole.adapter_dir / "adapter_model.safetensors")
     b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
     assert resumed.steps == 12 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_several_adapters_on_one_base_and_questions(small_shapes_dir, tmp_path, shapes_dir):
+    """Two adapters share one loaded base and switch per call, each answering as it does alone;
+    ask() puts each question through the chat template, batched like one by one."""
+    from multimodal_lora.inference import Captioner
+    from multimodal_lora.train import train
+
+    dirs = []
+    for seed in (0, 1):
+        overrides = [
+            f"output_dir={tmp_path / str(seed)}", f"data.path={small_shapes_dir}", f"seed={seed}",
+            "train.max_steps=4", "train.batch_size=4", "train.eval_captions=false",
+        ]  # fmt: skip
+        dirs.append(train(load_recipe(RECIPES / "tiny-qwen2vl.yaml", overrides)).adapter_dir)
+    # The model card's plain-transformers snippet prompts through the chat template, as training did.
+    card = (dirs[0] / "README.md").read_text()
+    assert "processor.apply_chat_template(messages, add_generation_prompt=True)" in card
+    assert "Qwen2_5_VLForConditionalGeneration.from_pretrained" in card
+    images = sorted((shapes_dir / "validation").glob("*.png"))[:4]
+    both = Captioner("tiny-qwen2vl", device="cpu")
+    for name, directory in zip("ab", dirs):
+        both.load_adapter(directory, name=name)
+    for name, directory in zip("ab", dirs):
+        alone = Captioner("tiny-qwen2vl", device="cpu")
+        alone.load_adapter(directory, name=name)
+        assert both.caption(images, adapter=name, max_new_tokens=6) == alone.caption(images, adapter=name, max_new_tokens=6)
+    assert both.caption(images, adapter="a", max_new_tokens=6) != both.caption(images, adapter=None, max_new_tokens=6)
+    questions = ["What colour is the shape?", "What shape is it?", "Is it red?", "Where is it?"]
+    together = both.ask(images, questions, adapter="b", max_new_tokens=4)
+    assert together == [both.ask(i, q, adapter="b", max_new_tokens=4) for i, q in zip(images, questions)]
