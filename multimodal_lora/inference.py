@@ -348,10 +348,11 @@ class Captioner:
         template = meta.prompt_template if meta is not None else DEFAULT_PROMPT_TEMPLATE
         return prompt_text("vqa", question, None, template)
 
-    def prompt_tokens(self, prompt: str) -> int:
-        """Tokens the model reads before generating: the image's tokens (at most, for a family whose
-        count varies with the image), then the prompt as the layout frames it (``</s>`` and ``prompt``)."""
-        return self.layout.prompt_length(self.processor.tokenizer, prompt)
+    def prompt_tokens(self, prompt: str, image: dict | None = None) -> int:
+        """Tokens the model reads before generating: the image's, then the prompt as the layout frames
+        it (``</s>`` and ``prompt``). ``image`` is what :meth:`pixels` made of it; without it, a family
+        whose image-token count varies with the image counts the most an image takes."""
+        return self.layout.prompt_length(self.processor.tokenizer, prompt, image)
 
     @property
     def context_length(self) -> int | None:

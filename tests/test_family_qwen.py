@@ -152,6 +152,9 @@ def test_mixed_sizes_captioned_in_one_batch_equal_one_by_one(captioner, shapes_d
     tokens = captioner.generate_batch(prepared, [""] * len(images), max_new_tokens=6)
     texts = captioner.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
     assert [t.strip() for t in texts] == together
+    # The server's usage count is what the model reads for that image; without one, the most an image takes.
+    assert [captioner.prompt_tokens("", p) for p in prepared] == batch["attention_mask"].sum(dim=1).tolist()
+    assert captioner.prompt_tokens("") == captioner.prompt_tokens("", prepared[0]) == batch["attention_mask"][0].sum()
 
 
 @pytest.mark.slow
@@ -210,3 +213,70 @@ def test_a_resumed_run_ends_with_the_same_adapter(small_shapes_dir, tmp_path):
     a = load_file(whole.adapter_dir / "adapter_model.safetensors")
     b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
     assert resumed.steps == 12 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def short_adapters(small_shapes_dir, tmp_path_factory):
+    """Two adapters of four steps each (seeds 0 and 1) on the tiny twin, saved the trainer's way."""
+    from multimodal_lora.train import train
+
+    dirs = []
+    for seed in (0, 1):
+        out = tmp_path_factory.mktemp(f"qwen-seed{seed}")
+        overrides = [
+            f"output_dir={out}", f"data.path={small_shapes_dir}", f"seed={seed}",
+            "train.max_steps=4", "train.batch_size=4", "train.eval_captions=false",
+        ]  # fmt: skip
+        dirs.append(train(load_recipe(RECIPES / "tiny-qwen2vl.yaml", overrides)).adapter_dir)
+    return dirs
+
+
+@pytest.mark.slow
+def test_several_adapters_on_one_base_and_questions(short_adapters, shapes_dir):
+    """Two adapters share one loaded base and switch per call, each answering as it does alone;
+    ask() puts each question through the chat template, batched like one by one."""
+    from multimodal_lora.inference import Captioner
+
+    dirs = short_adapters
+    # The model card's plain-transformers snippet prompts through the chat template, as training did.
+    card = (dirs[0] / "README.md").read_text()
+    assert "processor.apply_chat_template(messages, add_generation_prompt=True)" in card
+    assert "Qwen2_5_VLForConditionalGeneration.from_pretrained" in card
+    images = sorted((shapes_dir / "validation").glob("*.png"))[:4]
+    both = Captioner("tiny-qwen2vl", device="cpu")
+    for name, directory in zip("ab", dirs):
+        both.load_adapter(directory, name=name)
+    for name, directory in zip("ab", dirs):
+        alone = Captioner("tiny-qwen2vl", device="cpu")
+        alone.load_adapter(directory, name=name)
+        assert both.caption(images, adapter=name, max_new_tokens=6) == alone.caption(images, adapter=name, max_new_tokens=6)
+    assert both.caption(images, adapter="a", max_new_tokens=6) != both.caption(images, adapter=None, max_new_tokens=6)
+    questions = ["What colour is the shape?", "What shape is it?", "Is it red?", "Where is it?"]
+    together = both.ask(images, questions, adapter="b", max_new_tokens=4)
+    assert together == [both.ask(i, q, adapter="b", max_new_tokens=4) for i, q in zip(images, questions)]
+
+
+@pytest.mark.slow
+def test_the_built_in_server_answers_as_the_python_api(short_adapters, shapes_dir, tmp_path):
+    """The real OpenAI client against ``python -m multimodal_lora.serve`` on the tiny twin: the same
+    captions as caption(), per-call batching (said in the log), and the usage count of each image."""
+    openai = pytest.importorskip("openai")
+    from multimodal_lora.data.images import load_image
+    from multimodal_lora.inference import Captioner
+
+    from .test_serve import chat, start_server, stop_server
+
+    images = sorted((shapes_dir / "validation").glob("*.png"))[:2]
+    captioner = Captioner("tiny-qwen2vl", device="cpu")
+    captioner.load_adapter(short_adapters[0], name="shapes")
+    want = captioner.caption(images, adapter="shapes", max_new_tokens=8)
+    log = tmp_path / "server.log"
+    proc, url = start_server(["--adapter", f"shapes={short_adapters[0]}", "--adapters-dir", str(tmp_path)], log)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        replies = [chat(client, "shapes", path.read_bytes(), max_tokens=8) for path in images]
+    finally:
+        stop_server(proc)
+    assert [r.choices[0].message.content for r in replies] == want
+    assert replies[0].usage.prompt_tokens == captioner.prompt_tokens("", captioner.pixels(load_image(images[0])))
+    assert "continuous batching is not available for this base (its language model places image tokens by 3-D" in log.read_text()

@@ -78,6 +78,8 @@ class TokenLayout:
     """The per-token lists that run alongside ``input_ids`` (expanded with it)."""
     left_padded = True
     """Whether generation pads prompts on the left (decoder-only: every row ends where generation starts)."""
+    chat_template = False
+    """Whether prompts go through the tokenizer's chat template (:class:`ChatLayout`)."""
 
     @property
     def image_positions(self) -> int:
@@ -104,10 +106,16 @@ class TokenLayout:
         out.update(self.qformer_inputs(prompts))
         return out
 
-    def prompt_length(self, tokenizer, prompt: str) -> int:
-        """Positions the model reads before generating: the text of the prompt and the image's tokens
-        (at most, when their count varies)."""
-        return len(self.generation_rows(tokenizer, [prompt])[0]) - self.num_query_tokens + self.image_positions
+    def generation_rows(self, tokenizer, prompts: list[str]) -> list[list[int]]:
+        """Each prompt's ids as ``generate`` reads them, image placeholders included, unpadded."""
+        raise NotImplementedError
+
+    def prompt_length(self, tokenizer, prompt: str, item: Mapping | None = None) -> int:
+        """Positions the model reads before generating: the prompt as framed, and the image's tokens
+        (``item``'s, the processed image; without it, the most an image takes)."""
+        count = None if item is None else self.image_inputs.image_tokens(item)
+        image = self.image_positions if count is None else count
+        return len(self.generation_rows(tokenizer, [prompt])[0]) - self.num_query_tokens + image
 
     @property
     def reads_instruction(self) -> bool:
@@ -262,6 +270,8 @@ class ChatLayout(DecoderOnlyLayout):
     The text holds ``num_query_tokens`` placeholders per image as the template writes them (one, for a
     family whose :class:`~multimodal_lora.families.image_inputs.ImageInputs` expands it per image).
     """
+
+    chat_template = True
 
     def user_turn(self, tokenizer, prompt: str) -> list[int]:
         """Everything up to where the assistant's answer starts, as the template renders it."""
