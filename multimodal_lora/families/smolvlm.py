@@ -114,6 +114,8 @@ class SmolVLMLayout(DecoderOnlyLayout):
     it out.
     """
 
+    chat_template = True  # what it lays out is the checkpoints' chat template (the adapter card's snippet uses it)
+
     image_block: tuple[int, ...] = ()
     """``<fake><global-img><image>×N<fake>`` as ids: one view, what the text holds until the image is processed."""
     tile_blocks: Mapping[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)
