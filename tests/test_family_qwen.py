@@ -280,3 +280,31 @@ def test_the_built_in_server_answers_as_the_python_api(short_adapters, shapes_di
     assert [r.choices[0].message.content for r in replies] == want
     assert replies[0].usage.prompt_tokens == captioner.prompt_tokens("", captioner.pixels(load_image(images[0])))
     assert "continuous batching is not available for this base (its language model places image tokens by 3-D" in log.read_text()
+
+
+@pytest.mark.slow
+def test_the_demo_captions_with_a_qwen_adapter(short_adapters, shapes_dir, tmp_path, monkeypatch):
+    """The Gradio demo finds a Qwen2.5-VL run, loads its base, and captions as caption() does."""
+    import shutil
+    import socket
+
+    from gradio_client import Client, handle_file
+
+    from multimodal_lora import demo
+    from multimodal_lora.inference import Captioner
+    from multimodal_lora.report import legible
+
+    shutil.copytree(short_adapters[0], tmp_path / "runs" / "shapes" / "adapter")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "unused"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    image = str(sorted((shapes_dir / "validation").glob("*.png"))[0])
+    want = Captioner.for_adapter(tmp_path / "runs" / "shapes" / "adapter", name="shapes").caption(image, adapter="shapes")
+    app = demo.serve(tmp_path / "runs", device="cpu", port=port, block=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        _, text, _ = client.predict(handle_file(image), "shapes", False, "", 30, 1, False, 1.0, 1.0, api_name="/caption")
+    finally:
+        app.close()
+    assert text == legible(want)
