@@ -489,3 +489,37 @@ def test_the_server_answers_what_caption_gives_through_the_openai_client(name, s
         stop_server(proc)
     assert got == want and got_bare == bare and streamed == want[0]
     assert "continuous batching is not available for this base" in (tmp_path / "server.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_the_demo_captions_with_each_familys_adapter(name, small_shapes_dir, shapes_dir, tmp_path, monkeypatch):
+    """The Gradio demo finds a run of this family, loads its base, and captions as caption() does
+    (the real gradio_client against demo.serve)."""
+    import socket
+
+    from gradio_client import Client, handle_file
+
+    from multimodal_lora import demo
+    from multimodal_lora.config import load_recipe
+    from multimodal_lora.inference import Captioner
+    from multimodal_lora.train import train
+
+    from .conftest import RECIPES
+
+    overrides = [f"output_dir={tmp_path / 'runs' / 'shapes'}", f"data.path={small_shapes_dir}", "train.max_steps=4",
+                 "train.batch_size=4", "train.eval_captions=false"]  # fmt: skip
+    adapter = train(load_recipe(RECIPES / f"{name}.yaml", overrides)).adapter_dir
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "unused"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    image = str(sorted((shapes_dir / "validation").glob("*.png"))[0])
+    want = Captioner.for_adapter(adapter, name="shapes").caption(image, adapter="shapes")
+    app = demo.serve(tmp_path / "runs", device="cpu", port=port, block=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        _, text, _ = client.predict(handle_file(image), "shapes", False, "", 30, 1, False, 1.0, 1.0, api_name="/caption")
+    finally:
+        app.close()
+    assert text == want  # an adapter's text is shown as it is (only the bare base's goes through legible())
