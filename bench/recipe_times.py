@@ -2,6 +2,7 @@
 
     python bench/recipe_times.py                                  # recipes/tiny.yaml and recipes/tiny-vqa.yaml
     python bench/recipe_times.py recipes/tiny.yaml --validation 200
+    python bench/recipe_times.py recipes/tiny-qwen2vl.yaml --name recipe_times_qwen   # another family, its own file
 
 For each recipe it runs, as a user does, each in a fresh process:
 
@@ -13,8 +14,8 @@ system time, so that a machine shared with other work shows as CPU time close
 to an idle machine's wall time), and how many of the N validation images the
 adapter gets exactly right. The run writes where the recipe says (runs/tiny for
 recipes/tiny.yaml), so the adapters it leaves are the ones the README's
-commands would leave. Writes ``bench/results/recipe_times.json`` with the date
-(UTC), the machine and its load average before and after.
+commands would leave. Writes ``bench/results/recipe_times.json`` (or ``NAME.json``
+with ``--name``) with the date (UTC), the machine and its load average before and after.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def timed_run(command: list[str]) -> tuple[float, float, str]:
     return wall, cpu, done.stdout
 
 
-def save(runs: list[dict], load_before: float, note: str):
+def save(runs: list[dict], load_before: float, note: str, name: str = "recipe_times"):
     return write_result(
-        "recipe_times",
+        name,
         {
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
             "load_average_before": load_before,
@@ -62,6 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="*", default=DEFAULT_RECIPES, help="recipes to time (default: tiny and tiny-vqa)")
     parser.add_argument("--validation", type=int, default=200, help="validation images to caption after training (default 200)")
+    parser.add_argument("--name", default="recipe_times", help="the result file, bench/results/NAME.json (default recipe_times)")
     parser.add_argument("--note", default="", help="what the figures need beside them (e.g. that the feature cache was already built)")
     args = parser.parse_args()
 
@@ -90,7 +92,7 @@ def main() -> None:
             "validation_images": total,
         })
         print(f"{recipe_path}: trained in {train_wall:.1f} s ({train_cpu:.1f} CPU s), {hits}/{total} exact", flush=True)
-        path = save(runs, load_before, args.note)  # after each recipe, so that a long second recipe cannot lose the first
+        path = save(runs, load_before, args.note, args.name)  # after each recipe, so that a long second recipe cannot lose the first
 
     rows = [[r["recipe"], r["train_wall_s"], r["train_cpu_s"], r["caption_wall_s"], f"{r['exact_match']}/{r['validation_images']}"] for r in runs]
     print(table(["recipe", "train wall s", "train CPU s", "caption wall s", "exact match"], rows))

@@ -53,6 +53,8 @@ class CardFacts:
     """How the usage snippet names the adapter (its directory)."""
     model_class: str = "Blip2ForConditionalGeneration"
     """The ``transformers`` class that loads the base (its family's), for the plain-PEFT snippet."""
+    chat_template: bool = False
+    """Whether the base is prompted through its chat template (the snippet builds the prompt with it)."""
 
 
 def is_hub_id(name: str) -> bool:
@@ -127,6 +129,7 @@ def render_card(meta: AdapterMeta, facts: CardFacts):
         adapter_ref=facts.adapter_ref,
         prompt_code=repr(prompt),
         model_class=facts.model_class,
+        chat_template=facts.chat_template,
     )
 
 
@@ -150,7 +153,7 @@ def _parts_description(meta: AdapterMeta, targets) -> str:
 def _model_name(facts: CardFacts) -> str:
     out = (facts.recipe or {}).get("output_dir")
     name = os.path.basename(os.path.normpath(out)) if out else os.path.basename(os.path.normpath(facts.adapter_ref))
-    return f"{name} (BLIP-2 LoRA adapter)"
+    return f"{name} (LoRA adapter)"
 
 
 def _metric_rows(metrics: dict | None) -> list[dict]:

@@ -152,9 +152,9 @@ def evaluate(
     # The loss is measured on the same images as the captions: every reference of each.
     chosen = {g.image_id for g in groups}
     rows = [e for e in splits.validation if e.image_id in chosen]
-    val_set = PairDataset(rows, encoder.encode_all(rows), captioner.processor.image_processor)
     layout = captioner.layout
-    loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.train.batch_size, collate_fn=Collator(layout.pad_token_id, layout.padding()))
+    val_set = PairDataset(rows, encoder.encode_all(rows), captioner.processor.image_processor, layout)
+    loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.train.batch_size, collate_fn=Collator.of(layout))
     use_meteor = meteor and meteor_available()
     table, captions = {}, {}
     for column, adapter_name in (("base", None), ("adapter", name)):

@@ -348,10 +348,11 @@ class Captioner:
         template = meta.prompt_template if meta is not None else DEFAULT_PROMPT_TEMPLATE
         return prompt_text("vqa", question, None, template)
 
-    def prompt_tokens(self, prompt: str) -> int:
-        """Tokens the model reads before generating: the image's tokens (at most, for a family whose
-        count varies with the image), then the prompt as the layout frames it (``</s>`` and ``prompt``)."""
-        return self.layout.prompt_length(self.processor.tokenizer, prompt)
+    def prompt_tokens(self, prompt: str, image: dict | None = None) -> int:
+        """Tokens the model reads before generating: the image's, then the prompt as the layout frames
+        it (``</s>`` and ``prompt``). ``image`` is what :meth:`pixels` made of it; without it, a family
+        whose image-token count varies with the image counts the most an image takes."""
+        return self.layout.prompt_length(self.processor.tokenizer, prompt, image)
 
     @property
     def context_length(self) -> int | None:
@@ -521,23 +522,23 @@ class Captioner:
         each request's pixels as it arrives, while the model is busy with the
         batch before, instead of all of them at the start of the batch.
         """
-        return self.layout.visual.split(self.processor.image_processor([image], return_tensors="pt"))[0]
+        return self.layout.image_inputs.split(self.processor.image_processor([image], return_tensors="pt"))[0]
 
     def generation_inputs(self, images, prompts) -> dict[str, torch.Tensor]:
         """The layout's generation inputs for these prompts, and the images' pixels (or what
         :meth:`pixels` made of them), on the model's device: what ``generate`` is given."""
-        visual = self.layout.visual
+        inputs = self.layout.image_inputs
         if all(isinstance(image, dict) for image in images):  # already prepared by pixels()
             items = list(images)
         else:
-            items = visual.split(self.processor.image_processor(images, return_tensors="pt"))
-        tokens = [visual.image_tokens(item) for item in items]
+            items = inputs.split(self.processor.image_processor(images, return_tensors="pt"))
+        tokens = [inputs.image_tokens(item) for item in items]
         batch = self.layout.generation_inputs(self.processor.tokenizer, prompts, tokens)
-        batch.update(visual.token_inputs(batch["input_ids"]))
+        batch.update(inputs.token_inputs(batch["input_ids"]))
         dtype = self.model.get_input_embeddings().weight.dtype
         dtype = dtype if dtype.is_floating_point else torch.float32
         out = {k: v.to(self.device) for k, v in batch.items()}
-        for key, value in visual.collate(items).items():
+        for key, value in inputs.collate(items).items():
             out[key] = value.to(self.device, dtype=dtype) if value.is_floating_point() else value.to(self.device)
         return out
 

@@ -448,7 +448,7 @@ def visual_prefix(model, pixel_values: torch.Tensor, qformer_inputs: dict | None
 def prefix_shape(model) -> tuple[int, int]:
     """``(query tokens, text hidden size)``: the shape of one image's visual prefix."""
     config = _blip2(model).config
-    return config.num_query_tokens, config.text_config.hidden_size
+    return image_positions(config), config.text_config.hidden_size
 
 
 def image_path_trainable(model) -> list[str]:

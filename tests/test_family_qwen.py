@@ -100,17 +100,17 @@ def test_the_chat_layout_learns_only_the_answer_and_its_end_of_turn(parts):
 def test_images_of_different_sizes_get_their_own_token_counts_in_one_batch(parts):
     processor, layout, image_pad = parts
     images = [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (48, 32), "blue")]
-    items = layout.visual.split(processor.image_processor(images, return_tensors="pt"))
+    items = layout.image_inputs.split(processor.image_processor(images, return_tensors="pt"))
     # 64×64 → 32×32 (the tiny processor's pixel budget): 8×8 patches of 4 px, 2×2 merged: 16 tokens.
     # 48×32 is 1,536 pixels, over the 1,024 budget: 24×32 (multiples of 8): 6×8 patches, 12 tokens.
-    assert [layout.visual.image_tokens(i) for i in items] == [16, 12]
+    assert [layout.image_inputs.image_tokens(i) for i in items] == [16, 12]
     encoded = layout.encode(processor.tokenizer, "", "a shape", max_length=64)[0]
     rows = [{**item, **layout.with_image(encoded, item)} for item in items]
     for row, count in zip(rows, [16, 12]):
         assert row["input_ids"].count(image_pad) == count
         assert len(row["labels"]) == len(row["input_ids"])
         assert all(label == IGNORE_INDEX for t, label in zip(row["input_ids"], row["labels"]) if t == image_pad)
-    batch = Collator(layout.pad_token_id, layout.padding(), layout.visual)(rows)
+    batch = Collator.of(layout)(rows)
     assert batch["pixel_values"].shape[0] == 64 + 48  # patches of both images, concatenated
     assert batch["image_grid_thw"].tolist() == [[1, 8, 8], [1, 6, 8]]
     assert batch["mm_token_type_ids"].sum(dim=1).tolist() == [16, 12]
@@ -150,7 +150,11 @@ def test_mixed_sizes_captioned_in_one_batch_equal_one_by_one(captioner, shapes_d
     # Prepared per image (a server does this as requests arrive), then batched: the same.
     prepared = [captioner.pixels(image) for image in images]
     tokens = captioner.generate_batch(prepared, [""] * len(images), max_new_tokens=6)
-    assert captioner.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True) == together
+    texts = captioner.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    assert [t.strip() for t in texts] == together
+    # The server's usage count is what the model reads for that image; without one, the most an image takes.
+    assert [captioner.prompt_tokens("", p) for p in prepared] == batch["attention_mask"].sum(dim=1).tolist()
+    assert captioner.prompt_tokens("") == captioner.prompt_tokens("", prepared[0]) == batch["attention_mask"][0].sum()
 
 
 @pytest.mark.slow
@@ -209,3 +213,98 @@ def test_a_resumed_run_ends_with_the_same_adapter(small_shapes_dir, tmp_path):
     a = load_file(whole.adapter_dir / "adapter_model.safetensors")
     b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
     assert resumed.steps == 12 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def short_adapters(small_shapes_dir, tmp_path_factory):
+    """Two adapters of four steps each (seeds 0 and 1) on the tiny twin, saved the trainer's way."""
+    from multimodal_lora.train import train
+
+    dirs = []
+    for seed in (0, 1):
+        out = tmp_path_factory.mktemp(f"qwen-seed{seed}")
+        overrides = [
+            f"output_dir={out}", f"data.path={small_shapes_dir}", f"seed={seed}",
+            "train.max_steps=4", "train.batch_size=4", "train.eval_captions=false",
+        ]  # fmt: skip
+        dirs.append(train(load_recipe(RECIPES / "tiny-qwen2vl.yaml", overrides)).adapter_dir)
+    return dirs
+
+
+@pytest.mark.slow
+def test_several_adapters_on_one_base_and_questions(short_adapters, shapes_dir):
+    """Two adapters share one loaded base and switch per call, each answering as it does alone;
+    ask() puts each question through the chat template, batched like one by one."""
+    from multimodal_lora.inference import Captioner
+
+    dirs = short_adapters
+    # The model card's plain-transformers snippet prompts through the chat template, as training did.
+    card = (dirs[0] / "README.md").read_text()
+    assert "processor.apply_chat_template(messages, add_generation_prompt=True)" in card
+    assert "Qwen2_5_VLForConditionalGeneration.from_pretrained" in card
+    images = sorted((shapes_dir / "validation").glob("*.png"))[:4]
+    both = Captioner("tiny-qwen2vl", device="cpu")
+    for name, directory in zip("ab", dirs):
+        both.load_adapter(directory, name=name)
+    for name, directory in zip("ab", dirs):
+        alone = Captioner("tiny-qwen2vl", device="cpu")
+        alone.load_adapter(directory, name=name)
+        assert both.caption(images, adapter=name, max_new_tokens=6) == alone.caption(images, adapter=name, max_new_tokens=6)
+    assert both.caption(images, adapter="a", max_new_tokens=6) != both.caption(images, adapter=None, max_new_tokens=6)
+    questions = ["What colour is the shape?", "What shape is it?", "Is it red?", "Where is it?"]
+    together = both.ask(images, questions, adapter="b", max_new_tokens=4)
+    assert together == [both.ask(i, q, adapter="b", max_new_tokens=4) for i, q in zip(images, questions)]
+
+
+@pytest.mark.slow
+def test_the_built_in_server_answers_as_the_python_api(short_adapters, shapes_dir, tmp_path):
+    """The real OpenAI client against ``python -m multimodal_lora.serve`` on the tiny twin: the same
+    captions as caption(), per-call batching (said in the log), and the usage count of each image."""
+    openai = pytest.importorskip("openai")
+    from multimodal_lora.data.images import load_image
+    from multimodal_lora.inference import Captioner
+
+    from .test_serve import chat, start_server, stop_server
+
+    images = sorted((shapes_dir / "validation").glob("*.png"))[:2]
+    captioner = Captioner("tiny-qwen2vl", device="cpu")
+    captioner.load_adapter(short_adapters[0], name="shapes")
+    want = captioner.caption(images, adapter="shapes", max_new_tokens=8)
+    log = tmp_path / "server.log"
+    proc, url = start_server(["--adapter", f"shapes={short_adapters[0]}", "--adapters-dir", str(tmp_path)], log)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        replies = [chat(client, "shapes", path.read_bytes(), max_tokens=8) for path in images]
+    finally:
+        stop_server(proc)
+    assert [r.choices[0].message.content for r in replies] == want
+    assert replies[0].usage.prompt_tokens == captioner.prompt_tokens("", captioner.pixels(load_image(images[0])))
+    assert "continuous batching is not available for this base (its language model places image tokens by 3-D" in log.read_text()
+
+
+@pytest.mark.slow
+def test_the_demo_captions_with_a_qwen_adapter(short_adapters, shapes_dir, tmp_path, monkeypatch):
+    """The Gradio demo finds a Qwen2.5-VL run, loads its base, and captions as caption() does."""
+    import shutil
+    import socket
+
+    from gradio_client import Client, handle_file
+
+    from multimodal_lora import demo
+    from multimodal_lora.inference import Captioner
+    from multimodal_lora.report import legible
+
+    shutil.copytree(short_adapters[0], tmp_path / "runs" / "shapes" / "adapter")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "unused"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    image = str(sorted((shapes_dir / "validation").glob("*.png"))[0])
+    want = Captioner.for_adapter(tmp_path / "runs" / "shapes" / "adapter", name="shapes").caption(image, adapter="shapes")
+    app = demo.serve(tmp_path / "runs", device="cpu", port=port, block=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        _, text, _ = client.predict(handle_file(image), "shapes", False, "", 30, 1, False, 1.0, 1.0, api_name="/caption")
+    finally:
+        app.close()
+    assert text == legible(want)

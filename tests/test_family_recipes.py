@@ -21,7 +21,13 @@ from .conftest import RECIPES
 # Each family's recipe trains for real (a minute or more each on 2 cores): in the full run only.
 pytestmark = pytest.mark.slow
 
-FAMILY = {"tiny-t5": "blip2-t5", "tiny-instructblip": "instructblip-vicuna", "tiny-qwen2vl": "qwen2.5-vl"}
+FAMILY = {
+    "tiny-t5": "blip2-t5",
+    "tiny-instructblip": "instructblip-vicuna",
+    "tiny-qwen2vl": "qwen2.5-vl",
+    "tiny-paligemma": "paligemma",
+    "tiny-smolvlm": "smolvlm",
+}
 HELD_OUT = 60
 
 

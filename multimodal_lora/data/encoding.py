@@ -11,7 +11,7 @@ resized once per epoch, a batch at a time (``__getitems__``: one image-processor
 call per batch, not one per image), in DataLoader workers when ``num_workers > 0``.
 What the processor returns becomes one item per image, and the item's image
 tokens are put into the example's text there, as the layout's
-:class:`~multimodal_lora.families.visual.VisualInputs` says (a no-op for a
+:class:`~multimodal_lora.families.image_inputs.ImageInputs` says (a no-op for a
 family whose image-token count is fixed).
 """
 
@@ -26,8 +26,8 @@ import torch
 
 from multimodal_lora.data.images import load_image
 from multimodal_lora.data.sources import Example
+from multimodal_lora.families.image_inputs import PIXELS, ImageInputs
 from multimodal_lora.families.layouts import IGNORE_INDEX, Padding
-from multimodal_lora.families.visual import PIXELS, VisualInputs
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class PairDataset(torch.utils.data.Dataset):
     """Examples with their tokens; images are decoded and resized on access.
 
     Args:
-        layout: the base's token layout; its ``visual`` cuts the processor's output into
+        layout: the base's token layout; its ``image_inputs`` cuts the processor's output into
             items and puts each image's tokens into the text. ``None``: fixed-size pixels.
     """
 
@@ -108,7 +108,7 @@ class PairDataset(torch.utils.data.Dataset):
         processed = self.image_processor(images, return_tensors="pt")
         if self.layout is None:
             return [{**item, **self.encoded[i]} for i, item in zip(indices, PIXELS.split(processed))]
-        items = self.layout.visual.split(processed)
+        items = self.layout.image_inputs.split(processed)
         return [{**item, **self.layout.with_image(self.encoded[i], item)} for i, item in zip(indices, items)]
 
 
@@ -123,12 +123,17 @@ class Collator:
     Args:
         pad_token_id: pads ``input_ids`` (and ``labels`` get -100) when ``padding`` is not given.
         padding: the layout's :meth:`~multimodal_lora.families.layouts.TokenLayout.padding`.
-        visual: the layout's ``visual``: joins the images' items, adds per-token inputs.
+        image_inputs: the layout's ``image_inputs``: joins the images' items, adds per-token inputs.
     """
 
     pad_token_id: int = 0
     padding: tuple[Padding, ...] | None = None
-    visual: VisualInputs = PIXELS
+    image_inputs: ImageInputs = PIXELS
+
+    @classmethod
+    def of(cls, layout) -> Collator:
+        """The collator a token layout's examples need (its padding and its image inputs)."""
+        return cls(layout.pad_token_id, layout.padding(), layout.image_inputs)
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         padding = self.padding or (Padding("input_ids", self.pad_token_id, "attention_mask"), Padding("labels", IGNORE_INDEX))
@@ -144,8 +149,8 @@ class Collator:
             batch[pad.key] = values
             if pad.mask is not None:
                 batch[pad.mask] = mask.long()
-        batch.update(self.visual.collate(items))
-        batch.update(self.visual.token_inputs(batch["input_ids"]))
+        batch.update(self.image_inputs.collate(items))
+        batch.update(self.image_inputs.token_inputs(batch["input_ids"]))
         return batch
 
 

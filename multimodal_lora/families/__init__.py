@@ -44,13 +44,23 @@ a recipe, and an entry in :data:`FAMILIES`. The module must provide:
    (vLLM's architecture name and the text framing a prompt as our layout does),
    or ``vllm_refusal``, why vLLM cannot serve it (``tests/test_vllm.py`` checks
    the route's tokens against ``generation_inputs``).
+
+
+A family that is not a Q-Former (Qwen2.5-VL) also says, through its layout's
+:class:`~multimodal_lora.families.image_inputs.ImageInputs`, what its image
+processor returns and how many tokens each image takes (the text carries one
+placeholder, expanded per image), and through its :class:`Family` where its
+language model and frozen image path are, its plan's image-token figure, how
+its processor loads, and why (if so) it cannot use the feature cache or the
+server's continuous batching (see ``docs/families.md``).
 """
 
 from __future__ import annotations
 
 from multimodal_lora.errors import ConfigError
-from multimodal_lora.families import blip2_opt, blip2_t5, instructblip, qwen2_5_vl
+from multimodal_lora.families import blip2_opt, blip2_t5, instructblip, paligemma, qwen2_5_vl, smolvlm
 from multimodal_lora.families.base import Family, PlanDims, VllmRoute
+from multimodal_lora.families.image_inputs import PIXELS, ImageInputs
 from multimodal_lora.families.layouts import (
     IGNORE_INDEX,
     ChatLayout,
@@ -59,7 +69,6 @@ from multimodal_lora.families.layouts import (
     Padding,
     TokenLayout,
 )
-from multimodal_lora.families.visual import PIXELS, VisualInputs
 
 __all__ = [
     "FAMILIES",
@@ -72,15 +81,24 @@ __all__ = [
     "Padding",
     "PlanDims",
     "TokenLayout",
-    "VisualInputs",
     "VllmRoute",
+    "ImageInputs",
     "family_for_config",
     "family_named",
     "published_family",
     "tiny_family",
 ]
 
-FAMILIES: tuple[Family, ...] = (blip2_opt.FAMILY, blip2_t5.FAMILY, instructblip.VICUNA, instructblip.FLAN_T5, qwen2_5_vl.FAMILY)
+FAMILIES: tuple[Family, ...] = (
+    blip2_opt.FAMILY,
+    blip2_t5.FAMILY,
+    instructblip.VICUNA,
+    instructblip.FLAN_T5,
+    qwen2_5_vl.FAMILY,
+    paligemma.FAMILY,
+    smolvlm.SMOLVLM,
+    smolvlm.IDEFICS3,
+)
 
 
 def family_for_config(config) -> Family:

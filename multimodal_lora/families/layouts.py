@@ -35,7 +35,7 @@ token (``<|im_end|>``), which is also where generation stops::
 **Image tokens whose count varies** with the image (Qwen2.5-VL): the text is
 tokenized with one placeholder per image; once the image is processed (per
 batch in training, per call at generation) the placeholder becomes as many
-tokens as the family's :class:`~multimodal_lora.families.visual.VisualInputs`
+tokens as the family's :class:`~multimodal_lora.families.image_inputs.ImageInputs`
 says, labelled -100 (:meth:`TokenLayout.with_image`). ``max_length`` and every
 text-length check count text tokens only, as for the fixed-count families.
 """
@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from multimodal_lora.families.visual import PIXELS, VisualInputs
+from multimodal_lora.families.image_inputs import PIXELS, ImageInputs
 
 IGNORE_INDEX = -100
 
@@ -71,23 +71,25 @@ class TokenLayout:
     stop_token_id: int
     qformer_tokenizer: object | None = field(default=None, repr=False)
     """InstructBLIP: the Q-Former's tokenizer; ``None`` when the Q-Former reads no text."""
-    visual: VisualInputs = PIXELS
-    """What the image processor's output becomes (see :mod:`~multimodal_lora.families.visual`)."""
+    image_inputs: ImageInputs = PIXELS
+    """What the image processor's output becomes (see :mod:`~multimodal_lora.families.image_inputs`)."""
 
     aligned_keys = ("input_ids",)
     """The per-token lists that run alongside ``input_ids`` (expanded with it)."""
     left_padded = True
     """Whether generation pads prompts on the left (decoder-only: every row ends where generation starts)."""
+    chat_template = False
+    """Whether prompts go through the tokenizer's chat template (:class:`ChatLayout`)."""
 
     @property
     def image_positions(self) -> int:
         """Positions one image takes in the language model's sequence (at most, when it varies)."""
-        return self.visual.max_tokens or self.num_query_tokens
+        return self.image_inputs.max_tokens or self.num_query_tokens
 
     def with_image(self, encoded: Mapping[str, list[int]], item: Mapping) -> Mapping[str, list[int]]:
         """An encoded example with its image placeholder expanded to the tokens ``item`` (the processed
         image) takes; unchanged when the count is fixed (already in the text)."""
-        count = self.visual.image_tokens(item)
+        count = self.image_inputs.image_tokens(item)
         if count is None:
             return encoded
         return expand_placeholder(encoded, self.image_token_id, count, self.aligned_keys)
@@ -104,10 +106,16 @@ class TokenLayout:
         out.update(self.qformer_inputs(prompts))
         return out
 
-    def prompt_length(self, tokenizer, prompt: str) -> int:
-        """Positions the model reads before generating: the text of the prompt and the image's tokens
-        (at most, when their count varies)."""
-        return len(self.generation_rows(tokenizer, [prompt])[0]) - self.num_query_tokens + self.image_positions
+    def generation_rows(self, tokenizer, prompts: list[str]) -> list[list[int]]:
+        """Each prompt's ids as ``generate`` reads them, image placeholders included, unpadded."""
+        raise NotImplementedError
+
+    def prompt_length(self, tokenizer, prompt: str, item: Mapping | None = None) -> int:
+        """Positions the model reads before generating: the prompt as framed, and the image's tokens
+        (``item``'s, the processed image; without it, the most an image takes)."""
+        count = None if item is None else self.image_inputs.image_tokens(item)
+        image = self.image_positions if count is None else count
+        return len(self.generation_rows(tokenizer, [prompt])[0]) - self.num_query_tokens + image
 
     @property
     def reads_instruction(self) -> bool:
@@ -260,8 +268,10 @@ class ChatLayout(DecoderOnlyLayout):
     the assistant's answer (Qwen2.5-VL). The template is the tokenizer's own (``chat_template``).
 
     The text holds ``num_query_tokens`` placeholders per image as the template writes them (one, for a
-    family whose :class:`~multimodal_lora.families.visual.VisualInputs` expands it per image).
+    family whose :class:`~multimodal_lora.families.image_inputs.ImageInputs` expands it per image).
     """
+
+    chat_template = True
 
     def user_turn(self, tokenizer, prompt: str) -> list[int]:
         """Everything up to where the assistant's answer starts, as the template renders it."""

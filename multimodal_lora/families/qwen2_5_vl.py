@@ -16,7 +16,7 @@ What differs from the Q-Former families, and how this family says it:
   multiples of 28 (``patch_size`` 14 × ``merge_size`` 2) within the
   processor's pixel bounds and takes (H/28)·(W/28) ``<|image_pad|>`` tokens.
   The text holds one placeholder per image; :class:`PatchGrid` expands it once
-  the image is processed (see :mod:`~multimodal_lora.families.visual`).
+  the image is processed (see :mod:`~multimodal_lora.families.image_inputs`).
 * **Visual inputs**: ``pixel_values`` are the patches of every image in the
   batch, concatenated, with ``image_grid_thw`` (one row per image) saying which
   are whose; ``mm_token_type_ids`` (1 on image tokens) lets the model place
@@ -64,8 +64,8 @@ from multimodal_lora.families.base import (
     scaled_init,
     stop_token_id,
 )
+from multimodal_lora.families.image_inputs import ImageInputs
 from multimodal_lora.families.layouts import ChatLayout
-from multimodal_lora.families.visual import VisualInputs
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # The language model's attention and nothing else: model.visual.blocks.N.attn.{qkv,proj} must not match.
@@ -98,13 +98,12 @@ SPECIALS = [
 
 
 @dataclass(frozen=True)
-class PatchGrid(VisualInputs):
+class PatchGrid(ImageInputs):
     """Qwen2-VL-style images: all images' patches in one ``pixel_values``, an ``image_grid_thw`` row
     per image, ``(t·h·w) / merge_size²`` image tokens each, marked in ``mm_token_type_ids``."""
 
     image_token_id: int = 0
     merge_size: int = 2
-    cacheable: bool = False
 
     def split(self, processed) -> list[dict[str, torch.Tensor]]:
         grids = processed["image_grid_thw"]
@@ -164,7 +163,7 @@ def _layout(config, generation_config, processor) -> ChatLayout:
         num_query_tokens=1,  # the template writes one <|image_pad|>; PatchGrid expands it
         pad_token_id=int(pad),
         stop_token_id=stop_token_id(generation_config, text),
-        visual=PatchGrid(
+        image_inputs=PatchGrid(
             max_tokens=most or _plan_image_tokens(config),
             image_token_id=int(config.image_token_id),
             merge_size=int(config.vision_config.spatial_merge_size),

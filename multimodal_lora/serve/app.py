@@ -242,6 +242,7 @@ def create_app(captioner, batcher: Batcher | EngineProcess, settings: ServerSett
             )
         # Decoded and turned into pixels here, beside the batch that is running, not at the start of ours.
         image = await asyncio.to_thread(_pixels, captioner, chat.image_url, settings)
+        prompt_tokens = captioner.prompt_tokens(prompt, image)  # this image's own count (the check above took the most)
         sink = _Sink(asyncio.get_running_loop(), stream=chat.stream)
         job = Job(adapter, image, prompt, prompt_tokens, max_tokens, chat.sampling, chat.stop, sink, stream=chat.stream)
         batcher.submit(job)

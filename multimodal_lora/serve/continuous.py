@@ -25,8 +25,8 @@ and :meth:`~multimodal_lora.inference.Captioner.ask` (the tests check it on
 requests that join mid-way).
 
 This needs a decoder-only language model (BLIP-2 OPT, InstructBLIP Vicuna)
-with a plain key/value cache and plain positions (not Qwen2.5-VL's 3-D ones:
-its family says so in ``Family.no_continuous_batching``), and a generation config that only chooses
+with a plain key/value cache and plain positions (a family with 3-D ones says
+so in ``Family.no_continuous_batching``), and a generation config that only chooses
 tokens (no repetition penalty and the like, which the loop does not apply);
 :func:`continuous_problem` says why a base does not qualify, and the server
 then batches per ``generate`` call instead.

@@ -127,7 +127,7 @@ def build_datasets(recipe: Recipe, accelerator, model, processor, encoder, split
     """Train and validation datasets: pixels decoded per access, or cached visual prefixes."""
     train_encoded = encoder.encode_all(splits.train)
     val_encoded = encoder.encode_all(splits.validation)
-    collate = Collator(layout.pad_token_id, layout.padding(), layout.visual)
+    collate = Collator.of(layout)
     if not use_cache:
         return (
             PairDataset(splits.train, train_encoded, processor.image_processor, layout),

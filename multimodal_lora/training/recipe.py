@@ -531,6 +531,7 @@ def model_card(run: Run, adapter_dir: Path) -> str:
         datasets=(run.recipe.data.path,) if detect_source(run.recipe.data) == "hub" else (),
         adapter_ref=str(adapter_dir),
         model_class=run.model_class,
+        chat_template=run.layout.chat_template,
     )
     return str(render_card(run.meta, facts))
 

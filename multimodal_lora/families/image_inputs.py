@@ -3,22 +3,22 @@
 A Q-Former family (BLIP-2, InstructBLIP) gets one fixed-size ``pixel_values``
 tensor per image and a fixed number of image tokens already in its text:
 :data:`PIXELS`, the default. Other families differ in two ways, and a
-family says how through its own :class:`VisualInputs`:
+family says how through its own :class:`ImageInputs`:
 
 * **what the processor returns**: patches of all images concatenated plus a
   per-image grid (Qwen2-VL/2.5-VL), or extra per-image tensors
-  (``pixel_attention_mask``); :meth:`VisualInputs.split` cuts one processor
-  call's output into one item per image, :meth:`VisualInputs.collate` joins
+  (``pixel_attention_mask``); :meth:`ImageInputs.split` cuts one processor
+  call's output into one item per image, :meth:`ImageInputs.collate` joins
   items back into the model's keyword arguments (stacked or concatenated);
 * **how many tokens an image takes**, which may depend on the image's size:
   text is tokenized once with *one* placeholder per image, and
-  :meth:`VisualInputs.image_tokens` tells, once the image is processed, how
+  :meth:`ImageInputs.image_tokens` tells, once the image is processed, how
   many copies of it the language model needs (the layout expands it, labels
   -100; see :meth:`~multimodal_lora.families.layouts.TokenLayout.with_image`).
   ``None`` means the count is fixed and already in the text.
 
 Per-token inputs that follow from where the image tokens are (Qwen's
-``mm_token_type_ids``) come from :meth:`VisualInputs.token_inputs`, computed
+``mm_token_type_ids``) come from :meth:`ImageInputs.token_inputs`, computed
 on the padded ids of a batch, in training and at generation alike.
 """
 
@@ -31,14 +31,12 @@ import torch
 
 
 @dataclass(frozen=True)
-class VisualInputs:
+class ImageInputs:
     """Fixed-size images and a fixed image-token count: the interface, and BLIP-2's behaviour."""
 
     max_tokens: int | None = None
     """The most tokens one image takes in the language model's sequence when the count varies
     (length checks use it); ``None``: fixed, the layout's ``num_query_tokens``."""
-    cacheable: bool = True
-    """Whether an image's visual features, stored once, can stand in for its pixels (the feature cache)."""
 
     def split(self, processed: Mapping) -> list[dict[str, torch.Tensor]]:
         """One processor call's output (``BatchFeature``) as one item per image."""
@@ -59,5 +57,5 @@ class VisualInputs:
         return {}
 
 
-PIXELS = VisualInputs()
+PIXELS = ImageInputs()
 """The default: one ``pixel_values`` tensor per image, stacked; image tokens fixed in the text."""

@@ -1,0 +1,44 @@
+"""What the tiny twins of the decoder-only families with a ViT image path (PaliGemma, SmolVLM) share:
+their random weights and their generation defaults."""
+
+from __future__ import annotations
+
+import torch
+
+from multimodal_lora.families.base import scaled_init
+
+VISION_SEED_OFFSET = 2
+
+
+def init_weights(text: torch.nn.Module, image_parts: tuple[torch.nn.Module, ...], seed: int, text_std: float) -> None:
+    """A tiny twin's weights: a text model that can produce confident tokens, a selective frozen image path.
+
+    Text embeddings at ``text_std`` (the family's module says why its value), every text linear
+    (the output head included, when it is not tied) at 1/sqrt(fan_in). The frozen image path
+    scaled by 1/sqrt(fan_in) and each position-table row its own random vector, so that it passes
+    on *where* things are (see :mod:`~multimodal_lora.families.blip2_opt`). Each side has its own
+    generator, so one does not change when the other does.
+    """
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in text.modules():
+            if isinstance(module, torch.nn.Embedding):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * text_std)
+            elif isinstance(module, torch.nn.Linear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) / module.weight.shape[1] ** 0.5)
+    generator = torch.Generator().manual_seed(seed + VISION_SEED_OFFSET)
+    modules = [m for part in image_parts for m in part.modules()]
+    scaled_init(modules, generator)
+    with torch.no_grad():
+        for module in modules:
+            if isinstance(module, torch.nn.Embedding):  # the vision tower's position table
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator))
+
+
+def set_generation_defaults(model, tokenizer, max_new_tokens: int = 20) -> None:
+    """The twin stops on its tokenizer's EOS and pads with its pad token, as the real checkpoints do."""
+    generation = model.generation_config
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.bos_token_id = tokenizer.bos_token_id
+    generation.max_new_tokens = max_new_tokens
