@@ -15,7 +15,6 @@ page, and the server keeps serving.
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import logging
 import os
@@ -24,7 +23,6 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
 from multimodal_lora.errors import UserError
 from multimodal_lora.report import legible
 
@@ -399,39 +397,7 @@ def serve(
     return app
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m multimodal_lora.demo", description="Web demo: caption and VQA with a base and its adapters.")
-    parser.add_argument("--adapters-dir", default=DEFAULT_ADAPTERS_DIR, help="directory searched for adapters (default: runs)")
-    parser.add_argument("--base", help="base model (default: the base of the adapters found, else tiny)")
-    add_load_arguments(parser, what="the base")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    parser.add_argument("--max-file-size", default="10mb", help="largest upload accepted (default 10mb)")
-    parser.add_argument("--concurrency", type=int, default=1, help="generations run at once (default 1)")
-    parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait (default 64)")
-    args = parser.parse_args(argv)
-    setup_logging()
-    serve(
-        args.adapters_dir,
-        base=args.base,
-        device=args.device,
-        dtype=args.dtype,
-        quantization=args.quantization,
-        host=args.host,
-        port=args.port,
-        share=args.share,
-        max_file_size=args.max_file_size,
-        concurrency_limit=args.concurrency,
-        max_queue=args.max_queue,
-    )
-    return 0
+if __name__ == "__main__":  # python -m multimodal_lora.demo
+    from multimodal_lora.commands.demo import cli
 
-
-def cli() -> None:
-    """Console-script entry point."""
-    run_cli(main)
-
-
-if __name__ == "__main__":
     cli()

@@ -13,21 +13,19 @@ The same functions evaluate the model being trained at the end of each epoch.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
 from multimodal_lora.data.sources import Example
 from multimodal_lora.data.sources import group_references as data_group_references
 from multimodal_lora.errors import UserError
-from multimodal_lora.metrics import METRICS, caption_metrics, meteor_available
+from multimodal_lora.metrics import caption_metrics, meteor_available
 from multimodal_lora.report import write_report
 
-logger = logging.getLogger("multimodal_lora.evaluate")  # not __name__: it is __main__ under python -m
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -192,41 +190,7 @@ def _format(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m multimodal_lora.evaluate",
-        description="Evaluate the base and an adapter side by side on the recipe's validation split.",
-        epilog="Example: python -m multimodal_lora.evaluate recipes/tiny.yaml --adapter runs/tiny/adapter",
-    )
-    parser.add_argument("recipe", help="the YAML recipe the adapter was trained with")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, as for training")
-    parser.add_argument("--adapter", required=True, help="adapter directory (or the run directory holding adapter/)")
-    parser.add_argument("--out", help="report directory (default: beside the adapter, eval/)")
-    parser.add_argument("--max-images", type=int, help="evaluate at most this many validation images")
-    parser.add_argument("--samples", type=int, default=8, help="images shown in the report (default 8)")
-    parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java VM)")
-    add_load_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    from multimodal_lora.config import load_recipe
+if __name__ == "__main__":  # python -m multimodal_lora.evaluate
+    from multimodal_lora.commands.evaluate import cli
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    out, table = evaluate(
-        recipe, args.adapter, args.out, max_images=args.max_images, samples=args.samples, meteor=not args.no_meteor,
-        quantization=args.quantization, dtype=args.dtype, device=args.device,
-    )  # fmt: skip
-    columns = list(table)
-    print(f"{'metric':<16}" + "".join(f"{c:>12}" for c in columns))
-    for key in ["val_loss", *METRICS]:
-        print(f"{key:<16}" + "".join(f"{'n/a' if table[c][key] is None else format(table[c][key], '.4f'):>12}" for c in columns))
-    print(f"report: {out / 'report.md'} and {out / 'report.html'}")
-    return 0
-
-
-def cli() -> None:
-    """Console-script entry point."""
-    run_cli(main)
-
-
-if __name__ == "__main__":
     cli()

@@ -17,7 +17,6 @@ base is loaded unquantized (``--dtype``) and the adapter is merged into that.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import asdict
@@ -25,7 +24,6 @@ from pathlib import Path
 
 from multimodal_lora.adapter import attach, base_of, check_base_matches, check_fits, open_adapter
 from multimodal_lora.atomic import atomic_dir
-from multimodal_lora.cli import run_cli, setup_logging
 from multimodal_lora.config import ModelConfig
 from multimodal_lora.errors import UserError
 from multimodal_lora.quantization import NAMES, SCHEMES
@@ -149,50 +147,7 @@ def _trained_quantization(directory: Path) -> str:
     return load_recipe(recipe_path).model.quantization
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m multimodal_lora.merge",
-        description="Merge a LoRA adapter into its base and write a standalone transformers model directory.",
-    )
-    parser.add_argument("--adapter", required=True, help="adapter directory written by the trainer")
-    parser.add_argument("--out", required=True, help="directory to write the merged model to")
-    parser.add_argument("--base", help="base to merge into (default: the one the adapter records)")
-    parser.add_argument(
-        "--dtype", choices=["fp32", "bf16", "fp16"], help="dtype of the merged weights (default: the dtype trained in, else fp32)"
-    )
-    parser.add_argument("--device", default="cpu", help="where to merge: cpu (default), cuda, cuda:N")
-    parser.add_argument(
-        "--quantization",
-        choices=list(NAMES),
-        help="how the adapter's base was quantized in training (default: as the adapter records, else the run's recipe.yaml)",
-    )
-    parser.add_argument(
-        "--dequantize",
-        action="store_true",
-        help="the adapter was trained on an int8/4-bit base: merge into the unquantized base anyway",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    args = parser.parse_args(argv)
-    setup_logging()
-    out = merge_adapter(
-        args.adapter,
-        args.out,
-        base=args.base,
-        dtype=args.dtype,
-        device=args.device,
-        quantization=args.quantization,
-        dequantize=args.dequantize,
-        overwrite=args.overwrite,
-    )
-    model_class = json.loads((out / MERGE_RECORD).read_text())["model_class"]
-    print(f"merged model written to {out}; load it with {model_class}.from_pretrained({str(out)!r})")
-    return 0
+if __name__ == "__main__":  # python -m multimodal_lora.merge
+    from multimodal_lora.commands.merge import cli
 
-
-def cli() -> None:
-    """Console-script entry point."""
-    run_cli(main)
-
-
-if __name__ == "__main__":
     cli()

@@ -16,7 +16,7 @@ RECORD_LOGGER = "multimodal_lora.loading"
 
 def _train(out, data, *overrides):
     from multimodal_lora.config import load_recipe
-    from multimodal_lora.train import train
+    from multimodal_lora.training import train
 
     recipe = load_recipe(
         "recipes/tiny.yaml",
@@ -133,7 +133,7 @@ def test_an_adapter_without_a_record_loads_as_before_with_a_note(int8_adapter, i
 
 
 def test_the_caption_cli_takes_the_record_and_the_flags(int8_adapter, image, capsys, caplog):
-    from multimodal_lora.caption import main
+    from multimodal_lora.commands.caption import main
     from multimodal_lora.inference import CAPTIONERS
 
     assert main([image, "--adapter", str(int8_adapter)]) == 0

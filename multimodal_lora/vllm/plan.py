@@ -73,7 +73,7 @@ def make_plan(adapters: dict[str, Path], base: str | None, dtype: str | None = N
     """The plan for serving ``base`` and ``adapters`` (name → directory) on vLLM.
 
     Args:
-        adapters: what :func:`~multimodal_lora.serve.cli.collect_adapters` found.
+        adapters: what :func:`~multimodal_lora.adapter.search.collect_adapters` found.
         base: the base (default: the one the adapters record, else ``tiny``); a merged model's directory.
         dtype: our ``--dtype`` (default: as the first adapter was trained, else fp32).
         quantization: our ``--quantization``; vLLM serves unquantized (see :mod:`~multimodal_lora.vllm.support`).
