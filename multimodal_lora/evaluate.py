@@ -79,9 +79,6 @@ def token_loss_sums(model, loader, device: torch.device, layout=None) -> torch.T
     return total
 
 
-# --- the command ---------------------------------------------------------------------------------
-
-
 def evaluate(
     recipe,
     adapter: str | Path,
@@ -106,25 +103,11 @@ def evaluate(
     Raises:
         UserError: the data has no validation split, or the adapter cannot be used with the base.
     """
-    from multimodal_lora.adapter import open_adapter
-    from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
     from multimodal_lora.data.sources import load_splits
     from multimodal_lora.inference import Captioner
 
-    opened = open_adapter(adapter)  # read once: for_adapter below takes this value
+    opened = _check_adapter_and_lengths(recipe, adapter)
     adapter_dir, meta = opened.directory, opened.meta
-    if meta is not None and meta.task != recipe.data.task:
-        raise UserError(
-            f"adapter {adapter_dir} was trained for task {meta.task!r}, but the recipe's data.task is "
-            f"{recipe.data.task!r}: its scores would be meaningless. Evaluate it with the recipe it was trained with "
-            f"({adapter_dir.parent / 'recipe.yaml'} when it is there)"
-        )
-    from multimodal_lora.data.check import recipe_length_problems
-    from multimodal_lora.model import load_processor
-
-    lengths = recipe_length_problems(recipe, load_processor(recipe.model.base, recipe.model.revision).tokenizer)
-    if lengths:
-        raise UserError("lengths the base cannot hold: " + "; ".join(lengths))
     splits = load_splits(recipe.data)
     if not splits.validation:
         raise UserError(f"data.path {recipe.data.path!r} has no validation split ({recipe.data.val_split}); nothing to evaluate on")
@@ -136,34 +119,13 @@ def evaluate(
     captioner = Captioner.for_adapter(
         opened, name="adapter", base=cfg.base, quantization=quantization, dtype=dtype, device=device
     )
-    name = "adapter"
-
-    encoder = ExampleEncoder(
-        captioner.processor.tokenizer,
-        captioner.layout,
-        task=recipe.data.task,
-        prompt=recipe.data.prompt,
-        prompt_template=recipe.data.prompt_template,
-        max_length=recipe.data.max_length,
-    )
     groups = group_references(splits.validation)[:max_images]
     # The loss is measured on the same images as the captions: every reference of each.
     chosen = {g.image_id for g in groups}
     rows = [e for e in splits.validation if e.image_id in chosen]
-    val_set = PairDataset(rows, encoder.encode_all(rows), captioner.processor.image_processor)
-    layout = captioner.layout
-    loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.train.batch_size, collate_fn=Collator(layout.pad_token_id, layout.padding()))
+    loader = _loss_loader(captioner, recipe, rows)
     use_meteor = meteor and meteor_available()
-    table, captions = {}, {}
-    for column, adapter_name in (("base", None), ("adapter", name)):
-        if adapter_name is not None:
-            # One adapter serves every image from here on: merged, it costs nothing per token (never on int8/4-bit).
-            captioner.merge(adapter_name)
-        with captioner.using(adapter_name):
-            sums = token_loss_sums(captioner.model, loader, captioner.device, captioner.layout)
-        captions[column] = generate(captioner, adapter_name, groups, recipe.data.task, recipe.train.eval_max_new_tokens)
-        table[column] = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item(), **score(captions[column], groups, meteor=use_meteor)}
-        logger.info("%s: %s", column, _format(table[column]))
+    table, captions = _base_and_adapter(captioner, "adapter", loader, groups, recipe, use_meteor)
 
     notes = [f"{len(groups)} validation images ({len(rows)} references) from {splits.description}; adapter {adapter_dir}"]
     if not use_meteor:
@@ -184,6 +146,58 @@ def evaluate(
     subtitle = f"Base {cfg.base} alone against base + adapter, {task}, on {len(groups)} validation images of {recipe.data.path}."
     write_report(out, f"Evaluation of {adapter_dir.parent.name if adapter_dir.name == 'adapter' else adapter_dir.name}", table, sample_rows, notes, subtitle=subtitle)
     return out, table
+
+
+def _check_adapter_and_lengths(recipe, adapter: str | Path):
+    """The opened adapter, once its task is the recipe's and the recipe's lengths fit the base (before any weights load)."""
+    from multimodal_lora.adapter import open_adapter
+    from multimodal_lora.data.check import recipe_length_problems
+    from multimodal_lora.model import load_processor
+
+    opened = open_adapter(adapter)  # read once: for_adapter takes this value
+    adapter_dir, meta = opened.directory, opened.meta
+    if meta is not None and meta.task != recipe.data.task:
+        raise UserError(
+            f"adapter {adapter_dir} was trained for task {meta.task!r}, but the recipe's data.task is "
+            f"{recipe.data.task!r}: its scores would be meaningless. Evaluate it with the recipe it was trained with "
+            f"({adapter_dir.parent / 'recipe.yaml'} when it is there)"
+        )
+    lengths = recipe_length_problems(recipe, load_processor(recipe.model.base, recipe.model.revision).tokenizer)
+    if lengths:
+        raise UserError("lengths the base cannot hold: " + "; ".join(lengths))
+    return opened
+
+
+def _loss_loader(captioner, recipe, rows: list[Example]):
+    """Batches of ``rows`` encoded as training encodes them, for the validation loss."""
+    from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
+
+    encoder = ExampleEncoder(
+        captioner.processor.tokenizer,
+        captioner.layout,
+        task=recipe.data.task,
+        prompt=recipe.data.prompt,
+        prompt_template=recipe.data.prompt_template,
+        max_length=recipe.data.max_length,
+    )
+    val_set = PairDataset(rows, encoder.encode_all(rows), captioner.processor.image_processor)
+    layout = captioner.layout
+    return torch.utils.data.DataLoader(val_set, batch_size=recipe.train.batch_size, collate_fn=Collator(layout.pad_token_id, layout.padding()))
+
+
+def _base_and_adapter(captioner, name: str, loader, groups: list[ImageReferences], recipe, use_meteor: bool):
+    """``(table, captions)``: the validation loss, the outputs and their metrics of the bare base, then of adapter ``name``."""
+    table, captions = {}, {}
+    for column, adapter_name in (("base", None), ("adapter", name)):
+        if adapter_name is not None:
+            # One adapter serves every image from here on: merged, it costs nothing per token (never on int8/4-bit).
+            captioner.merge(adapter_name)
+        with captioner.using(adapter_name):
+            sums = token_loss_sums(captioner.model, loader, captioner.device, captioner.layout)
+        captions[column] = generate(captioner, adapter_name, groups, recipe.data.task, recipe.train.eval_max_new_tokens)
+        table[column] = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item(), **score(captions[column], groups, meteor=use_meteor)}
+        logger.info("%s: %s", column, _format(table[column]))
+    return table, captions
 
 
 def _format(metrics: dict) -> str:
