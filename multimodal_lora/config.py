@@ -23,6 +23,7 @@ import yaml
 
 from multimodal_lora.errors import ConfigError
 from multimodal_lora.quantization import QuantizationName
+from multimodal_lora.runtime import DtypeName
 
 
 @dataclass
@@ -39,7 +40,7 @@ class ModelConfig:
     """Load the base with bitsandbytes in int8 or 4-bit; ``none`` keeps ``dtype``."""
     quant_type: Literal["nf4", "fp4"] = "nf4"
     """4-bit only: the 4-bit data type (NF4, as in QLoRA, or FP4)."""
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: DtypeName = "fp32"
     """Dtype of the unquantized weights (and compute dtype of 4-bit layers)."""
     device: str = "auto"
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""

@@ -41,6 +41,7 @@ from multimodal_lora.data.images import ImageSource, load_image
 from multimodal_lora.errors import AdapterError, ConfigError
 from multimodal_lora.loading import LoadSettings
 from multimodal_lora.model import load_base, load_processor, position_limit, text_layout
+from multimodal_lora.runtime import inference_batch_size
 
 logger = logging.getLogger(__name__)
 
@@ -440,14 +441,9 @@ class Captioner:
 
     @property
     def batch_size(self) -> int:
-        """Images per ``generate`` call when a call does not say: 32 on a CPU, 64 on a GPU.
-
-        Measured on the tiny base on 2 CPU cores, batch 32 captions 1.5× as many images a
-        second as batch 8; larger batches gain nothing more there. A GPU's throughput keeps
-        growing with the batch, and 64 images of BLIP-2 OPT-2.7B with 30 new tokens stay
-        under 2 GiB of activations and KV cache.
-        """
-        return 64 if self.device.type == "cuda" else 32
+        """Images per ``generate`` call when a call does not say: 32 on a CPU, 64 on a GPU
+        (:func:`~multimodal_lora.runtime.inference_batch_size`)."""
+        return inference_batch_size(self.device)
 
     def merge(self, adapter: str) -> bool:
         """Fold ``adapter`` into the base's weights while it is the only one in use (the weights change in place).

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 
 from multimodal_lora.errors import UserError
+from multimodal_lora.runtime import DTYPE_NAMES
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
@@ -45,7 +46,7 @@ def add_load_arguments(parser, *, what: str = "the adapter's base") -> None:
     from multimodal_lora.quantization import NAMES
 
     parser.add_argument("--quantization", choices=list(NAMES), help=f"load {what} this way ({default})")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help=f"dtype of {what} ({default})")
+    parser.add_argument("--dtype", choices=list(DTYPE_NAMES), help=f"dtype of {what} ({default})")
     parser.add_argument("--device", help=f"auto | cpu | cuda | cuda:N ({default})")
 
 

@@ -14,6 +14,7 @@ from multimodal_lora.commands import run_cli
 from multimodal_lora.log_setup import setup_logging
 from multimodal_lora.merge import MERGE_RECORD, merge_adapter
 from multimodal_lora.quantization import NAMES
+from multimodal_lora.runtime import DTYPE_NAMES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory to write the merged model to")
     parser.add_argument("--base", help="base to merge into (default: the one the adapter records)")
     parser.add_argument(
-        "--dtype", choices=["fp32", "bf16", "fp16"], help="dtype of the merged weights (default: the dtype trained in, else fp32)"
+        "--dtype", choices=list(DTYPE_NAMES), help="dtype of the merged weights (default: the dtype trained in, else fp32)"
     )
     parser.add_argument("--device", default="cpu", help="where to merge: cpu (default), cuda, cuda:N")
     parser.add_argument(
