@@ -24,6 +24,7 @@ import yaml
 from multimodal_lora.errors import ConfigError
 from multimodal_lora.quantization import QuantizationName
 from multimodal_lora.runtime import DtypeName
+from multimodal_lora.tasks import DEFAULT_VQA_TEMPLATE, TaskName
 
 
 @dataclass
@@ -138,10 +139,10 @@ class DataConfig:
     """Column with the question (task ``vqa``)."""
     answer_column: str = "answer"
     """Column with the answer (task ``vqa``)."""
-    task: Literal["caption", "vqa"] = "caption"
+    task: TaskName = "caption"
     prompt: str | None = None
     """Caption task: optional text before the caption (not trained on)."""
-    prompt_template: str = "Question: {question} Answer:"
+    prompt_template: str = DEFAULT_VQA_TEMPLATE
     """VQA task: how the question is put to the model (not trained on)."""
     max_length: int = 32
     """Most text tokens per example (prompt + target + stop token); longer targets are truncated."""

@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from multimodal_lora.errors import UserError
+from multimodal_lora.generation import GenerationOptions
 from multimodal_lora.report import legible
+from multimodal_lora.tasks import TASKS
 
 if TYPE_CHECKING:
     from multimodal_lora.adapter import Found
@@ -182,7 +184,7 @@ class Handlers:
         if choice not in found.adapters:
             raise refused(f"No adapter named {choice!r} is loaded; choose one from the list.")
         if found.tasks[choice] != task:
-            tab = "VQA" if found.tasks[choice] == "vqa" else "Caption"
+            tab = TASKS[found.tasks[choice]].title
             raise refused(f"{choice!r} is a {found.tasks[choice]} adapter, not a {task} one; use it in the {tab} tab.")
         return choice
 
@@ -190,7 +192,7 @@ class Handlers:
         captioner = self.captioner
         image = read_upload(path)
         adapter = self.to_adapter(choice, "caption")
-        opts = _options(max_new_tokens, num_beams, do_sample, temperature, top_p)
+        opts = _run(lambda: _options(max_new_tokens, num_beams, do_sample, temperature, top_p)).keywords()
         text = _run(lambda: captioner.caption(image, adapter=adapter, prompt=prompt or None, **opts))
         base_text = ""
         if side_by_side and adapter is not None:
@@ -202,7 +204,7 @@ class Handlers:
         if not question or not question.strip():
             raise refused("Type a question about the image.")
         adapter = self.to_adapter(choice, "vqa")
-        opts = _options(max_new_tokens, num_beams, do_sample, temperature, top_p)
+        opts = _run(lambda: _options(max_new_tokens, num_beams, do_sample, temperature, top_p)).keywords()
         answer = _run(lambda: self.captioner.ask(image, question.strip(), adapter=adapter, **opts))
         return path, answer if adapter is not None else legible(answer)
 
@@ -215,8 +217,9 @@ class Handlers:
         return path
 
 
-def _options(max_new_tokens, num_beams, do_sample, temperature, top_p) -> dict:
-    return dict(
+def _options(max_new_tokens, num_beams, do_sample, temperature, top_p) -> GenerationOptions:
+    """The settings' sliders as one checked value (a bad one is refused in the page, by :func:`_run`)."""
+    return GenerationOptions(
         max_new_tokens=int(max_new_tokens),
         num_beams=int(num_beams),
         do_sample=bool(do_sample),

@@ -24,6 +24,7 @@ from multimodal_lora.data.sources import group_references as data_group_referenc
 from multimodal_lora.errors import UserError
 from multimodal_lora.metrics import caption_metrics, meteor_available
 from multimodal_lora.report import write_report
+from multimodal_lora.tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def group_references(examples: list[Example]) -> list[ImageReferences]:
 def generate(captioner, adapter: str | None, groups: list[ImageReferences], task: str, max_new_tokens: int) -> list[str]:
     """Caption (or answer) each group's image with ``adapter`` (``None``: the bare base)."""
     images = [g.image for g in groups]
-    if task == "vqa":
+    if TASKS[task].asks:
         return captioner.ask(images, [g.question for g in groups], adapter=adapter, max_new_tokens=max_new_tokens)
     return captioner.caption(images, adapter=adapter, max_new_tokens=max_new_tokens)
 
@@ -142,7 +143,7 @@ def evaluate(
         }
         for i, g in enumerate(groups[:samples])
     ]
-    task = "visual question answering" if recipe.data.task == "vqa" else "captioning"
+    task = TASKS[recipe.data.task].description
     subtitle = f"Base {cfg.base} alone against base + adapter, {task}, on {len(groups)} validation images of {recipe.data.path}."
     write_report(out, f"Evaluation of {adapter_dir.parent.name if adapter_dir.name == 'adapter' else adapter_dir.name}", table, sample_rows, notes, subtitle=subtitle)
     return out, table

@@ -36,16 +36,17 @@ from multimodal_lora.adapter import (
     open_adapter,
 )
 from multimodal_lora.config import ModelConfig
-from multimodal_lora.data.encoding import prompt_text
 from multimodal_lora.data.images import ImageSource, load_image
 from multimodal_lora.errors import AdapterError, ConfigError
+from multimodal_lora.generation import GenerationOptions
 from multimodal_lora.loading import LoadSettings
 from multimodal_lora.model import load_base, load_processor, position_limit, text_layout
 from multimodal_lora.runtime import inference_batch_size
+from multimodal_lora.tasks import CAPTION, DEFAULT_VQA_TEMPLATE, VQA
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PROMPT_TEMPLATE = "Question: {question} Answer:"
+DEFAULT_PROMPT_TEMPLATE = DEFAULT_VQA_TEMPLATE  # the bare base is asked this way
 
 
 class Captioner:
@@ -288,7 +289,11 @@ class Captioner:
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         prompts = [self.caption_prompt(adapter, prompt)] * len(items)
-        out = self._generate(items, prompts, adapter, max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size)
+        options = GenerationOptions(
+            max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature,
+            top_p=top_p, batch_size=batch_size,
+        )  # fmt: skip
+        out = self._generate(items, prompts, adapter, options)
         return out[0] if single else out
 
     def ask(
@@ -326,7 +331,11 @@ class Captioner:
         if len(questions) != len(items):
             raise ConfigError(f"{len(items)} images but {len(questions)} questions; give one question, or one per image")
         prompts = [self.vqa_prompt(adapter, q) for q in questions]
-        out = self._generate(items, prompts, adapter, max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size)
+        options = GenerationOptions(
+            max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature,
+            top_p=top_p, batch_size=batch_size,
+        )  # fmt: skip
+        out = self._generate(items, prompts, adapter, options)
         return out[0] if single else out
 
     # -- prompts and single batches (what a server needs) ----------------------------------------
@@ -341,13 +350,13 @@ class Captioner:
         meta = self._meta(adapter)
         if prefix is None and meta is not None:
             prefix = meta.prompt
-        return prompt_text("caption", None, prefix, DEFAULT_PROMPT_TEMPLATE)
+        return CAPTION.prompt(prefix=prefix)
 
     def vqa_prompt(self, adapter: str | None, question: str) -> str:
         """``question`` in the template the adapter was trained with (the base: ``Question: ... Answer:``)."""
         meta = self._meta(adapter)
         template = meta.prompt_template if meta is not None else DEFAULT_PROMPT_TEMPLATE
-        return prompt_text("vqa", question, None, template)
+        return VQA.prompt(question=question, template=template)
 
     def prompt_tokens(self, prompt: str) -> int:
         """Tokens the model reads before generating: the image placeholders, ``</s>`` and ``prompt``."""
@@ -391,12 +400,12 @@ class Captioner:
             adapter, max_new_tokens, num_beams, do_sample, temperature, top_p: as in :meth:`caption`.
             generate_kwargs: passed to ``generate`` (``streamer``, ``stopping_criteria``).
         """
-        _check_generation(max_new_tokens, num_beams, do_sample, temperature, top_p, 1)
+        options = GenerationOptions(
+            max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_p=top_p
+        )
         self._meta(adapter)  # an unknown name fails before any work
         # Stop on the token training taught (the layout's), whatever the base's generation config says.
-        kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, eos_token_id=self.layout.stop_token_id, **generate_kwargs)
-        if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p)
+        kwargs = dict(**options.generate_kwargs(), eos_token_id=self.layout.stop_token_id, **generate_kwargs)
         batch = self.generation_inputs(list(images), list(prompts))
         with self.running(adapter):
             output = self.model.generate(**batch, **kwargs)
@@ -479,16 +488,15 @@ class Captioner:
             self._merged = adapter
 
     @torch.no_grad()
-    def _generate(self, images, prompts, adapter, max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size) -> list[str]:
-        batch_size = batch_size or self.batch_size
-        _check_generation(max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size)
+    def _generate(self, images, prompts, adapter, options: GenerationOptions) -> list[str]:
+        batch_size = options.batch_size or self.batch_size
         self._meta(adapter)  # an unknown name fails before any image is read
-        self._check_length(prompts, max_new_tokens)
-        options = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_p=top_p)
+        self._check_length(prompts, options.max_new_tokens)
+        per_batch = {k: v for k, v in options.keywords().items() if k != "batch_size"}
         results: list[str] = []
         for start in range(0, len(images), batch_size):
             chunk = [load_image(i) for i in images[start : start + batch_size]]
-            new_tokens = self.generate_batch(chunk, prompts[start : start + batch_size], adapter, **options)
+            new_tokens = self.generate_batch(chunk, prompts[start : start + batch_size], adapter, **per_batch)
             texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             results.extend(t.strip() for t in texts)
         return results
@@ -659,22 +667,6 @@ def ask(
     """
     captioner, name = captioner_for(adapter, base_model, quantization=quantization, dtype=dtype, device=device)
     return captioner.ask(image, question, adapter=name, max_new_tokens=max_new_tokens)
-
-
-def _check_generation(max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size) -> None:
-    problems = []
-    if max_new_tokens < 1:
-        problems.append(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
-    if num_beams < 1:
-        problems.append(f"num_beams must be at least 1 (got {num_beams})")
-    if batch_size < 1:
-        problems.append(f"batch_size must be at least 1 (got {batch_size})")
-    if do_sample and temperature <= 0:
-        problems.append(f"temperature must be positive when sampling (got {temperature}); use do_sample=False for greedy")
-    if do_sample and not 0 < top_p <= 1:
-        problems.append(f"top_p must be in (0, 1] (got {top_p})")
-    if problems:
-        raise ConfigError("; ".join(problems))
 
 
 def _default_name(directory: Path) -> str:

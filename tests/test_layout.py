@@ -29,7 +29,7 @@ NOT_YET_SPLIT: set[tuple[str, str]] = set()
 LAYERS: list[tuple[str, set[str]]] = [
     (
         "foundation: no knowledge of models, recipes or data",
-        {"errors", "atomic", "offline", "host_memory", "metrics", "sampler", "log_setup", "quantization", "runtime"},
+        {"errors", "atomic", "offline", "host_memory", "metrics", "sampler", "log_setup", "quantization", "runtime", "generation", "tasks"},
     ),
     ("architectures", {"families"}),
     ("recipes", {"config"}),

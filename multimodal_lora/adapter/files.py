@@ -20,6 +20,7 @@ from multimodal_lora.atomic import atomic_dir, is_staging
 from multimodal_lora.errors import AdapterError
 from multimodal_lora.loading import LoadSettings, settings_from_record
 from multimodal_lora.model import BaseInfo, family_of, is_lora_target
+from multimodal_lora.tasks import DEFAULT_VQA_TEMPLATE, TASKS
 
 META_FILE = "multimodal_lora.json"
 CONFIG_FILE = "adapter_config.json"
@@ -34,7 +35,7 @@ class AdapterMeta:
     base: BaseInfo
     task: str = "caption"
     prompt: str | None = None
-    prompt_template: str = "Question: {question} Answer:"
+    prompt_template: str = DEFAULT_VQA_TEMPLATE
     load: LoadSettings | None = None
     """How the base was loaded for training; ``None`` in adapters written before it was recorded."""
 
@@ -255,7 +256,7 @@ def _read_meta(meta_path: Path) -> AdapterMeta | None:
         meta = AdapterMeta(**{**raw, "base": BaseInfo(**raw["base"]), "load": settings_from_record(raw.get("load"))})
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as exc:
         raise AdapterError(f"{meta_path}: unreadable ({exc}); delete it to load the adapter as a plain PEFT adapter") from None
-    if meta.task not in ("caption", "vqa"):
+    if meta.task not in TASKS:
         raise AdapterError(f"{meta_path}: task {meta.task!r} is not caption or vqa")
     return meta
 

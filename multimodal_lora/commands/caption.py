@@ -28,7 +28,9 @@ from multimodal_lora.caption_inputs import check_inputs, count_inputs, iter_inpu
 from multimodal_lora.caption_output import check_out, open_rows, out_format, read_existing, row_fields
 from multimodal_lora.commands import add_load_arguments, run_cli
 from multimodal_lora.errors import UserError
+from multimodal_lora.generation import GenerationOptions
 from multimodal_lora.log_setup import setup_logging
+from multimodal_lora.tasks import TASKS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,10 +132,10 @@ def caption_inputs(captioner, name, args, fmt: str | None, state) -> int:
     total = count_inputs(args.images) if main and args.out else None
     # A partial, not a lambda: DataLoader workers started with spawn (macOS) must pickle it.
     rounds = ImageRounds(functools.partial(iter_inputs, list(args.images)), skip, args.batch_size, rank, world, _input_size(captioner))
-    options = dict(
+    options = GenerationOptions(
         max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
         temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
-    )  # fmt: skip
+    ).keywords()  # fmt: skip
     if args.question is not None:
 
         def generate(images):
@@ -261,7 +263,7 @@ def _caption_validation(captioner, name, args) -> int:
     examples = load_splits(recipe.data).validation[: args.validation]
     if not examples:
         raise UserError(f"the run's data ({recipe.data.path}) has no validation split to caption")
-    if recipe.data.task == "vqa":
+    if TASKS[recipe.data.task].asks:
         answers = captioner.ask([e.image for e in examples], [e.question for e in examples], adapter=name)
         outputs = [f"{e.question} -> {a}" for e, a in zip(examples, answers)]
     else:

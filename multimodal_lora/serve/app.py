@@ -39,6 +39,7 @@ from multimodal_lora.serve.protocol import (
     parse_request,
     usage_body,
 )
+from multimodal_lora.tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ def _to_adapter(captioner, model: str) -> str | None:
 
 def _prompt(captioner, chat, adapter: str | None, default_max_tokens: int) -> tuple[str, int, int]:
     """``(prompt, its tokens, max_tokens)`` for a request, refused when it does not fit the model's context."""
-    if captioner.task(adapter) == "vqa":
+    if TASKS[captioner.task(adapter)].asks:
         if not chat.text:
             raise APIError(
                 400,
