@@ -13,6 +13,7 @@ unless the caller overrides them (see :mod:`multimodal_lora.loading`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -35,6 +36,7 @@ from multimodal_lora.adapter import (
     check_fits,
     open_adapter,
 )
+from multimodal_lora.captioner_view import CaptionerView
 from multimodal_lora.config import ModelConfig
 from multimodal_lora.data.images import ImageSource, load_image
 from multimodal_lora.errors import AdapterError, ConfigError
@@ -42,7 +44,7 @@ from multimodal_lora.generation import GenerationOptions
 from multimodal_lora.loading import LoadSettings
 from multimodal_lora.model import load_base, load_processor, position_limit, text_layout
 from multimodal_lora.runtime import inference_batch_size
-from multimodal_lora.tasks import CAPTION, DEFAULT_VQA_TEMPLATE, VQA
+from multimodal_lora.tasks import DEFAULT_VQA_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,8 @@ class Captioner:
         self.layout = text_layout(self.model, self.processor)
         self.max_positions = position_limit(self.model.config)
         self.adapters: dict[str, AdapterMeta | None] = {}
+        self.view = CaptionerView(self.base, self.processor, self.layout, self.max_positions, self.adapters)
+        """What this captioner knows without its model (it shares :attr:`adapters`)."""
         self._paths: dict[str, Path] = {}
         self._peft_names: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -110,6 +114,7 @@ class Captioner:
         self.layout = text_layout(model, processor)
         self.max_positions = position_limit(model.config)
         self.adapters = dict(adapters or {})
+        self.view = CaptionerView(self.base, self.processor, self.layout, self.max_positions, self.adapters)
         self._paths = {}
         # The model's own adapters are already PEFT adapters under these names.
         self._peft_names = {name: name for name in self.adapters}
@@ -190,27 +195,18 @@ class Captioner:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def without_model(self) -> Captioner:
-        """What this captioner knows without its model: names, tasks, prompts, lengths, image preparation.
+    def without_model(self) -> CaptionerView:
+        """What this captioner knows without its model: names, tasks, prompts, lengths, image preparation
+        (a :class:`~multimodal_lora.captioner_view.CaptionerView` of the adapters loaded now).
 
         A server's HTTP process checks and prepares requests with it while the model runs
         in another process (:mod:`multimodal_lora.serve.engine_process`). It pickles, which a
         captioner with its model refuses to do, and it cannot generate.
         """
-        view = object.__new__(Captioner)
-        view.__dict__.update(self.__dict__, model=None, _merged=None, _lock=threading.Lock())
-        return view
+        return dataclasses.replace(self.view, adapters=dict(self.adapters))
 
     def __getstate__(self) -> dict:
-        if self.model is not None:
-            raise TypeError("a Captioner holding its model does not pickle; pickle captioner.without_model()")
-        state = self.__dict__.copy()
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+        raise TypeError("a Captioner holding its model does not pickle; pickle captioner.without_model()")
 
     def load_adapter(self, path: str | Path | Adapter, name: str | None = None) -> str:
         """Load an adapter directory under ``name`` (default: the directory's name).
@@ -340,33 +336,32 @@ class Captioner:
 
     # -- prompts and single batches (what a server needs) ----------------------------------------
 
+    # What needs no model is the view's (:class:`~multimodal_lora.captioner_view.CaptionerView`).
+
     def task(self, adapter: str | None) -> str:
         """``caption`` or ``vqa``: what ``adapter`` was trained for (the bare base captions)."""
-        meta = self._meta(adapter)
-        return meta.task if meta is not None else "caption"
+        return self.view.task(adapter)
 
     def caption_prompt(self, adapter: str | None, prefix: str | None = None) -> str:
         """The text a caption continues: ``prefix``, else the adapter's training prompt, else nothing."""
-        meta = self._meta(adapter)
-        if prefix is None and meta is not None:
-            prefix = meta.prompt
-        return CAPTION.prompt(prefix=prefix)
+        return self.view.caption_prompt(adapter, prefix)
 
     def vqa_prompt(self, adapter: str | None, question: str) -> str:
         """``question`` in the template the adapter was trained with (the base: ``Question: ... Answer:``)."""
-        meta = self._meta(adapter)
-        template = meta.prompt_template if meta is not None else DEFAULT_PROMPT_TEMPLATE
-        return VQA.prompt(question=question, template=template)
+        return self.view.vqa_prompt(adapter, question)
 
     def prompt_tokens(self, prompt: str) -> int:
         """Tokens the model reads before generating: the image placeholders, ``</s>`` and ``prompt``."""
-        ids = self.processor.tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
-        return self.layout.num_query_tokens + 1 + len(ids)
+        return self.view.prompt_tokens(prompt)
 
     @property
     def context_length(self) -> int | None:
         """The most positions (prompt + generated) the language model has, or ``None`` (relative positions, T5)."""
-        return self.max_positions
+        return self.view.context_length
+
+    def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
+        """Whether a prompt of ``prompt_tokens`` and ``max_new_tokens`` new ones fit the base's positions."""
+        return self.view.fits(prompt_tokens, max_new_tokens)
 
     @property
     def stop_token_ids(self) -> set[int]:
@@ -425,12 +420,7 @@ class Captioner:
     # -- internals -------------------------------------------------------------------------
 
     def _meta(self, adapter: str | None) -> AdapterMeta | None:
-        if adapter is None:
-            return None
-        if adapter not in self.adapters:
-            known = ", ".join(self.adapters) or "none"
-            raise AdapterError(f"no adapter named {adapter!r} is loaded (loaded: {known}); call load_adapter first")
-        return self.adapters[adapter]
+        return self.view.meta(adapter)
 
     def _note_other_settings(self, directory: Path, meta: AdapterMeta | None) -> None:
         """Say so when an adapter joins a base loaded otherwise than the one it was trained on."""
@@ -446,7 +436,7 @@ class Captioner:
     @property
     def adapter_names(self) -> list[str]:
         """The names of the loaded adapters, in the order they were loaded."""
-        return list(self.adapters)
+        return self.view.adapter_names
 
     @property
     def batch_size(self) -> int:
@@ -491,7 +481,7 @@ class Captioner:
     def _generate(self, images, prompts, adapter, options: GenerationOptions) -> list[str]:
         batch_size = options.batch_size or self.batch_size
         self._meta(adapter)  # an unknown name fails before any image is read
-        self._check_length(prompts, options.max_new_tokens)
+        self.view.check_length(prompts, options.max_new_tokens)
         per_batch = {k: v for k, v in options.keywords().items() if k != "batch_size"}
         results: list[str] = []
         for start in range(0, len(images), batch_size):
@@ -501,31 +491,9 @@ class Captioner:
             results.extend(t.strip() for t in texts)
         return results
 
-    def _check_length(self, prompts: list[str], max_new_tokens: int) -> None:
-        """Refuse, before any image is read, a prompt and length the base's positions cannot hold."""
-        tokenizer, layout = self.processor.tokenizer, self.layout
-        if self.max_positions is None:
-            return  # relative positions (T5): no table to run past
-        longest = max((len(tokenizer(p, add_special_tokens=False).input_ids) if p else 0 for p in set(prompts)), default=0)
-        start = layout.num_query_tokens + 1 + longest  # image queries, </s>, the prompt
-        # The last new token is returned, never fed back: it needs no position.
-        if start + max_new_tokens - 1 > self.max_positions:
-            room = self.max_positions - start + 1
-            fix = f"lower max_new_tokens to at most {room}" if room >= 1 else "shorten the prompt"
-            raise ConfigError(
-                f"the prompt takes {start} positions ({layout.num_query_tokens} image query tokens, 1 start token, "
-                f"{longest} prompt tokens) and max_new_tokens={max_new_tokens} needs {max_new_tokens - 1} more, but "
-                f"the base holds {self.max_positions}; {fix}"
-            )
-
     def pixels(self, image) -> torch.Tensor:
-        """One decoded image as the model's input pixels (channels, height, width).
-
-        :meth:`generate_batch` takes these in place of images: a server prepares
-        each request's pixels as it arrives, while the model is busy with the
-        batch before, instead of all of them at the start of the batch.
-        """
-        return self.processor.image_processor([image], return_tensors="pt").pixel_values[0]
+        """One decoded image as the model's input pixels (channels, height, width): see :meth:`CaptionerView.pixels`."""
+        return self.view.pixels(image)
 
     def generation_inputs(self, images, prompts) -> dict[str, torch.Tensor]:
         """The layout's generation inputs for these prompts, and the images' pixels (or what

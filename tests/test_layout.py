@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ),
     (
         "inference and what runs on it",
-        {"inference", "evaluate", "merge", "push", "caption_inputs", "caption_output", "caption_run"},
+        {"inference", "captioner_view", "evaluate", "merge", "push", "caption_inputs", "caption_output", "caption_run"},
     ),
     ("the training recipe", {"training"}),
     ("the vLLM engine: its environment, the serve plan, batch captioning in its workers", {"vllm"}),

@@ -264,9 +264,8 @@ def _prompt(captioner, chat, adapter: str | None, default_max_tokens: int) -> tu
         prompt = captioner.caption_prompt(adapter, chat.text)
     prompt_tokens = captioner.prompt_tokens(prompt)
     max_tokens = chat.max_tokens or default_max_tokens
-    context = captioner.context_length
-    # The last new token is returned, never fed back: it needs no position.
-    if context is not None and prompt_tokens + max_tokens - 1 > context:
+    if not captioner.fits(prompt_tokens, max_tokens):
+        context = captioner.context_length
         raise APIError(
             400,
             f"this model's context is {context} tokens, but the request needs {prompt_tokens + max_tokens - 1} "
