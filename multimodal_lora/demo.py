@@ -295,7 +295,7 @@ def build_app(
 
 def _choices(found: Found, task: str) -> tuple[list[tuple[str, str]], str]:
     """A tab's dropdown: the bare base and the adapters of ``task``; the first adapter is the default."""
-    names = [n for n in found.adapters if (found.tasks[n] == "vqa") == (task == "vqa")]
+    names = [n for n in found.adapters if found.tasks[n] == task]  # a task is caption or vqa (checked when read)
     return [("base model (no adapter)", BASE_CHOICE)] + [(n, n) for n in names], names[0] if names else BASE_CHOICE
 
 
