@@ -257,3 +257,17 @@ def test_only_the_commands_print():
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"
     )
     assert not printing, printing
+
+
+def test_console_scripts_are_the_commands():
+    """pyproject's console scripts run multimodal_lora.commands.X:cli, and each of those exists."""
+    import importlib
+
+    import tomllib
+
+    scripts = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert len(scripts) >= 8
+    for name, target in scripts.items():
+        module, _, function = target.partition(":")
+        assert module.startswith("multimodal_lora.commands.") and function == "cli", f"{name} = {target}"
+        assert callable(getattr(importlib.import_module(module), function)), f"{name} = {target}"
