@@ -30,7 +30,7 @@ def tiny_sizes(workdir: Path) -> dict:
     """Train the tiny recipe for one step; the adapter's and the base's bytes on disk."""
     from multimodal_lora.config import load_recipe
     from multimodal_lora.tiny import ensure_tiny_base
-    from multimodal_lora.train import train
+    from multimodal_lora.training import train
 
     recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [f"output_dir={workdir / 'tiny'}", "train.max_steps=1"])
     result = train(recipe)

@@ -4,7 +4,7 @@
     python -m multimodal_lora.train recipes/tiny.yaml  # an adapter (runs/tiny/adapter)
     python bench/caption_cli.py --adapter runs/tiny/adapter --baseline /tmp/baseline [--images 200] [--repeats 3]
 
-Runs the caption CLI (``multimodal_lora.caption.main``, ``--adapter A --out
+Runs the caption CLI (``multimodal_lora.commands.caption.main``, ``--adapter A --out
 X.jsonl IMAGE ...``) on the first ``--images`` validation images of the tiny
 recipe with each checkout's code and defaults (batch size, merging), in a
 fresh process per checkout, alternating, one torch thread each. In each
@@ -33,7 +33,10 @@ TARGET = 1.5
 
 DRIVER = """
 import json, sys, time
-from multimodal_lora.caption import main
+try:
+    from multimodal_lora.commands.caption import main
+except ImportError:  # a baseline checkout from before the commands package
+    from multimodal_lora.commands.caption import main
 adapter, out, images = sys.argv[1], sys.argv[2], sys.argv[3:]
 start, cpu = time.perf_counter(), time.process_time()
 main(["--adapter", adapter, "--out", out, images[0]])  # start-up: imports done, base and adapter loaded

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(cached: bool, out: Path, extra: list[str]) -> dict:
     from multimodal_lora.config import load_recipe
-    from multimodal_lora.train import train
+    from multimodal_lora.training import train
 
     overrides = [
         f"output_dir={out}",
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MULTIMODAL_LORA_CACHE"] = str(Path(tmp) / "cache")
         features = Path(tmp) / "cache" / "features"
         from multimodal_lora.config import load_recipe
-        from multimodal_lora.train import train
+        from multimodal_lora.training import train
 
         train(load_recipe(ROOT / "recipes" / "tiny.yaml", [f"output_dir={Path(tmp) / 'warmup'}", "train.max_steps=2"]))
         for _ in range(args.repeats):

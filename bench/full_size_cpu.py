@@ -13,7 +13,7 @@ to the config's vocabulary (50,304), so every id the model can generate
 decodes. Then, for **int8** and for **4-bit NF4**, each in a fresh process so
 that its peak resident memory is its own:
 
-* ``train``: ``multimodal_lora.train.train`` — the trainer itself — on
+* ``train``: ``multimodal_lora.training.train`` — the trainer itself — on
   ``recipes/football.yaml`` pointed at that base and at six bundled images in
   the football data set's format (``image``, ``text``), loaded in int8 / 4-bit
   on the CPU, LoRA r=16 on q_proj and v_proj, ``--steps`` optimizer steps at
@@ -237,7 +237,7 @@ def phase_train(work: Path, quantization: str, steps: int, max_length: int, new_
     from multimodal_lora.config import load_recipe
     from multimodal_lora.inference import Captioner
     from multimodal_lora.model import count_parameters
-    from multimodal_lora.train import train
+    from multimodal_lora.training import train
 
     recipe = load_recipe(
         Path(__file__).resolve().parents[1] / "recipes" / "football.yaml",
@@ -291,7 +291,7 @@ def phase_caption(work: Path, quantization: str, new_tokens: int) -> dict:
 
 def phase_merge(work: Path, quantization: str) -> dict:
     """``python -m multimodal_lora.merge --dequantize --dtype bf16`` (the CLI's ``main``, in this process)."""
-    from multimodal_lora.merge import main
+    from multimodal_lora.commands.merge import main
 
     out = work / f"merged-{quantization}"
     adapter = work / f"run-{quantization}" / "adapter"

@@ -32,7 +32,7 @@ TARGET = 1.05
 def train_adapter(workdir: Path, steps: int) -> Path:
     """A real adapter from the tiny recipe (a short run: latency does not depend on quality)."""
     from multimodal_lora.config import load_recipe
-    from multimodal_lora.train import train
+    from multimodal_lora.training import train
 
     recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [f"output_dir={workdir / 'run'}", f"train.max_steps={steps}", "data.val_split=null", "data.val_fraction=0"])
     return train(recipe).adapter_dir

@@ -10,7 +10,7 @@ frozen vision encoder and Q-Former in eval mode (as our loop has them: their
 dropout would cost the bare step ~5 ms that our loop never pays), no KV cache
 in the forward, the same AdamW, and logits only where the loss reads
 them (``TokenLayout.for_loss``), as in our loop. "Ours" is
-``multimodal_lora.train.train`` on ``recipes/tiny.yaml`` with the same batch
+``multimodal_lora.training.train`` on ``recipes/tiny.yaml`` with the same batch
 size, its loop's own time per step (reading and processing images included):
 what one more step costs, from a loop of N steps and one of 3N (the one-off
 costs of a loop, the worker's start and the checkpoint at the end, are left
@@ -42,7 +42,7 @@ TARGET = 1.10
 def ours_loop_seconds(workdir: Path, steps: int, extra: list[str]) -> tuple[float, float]:
     """Wall and CPU seconds of our loop for ``steps`` optimizer steps (its own timers: the loop, not the model load)."""
     from multimodal_lora.config import load_recipe
-    from multimodal_lora.train import train
+    from multimodal_lora.training import train
 
     recipe = load_recipe(RECIPE, [f"output_dir={workdir}", "overwrite=true", f"train.max_steps={steps}", "data.val_split=null", "data.val_fraction=0", *extra])
     result = train(recipe)

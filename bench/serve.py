@@ -82,7 +82,7 @@ def tiny_setup(workdir: Path, steps: int, adapter: str | None) -> tuple[list[str
     images, and the same model as :meth:`Captioner.for_adapter` arguments."""
     from multimodal_lora.config import load_recipe
     from multimodal_lora.data.shapes import ensure_builtin
-    from multimodal_lora.train import train
+    from multimodal_lora.training import train
 
     if adapter is None:
         recipe = load_recipe(

@@ -11,7 +11,7 @@ from pathlib import Path
 # Let `python demo/app.py` work from a checkout that was not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from multimodal_lora.demo import cli  # noqa: E402
+from multimodal_lora.commands.demo import cli  # noqa: E402
 
 if __name__ == "__main__":
     cli()

@@ -28,7 +28,7 @@ _LAZY = {
     "clear_cache": "multimodal_lora.inference",
     "Recipe": "multimodal_lora.config",
     "load_recipe": "multimodal_lora.config",
-    "train": "multimodal_lora.train",
+    "train": "multimodal_lora.training",
 }
 
 

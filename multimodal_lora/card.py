@@ -23,6 +23,7 @@ from multimodal_lora.adapter import AdapterMeta
 from multimodal_lora.errors import ConfigError
 from multimodal_lora.families import tiny_names
 from multimodal_lora.metrics import LABELS, SCALES
+from multimodal_lora.tasks import TASKS
 
 TEMPLATE = "adapter_card.md"
 
@@ -108,7 +109,7 @@ def render_card(meta: AdapterMeta, facts: CardFacts):
     recipe = facts.recipe or {}
     targets = recipe.get("lora", {}).get("target_modules")
     # The plain-PEFT snippet must put the text in the prompt the adapter was trained with.
-    prompt = meta.prompt_template.format(question="What colour is the shape?") if task == "vqa" else (meta.prompt or "")
+    prompt = TASKS[task].prompt(question="What colour is the shape?", prefix=meta.prompt, template=meta.prompt_template)
     return ModelCard.from_template(
         data,
         template_str=resources.files("multimodal_lora").joinpath("templates", TEMPLATE).read_text(encoding="utf-8"),

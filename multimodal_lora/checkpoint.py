@@ -42,6 +42,7 @@ from multimodal_lora.adapter import WEIGHTS_FILE, AdapterMeta, adapter_bytes, sa
 from multimodal_lora.adapter.search import CHECKPOINTS  # the run layout adapter discovery skips
 from multimodal_lora.atomic import WriteError, atomic_dir, remove_stale, remove_tree
 from multimodal_lora.errors import UserError
+from multimodal_lora.tasks import TASKS
 
 if TYPE_CHECKING:
     from multimodal_lora.config import Recipe
@@ -348,7 +349,7 @@ def run_identity(recipe: Recipe, base, splits, processes: int, total_steps: int)
         "data.path": recipe.data.path,
         "data.task": recipe.data.task,
         "data.prompt": recipe.data.prompt,
-        "data.prompt_template": recipe.data.prompt_template if recipe.data.task == "vqa" else None,
+        "data.prompt_template": recipe.data.prompt_template if TASKS[recipe.data.task].asks else None,
         "data.max_length": recipe.data.max_length,
         "training data (hash of rows)": data.hexdigest()[:16],
         "seed": recipe.seed,

@@ -23,6 +23,8 @@ import yaml
 
 from multimodal_lora.errors import ConfigError
 from multimodal_lora.quantization import QuantizationName
+from multimodal_lora.runtime import DtypeName
+from multimodal_lora.tasks import DEFAULT_VQA_TEMPLATE, TaskName
 
 
 @dataclass
@@ -39,7 +41,7 @@ class ModelConfig:
     """Load the base with bitsandbytes in int8 or 4-bit; ``none`` keeps ``dtype``."""
     quant_type: Literal["nf4", "fp4"] = "nf4"
     """4-bit only: the 4-bit data type (NF4, as in QLoRA, or FP4)."""
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: DtypeName = "fp32"
     """Dtype of the unquantized weights (and compute dtype of 4-bit layers)."""
     device: str = "auto"
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
@@ -153,10 +155,10 @@ class DataConfig:
     """Column with the question (task ``vqa``)."""
     answer_column: str = "answer"
     """Column with the answer (task ``vqa``)."""
-    task: Literal["caption", "vqa"] = "caption"
+    task: TaskName = "caption"
     prompt: str | None = None
     """Caption task: optional text before the caption (not trained on)."""
-    prompt_template: str = "Question: {question} Answer:"
+    prompt_template: str = DEFAULT_VQA_TEMPLATE
     """VQA task: how the question is put to the model (not trained on)."""
     max_length: int = 32
     """Most text tokens per example (prompt + target + stop token); longer targets are truncated."""

@@ -15,7 +15,6 @@ page, and the server keeps serving.
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import logging
 import os
@@ -24,9 +23,10 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
 from multimodal_lora.errors import UserError
+from multimodal_lora.generation import GenerationOptions
 from multimodal_lora.report import legible
+from multimodal_lora.tasks import TASKS
 
 if TYPE_CHECKING:
     from multimodal_lora.adapter import Found
@@ -167,6 +167,82 @@ def read_upload(path: str | None):
         raise refused(str(exc)) from None
 
 
+class Handlers:
+    """What the page's buttons call: the Captioner's public ``caption``/``ask`` on the upload.
+
+    Each tab offers its own task's adapters: a VQA adapter asked for a caption (or the
+    reverse) answers in the wrong form, so the two are never mixed.
+    """
+
+    def __init__(self, captioner, found: Found):
+        self.captioner, self.found = captioner, found
+
+    def to_adapter(self, choice: str | None, task: str) -> str | None:
+        found = self.found
+        if not choice or choice == BASE_CHOICE:
+            return None
+        if choice not in found.adapters:
+            raise refused(f"No adapter named {choice!r} is loaded; choose one from the list.")
+        if found.tasks[choice] != task:
+            tab = TASKS[found.tasks[choice]].title
+            raise refused(f"{choice!r} is a {found.tasks[choice]} adapter, not a {task} one; use it in the {tab} tab.")
+        return choice
+
+    def caption(self, path, choice, side_by_side, prompt, max_new_tokens, num_beams, do_sample, temperature, top_p):
+        captioner = self.captioner
+        image = read_upload(path)
+        adapter = self.to_adapter(choice, "caption")
+        opts = _run(lambda: _options(max_new_tokens, num_beams, do_sample, temperature, top_p)).keywords()
+        text = _run(lambda: captioner.caption(image, adapter=adapter, prompt=prompt or None, **opts))
+        base_text = ""
+        if side_by_side and adapter is not None:
+            base_text = legible(_run(lambda: captioner.caption(image, adapter=None, prompt=prompt or None, **opts)))
+        return path, text if adapter is not None else legible(text), base_text
+
+    def ask(self, path, question, choice, max_new_tokens, num_beams, do_sample, temperature, top_p):
+        image = read_upload(path)
+        if not question or not question.strip():
+            raise refused("Type a question about the image.")
+        adapter = self.to_adapter(choice, "vqa")
+        opts = _run(lambda: _options(max_new_tokens, num_beams, do_sample, temperature, top_p)).keywords()
+        answer = _run(lambda: self.captioner.ask(image, question.strip(), adapter=adapter, **opts))
+        return path, answer if adapter is not None else legible(answer)
+
+    @staticmethod
+    def preview(path):
+        """Show the upload at once (and say at once if it is not an image), before any button is pressed."""
+        if not path:
+            return None
+        read_upload(path)
+        return path
+
+
+def _options(max_new_tokens, num_beams, do_sample, temperature, top_p) -> GenerationOptions:
+    """The settings' sliders as one checked value (a bad one is refused in the page, by :func:`_run`)."""
+    return GenerationOptions(
+        max_new_tokens=int(max_new_tokens),
+        num_beams=int(num_beams),
+        do_sample=bool(do_sample),
+        temperature=float(temperature),
+        top_p=float(top_p),
+    )
+
+
+def _run(call):
+    """Turn what the user can fix into a message in the page; log the rest and say so."""
+    import gradio as gr
+
+    try:
+        return call()
+    except gr.Error:
+        raise
+    except UserError as exc:
+        raise refused(str(exc)) from None
+    except Exception:
+        logger.exception("generation failed")
+        raise refused("Something went wrong while generating; the server log has the details.") from None
+
+
 def build_app(
     captioner,
     found: Found,
@@ -183,72 +259,7 @@ def build_app(
     """
     import gradio as gr
 
-    names = list(found.adapters)
-    caption_names = [n for n in names if found.tasks[n] != "vqa"]
-    vqa_names = [n for n in names if found.tasks[n] == "vqa"]
-    # Each tab offers its own task's adapters: a VQA adapter asked for a caption (or the
-    # reverse) answers in the wrong form, so the two are never mixed.
-    base_choice = [("base model (no adapter)", BASE_CHOICE)]
-    caption_choices = base_choice + [(n, n) for n in caption_names]
-    vqa_choices = base_choice + [(n, n) for n in vqa_names]
-
-    def to_adapter(choice: str | None, task: str) -> str | None:
-        if not choice or choice == BASE_CHOICE:
-            return None
-        if choice not in found.adapters:
-            raise refused(f"No adapter named {choice!r} is loaded; choose one from the list.")
-        if found.tasks[choice] != task:
-            tab = "VQA" if found.tasks[choice] == "vqa" else "Caption"
-            raise refused(f"{choice!r} is a {found.tasks[choice]} adapter, not a {task} one; use it in the {tab} tab.")
-        return choice
-
-    def options(max_new_tokens, num_beams, do_sample, temperature, top_p) -> dict:
-        return dict(
-            max_new_tokens=int(max_new_tokens),
-            num_beams=int(num_beams),
-            do_sample=bool(do_sample),
-            temperature=float(temperature),
-            top_p=float(top_p),
-        )
-
-    def run(call):
-        """Turn what the user can fix into a message in the page; log the rest and say so."""
-        try:
-            return call()
-        except gr.Error:
-            raise
-        except UserError as exc:
-            raise refused(str(exc)) from None
-        except Exception:
-            logger.exception("generation failed")
-            raise refused("Something went wrong while generating; the server log has the details.") from None
-
-    def caption_fn(path, choice, side_by_side, prompt, max_new_tokens, num_beams, do_sample, temperature, top_p):
-        image = read_upload(path)
-        adapter = to_adapter(choice, "caption")
-        opts = options(max_new_tokens, num_beams, do_sample, temperature, top_p)
-        text = run(lambda: captioner.caption(image, adapter=adapter, prompt=prompt or None, **opts))
-        base_text = ""
-        if side_by_side and adapter is not None:
-            base_text = legible(run(lambda: captioner.caption(image, adapter=None, prompt=prompt or None, **opts)))
-        return path, text if adapter is not None else legible(text), base_text
-
-    def ask_fn(path, question, choice, max_new_tokens, num_beams, do_sample, temperature, top_p):
-        image = read_upload(path)
-        if not question or not question.strip():
-            raise refused("Type a question about the image.")
-        adapter = to_adapter(choice, "vqa")
-        opts = options(max_new_tokens, num_beams, do_sample, temperature, top_p)
-        answer = run(lambda: captioner.ask(image, question.strip(), adapter=adapter, **opts))
-        return path, answer if adapter is not None else legible(answer)
-
-    def preview_fn(path):
-        """Show the upload at once (and say at once if it is not an image), before any button is pressed."""
-        if not path:
-            return None
-        read_upload(path)
-        return path
-
+    handlers = Handlers(captioner, found)
     examples = example_images(examples_dir) if examples_dir is not None else []
     # One upload for both tabs, so an image chosen on Caption is still there on VQA. It is a
     # File (not an Image) so that a bad file reaches read_upload and gets its message; the
@@ -267,7 +278,7 @@ def build_app(
                     gr.Examples(examples=[[p] for p in examples], inputs=[upload], label="Examples (bundled shapes)")
             with gr.Column(scale=1, min_width=260):
                 seen = gr.Image(label="Preview", interactive=False, type="filepath", height=240, elem_id="preview")
-        upload.change(preview_fn, [upload], [seen], api_name=False, show_progress="hidden")
+        upload.change(handlers.preview, [upload], [seen], api_name=False, show_progress="hidden")
         with gr.Accordion("Generation settings", open=False):
             prompt = gr.Textbox(label="Caption prefix (optional)", placeholder="text the caption continues")
             max_new_tokens = gr.Slider(1, 60, value=30, step=1, label="max new tokens")
@@ -276,54 +287,74 @@ def build_app(
             temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature (when sampling)")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p (when sampling)")
         settings = [max_new_tokens, num_beams, do_sample, temperature, top_p]
-        with gr.Tab("Caption"):
-            with gr.Row():
-                with gr.Column():
-                    c_adapter = gr.Dropdown(
-                        caption_choices,
-                        value=caption_names[0] if caption_names else BASE_CHOICE,
-                        label="Adapter (caption)",
-                        elem_id="caption-adapter",
-                        # Our own check refuses an unknown or cross-task name in one line; gradio's
-                        # would log a whole traceback.
-                        allow_custom_value=True,
-                    )
-                    c_compare = gr.Checkbox(value=False, label="Side by side: also caption with the base alone")
-                    c_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
-                with gr.Column():
-                    c_text = gr.Textbox(label="Caption", elem_id="caption-output", interactive=False)
-                    c_base = gr.Textbox(
-                        label="Base model alone, no adapter (untrained output: · marks bytes that are not text)",
-                        interactive=False,
-                        elem_id="caption-base",
-                    )
-            c_button.click(
-                caption_fn,
-                [upload, c_adapter, c_compare, prompt, *settings],
-                [seen, c_text, c_base],
-                api_name="caption",
-                concurrency_limit=concurrency_limit,
-            )
-        with gr.Tab("VQA"):
-            with gr.Row():
-                with gr.Column():
-                    q_question = gr.Textbox(label="Question", value="What colour is the shape?", elem_id="vqa-question")
-                    q_adapter = gr.Dropdown(
-                        vqa_choices, value=vqa_names[0] if vqa_names else BASE_CHOICE, label="Adapter (VQA)", elem_id="vqa-adapter",
-                        allow_custom_value=True,
-                    )
-                    q_button = gr.Button("Ask", variant="primary", elem_id="vqa-button")
-                with gr.Column():
-                    q_answer = gr.Textbox(label="Answer", elem_id="vqa-output", interactive=False)
-            q_button.click(
-                ask_fn,
-                [upload, q_question, q_adapter, *settings],
-                [seen, q_answer],
-                api_name="ask",
-                concurrency_limit=concurrency_limit,
-            )
+        _caption_tab(gr, handlers, [upload, prompt, *settings], seen, concurrency_limit)
+        _vqa_tab(gr, handlers, [upload, *settings], seen, concurrency_limit)
     app.queue(max_size=max_queue, default_concurrency_limit=concurrency_limit)
     return app
+
+
+def _choices(found: Found, task: str) -> tuple[list[tuple[str, str]], str]:
+    """A tab's dropdown: the bare base and the adapters of ``task``; the first adapter is the default."""
+    names = [n for n in found.adapters if found.tasks[n] == task]  # a task is caption or vqa (checked when read)
+    return [("base model (no adapter)", BASE_CHOICE)] + [(n, n) for n in names], names[0] if names else BASE_CHOICE
+
+
+def _caption_tab(gr, handlers: Handlers, inputs: list, seen, concurrency_limit: int) -> None:
+    """The Caption tab; ``inputs``: the upload, the caption prefix and the generation settings."""
+    upload, prompt, *settings = inputs
+    choices, default = _choices(handlers.found, "caption")
+    with gr.Tab("Caption"):
+        with gr.Row():
+            with gr.Column():
+                c_adapter = gr.Dropdown(
+                    choices,
+                    value=default,
+                    label="Adapter (caption)",
+                    elem_id="caption-adapter",
+                    # Our own check refuses an unknown or cross-task name in one line; gradio's
+                    # would log a whole traceback.
+                    allow_custom_value=True,
+                )
+                c_compare = gr.Checkbox(value=False, label="Side by side: also caption with the base alone")
+                c_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+            with gr.Column():
+                c_text = gr.Textbox(label="Caption", elem_id="caption-output", interactive=False)
+                c_base = gr.Textbox(
+                    label="Base model alone, no adapter (untrained output: · marks bytes that are not text)",
+                    interactive=False,
+                    elem_id="caption-base",
+                )
+        c_button.click(
+            handlers.caption,
+            [upload, c_adapter, c_compare, prompt, *settings],
+            [seen, c_text, c_base],
+            api_name="caption",
+            concurrency_limit=concurrency_limit,
+        )
+
+
+def _vqa_tab(gr, handlers: Handlers, inputs: list, seen, concurrency_limit: int) -> None:
+    """The VQA tab; ``inputs``: the upload and the generation settings."""
+    upload, *settings = inputs
+    choices, default = _choices(handlers.found, "vqa")
+    with gr.Tab("VQA"):
+        with gr.Row():
+            with gr.Column():
+                q_question = gr.Textbox(label="Question", value="What colour is the shape?", elem_id="vqa-question")
+                q_adapter = gr.Dropdown(
+                    choices, value=default, label="Adapter (VQA)", elem_id="vqa-adapter",
+                    allow_custom_value=True,
+                )
+                q_button = gr.Button("Ask", variant="primary", elem_id="vqa-button")
+            with gr.Column():
+                q_answer = gr.Textbox(label="Answer", elem_id="vqa-output", interactive=False)
+        q_button.click(
+            handlers.ask,
+            [upload, q_question, q_adapter, *settings],
+            [seen, q_answer],
+            api_name="ask",
+            concurrency_limit=concurrency_limit,
+        )
 
 
 def serve(
@@ -399,39 +430,7 @@ def serve(
     return app
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m multimodal_lora.demo", description="Web demo: caption and VQA with a base and its adapters.")
-    parser.add_argument("--adapters-dir", default=DEFAULT_ADAPTERS_DIR, help="directory searched for adapters (default: runs)")
-    parser.add_argument("--base", help="base model (default: the base of the adapters found, else tiny)")
-    add_load_arguments(parser, what="the base")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    parser.add_argument("--max-file-size", default="10mb", help="largest upload accepted (default 10mb)")
-    parser.add_argument("--concurrency", type=int, default=1, help="generations run at once (default 1)")
-    parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait (default 64)")
-    args = parser.parse_args(argv)
-    setup_logging()
-    serve(
-        args.adapters_dir,
-        base=args.base,
-        device=args.device,
-        dtype=args.dtype,
-        quantization=args.quantization,
-        host=args.host,
-        port=args.port,
-        share=args.share,
-        max_file_size=args.max_file_size,
-        concurrency_limit=args.concurrency,
-        max_queue=args.max_queue,
-    )
-    return 0
+if __name__ == "__main__":  # python -m multimodal_lora.demo
+    from multimodal_lora.commands.demo import cli
 
-
-def cli() -> None:
-    """Console-script entry point."""
-    run_cli(main)
-
-
-if __name__ == "__main__":
     cli()

@@ -13,21 +13,20 @@ The same functions evaluate the model being trained at the end of each epoch.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
 from multimodal_lora.data.sources import Example
 from multimodal_lora.data.sources import group_references as data_group_references
 from multimodal_lora.errors import UserError
-from multimodal_lora.metrics import METRICS, caption_metrics, meteor_available
+from multimodal_lora.metrics import caption_metrics, meteor_available
 from multimodal_lora.report import write_report
+from multimodal_lora.tasks import TASKS
 
-logger = logging.getLogger("multimodal_lora.evaluate")  # not __name__: it is __main__ under python -m
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ def group_references(examples: list[Example]) -> list[ImageReferences]:
 def generate(captioner, adapter: str | None, groups: list[ImageReferences], task: str, max_new_tokens: int) -> list[str]:
     """Caption (or answer) each group's image with ``adapter`` (``None``: the bare base)."""
     images = [g.image for g in groups]
-    if task == "vqa":
+    if TASKS[task].asks:
         return captioner.ask(images, [g.question for g in groups], adapter=adapter, max_new_tokens=max_new_tokens)
     return captioner.caption(images, adapter=adapter, max_new_tokens=max_new_tokens)
 
@@ -81,9 +80,6 @@ def token_loss_sums(model, loader, device: torch.device, layout=None) -> torch.T
     return total
 
 
-# --- the command ---------------------------------------------------------------------------------
-
-
 def evaluate(
     recipe,
     adapter: str | Path,
@@ -108,25 +104,11 @@ def evaluate(
     Raises:
         UserError: the data has no validation split, or the adapter cannot be used with the base.
     """
-    from multimodal_lora.adapter import open_adapter
-    from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
     from multimodal_lora.data.sources import load_splits
     from multimodal_lora.inference import Captioner
 
-    opened = open_adapter(adapter)  # read once: for_adapter below takes this value
+    opened = _check_adapter_and_lengths(recipe, adapter)
     adapter_dir, meta = opened.directory, opened.meta
-    if meta is not None and meta.task != recipe.data.task:
-        raise UserError(
-            f"adapter {adapter_dir} was trained for task {meta.task!r}, but the recipe's data.task is "
-            f"{recipe.data.task!r}: its scores would be meaningless. Evaluate it with the recipe it was trained with "
-            f"({adapter_dir.parent / 'recipe.yaml'} when it is there)"
-        )
-    from multimodal_lora.data.check import recipe_length_problems
-    from multimodal_lora.model import load_processor
-
-    lengths = recipe_length_problems(recipe, load_processor(recipe.model.base, recipe.model.revision).tokenizer)
-    if lengths:
-        raise UserError("lengths the base cannot hold: " + "; ".join(lengths))
     splits = load_splits(recipe.data)
     if not splits.validation:
         raise UserError(f"data.path {recipe.data.path!r} has no validation split ({recipe.data.val_split}); nothing to evaluate on")
@@ -138,34 +120,13 @@ def evaluate(
     captioner = Captioner.for_adapter(
         opened, name="adapter", base=cfg.base, quantization=quantization, dtype=dtype, device=device
     )
-    name = "adapter"
-
-    encoder = ExampleEncoder(
-        captioner.processor.tokenizer,
-        captioner.layout,
-        task=recipe.data.task,
-        prompt=recipe.data.prompt,
-        prompt_template=recipe.data.prompt_template,
-        max_length=recipe.data.max_length,
-    )
     groups = group_references(splits.validation)[:max_images]
     # The loss is measured on the same images as the captions: every reference of each.
     chosen = {g.image_id for g in groups}
     rows = [e for e in splits.validation if e.image_id in chosen]
-    layout = captioner.layout
-    val_set = PairDataset(rows, encoder.encode_all(rows), captioner.processor.image_processor, layout)
-    loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.train.batch_size, collate_fn=Collator.of(layout))
+    loader = _loss_loader(captioner, recipe, rows)
     use_meteor = meteor and meteor_available()
-    table, captions = {}, {}
-    for column, adapter_name in (("base", None), ("adapter", name)):
-        if adapter_name is not None:
-            # One adapter serves every image from here on: merged, it costs nothing per token (never on int8/4-bit).
-            captioner.merge(adapter_name)
-        with captioner.using(adapter_name):
-            sums = token_loss_sums(captioner.model, loader, captioner.device, captioner.layout)
-        captions[column] = generate(captioner, adapter_name, groups, recipe.data.task, recipe.train.eval_max_new_tokens)
-        table[column] = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item(), **score(captions[column], groups, meteor=use_meteor)}
-        logger.info("%s: %s", column, _format(table[column]))
+    table, captions = _base_and_adapter(captioner, "adapter", loader, groups, recipe, use_meteor)
 
     notes = [f"{len(groups)} validation images ({len(rows)} references) from {splits.description}; adapter {adapter_dir}"]
     if not use_meteor:
@@ -182,51 +143,69 @@ def evaluate(
         }
         for i, g in enumerate(groups[:samples])
     ]
-    task = "visual question answering" if recipe.data.task == "vqa" else "captioning"
+    task = TASKS[recipe.data.task].description
     subtitle = f"Base {cfg.base} alone against base + adapter, {task}, on {len(groups)} validation images of {recipe.data.path}."
     write_report(out, f"Evaluation of {adapter_dir.parent.name if adapter_dir.name == 'adapter' else adapter_dir.name}", table, sample_rows, notes, subtitle=subtitle)
     return out, table
+
+
+def _check_adapter_and_lengths(recipe, adapter: str | Path):
+    """The opened adapter, once its task is the recipe's and the recipe's lengths fit the base (before any weights load)."""
+    from multimodal_lora.adapter import open_adapter
+    from multimodal_lora.data.check import recipe_length_problems
+    from multimodal_lora.model import load_processor
+
+    opened = open_adapter(adapter)  # read once: for_adapter takes this value
+    adapter_dir, meta = opened.directory, opened.meta
+    if meta is not None and meta.task != recipe.data.task:
+        raise UserError(
+            f"adapter {adapter_dir} was trained for task {meta.task!r}, but the recipe's data.task is "
+            f"{recipe.data.task!r}: its scores would be meaningless. Evaluate it with the recipe it was trained with "
+            f"({adapter_dir.parent / 'recipe.yaml'} when it is there)"
+        )
+    lengths = recipe_length_problems(recipe, load_processor(recipe.model.base, recipe.model.revision).tokenizer)
+    if lengths:
+        raise UserError("lengths the base cannot hold: " + "; ".join(lengths))
+    return opened
+
+
+def _loss_loader(captioner, recipe, rows: list[Example]):
+    """Batches of ``rows`` encoded as training encodes them, for the validation loss."""
+    from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
+
+    encoder = ExampleEncoder(
+        captioner.processor.tokenizer,
+        captioner.layout,
+        task=recipe.data.task,
+        prompt=recipe.data.prompt,
+        prompt_template=recipe.data.prompt_template,
+        max_length=recipe.data.max_length,
+    )
+    layout = captioner.layout
+    val_set = PairDataset(rows, encoder.encode_all(rows), captioner.processor.image_processor, layout)
+    return torch.utils.data.DataLoader(val_set, batch_size=recipe.train.batch_size, collate_fn=Collator.of(layout))
+
+
+def _base_and_adapter(captioner, name: str, loader, groups: list[ImageReferences], recipe, use_meteor: bool):
+    """``(table, captions)``: the validation loss, the outputs and their metrics of the bare base, then of adapter ``name``."""
+    table, captions = {}, {}
+    for column, adapter_name in (("base", None), ("adapter", name)):
+        if adapter_name is not None:
+            # One adapter serves every image from here on: merged, it costs nothing per token (never on int8/4-bit).
+            captioner.merge(adapter_name)
+        with captioner.using(adapter_name):
+            sums = token_loss_sums(captioner.model, loader, captioner.device, captioner.layout)
+        captions[column] = generate(captioner, adapter_name, groups, recipe.data.task, recipe.train.eval_max_new_tokens)
+        table[column] = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item(), **score(captions[column], groups, meteor=use_meteor)}
+        logger.info("%s: %s", column, _format(table[column]))
+    return table, captions
 
 
 def _format(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m multimodal_lora.evaluate",
-        description="Evaluate the base and an adapter side by side on the recipe's validation split.",
-        epilog="Example: python -m multimodal_lora.evaluate recipes/tiny.yaml --adapter runs/tiny/adapter",
-    )
-    parser.add_argument("recipe", help="the YAML recipe the adapter was trained with")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, as for training")
-    parser.add_argument("--adapter", required=True, help="adapter directory (or the run directory holding adapter/)")
-    parser.add_argument("--out", help="report directory (default: beside the adapter, eval/)")
-    parser.add_argument("--max-images", type=int, help="evaluate at most this many validation images")
-    parser.add_argument("--samples", type=int, default=8, help="images shown in the report (default 8)")
-    parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java VM)")
-    add_load_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    from multimodal_lora.config import load_recipe
+if __name__ == "__main__":  # python -m multimodal_lora.evaluate
+    from multimodal_lora.commands.evaluate import cli
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    out, table = evaluate(
-        recipe, args.adapter, args.out, max_images=args.max_images, samples=args.samples, meteor=not args.no_meteor,
-        quantization=args.quantization, dtype=args.dtype, device=args.device,
-    )  # fmt: skip
-    columns = list(table)
-    print(f"{'metric':<16}" + "".join(f"{c:>12}" for c in columns))
-    for key in ["val_loss", *METRICS]:
-        print(f"{key:<16}" + "".join(f"{'n/a' if table[c][key] is None else format(table[c][key], '.4f'):>12}" for c in columns))
-    print(f"report: {out / 'report.md'} and {out / 'report.html'}")
-    return 0
-
-
-def cli() -> None:
-    """Console-script entry point."""
-    run_cli(main)
-
-
-if __name__ == "__main__":
     cli()

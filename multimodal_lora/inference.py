@@ -13,6 +13,7 @@ unless the caller overrides them (see :mod:`multimodal_lora.loading`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -35,16 +36,19 @@ from multimodal_lora.adapter import (
     check_fits,
     open_adapter,
 )
+from multimodal_lora.captioner_view import CaptionerView
 from multimodal_lora.config import ModelConfig
-from multimodal_lora.data.encoding import prompt_text
 from multimodal_lora.data.images import ImageSource, load_image
 from multimodal_lora.errors import AdapterError, ConfigError
+from multimodal_lora.generation import GenerationOptions
 from multimodal_lora.loading import LoadSettings
 from multimodal_lora.model import load_base, load_processor, position_limit, text_layout
+from multimodal_lora.runtime import inference_batch_size
+from multimodal_lora.tasks import DEFAULT_VQA_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PROMPT_TEMPLATE = "Question: {question} Answer:"
+DEFAULT_PROMPT_TEMPLATE = DEFAULT_VQA_TEMPLATE  # the bare base is asked this way
 
 
 class Captioner:
@@ -89,6 +93,8 @@ class Captioner:
         self.layout = text_layout(self.model, self.processor)
         self.max_positions = position_limit(self.model.config)
         self.adapters: dict[str, AdapterMeta | None] = {}
+        self.view = CaptionerView(self.base, self.processor, self.layout, self.max_positions, self.adapters)
+        """What this captioner knows without its model (it shares :attr:`adapters`)."""
         self._paths: dict[str, Path] = {}
         self._peft_names: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -108,6 +114,7 @@ class Captioner:
         self.layout = text_layout(model, processor)
         self.max_positions = position_limit(model.config)
         self.adapters = dict(adapters or {})
+        self.view = CaptionerView(self.base, self.processor, self.layout, self.max_positions, self.adapters)
         self._paths = {}
         # The model's own adapters are already PEFT adapters under these names.
         self._peft_names = {name: name for name in self.adapters}
@@ -188,27 +195,18 @@ class Captioner:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def without_model(self) -> Captioner:
-        """What this captioner knows without its model: names, tasks, prompts, lengths, image preparation.
+    def without_model(self) -> CaptionerView:
+        """What this captioner knows without its model: names, tasks, prompts, lengths, image preparation
+        (a :class:`~multimodal_lora.captioner_view.CaptionerView` of the adapters loaded now).
 
         A server's HTTP process checks and prepares requests with it while the model runs
         in another process (:mod:`multimodal_lora.serve.engine_process`). It pickles, which a
         captioner with its model refuses to do, and it cannot generate.
         """
-        view = object.__new__(Captioner)
-        view.__dict__.update(self.__dict__, model=None, _merged=None, _lock=threading.Lock())
-        return view
+        return dataclasses.replace(self.view, adapters=dict(self.adapters))
 
     def __getstate__(self) -> dict:
-        if self.model is not None:
-            raise TypeError("a Captioner holding its model does not pickle; pickle captioner.without_model()")
-        state = self.__dict__.copy()
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+        raise TypeError("a Captioner holding its model does not pickle; pickle captioner.without_model()")
 
     def load_adapter(self, path: str | Path | Adapter, name: str | None = None) -> str:
         """Load an adapter directory under ``name`` (default: the directory's name).
@@ -287,7 +285,11 @@ class Captioner:
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         prompts = [self.caption_prompt(adapter, prompt)] * len(items)
-        out = self._generate(items, prompts, adapter, max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size)
+        options = GenerationOptions(
+            max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature,
+            top_p=top_p, batch_size=batch_size,
+        )  # fmt: skip
+        out = self._generate(items, prompts, adapter, options)
         return out[0] if single else out
 
     def ask(
@@ -325,39 +327,41 @@ class Captioner:
         if len(questions) != len(items):
             raise ConfigError(f"{len(items)} images but {len(questions)} questions; give one question, or one per image")
         prompts = [self.vqa_prompt(adapter, q) for q in questions]
-        out = self._generate(items, prompts, adapter, max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size)
+        options = GenerationOptions(
+            max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature,
+            top_p=top_p, batch_size=batch_size,
+        )  # fmt: skip
+        out = self._generate(items, prompts, adapter, options)
         return out[0] if single else out
 
     # -- prompts and single batches (what a server needs) ----------------------------------------
 
+    # What needs no model is the view's (:class:`~multimodal_lora.captioner_view.CaptionerView`).
+
     def task(self, adapter: str | None) -> str:
         """``caption`` or ``vqa``: what ``adapter`` was trained for (the bare base captions)."""
-        meta = self._meta(adapter)
-        return meta.task if meta is not None else "caption"
+        return self.view.task(adapter)
 
     def caption_prompt(self, adapter: str | None, prefix: str | None = None) -> str:
         """The text a caption continues: ``prefix``, else the adapter's training prompt, else nothing."""
-        meta = self._meta(adapter)
-        if prefix is None and meta is not None:
-            prefix = meta.prompt
-        return prompt_text("caption", None, prefix, DEFAULT_PROMPT_TEMPLATE)
+        return self.view.caption_prompt(adapter, prefix)
 
     def vqa_prompt(self, adapter: str | None, question: str) -> str:
         """``question`` in the template the adapter was trained with (the base: ``Question: ... Answer:``)."""
-        meta = self._meta(adapter)
-        template = meta.prompt_template if meta is not None else DEFAULT_PROMPT_TEMPLATE
-        return prompt_text("vqa", question, None, template)
+        return self.view.vqa_prompt(adapter, question)
 
     def prompt_tokens(self, prompt: str, image: dict | None = None) -> int:
-        """Tokens the model reads before generating: the image's, then the prompt as the layout frames
-        it (``</s>`` and ``prompt``). ``image`` is what :meth:`pixels` made of it; without it, a family
-        whose image-token count varies with the image counts the most an image takes."""
-        return self.layout.prompt_length(self.processor.tokenizer, prompt, image)
+        """Tokens the model reads before generating: see :meth:`CaptionerView.prompt_tokens`."""
+        return self.view.prompt_tokens(prompt, image)
 
     @property
     def context_length(self) -> int | None:
         """The most positions (prompt + generated) the language model has, or ``None`` (relative positions, T5)."""
-        return self.max_positions
+        return self.view.context_length
+
+    def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
+        """Whether a prompt of ``prompt_tokens`` and ``max_new_tokens`` new ones fit the base's positions."""
+        return self.view.fits(prompt_tokens, max_new_tokens)
 
     @property
     def stop_token_ids(self) -> set[int]:
@@ -391,12 +395,12 @@ class Captioner:
             adapter, max_new_tokens, num_beams, do_sample, temperature, top_p: as in :meth:`caption`.
             generate_kwargs: passed to ``generate`` (``streamer``, ``stopping_criteria``).
         """
-        _check_generation(max_new_tokens, num_beams, do_sample, temperature, top_p, 1)
+        options = GenerationOptions(
+            max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_p=top_p
+        )
         self._meta(adapter)  # an unknown name fails before any work
         # Stop on the token training taught (the layout's), whatever the base's generation config says.
-        kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, eos_token_id=self.layout.stop_token_id, **generate_kwargs)
-        if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p)
+        kwargs = dict(**options.generate_kwargs(), eos_token_id=self.layout.stop_token_id, **generate_kwargs)
         batch = self.generation_inputs(list(images), list(prompts))
         with self.running(adapter):
             output = self.model.generate(**batch, **kwargs)
@@ -416,12 +420,7 @@ class Captioner:
     # -- internals -------------------------------------------------------------------------
 
     def _meta(self, adapter: str | None) -> AdapterMeta | None:
-        if adapter is None:
-            return None
-        if adapter not in self.adapters:
-            known = ", ".join(self.adapters) or "none"
-            raise AdapterError(f"no adapter named {adapter!r} is loaded (loaded: {known}); call load_adapter first")
-        return self.adapters[adapter]
+        return self.view.meta(adapter)
 
     def _note_other_settings(self, directory: Path, meta: AdapterMeta | None) -> None:
         """Say so when an adapter joins a base loaded otherwise than the one it was trained on."""
@@ -437,18 +436,13 @@ class Captioner:
     @property
     def adapter_names(self) -> list[str]:
         """The names of the loaded adapters, in the order they were loaded."""
-        return list(self.adapters)
+        return self.view.adapter_names
 
     @property
     def batch_size(self) -> int:
-        """Images per ``generate`` call when a call does not say: 32 on a CPU, 64 on a GPU.
-
-        Measured on the tiny base on 2 CPU cores, batch 32 captions 1.5× as many images a
-        second as batch 8; larger batches gain nothing more there. A GPU's throughput keeps
-        growing with the batch, and 64 images of BLIP-2 OPT-2.7B with 30 new tokens stay
-        under 2 GiB of activations and KV cache.
-        """
-        return 64 if self.device.type == "cuda" else 32
+        """Images per ``generate`` call when a call does not say: 32 on a CPU, 64 on a GPU
+        (:func:`~multimodal_lora.runtime.inference_batch_size`)."""
+        return inference_batch_size(self.device)
 
     def merge(self, adapter: str) -> bool:
         """Fold ``adapter`` into the base's weights while it is the only one in use (the weights change in place).
@@ -484,45 +478,22 @@ class Captioner:
             self._merged = adapter
 
     @torch.no_grad()
-    def _generate(self, images, prompts, adapter, max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size) -> list[str]:
-        batch_size = batch_size or self.batch_size
-        _check_generation(max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size)
+    def _generate(self, images, prompts, adapter, options: GenerationOptions) -> list[str]:
+        batch_size = options.batch_size or self.batch_size
         self._meta(adapter)  # an unknown name fails before any image is read
-        self._check_length(prompts, max_new_tokens)
-        options = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_p=top_p)
+        self.view.check_length(prompts, options.max_new_tokens)
+        per_batch = {k: v for k, v in options.keywords().items() if k != "batch_size"}
         results: list[str] = []
         for start in range(0, len(images), batch_size):
             chunk = [load_image(i) for i in images[start : start + batch_size]]
-            new_tokens = self.generate_batch(chunk, prompts[start : start + batch_size], adapter, **options)
+            new_tokens = self.generate_batch(chunk, prompts[start : start + batch_size], adapter, **per_batch)
             texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             results.extend(t.strip() for t in texts)
         return results
 
-    def _check_length(self, prompts: list[str], max_new_tokens: int) -> None:
-        """Refuse, before any image is read, a prompt and length the base's positions cannot hold."""
-        if self.max_positions is None:
-            return  # relative positions (T5): no table to run past
-        start = max((self.prompt_tokens(p) for p in set(prompts)), default=0)
-        image = self.layout.image_positions
-        # The last new token is returned, never fed back: it needs no position.
-        if start + max_new_tokens - 1 > self.max_positions:
-            room = self.max_positions - start + 1
-            fix = f"lower max_new_tokens to at most {room}" if room >= 1 else "shorten the prompt"
-            raise ConfigError(
-                f"the prompt takes {start} positions ({image} image tokens, {start - image} text tokens) and "
-                f"max_new_tokens={max_new_tokens} needs {max_new_tokens - 1} more, but "
-                f"the base holds {self.max_positions}; {fix}"
-            )
-
     def pixels(self, image) -> dict[str, torch.Tensor]:
-        """One decoded image as the model's inputs for it (``{"pixel_values": (channels, height, width)}``,
-        or what else its family's processor gives per image).
-
-        :meth:`generate_batch` takes these in place of images: a server prepares
-        each request's pixels as it arrives, while the model is busy with the
-        batch before, instead of all of them at the start of the batch.
-        """
-        return self.layout.image_inputs.split(self.processor.image_processor([image], return_tensors="pt"))[0]
+        """One decoded image as the model's inputs for it: see :meth:`CaptionerView.pixels`."""
+        return self.view.pixels(image)
 
     def generation_inputs(self, images, prompts) -> dict[str, torch.Tensor]:
         """The layout's generation inputs for these prompts, and the images' pixels (or what
@@ -669,22 +640,6 @@ def ask(
     """
     captioner, name = captioner_for(adapter, base_model, quantization=quantization, dtype=dtype, device=device)
     return captioner.ask(image, question, adapter=name, max_new_tokens=max_new_tokens)
-
-
-def _check_generation(max_new_tokens, num_beams, do_sample, temperature, top_p, batch_size) -> None:
-    problems = []
-    if max_new_tokens < 1:
-        problems.append(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
-    if num_beams < 1:
-        problems.append(f"num_beams must be at least 1 (got {num_beams})")
-    if batch_size < 1:
-        problems.append(f"batch_size must be at least 1 (got {batch_size})")
-    if do_sample and temperature <= 0:
-        problems.append(f"temperature must be positive when sampling (got {temperature}); use do_sample=False for greedy")
-    if do_sample and not 0 < top_p <= 1:
-        problems.append(f"top_p must be in (0, 1] (got {top_p})")
-    if problems:
-        raise ConfigError("; ".join(problems))
 
 
 def _default_name(directory: Path) -> str:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from multimodal_lora import runtime
 from multimodal_lora.config import ModelConfig
 from multimodal_lora.quantization import SCHEMES
 
@@ -125,15 +126,15 @@ def resolve(
     # Only what was recorded (not what the caller asked for) is changed to fit the machine:
     # an explicit request that cannot work fails where it is loaded, with its own message.
     reasons = []
-    if device is None and settings.device not in ("auto", "cpu") and not _device_available(settings.device):
+    if device is None and settings.device not in ("auto", "cpu") and not runtime.device_available(settings.device):
         reasons.append(f"no {settings.device} device here")
         settings = replace(settings, device="cpu")
-    if quantization is None and _quantized(settings.quantization) and not _bitsandbytes_available():
+    if quantization is None and _quantized(settings.quantization) and not runtime.bitsandbytes_available():
         reasons.append(f"{settings.quantization} needs bitsandbytes, which is not installed")
         settings = replace(settings, quantization="none", quant_type=None, compute_dtype=None)
-    kind = _device_kind(settings.device)
-    if dtype is None and not _dtype_supported(settings.dtype, kind):
-        fallback = "fp16" if kind == "cuda" else "fp32"
+    kind = runtime.device_kind(settings.device)
+    if dtype is None and not runtime.dtype_supported(settings.dtype, kind):
+        fallback = runtime.fallback_dtype(kind)
         reasons.append(f"this {kind.upper() if kind == 'cpu' else 'GPU'} has no {settings.dtype} support")
         settings = replace(
             settings, dtype=fallback, compute_dtype=fallback if _four_bit(settings.quantization) else None
@@ -164,38 +165,4 @@ def _quantized(quantization: str) -> bool:
     return quantization in SCHEMES and SCHEMES[quantization].quantized
 
 
-def _device_kind(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device.split(":")[0]
 
-
-def _device_available(device: str) -> bool:
-    kind = _device_kind(device)
-    if kind == "cuda":
-        return torch.cuda.is_available()
-    if kind == "mps":
-        return torch.backends.mps.is_available()
-    return True
-
-
-def _dtype_supported(dtype: str, kind: str) -> bool:
-    """Whether this machine has kernels for ``dtype`` (torch emulates the others on a CPU, very slowly)."""
-    if dtype == "fp32":
-        return True
-    if kind == "cuda":
-        return dtype != "bf16" or torch.cuda.is_bf16_supported()
-    if kind == "cpu":
-        check = (
-            torch.ops.mkldnn._is_mkldnn_bf16_supported
-            if dtype == "bf16"
-            else torch.ops.mkldnn._is_mkldnn_fp16_supported
-        )
-        return bool(check())
-    return True
-
-
-def _bitsandbytes_available() -> bool:
-    from multimodal_lora.model import bitsandbytes_available
-
-    return bitsandbytes_available()

@@ -17,18 +17,16 @@ base is loaded unquantized (``--dtype``) and the adapter is merged into that.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from multimodal_lora.adapter import attach, base_of, check_base_matches, check_fits, open_adapter
+from multimodal_lora.adapter import attach, base_for, check_base_matches, check_fits, open_adapter
 from multimodal_lora.atomic import atomic_dir
-from multimodal_lora.cli import run_cli, setup_logging
 from multimodal_lora.config import ModelConfig
 from multimodal_lora.errors import UserError
-from multimodal_lora.quantization import NAMES, SCHEMES
+from multimodal_lora.quantization import scheme
 
 logger = logging.getLogger(__name__)
 
@@ -82,36 +80,20 @@ def merge_adapter(
     opened = open_adapter(adapter)
     directory, meta = opened.directory, opened.meta
     out = Path(out)
-    recorded = meta.load if meta is not None else None
-    if quantization is None:
-        quantization = recorded.quantization if recorded is not None else _trained_quantization(directory)
-    if dtype is None:
-        dtype = recorded.dtype if recorded is not None else "fp32"
-    if quantization not in SCHEMES:
-        raise MergeError(f"quantization: {quantization!r}; choose from {', '.join(NAMES)}")
-    if not SCHEMES[quantization].mergeable and not dequantize:
-        raise MergeError(
-            f"adapter {str(directory)!r} was trained on a base quantized to {quantization}. Its weights are rounded to "
-            f"{quantization}, and merging would add the LoRA update to them and round again, so the merged "
-            "model would not caption like base + adapter. Pass --dequantize (dequantize=True) to merge into "
-            f"the full-precision base instead (in --dtype, now {dtype}), or keep using the adapter unmerged."
-        )
-    if out.exists() and not overwrite:
-        raise MergeError(f"{out} exists; choose another --out or pass --overwrite to replace it")
-    if out.resolve() == directory.resolve() or directory.resolve() in out.resolve().parents:
-        raise MergeError(f"--out {out} is inside the adapter directory; write the merged model elsewhere")
+    quantization, dtype = _trained_as(opened, quantization, dtype, dequantize)
+    _check_out(out, directory, overwrite)
 
-    base_name, revision = base_of(directory, meta, base, opened.config)
-    cfg = ModelConfig(base=base_name, revision=revision, device=device, dtype=dtype, quantization="none")
+    # The base the adapter belongs to, loaded unquantized in the merge's dtype on the merge's device.
+    choice = base_for([opened], base, quantization="none", dtype=dtype, device=device)
+    load = choice.settings
+    cfg = ModelConfig(base=choice.name, revision=choice.revision, device=load.device, dtype=load.dtype, quantization=load.quantization)
     problems = cfg.problems()
     if problems:
         raise MergeError("; ".join(problems))
 
     from multimodal_lora.model import load_base, load_processor
 
-    trained = f"; trained as {recorded.describe()}" if recorded is not None else ""
-    logger.info("loading base %s (unquantized, %s, %s%s) to merge %s into", base_name, dtype, device, trained, directory)
-    processor = load_processor(base_name, revision)
+    processor = load_processor(choice.name, choice.revision)
     model, info = load_base(cfg, for_training=False)
     check_base_matches(directory, meta, info)
     check_fits(opened, model)
@@ -120,23 +102,59 @@ def merge_adapter(
     model = model.merge_and_unload(safe_merge=True)
     model.eval()
 
+    record = {
+        "adapter": str(directory.resolve()),
+        "base": asdict(info),
+        "model_class": model.__class__.__name__,
+        "dtype": dtype,
+        "trained_quantization": quantization,
+        "task": meta.task if meta else None,
+        "prompt": meta.prompt if meta else None,
+        "prompt_template": meta.prompt_template if meta else None,
+    }
+    _save(out, model, processor, record)
+    logger.info("merged model written to %s", out)
+    return out
+
+
+def _trained_as(opened, quantization: str | None, dtype: str | None, dequantize: bool) -> tuple[str, str]:
+    """``(quantization the base was trained in, dtype to merge in)``: given, else recorded; refused when the
+    scheme's weights cannot take the update exactly (:attr:`~multimodal_lora.quantization.Scheme.mergeable`)
+    unless ``dequantize``."""
+    directory, meta = opened.directory, opened.meta
+    recorded = meta.load if meta is not None else None
+    if quantization is None:
+        quantization = recorded.quantization if recorded is not None else _trained_quantization(directory)
+    if dtype is None:
+        dtype = recorded.dtype if recorded is not None else "fp32"
+    try:
+        trained = scheme(quantization)
+    except ValueError as exc:
+        raise MergeError(str(exc)) from None
+    if not trained.mergeable and not dequantize:
+        raise MergeError(
+            f"adapter {str(directory)!r} was trained on a base quantized to {quantization}. Its weights are rounded to "
+            f"{quantization}, and merging would add the LoRA update to them and round again, so the merged "
+            "model would not caption like base + adapter. Pass --dequantize (dequantize=True) to merge into "
+            f"the full-precision base instead (in --dtype, now {dtype}), or keep using the adapter unmerged."
+        )
+    return quantization, dtype
+
+
+def _check_out(out: Path, directory: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise MergeError(f"{out} exists; choose another --out or pass --overwrite to replace it")
+    if out.resolve() == directory.resolve() or directory.resolve() in out.resolve().parents:
+        raise MergeError(f"--out {out} is inside the adapter directory; write the merged model elsewhere")
+
+
+def _save(out: Path, model, processor, record: dict) -> None:
+    """The merged model, its processor and :data:`MERGE_RECORD`, all in ``out`` or none of them."""
     needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     with atomic_dir(out, "the merged model", needed=needed) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        record = {
-            "adapter": str(directory.resolve()),
-            "base": asdict(info),
-            "model_class": model.__class__.__name__,
-            "dtype": dtype,
-            "trained_quantization": quantization,
-            "task": meta.task if meta else None,
-            "prompt": meta.prompt if meta else None,
-            "prompt_template": meta.prompt_template if meta else None,
-        }
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    logger.info("merged model written to %s", out)
-    return out
 
 
 def _trained_quantization(directory: Path) -> str:
@@ -149,50 +167,7 @@ def _trained_quantization(directory: Path) -> str:
     return load_recipe(recipe_path).model.quantization
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m multimodal_lora.merge",
-        description="Merge a LoRA adapter into its base and write a standalone transformers model directory.",
-    )
-    parser.add_argument("--adapter", required=True, help="adapter directory written by the trainer")
-    parser.add_argument("--out", required=True, help="directory to write the merged model to")
-    parser.add_argument("--base", help="base to merge into (default: the one the adapter records)")
-    parser.add_argument(
-        "--dtype", choices=["fp32", "bf16", "fp16"], help="dtype of the merged weights (default: the dtype trained in, else fp32)"
-    )
-    parser.add_argument("--device", default="cpu", help="where to merge: cpu (default), cuda, cuda:N")
-    parser.add_argument(
-        "--quantization",
-        choices=list(NAMES),
-        help="how the adapter's base was quantized in training (default: as the adapter records, else the run's recipe.yaml)",
-    )
-    parser.add_argument(
-        "--dequantize",
-        action="store_true",
-        help="the adapter was trained on an int8/4-bit base: merge into the unquantized base anyway",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    args = parser.parse_args(argv)
-    setup_logging()
-    out = merge_adapter(
-        args.adapter,
-        args.out,
-        base=args.base,
-        dtype=args.dtype,
-        device=args.device,
-        quantization=args.quantization,
-        dequantize=args.dequantize,
-        overwrite=args.overwrite,
-    )
-    model_class = json.loads((out / MERGE_RECORD).read_text())["model_class"]
-    print(f"merged model written to {out}; load it with {model_class}.from_pretrained({str(out)!r})")
-    return 0
+if __name__ == "__main__":  # python -m multimodal_lora.merge
+    from multimodal_lora.commands.merge import cli
 
-
-def cli() -> None:
-    """Console-script entry point."""
-    run_cli(main)
-
-
-if __name__ == "__main__":
     cli()

@@ -23,10 +23,10 @@ from multimodal_lora.families import FAMILIES, Family, family_for_config, publis
 from multimodal_lora.families.base import attribute, image_features, stop_token_id  # noqa: F401 - part of this module's API
 from multimodal_lora.host_memory import keep_large_blocks_off_the_heap, return_freed_memory
 from multimodal_lora.quantization import scheme
+from multimodal_lora.runtime import bitsandbytes_available, torch_dtype
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Keys of a model config that do not change the weights' shapes or meaning.
 _VOLATILE_CONFIG_KEYS = {
@@ -84,7 +84,7 @@ def quantization_config(quantization: str, dtype: str, quant_type: str = "nf4"):
         row = scheme(quantization, "model.quantization")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return row.bnb_config(DTYPES[dtype] if dtype != "fp32" else torch.float32, quant_type)
+    return row.bnb_config(torch_dtype(dtype), quant_type)
 
 
 def load_processor(base: str, revision: str | None = None):
@@ -117,7 +117,7 @@ def load_base(cfg: ModelConfig, *, for_training: bool = True):
     keep_large_blocks_off_the_heap()
     device = pick_device(cfg.device)
     quant = quantization_config(cfg.quantization, cfg.dtype, cfg.quant_type)
-    kwargs = {"revision": cfg.revision, "dtype": DTYPES[cfg.dtype]}
+    kwargs = {"revision": cfg.revision, "dtype": torch_dtype(cfg.dtype)}
     if quant is not None:
         _require_bitsandbytes(cfg.quantization)
         kwargs["quantization_config"] = quant
@@ -373,13 +373,6 @@ def _numel(param) -> int:
     if shape is not None and hasattr(shape, "shape"):
         return int(torch.Size(shape.shape).numel())
     return param.numel()
-
-
-def bitsandbytes_available() -> bool:
-    """Whether bitsandbytes (int8 and 4-bit layers) can be imported here."""
-    import importlib.util
-
-    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def _require_bitsandbytes(quantization: str) -> None:

@@ -59,10 +59,10 @@ from multimodal_lora.model import (
     quantized_linears,
 )
 from multimodal_lora.quantization import NAMES, SCHEMES
+from multimodal_lora.runtime import DTYPE_BYTES
 
 __all__ = ["MemoryPlan", "plan_memory", "plan_recipe", "quantized_weight_bytes"]
 
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # LoRA weight, its gradient, AdamW's exp_avg and exp_avg_sq: four fp32 tensors.
 LORA_BYTES_PER_PARAM = 4 + 4 + 8
 # NF4 with double quantization: absmax per block of 64 weights, itself 8-bit with
@@ -172,7 +172,7 @@ def plan_memory(config, *, quantization: str, dtype: str, lora: LoraSettings, ba
     # norms in fp32, and bitsandbytes' int8 matmul returns its input's dtype, so the
     # whole residual stream and every projection's output stay fp32 (measured on an
     # H100: int8 activations are 1.7-2x bf16's at the same batch).
-    act = 4 if quantization == "int8" else BYTES[dtype]
+    act = 4 if quantization == "int8" else DTYPE_BYTES[dtype]
     hidden, ffn, layers = dims.hidden, dims.ffn, dims.layers
     per_layer = 8 * hidden + 2 * ffn
     if lora.dropout > 0:
@@ -227,7 +227,7 @@ def base_weight_bytes(model, quantization: str, dtype: str, *, for_training: boo
         keep_fp32 |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
     row = SCHEMES[quantization]
     quantized = quantized_linears(model) if row.quantized else set()
-    other = 4 if (row.quantized and for_training) else BYTES[dtype]
+    other = 4 if (row.quantized and for_training) else DTYPE_BYTES[dtype]
     total = 0
     for name, param in model.named_parameters():
         module, _, leaf = name.rpartition(".")

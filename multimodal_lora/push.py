@@ -15,17 +15,15 @@ the weights without their card.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from multimodal_lora.adapter import CARD_FILE, CONFIG_FILE, META_FILE, WEIGHTS_FILE, read_adapter
-from multimodal_lora.card import HUB_ID, CardFacts, is_hub_id, render_card
-from multimodal_lora.cli import run_cli, setup_logging
+from multimodal_lora.card import CardFacts, is_hub_id, render_card
 from multimodal_lora.errors import UserError
 
-logger = logging.getLogger("multimodal_lora.push")  # not __name__: it is __main__ under python -m
+logger = logging.getLogger(__name__)
 
 UPLOADED = (CONFIG_FILE, WEIGHTS_FILE, META_FILE, CARD_FILE)
 """What a push uploads: the PEFT files, our metadata and the card; nothing else in the directory."""
@@ -157,36 +155,7 @@ def _transport_errors() -> tuple[type[Exception], ...]:
     return tuple(errors) or (OSError,)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m multimodal_lora.push",
-        description="Push an adapter and its model card to the Hugging Face hub (one commit).",
-        epilog="Example: python -m multimodal_lora.push --adapter runs/football/adapter --repo-id me/blip2-football",
-    )
-    parser.add_argument(
-        "--adapter", required=True, help="adapter directory written by the trainer (OUTPUT_DIR/adapter)"
-    )
-    parser.add_argument("--repo-id", required=True, help="the hub model repository, OWNER/NAME (created if missing)")
-    parser.add_argument("--private", action="store_true", help="create the repository private")
-    parser.add_argument("--revision", help="push to this branch (created from main if missing)")
-    parser.add_argument(
-        "--base-model", help="hub id to name as base_model when the adapter's base was a local directory"
-    )
-    args = parser.parse_args(argv)
-    setup_logging()
-    if not HUB_ID.fullmatch(args.repo_id):
-        raise PushError(f"--repo-id {args.repo_id!r}: expected OWNER/NAME")
-    upload = prepare_upload(args.adapter, args.base_model)
-    token = hub_ready()
-    url = push(upload, args.repo_id, token, private=args.private, revision=args.revision)
-    logger.info("pushed %s to %s", ", ".join(upload.files), url)
-    return 0
+if __name__ == "__main__":  # python -m multimodal_lora.push
+    from multimodal_lora.commands.push import cli
 
-
-def cli() -> None:
-    """Console-script entry point."""
-    run_cli(main)
-
-
-if __name__ == "__main__":
     cli()

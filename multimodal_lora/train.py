@@ -1,54 +1,11 @@
-"""The training command: fine-tune a BLIP-2 family model's language model with LoRA.
+"""``python -m multimodal_lora.train``: runs :mod:`multimodal_lora.commands.train`.
 
-    python -m multimodal_lora.train RECIPE [key=value ...]
-    python -m multimodal_lora.train RECIPE resume=true          # continue after a crash or a stop
-    accelerate launch -m multimodal_lora.train RECIPE [key=value ...]
-
-The recipe itself, top to bottom, is :mod:`multimodal_lora.training.recipe`.
+Only an entry point. Never import this module: importing ``multimodal_lora.train`` would bind
+the package's ``train`` (the public function, :func:`multimodal_lora.training.train`) to this
+module. ``python -m`` runs it without importing it as ``multimodal_lora.train``, so it is safe.
 """
 
-from __future__ import annotations
-
-import argparse
-
-from multimodal_lora.callable_module import forward_calls
-from multimodal_lora.cli import run_cli, setup_logging
-from multimodal_lora.config import load_recipe
-from multimodal_lora.training import TrainingError, TrainResult, train
-
-__all__ = ["TrainResult", "TrainingError", "cli", "main", "train"]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m multimodal_lora.train",
-        description="Fine-tune a BLIP-2 family model's language model with LoRA, as a recipe says.",
-        epilog="Example: python -m multimodal_lora.train recipes/tiny.yaml output_dir=runs/mine train.epochs=2",
-    )
-    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value or section.key=value, e.g. lora.r=8, resume=true")
-    parser.add_argument(
-        "--plan", action="store_true", help="print the estimated GPU memory and parameter table, and load nothing"
-    )
-    args = parser.parse_args(argv)
-    setup_logging()
-    recipe = load_recipe(args.recipe, args.overrides)
-    if args.plan:
-        from multimodal_lora.plan import plan_recipe
-
-        print(plan_recipe(recipe).format())
-        return 0
-    train(recipe)
-    return 0
-
-
-def cli() -> None:
-    """Console-script entry point."""
-    run_cli(main)
-
-
-# `from multimodal_lora import train` is the train() function whether or not this module was imported first.
-forward_calls(__name__, "multimodal_lora.training", "train")
-
 if __name__ == "__main__":
+    from multimodal_lora.commands.train import cli
+
     cli()

@@ -41,7 +41,7 @@ def shapes_dir() -> Path:
 def tiny_run(tmp_path_factory):
     """One full training run of recipes/tiny.yaml, shared by the tests that need a trained adapter."""
     from multimodal_lora.config import load_recipe
-    from multimodal_lora.train import train
+    from multimodal_lora.training import train
 
     out = tmp_path_factory.mktemp("tiny-run")
     recipe = load_recipe(RECIPES / "tiny.yaml", [f"output_dir={out}"])
@@ -89,7 +89,7 @@ def quick_adapter(tmp_path_factory, tiny_base) -> Path:
 def shapes_adapters(tmp_path_factory, tiny_base):
     """A captioning and a VQA adapter from short runs (a few seconds each)."""
     from multimodal_lora.config import load_recipe
-    from multimodal_lora.train import train
+    from multimodal_lora.training import train
 
     root = tmp_path_factory.mktemp("serve-runs")
     caption_run = train(

@@ -58,7 +58,7 @@ def test_the_fsdp_config_trains_on_cpu_as_data_parallel_and_saves_a_normal_adapt
     from transformers import Blip2ForConditionalGeneration
 
     from multimodal_lora.config import load_recipe
-    from multimodal_lora.train import train
+    from multimodal_lora.training import train
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
     args = [

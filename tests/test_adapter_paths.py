@@ -82,7 +82,7 @@ def test_captioner_load_adapter_names_and_lookup(places, expected, images):
 
 
 def test_caption_cli_at_hostile_paths(places, expected, images, tmp_path, capsys):
-    from multimodal_lora.caption import main
+    from multimodal_lora.commands.caption import main
 
     out = tmp_path / "out.v1 ü" / "captions.jsonl"
     assert main([*images, "--adapter", str(places["link"]), "--out", str(out)]) == 0
@@ -143,17 +143,46 @@ def test_peft_round_trip_at_hostile_paths(places, expected, images):
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_public_functions_survive_importing_their_cli_modules_first():
-    """`multimodal_lora.caption`/`.train` are CLI modules too; importing them first must not hide the functions."""
+PUBLIC_FUNCTIONS_CHECK = """
+import multimodal_lora.inference, multimodal_lora.training
+from multimodal_lora import caption, train
+assert caption is multimodal_lora.inference.caption, caption
+assert train is multimodal_lora.training.train, train
+import multimodal_lora
+assert multimodal_lora.caption is caption and multimodal_lora.train is train
+print("functions")
+"""
+
+# What may run before `from multimodal_lora import caption, train`: the commands imported, or run
+# in-process the way `python -m` runs them (runpy), each in a fresh interpreter.
+BEFORE = {
+    "nothing": "",
+    "the functions first": "from multimodal_lora import train, caption",
+    "the commands imported": "import multimodal_lora.commands.caption, multimodal_lora.commands.train",
+    "the commands run": (
+        "from multimodal_lora.commands import caption as c, train as t\n"
+        "t.main([{football!r}, '--plan'])\n"
+        "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass"
+    ),
+    "python -m run in-process": (
+        "import runpy, sys\n"
+        "for module, argv in (('multimodal_lora.train', [{football!r}, '--plan']), ('multimodal_lora.caption', ['--help'])):\n"
+        "    sys.argv = [module, *argv]\n"
+        "    try:\n        runpy.run_module(module, run_name='__main__', alter_sys=True)\n"
+        "    except SystemExit as stop:\n        assert not stop.code, stop.code"
+    ),
+}
+
+
+@pytest.mark.parametrize("before", list(BEFORE))
+def test_train_and_caption_are_the_public_functions_in_any_import_order(before):
+    """The package's `train`/`caption` are the functions, whatever ran first: the commands live in
+    multimodal_lora.commands, and `python -m multimodal_lora.train`/`.caption` never import those modules."""
     import subprocess
     import sys
 
-    code = (
-        "import multimodal_lora.caption, multimodal_lora.train, inspect\n"
-        "from multimodal_lora import caption, train\n"
-        "from multimodal_lora.inference import caption as f\n"
-        "print(callable(caption), callable(train), inspect.signature(f) is not None)\n"
-        "import multimodal_lora.train as t; print(t.train.__name__)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["True", "True", "True", "train"]
+    football = str(Path(__file__).resolve().parents[1] / "recipes" / "football.yaml")
+    code = BEFORE[before].format(football=football) + "\n" + PUBLIC_FUNCTIONS_CHECK
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "functions"

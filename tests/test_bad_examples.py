@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from multimodal_lora.cli import run_cli
+from multimodal_lora.commands import run_cli
 from multimodal_lora.config import load_recipe
 from multimodal_lora.data.screen import BadExampleError, screen_examples
 from multimodal_lora.data.sources import load_splits
@@ -61,7 +61,7 @@ def cli(main, argv, capsys) -> tuple[int, str, str]:
 
 
 def test_error_policy_refuses_to_train_and_names_the_first_bad_file(awkward, tmp_path, capsys, tiny_base):
-    from multimodal_lora.train import main
+    from multimodal_lora.commands.train import main
 
     out = tmp_path / "run"
     code, _, err = cli(main, [TINY, f"data.path={awkward}", f"output_dir={out}", "train.max_steps=1"], capsys)
@@ -84,7 +84,7 @@ def test_error_policy_carries_every_bad_example(awkward):
 
 
 def test_skip_policy_trains_on_the_good_ones_and_reports_four(awkward, tmp_path, caplog, tiny_base):
-    from multimodal_lora.train import main
+    from multimodal_lora.commands.train import main
 
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="multimodal_lora"):
@@ -111,7 +111,7 @@ def test_skip_keeps_exactly_the_good_examples(awkward):
 
 
 def test_data_check_lists_all_four_and_fails_under_error(awkward, capsys, tiny_base):
-    from multimodal_lora.data.__main__ import main
+    from multimodal_lora.commands.data import main
 
     code, out, _ = cli(main, ["check", TINY, f"data.path={awkward}"], capsys)
     assert code == 1
@@ -124,7 +124,7 @@ def test_data_check_lists_all_four_and_fails_under_error(awkward, capsys, tiny_b
 
 
 def test_data_check_passes_under_skip(awkward, capsys, tiny_base):
-    from multimodal_lora.data.__main__ import main
+    from multimodal_lora.commands.data import main
 
     code, out, _ = cli(main, ["check", TINY, f"data.path={awkward}", "data.on_bad_example=skip", "data.val_fraction=0"], capsys)
     assert code == 0
@@ -133,7 +133,7 @@ def test_data_check_passes_under_skip(awkward, capsys, tiny_base):
 
 
 def test_data_check_of_the_bundled_data_passes(capsys, tiny_base):
-    from multimodal_lora.data.__main__ import main
+    from multimodal_lora.commands.data import main
 
     code, out, _ = cli(main, ["check", TINY], capsys)
     assert code == 0

@@ -55,7 +55,7 @@ def test_plan_matches_the_bytes_of_a_quantized_base(tiny_base, quantization):
 
 
 def test_train_plan_flag_prints_the_football_plan_without_loading_weights(capsys):
-    from multimodal_lora.train import main
+    from multimodal_lora.commands.train import main
 
     assert main([str(REPO / "recipes" / "football.yaml"), "--plan"]) == 0
     out = capsys.readouterr().out

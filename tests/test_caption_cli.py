@@ -61,7 +61,7 @@ def test_directory_to_jsonl_keeps_going_past_bad_images(tiny_run, photo_dir, exp
 
 
 def test_glob_to_csv_and_stdout(tiny_run, photo_dir, expected, tmp_path):
-    from multimodal_lora.caption import main
+    from multimodal_lora.commands.caption import main
 
     out = tmp_path / "captions.csv"
     assert main([str(photo_dir / "0*.png"), "--adapter", str(tiny_run.adapter_dir), "--out", str(out)]) == 0
@@ -72,7 +72,7 @@ def test_glob_to_csv_and_stdout(tiny_run, photo_dir, expected, tmp_path):
 
 
 def test_stdout_lines_and_bad_arguments(tiny_run, photo_dir, expected, capsys):
-    from multimodal_lora.caption import main
+    from multimodal_lora.commands.caption import main
     from multimodal_lora.errors import UserError
 
     first = sorted(photo_dir.glob("0*.png"))[0]

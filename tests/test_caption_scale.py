@@ -204,7 +204,7 @@ def test_output_file_resume_cuts_a_torn_row_and_refuses_to_clobber(tmp_path, fmt
 
 
 def test_resume_of_another_jobs_file_is_refused_before_the_model_loads(tmp_path, images):
-    from multimodal_lora.caption import main
+    from multimodal_lora.commands.caption import main
 
     out = tmp_path / "captions.jsonl"
     out.write_text(json.dumps({"image": "elsewhere/0.png", "caption": "x"}) + "\n")

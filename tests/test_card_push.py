@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 def short_run(small_shapes_dir, tmp_path_factory):
     """recipes/tiny.yaml on 24 images for 2 epochs (12 steps, two evaluations): seconds, not minutes."""
     from multimodal_lora.config import load_recipe
-    from multimodal_lora.train import train
+    from multimodal_lora.training import train
 
     out = tmp_path_factory.mktemp("card-run")
     overrides = [f"output_dir={out}", f"data.path={small_shapes_dir}", "train.batch_size=4", "train.epochs=2"]

@@ -273,7 +273,7 @@ def test_data_section_is_validated_with_hints():
 
 @pytest.mark.parametrize("name", list(SOURCES))
 def test_training_cli_runs_from_every_source(tmp_path, tiny_base, name):
-    from multimodal_lora.train import main
+    from multimodal_lora.commands.train import main
 
     overrides, _ = SOURCES[name](tmp_path / "data")
     out = tmp_path / "run"

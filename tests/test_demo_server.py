@@ -66,7 +66,7 @@ def http_get(url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
 def runs_dir(tiny_run, tmp_path_factory):
     """An adapters directory laid out as the trainer writes it: runs/<name>/adapter."""
     from multimodal_lora.config import load_recipe
-    from multimodal_lora.train import train
+    from multimodal_lora.training import train
 
     runs = tmp_path_factory.mktemp("demo") / "runs"
     shutil.copytree(tiny_run.adapter_dir, runs / "shapes" / "adapter")

@@ -118,7 +118,7 @@ def test_images_of_different_sizes_get_their_own_token_counts_in_one_batch(parts
 
 
 def test_the_feature_cache_is_refused_before_any_weights_load(tmp_path):
-    from multimodal_lora.train import train
+    from multimodal_lora import train
 
     recipe = load_recipe(RECIPES / "tiny-qwen2vl.yaml", [f"output_dir={tmp_path}/run", "train.cache_image_features=true"])
     with pytest.raises(ConfigError, match="train.cache_image_features: true, but Qwen2.5-VL's image features vary in length"):
@@ -171,7 +171,7 @@ def test_the_server_batches_per_call_for_this_family(captioner):
 def test_quantized_training_on_cpu(quantization, small_shapes_dir, tmp_path):
     import bitsandbytes as bnb
 
-    from multimodal_lora.train import train
+    from multimodal_lora import train
 
     overrides = [
         f"output_dir={tmp_path}", f"data.path={small_shapes_dir}", f"model.quantization={quantization}",
@@ -192,7 +192,7 @@ def test_a_resumed_run_ends_with_the_same_adapter(small_shapes_dir, tmp_path):
 
     from safetensors.torch import load_file
 
-    from multimodal_lora.train import train
+    from multimodal_lora import train
 
     def run(out, *extra):
         overrides = [
@@ -218,7 +218,7 @@ def test_a_resumed_run_ends_with_the_same_adapter(small_shapes_dir, tmp_path):
 @pytest.fixture(scope="module")
 def short_adapters(small_shapes_dir, tmp_path_factory):
     """Two adapters of four steps each (seeds 0 and 1) on the tiny twin, saved the trainer's way."""
-    from multimodal_lora.train import train
+    from multimodal_lora import train
 
     dirs = []
     for seed in (0, 1):

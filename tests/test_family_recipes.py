@@ -34,7 +34,7 @@ HELD_OUT = 60
 @pytest.fixture(scope="module", params=sorted(FAMILY))
 def run(request, tmp_path_factory):
     """One full run of recipes/<name>.yaml (about a minute each on 2 cores)."""
-    from multimodal_lora.train import train
+    from multimodal_lora.training import train
 
     name = request.param
     out = tmp_path_factory.mktemp(name)
@@ -115,7 +115,7 @@ def test_an_adapter_is_refused_by_another_family(run):
 
 
 def test_caption_cli_and_evaluate(run, tmp_path):
-    from multimodal_lora.caption import main as caption_main
+    from multimodal_lora.commands.caption import main as caption_main
     from multimodal_lora.evaluate import evaluate
 
     _, recipe, result, groups = run

@@ -69,8 +69,8 @@ def test_training_on_a_disk_that_fills_names_the_intact_checkpoint(small_shapes_
     proc = run_on_full_disk(tmp_path, mount, f"""
         import sys, threading, time
         from pathlib import Path
-        from multimodal_lora.cli import run_cli
-        from multimodal_lora.train import main
+        from multimodal_lora.commands import run_cli
+        from multimodal_lora.commands.train import main
         out = Path({str(mount)!r}) / "run"
 
         def watch():  # the disk fills up as soon as the first checkpoint is on it
@@ -108,8 +108,8 @@ def test_recipe_on_a_full_disk_is_one_line_and_no_empty_file(small_shapes_dir, t
     mount = tmp_path / "disk"
     proc = run_on_full_disk(tmp_path, mount, f"""
         import os
-        from multimodal_lora.cli import run_cli
-        from multimodal_lora.train import main
+        from multimodal_lora.commands import run_cli
+        from multimodal_lora.commands.train import main
         os.makedirs({str(mount / 'run')!r})
         fill({str(mount)!r})
         try:
@@ -214,8 +214,8 @@ def test_a_disk_that_fills_at_any_write_ends_in_one_line_and_the_run_resumes(poi
         args = [{str(TINY)!r}, f"output_dir={{out}}", "data.path={data}", "train.batch_size=2",
                 "train.epochs=2", "train.checkpoint_every=1", "train.log_every=1", "train.eval_every=2",
                 "train.plot_every_seconds=0", "train.eval_max_images=4", "train.cache_image_features=true", "lora.r=2", *{overrides!r}]
-        from multimodal_lora.cli import run_cli
-        from multimodal_lora.train import main
+        from multimodal_lora.commands import run_cli
+        from multimodal_lora.commands.train import main
         sys.addaudithook(audit)
         try:
             run_cli(main, args)

@@ -8,6 +8,7 @@ layer or any layer below it, never from one above.
 from __future__ import annotations
 
 import ast
+import re
 from functools import cache
 from pathlib import Path
 
@@ -21,21 +22,14 @@ DECLARATIVE: set[tuple[str, str]] = set()
 
 # Functions still past the limit that issue 22 means to split. The test fails when one of
 # them shrinks under the limit, so the entry is removed with the change that fixes it.
-NOT_YET_SPLIT = {
-    # The Gradio page's layout (about 70 lines, declarative) still holds its six event handlers.
-    ("multimodal_lora.demo", "build_app"),
-    ("multimodal_lora.serve.app", "create_app"),
-    ("multimodal_lora.evaluate", "evaluate"),
-    ("multimodal_lora.merge", "merge_adapter"),
-    ("multimodal_lora.serve.cli", "main"),
-}
+NOT_YET_SPLIT: set[tuple[str, str]] = set()
 
 # The layers, lowest first. A name is a top-level module or subpackage of multimodal_lora
 # (its "unit"). Each unit may import from units in its own layer or below.
 LAYERS: list[tuple[str, set[str]]] = [
     (
         "foundation: no knowledge of models, recipes or data",
-        {"errors", "atomic", "offline", "host_memory", "metrics", "sampler", "callable_module", "cli", "quantization"},
+        {"errors", "atomic", "offline", "host_memory", "metrics", "sampler", "log_setup", "quantization", "runtime", "generation", "tasks"},
     ),
     ("architectures", {"families"}),
     ("recipes", {"config"}),
@@ -49,13 +43,19 @@ LAYERS: list[tuple[str, set[str]]] = [
     ),
     (
         "inference and what runs on it",
-        {"inference", "evaluate", "merge", "push", "caption_inputs", "caption_output", "caption_run"},
+        {"inference", "captioner_view", "evaluate", "merge", "push", "caption_inputs", "caption_output", "caption_run"},
     ),
-    ("the training recipe", {"train", "training"}),
+    ("the training recipe", {"training"}),
     ("the vLLM engine: its environment, the serve plan, batch captioning in its workers", {"vllm"}),
-    ("batch captioning and the demo", {"caption", "demo"}),
+    ("the demo", {"demo"}),
     ("the server", {"serve"}),
+    ("the commands: argument parsing, what is printed, exit status", {"commands"}),
+    ("`python -m` entry points only, never imported", {"train", "caption"}),
 ]
+
+# `python -m multimodal_lora.train` and `.caption` run these modules; importing one would bind the
+# package's `train`/`caption` (the public functions) to the module. Nothing may import them.
+ENTRY_ONLY = {"multimodal_lora.train", "multimodal_lora.caption"}
 
 
 def module_name(path: Path) -> str:
@@ -70,13 +70,36 @@ def modules() -> dict[str, ast.Module]:
     return {module_name(p): ast.parse(p.read_text(), str(p)) for p in sorted(PACKAGE.rglob("*.py"))}
 
 
+def is_main_block(node: ast.AST) -> bool:
+    """``if __name__ == "__main__":``"""
+    test = node.test if isinstance(node, ast.If) else None
+    return (
+        isinstance(test, ast.Compare)
+        and isinstance(test.left, ast.Name)
+        and test.left.id == "__name__"
+        and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in test.comparators)
+    )
+
+
+def dependency_nodes(name: str, tree: ast.Module):
+    """Every node of the module, but those that run only as a program (``python -m``), never on import:
+    a ``__main__`` module and ``if __name__ == "__main__":`` blocks start a command, they are not a dependency."""
+    if name.endswith(".__main__"):
+        return
+    pending = [tree]
+    while pending:
+        node = pending.pop()
+        yield node
+        pending.extend(child for child in ast.iter_child_nodes(node) if not is_main_block(child))
+
+
 def imports_of(name: str, tree: ast.Module) -> set[str]:
     """Every multimodal_lora module ``name`` imports, at any depth (function-level imports too)."""
     known = modules()
     is_package = (PACKAGE.parent / name.replace(".", "/") / "__init__.py").exists()
     package = name if is_package else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(tree):
+    for node in dependency_nodes(name, tree):
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -183,3 +206,68 @@ def test_units_form_no_cycle():
         for t in targets:
             graph.setdefault(t, set())
     assert cycles(graph) == []
+
+
+def module_imports(tree: ast.Module) -> set[str]:
+    """Modules imported as modules: ``import a.b`` and ``from a.b import c`` (not ``from a import b``)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_nothing_imports_the_entry_point_modules():
+    """``multimodal_lora.train``/``.caption`` are only run (``python -m``): the package, its tests,
+    benchmarks and demo import the commands (``multimodal_lora.commands.X``) and the functions instead."""
+    root = PACKAGE.parent
+    files = [p for d in ("multimodal_lora", "tests", "bench", "demo") for p in sorted((root / d).rglob("*.py"))]
+    importing = sorted(
+        f"{p.relative_to(root)}: {m}" for p in files for m in module_imports(ast.parse(p.read_text())) if m in ENTRY_ONLY
+    )
+    assert not importing, importing
+
+
+def test_readme_lists_the_layers_in_this_order():
+    """README's "Layers, lowest first" paragraph names every unit, layer by layer, as LAYERS does."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    paragraph = readme[readme.index("Layers, lowest first") :].split("\n\n")[0]
+    tokens = [t.rstrip("/") for t in re.findall(r"`([^`]+)`", paragraph)]
+
+    def position(unit: str) -> int:
+        # `caption_*` stands for caption_inputs, caption_output and caption_run
+        found = [i for i, t in enumerate(tokens) if t == unit or (t.endswith("_*") and unit.startswith(t[:-1]))]
+        assert found, f"README's layers paragraph does not name {unit}"
+        return found[0]
+
+    spans = [(min(map(position, units)), max(map(position, units))) for _, units in LAYERS]
+    for (_, last), (first, _), (name, _) in zip(spans, spans[1:], LAYERS[1:]):
+        assert last < first, f"README's layers paragraph names the layer '{name}' out of order"
+
+
+def test_only_the_commands_print():
+    """The library logs (or returns text) and raises; only multimodal_lora.commands writes to stdout/stderr with print."""
+    printing = sorted(
+        f"{name}:{node.lineno}"
+        for name, tree in modules().items()
+        if unit(name) != "commands"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"
+    )
+    assert not printing, printing
+
+
+def test_console_scripts_are_the_commands():
+    """pyproject's console scripts run multimodal_lora.commands.X:cli, and each of those exists."""
+    import importlib
+
+    import tomllib
+
+    scripts = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert len(scripts) >= 8
+    for name, target in scripts.items():
+        module, _, function = target.partition(":")
+        assert module.startswith("multimodal_lora.commands.") and function == "cli", f"{name} = {target}"
+        assert callable(getattr(importlib.import_module(module), function)), f"{name} = {target}"

@@ -16,7 +16,7 @@ RECORD_LOGGER = "multimodal_lora.loading"
 
 def _train(out, data, *overrides):
     from multimodal_lora.config import load_recipe
-    from multimodal_lora.train import train
+    from multimodal_lora.training import train
 
     recipe = load_recipe(
         "recipes/tiny.yaml",
@@ -133,7 +133,7 @@ def test_an_adapter_without_a_record_loads_as_before_with_a_note(int8_adapter, i
 
 
 def test_the_caption_cli_takes_the_record_and_the_flags(int8_adapter, image, capsys, caplog):
-    from multimodal_lora.caption import main
+    from multimodal_lora.commands.caption import main
     from multimodal_lora.inference import CAPTIONERS
 
     assert main([image, "--adapter", str(int8_adapter)]) == 0
@@ -149,11 +149,12 @@ def test_the_caption_cli_takes_the_record_and_the_flags(int8_adapter, image, cap
 
 def test_resolve_falls_back_to_what_this_machine_can_do(monkeypatch, caplog):
     import multimodal_lora.loading as loading
+    from multimodal_lora import runtime
 
     trained = LoadSettings("int8", "bf16", "cuda")
     monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(loading, "_bitsandbytes_available", lambda: False)
-    monkeypatch.setattr(loading, "_dtype_supported", lambda dtype, kind: dtype == "fp32")
+    monkeypatch.setattr(runtime, "bitsandbytes_available", lambda: False)
+    monkeypatch.setattr(runtime, "dtype_supported", lambda dtype, kind: dtype == "fp32")
     with caplog.at_level(logging.INFO, logger=RECORD_LOGGER):
         settings = resolve(trained, subject="base X")
     assert settings == LoadSettings("none", "fp32", "cpu")

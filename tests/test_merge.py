@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from multimodal_lora.merge import MergeError, main, merge_adapter
+from multimodal_lora.commands.merge import main
+from multimodal_lora.merge import MergeError, merge_adapter
 
 
 @pytest.fixture(scope="module")

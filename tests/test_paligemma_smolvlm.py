@@ -392,10 +392,10 @@ def test_vqa_learns_only_the_answer(tiny_models, name):
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_the_vqa_recipe_on_each_tiny_twin_answers_held_out_questions(name, tmp_path):
     """recipes/tiny-vqa.yaml with this base (400 steps, about a minute): held-out answers against ~0 bare."""
+    from multimodal_lora import train
     from multimodal_lora.config import load_recipe
     from multimodal_lora.data.sources import load_splits
     from multimodal_lora.inference import Captioner
-    from multimodal_lora.train import train
 
     from .conftest import RECIPES
 
@@ -463,9 +463,9 @@ def test_the_server_answers_what_caption_gives_through_the_openai_client(name, s
     text for the adapter and for the bare base, plain and streamed (per-request batching, logged)."""
     import openai
 
+    from multimodal_lora import train
     from multimodal_lora.config import load_recipe
     from multimodal_lora.inference import caption, clear_cache
-    from multimodal_lora.train import train
 
     from .conftest import RECIPES
     from .test_serve import chat, start_server, stop_server, stream
@@ -500,10 +500,9 @@ def test_the_demo_captions_with_each_familys_adapter(name, small_shapes_dir, sha
 
     from gradio_client import Client, handle_file
 
-    from multimodal_lora import demo
+    from multimodal_lora import demo, train
     from multimodal_lora.config import load_recipe
     from multimodal_lora.inference import Captioner
-    from multimodal_lora.train import train
 
     from .conftest import RECIPES
 

@@ -279,7 +279,7 @@ def test_other_families_all_parts_adapter_loads_in_plain_peft_and_merges_to_the_
 
 @pytest.fixture(scope="module")
 def all_parts_run(small_shapes_dir, tmp_path_factory):
-    from multimodal_lora.train import train
+    from multimodal_lora import train
 
     out = tmp_path_factory.mktemp("all-parts")
     overrides = [
@@ -396,8 +396,8 @@ def test_vllm_refuses_a_connector_adapter_in_one_line(all_parts_run):
 
 
 def test_resuming_with_other_parts_is_refused(all_parts_run):
+    from multimodal_lora import train
     from multimodal_lora.checkpoint import CheckpointError
-    from multimodal_lora.train import train
 
     out = all_parts_run.adapter_dir.parent
     recipe = load_recipe(out / "recipe.yaml", ["resume=true", "lora.parts=[attention,mlp]", "train.max_steps=13"])
@@ -410,7 +410,7 @@ def test_resuming_with_other_parts_is_refused(all_parts_run):
 
 @pytest.fixture(scope="module")
 def mlp_run(small_shapes_dir, tmp_path_factory):
-    from multimodal_lora.train import train
+    from multimodal_lora import train
 
     out = tmp_path_factory.mktemp("mlp")
     overrides = [

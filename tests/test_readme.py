@@ -31,9 +31,8 @@ def commands() -> list[tuple[str, str]]:
 
 
 def help_text(module: str, sub: str | None) -> str:
-    main = importlib.import_module(module if module != "multimodal_lora.serve" else "multimodal_lora.serve.cli").main
-    if module == "multimodal_lora.data":
-        main = importlib.import_module("multimodal_lora.data.__main__").main
+    # `python -m multimodal_lora.X` runs the command multimodal_lora.commands.X
+    main = importlib.import_module("multimodal_lora.commands." + module.removeprefix("multimodal_lora.")).main
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         main([*([sub] if sub else []), "--help"])
@@ -80,7 +79,7 @@ def test_the_recipe_block_is_recipes_tiny_yaml():
 
 
 def test_the_football_plan_table_is_what_plan_prints(capsys):
-    from multimodal_lora.train import main
+    from multimodal_lora.commands.train import main
 
     main([str(REPO / "recipes" / "football.yaml"), "--plan"])
     printed = capsys.readouterr().out

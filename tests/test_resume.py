@@ -25,9 +25,10 @@ from multimodal_lora.checkpoint import (
     safe_load,
     verify_checkpoint,
 )
-from multimodal_lora.cli import run_cli
+from multimodal_lora.commands import run_cli
+from multimodal_lora.commands.train import main
 from multimodal_lora.config import load_recipe
-from multimodal_lora.train import main, train
+from multimodal_lora.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny.yaml"
@@ -223,7 +224,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(small_shape
     import torch
 
     import multimodal_lora.training.recipe as train_module
-    from multimodal_lora.train import TrainingError
+    from multimodal_lora.training import TrainingError
 
     real = train_module.forward_inputs
     calls = {"n": 0}

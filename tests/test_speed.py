@@ -90,7 +90,7 @@ def test_auto_cache_and_workers_follow_the_run(caplog):
 
 def test_eval_every_validates_between_epochs_and_the_plot_is_drawn_at_the_end(small_shapes_dir, tmp_path):
     from multimodal_lora.logs import read_metrics
-    from multimodal_lora.train import train
+    from multimodal_lora.training import train
 
     recipe = load_recipe(
         RECIPES / "tiny.yaml",
@@ -208,7 +208,7 @@ def test_cache_cli_lists_and_clears_feature_caches(bf16_setup, tmp_path, monkeyp
 @pytest.fixture(scope="module")
 def small_adapter(small_shapes_dir, tmp_path_factory):
     """An adapter trained for a few steps: not a good one, but a non-zero update to merge."""
-    from multimodal_lora.train import train
+    from multimodal_lora.training import train
 
     out = tmp_path_factory.mktemp("small-run")
     overrides = [
@@ -256,7 +256,7 @@ def test_cache_index_records_format_and_dtype(bf16_setup, tmp_path):
 
 
 def test_dataloader_workers_change_no_result(small_shapes_dir, tmp_path):
-    from multimodal_lora.train import train
+    from multimodal_lora.training import train
 
     adapters = []
     for workers in (0, 1):

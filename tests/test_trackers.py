@@ -18,7 +18,7 @@ def _train(args: list[str], tmp_path: Path, prelude: str = "") -> subprocess.Com
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MLFLOW_"))}
     env.update(PYTHONPATH=str(REPO), WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
     env.update(WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"))
-    code = f"import sys\n{prelude}\nfrom multimodal_lora.train import cli\nsys.argv = ['train', *{args!r}]\ncli()\n"
+    code = f"import sys\n{prelude}\nfrom multimodal_lora.commands.train import cli\nsys.argv = ['train', *{args!r}]\ncli()\n"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
 
 

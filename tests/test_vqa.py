@@ -68,7 +68,7 @@ def test_vqa_recipe_reads_questions_and_answers():
 def test_tiny_vqa_recipe_answers_held_out_questions(tmp_path, tiny_base):
     """Trains recipes/tiny-vqa.yaml as shipped; ask() must answer >= 60% of held-out questions (base: ~0%)."""
     from multimodal_lora.inference import ask, clear_cache
-    from multimodal_lora.train import train
+    from multimodal_lora.training import train
 
     recipe = load_recipe(VQA, [f"output_dir={tmp_path / 'run'}"])
     result = train(recipe)

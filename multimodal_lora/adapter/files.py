@@ -21,6 +21,7 @@ from multimodal_lora.errors import AdapterError
 from multimodal_lora.families.base import DEFAULT_PARTS, PARTS
 from multimodal_lora.loading import LoadSettings, settings_from_record
 from multimodal_lora.model import BaseInfo, family_of, is_lora_target
+from multimodal_lora.tasks import DEFAULT_VQA_TEMPLATE, TASKS
 
 META_FILE = "multimodal_lora.json"
 CONFIG_FILE = "adapter_config.json"
@@ -35,7 +36,7 @@ class AdapterMeta:
     base: BaseInfo
     task: str = "caption"
     prompt: str | None = None
-    prompt_template: str = "Question: {question} Answer:"
+    prompt_template: str = DEFAULT_VQA_TEMPLATE
     load: LoadSettings | None = None
     """How the base was loaded for training; ``None`` in adapters written before it was recorded."""
     parts: tuple[str, ...] = DEFAULT_PARTS
@@ -262,7 +263,7 @@ def _read_meta(meta_path: Path) -> AdapterMeta | None:
         )
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as exc:
         raise AdapterError(f"{meta_path}: unreadable ({exc}); delete it to load the adapter as a plain PEFT adapter") from None
-    if meta.task not in ("caption", "vqa"):
+    if meta.task not in TASKS:
         raise AdapterError(f"{meta_path}: task {meta.task!r} is not caption or vqa")
     unknown = [p for p in meta.parts if p not in PARTS]
     if unknown or not meta.parts:

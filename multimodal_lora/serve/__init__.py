@@ -7,8 +7,8 @@ errors), :mod:`~multimodal_lora.serve.images` (data URLs, limits, the remote-URL
 policy), :mod:`~multimodal_lora.serve.engine` (one batched ``generate`` call,
 followed row by row), :mod:`~multimodal_lora.serve.batcher` (gathering requests
 into batches), :mod:`~multimodal_lora.serve.engine_process` (the model in a
-process of its own), :mod:`~multimodal_lora.serve.app` (the FastAPI routes) and
-:mod:`~multimodal_lora.serve.cli` (the command).
+process of its own), :mod:`~multimodal_lora.serve.app` (the FastAPI routes); the command is
+:mod:`multimodal_lora.commands.serve`.
 """
 
 __all__ = ["Batcher", "ServerSettings", "create_app"]

@@ -39,6 +39,7 @@ from multimodal_lora.serve.protocol import (
     parse_request,
     usage_body,
 )
+from multimodal_lora.tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -140,67 +141,7 @@ def create_app(captioner, batcher: Batcher | EngineProcess, settings: ServerSett
     app = FastAPI(title="multimodal_lora", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.captioner = captioner
     app.state.batcher = batcher
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError):
-        headers = {"Retry-After": "1"} if exc.code == "queue_full" else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        error = APIError(
-            exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type="invalid_request_error"
-        )
-        return JSONResponse(error.body(), status_code=exc.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        return JSONResponse(APIError(400, str(exc)).body(), status_code=400)
-
-    def check_key(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        # Constant time: how much of a guess matched must not show in the response time.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.api_key.encode()):
-            raise APIError(
-                401,
-                "missing or wrong API key; send the header Authorization: Bearer KEY",
-                type="invalid_request_error",
-                code="invalid_api_key",
-            )
-
-    async def read_body(request: Request) -> bytes:
-        limit = settings.max_body_bytes
-        declared = request.headers.get("content-length")
-        too_large = APIError(
-            413,
-            f"the request body is over {limit:,} bytes (--max-body-bytes); send a smaller image",
-            code="body_too_large",
-        )
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise too_large
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:  # a chunked body gives no length up front
-                raise too_large
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def to_adapter(model: str) -> str | None:
-        if model == base_name:
-            return None
-        if model in captioner.adapters:
-            return model
-        known = ", ".join([base_name, *captioner.adapter_names])
-        raise APIError(
-            404,
-            f"model {model!r} does not exist; GET /v1/models lists them: {known}",
-            param="model",
-            code="model_not_found",
-        )
+    _add_error_handlers(app)
 
     @app.get("/health")
     async def health():
@@ -209,37 +150,15 @@ def create_app(captioner, batcher: Batcher | EngineProcess, settings: ServerSett
 
     @app.get("/v1/models")
     async def models(request: Request):
-        check_key(request)
+        _check_key(request, settings.api_key)
         return models_body([base_name, *captioner.adapter_names])
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        check_key(request)
-        chat = parse_request(await read_body(request))
-        adapter = to_adapter(chat.model)
-        if captioner.task(adapter) == "vqa":
-            if not chat.text:
-                raise APIError(
-                    400,
-                    f"messages: {chat.model!r} answers questions; add a text part with the question",
-                    param="messages",
-                    code="missing_question",
-                )
-            prompt = captioner.vqa_prompt(adapter, chat.text)
-        else:
-            prompt = captioner.caption_prompt(adapter, chat.text)
-        prompt_tokens = captioner.prompt_tokens(prompt)
-        max_tokens = chat.max_tokens or settings.default_max_tokens
-        context = captioner.context_length
-        # The last new token is returned, never fed back: it needs no position.
-        if context is not None and prompt_tokens + max_tokens - 1 > context:
-            raise APIError(
-                400,
-                f"this model's context is {context} tokens, but the request needs {prompt_tokens + max_tokens - 1} "
-                f"({prompt_tokens} for the image and prompt, {max_tokens} for max_tokens); shorten the text or lower max_tokens",
-                param="messages",
-                code="context_length_exceeded",
-            )
+        _check_key(request, settings.api_key)
+        chat = parse_request(await _read_body(request, settings.max_body_bytes))
+        adapter = _to_adapter(captioner, chat.model)
+        prompt, prompt_tokens, max_tokens = _prompt(captioner, chat, adapter, settings.default_max_tokens)
         # Decoded and turned into pixels here, beside the batch that is running, not at the start of ours.
         image = await asyncio.to_thread(_pixels, captioner, chat.image_url, settings)
         prompt_tokens = captioner.prompt_tokens(prompt, image)  # this image's own count (the check above took the most)
@@ -261,6 +180,101 @@ def create_app(captioner, batcher: Batcher | EngineProcess, settings: ServerSett
             job.cancelled.set()  # a no-op once done; stops the row if the client went away
 
     return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error, ours or the framework's, as an OpenAI-style error body."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        headers = {"Retry-After": "1"} if exc.code == "queue_full" else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        error = APIError(
+            exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type="invalid_request_error"
+        )
+        return JSONResponse(error.body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return JSONResponse(APIError(400, str(exc)).body(), status_code=400)
+
+
+def _check_key(request: Request, api_key: str | None) -> None:
+    if api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    # Constant time: how much of a guess matched must not show in the response time.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        raise APIError(
+            401,
+            "missing or wrong API key; send the header Authorization: Bearer KEY",
+            type="invalid_request_error",
+            code="invalid_api_key",
+        )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    too_large = APIError(
+        413,
+        f"the request body is over {limit:,} bytes (--max-body-bytes); send a smaller image",
+        code="body_too_large",
+    )
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:  # a chunked body gives no length up front
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _to_adapter(captioner, model: str) -> str | None:
+    base_name = captioner.base.name
+    if model == base_name:
+        return None
+    if model in captioner.adapters:
+        return model
+    known = ", ".join([base_name, *captioner.adapter_names])
+    raise APIError(
+        404,
+        f"model {model!r} does not exist; GET /v1/models lists them: {known}",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _prompt(captioner, chat, adapter: str | None, default_max_tokens: int) -> tuple[str, int, int]:
+    """``(prompt, its tokens, max_tokens)`` for a request, refused when it does not fit the model's context."""
+    if TASKS[captioner.task(adapter)].asks:
+        if not chat.text:
+            raise APIError(
+                400,
+                f"messages: {chat.model!r} answers questions; add a text part with the question",
+                param="messages",
+                code="missing_question",
+            )
+        prompt = captioner.vqa_prompt(adapter, chat.text)
+    else:
+        prompt = captioner.caption_prompt(adapter, chat.text)
+    prompt_tokens = captioner.prompt_tokens(prompt)
+    max_tokens = chat.max_tokens or default_max_tokens
+    if not captioner.fits(prompt_tokens, max_tokens):
+        context = captioner.context_length
+        raise APIError(
+            400,
+            f"this model's context is {context} tokens, but the request needs {prompt_tokens + max_tokens - 1} "
+            f"({prompt_tokens} for the image and prompt, {max_tokens} for max_tokens); shorten the text or lower max_tokens",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    return prompt, prompt_tokens, max_tokens
 
 
 async def _events(job: Job, sink: _Sink, completion_id: str, model: str, include_usage: bool):

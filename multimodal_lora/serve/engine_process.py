@@ -253,7 +253,7 @@ class _ForwardedCancel(threading.Event):
 
 def _engine_main(conn, spec: EngineSpec) -> None:
     """The engine process: load, say so (or why not), then answer jobs until told to end or orphaned."""
-    from multimodal_lora.cli import setup_logging
+    from multimodal_lora.log_setup import setup_logging
 
     # Ctrl-C in a terminal, and a supervisor stopping the service (systemd signals the whole group),
     # reach this process too. The HTTP process owns shutdown: it finishes its requests, then sends

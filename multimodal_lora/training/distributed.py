@@ -15,6 +15,7 @@ import torch
 
 from multimodal_lora.config import Recipe
 from multimodal_lora.errors import ConfigError
+from multimodal_lora.runtime import accelerate_precision
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def mixed_precision(recipe: Recipe) -> str:
     # Autocast only on a GPU; on CPU fp32 is both faster and exact.
     if recipe.model.device == "cpu" or not torch.cuda.is_available():
         return "no"
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.model.dtype]
+    return accelerate_precision(recipe.model.dtype)
 
 
 def set_deepspeed_micro_batch(recipe: Recipe, accelerator) -> None:

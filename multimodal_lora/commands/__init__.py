@@ -1,33 +1,23 @@
-"""What every command-line entry point shares: logging set-up, clean errors, the base-loading flags."""
+"""The commands: one module per ``python -m multimodal_lora.X`` command and console script.
+
+Each holds its argument parser, ``main(argv) -> exit status`` and ``cli()`` (the console-script
+entry point). This is the only layer that writes to stdout: the library below logs and raises.
+What every command shares is here: clean errors (:func:`run_cli`) and the base-loading flags
+(:func:`add_load_arguments`); logging set-up is :func:`multimodal_lora.log_setup.setup_logging`.
+
+``multimodal_lora/train.py`` and ``caption.py`` are only ``python -m`` entry points: nothing imports
+them as modules, so the package's ``train`` and ``caption`` stay the public functions.
+"""
 
 from __future__ import annotations
 
 import atexit
 import gc
-import logging
-import os
 import sys
-import warnings
 from collections.abc import Callable
 
 from multimodal_lora.errors import UserError
-
-
-def setup_logging(verbose: bool = False) -> None:
-    """Log our messages to stderr; keep the libraries' chatter at warning level."""
-    level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("multimodal_lora").setLevel(level)
-    # transformers and PEFT report progress on weight loading that says nothing to our users.
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+from multimodal_lora.runtime import DTYPE_NAMES
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
@@ -56,7 +46,7 @@ def add_load_arguments(parser, *, what: str = "the adapter's base") -> None:
     from multimodal_lora.quantization import NAMES
 
     parser.add_argument("--quantization", choices=list(NAMES), help=f"load {what} this way ({default})")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help=f"dtype of {what} ({default})")
+    parser.add_argument("--dtype", choices=list(DTYPE_NAMES), help=f"dtype of {what} ({default})")
     parser.add_argument("--device", help=f"auto | cpu | cuda | cuda:N ({default})")
 
 

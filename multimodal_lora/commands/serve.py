@@ -1,4 +1,4 @@
-"""``python -m multimodal_lora.serve``: load the base and adapters, start uvicorn.
+"""The serve command (``python -m multimodal_lora.serve``): load the base and adapters, start uvicorn.
 
     python -m multimodal_lora.serve                                   # adapters under runs/, http://127.0.0.1:8000/v1
     python -m multimodal_lora.serve --adapter shapes=runs/tiny/adapter --port 8001
@@ -18,9 +18,10 @@ import logging
 import os
 from pathlib import Path
 
-from multimodal_lora.cli import add_load_arguments, run_cli, setup_logging
+from multimodal_lora.commands import add_load_arguments, run_cli
 from multimodal_lora.data.images import MAX_PIXELS
 from multimodal_lora.errors import ConfigError
+from multimodal_lora.log_setup import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging()
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    check_args(args, api_key)
+    explicit = parse_adapter_args(args.adapter)
+    if args.engine == "vllm":
+        from multimodal_lora.adapter.search import collect_adapters
+        from multimodal_lora.vllm import serve as vllm_serve
+
+        found = collect_adapters(args.adapters_dir, explicit)
+        if args.print_command:
+            print(vllm_serve.command_line(args, found, extra, api_key, given_options(argv)))
+            return 0
+        return vllm_serve.main(args, found, extra, api_key, given_options(argv))
+    return serve_builtin(args, explicit, api_key)
+
+
+def check_args(args, api_key: str | None) -> None:
+    """Every problem with the network, safety and batching options, in one :class:`ConfigError`."""
     problems = []
     if not is_loopback(args.host) and api_key is None:
         problems.append(
@@ -177,20 +194,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     if problems:
         raise ConfigError("; ".join(problems))
-    explicit = parse_adapter_args(args.adapter)
-    if args.engine == "vllm":
-        from multimodal_lora.adapter.search import collect_adapters
-        from multimodal_lora.vllm import serve as vllm_serve
 
-        return vllm_serve.main(args, collect_adapters(args.adapters_dir, explicit), extra, api_key, given_options(argv))
 
-    from multimodal_lora.serve.engine_process import EngineProcess, EngineSpec
+def engine_spec(args, explicit: dict[str, Path]):
+    """What the model's process loads and how it batches, from the command's options."""
+    from multimodal_lora.serve.engine_process import EngineSpec
 
     if args.no_batching:
         args.batching = "off"
     if args.batching == "off":
         args.max_batch_size, args.max_wait_ms = 1, 0.0
-    spec = EngineSpec(
+    return EngineSpec(
         adapters_dir=args.adapters_dir,
         explicit=explicit,
         base=args.base,
@@ -203,18 +217,38 @@ def main(argv: list[str] | None = None) -> int:
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
     )
+
+
+def server_settings(args, api_key: str | None):
+    """The HTTP side's settings: the key, body and image limits, the remote-image policy."""
+    from multimodal_lora.serve.app import ServerSettings
+    from multimodal_lora.serve.images import ImageLimits, RemotePolicy
+
+    hosts = frozenset(h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
+    return ServerSettings(
+        api_key=api_key,
+        max_body_bytes=args.max_body_bytes,
+        default_max_tokens=args.default_max_tokens,
+        images=ImageLimits(max_pixels=args.max_pixels, max_bytes=args.max_image_bytes),
+        remote=RemotePolicy(allow=args.allow_remote_images, hosts=hosts),
+    )
+
+
+def serve_builtin(args, explicit: dict[str, Path], api_key: str | None) -> int:
+    """The built-in engine: the model's process, then the routes on uvicorn until stopped; the exit status."""
+    from multimodal_lora.serve.engine_process import EngineProcess
+
     # The model loads and generates in a process of its own (see engine_process: under load, one
     # shared interpreter made each batch wait for the threads reading requests). It starts first,
     # and loads while this process imports the web stack.
-    engine = EngineProcess(spec)
+    engine = EngineProcess(engine_spec(args, explicit))
     try:
         import torch
         import transformers.image_processing_utils  # noqa: F401 - what the model's view unpickles into:
         import transformers.processing_utils  # noqa: F401 - 3 s of imports, done while the model loads
         import uvicorn
 
-        from multimodal_lora.serve.app import ServerSettings, create_app
-        from multimodal_lora.serve.images import ImageLimits, RemotePolicy
+        from multimodal_lora.serve.app import create_app
 
         captioner = engine.wait_ready()
         for problem in engine.problems:
@@ -224,15 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--adapter {', '.join(missing)} could not be loaded: " + "; ".join(engine.problems))
         # This process prepares pixels: one torch thread, leaving the other cores to the model's.
         torch.set_num_threads(1)
-        hosts = frozenset(h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
-        settings = ServerSettings(
-            api_key=api_key,
-            max_body_bytes=args.max_body_bytes,
-            default_max_tokens=args.default_max_tokens,
-            images=ImageLimits(max_pixels=args.max_pixels, max_bytes=args.max_image_bytes),
-            remote=RemotePolicy(allow=args.allow_remote_images, hosts=hosts),
-        )
-        app = create_app(captioner, engine, settings)
+        app = create_app(captioner, engine, server_settings(args, api_key))
         names = [captioner.base.name, *captioner.adapter_names]
         logger.info(
             "serving %s on http://%s:%d/v1 (batching: %s)",
