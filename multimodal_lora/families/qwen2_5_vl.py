@@ -4,11 +4,14 @@ A ViT (``model.visual``: patch embedding, window-attention blocks whose
 attention is ``attn.qkv``/``attn.proj``, and an MLP "merger" that folds 2×2
 patches into one token of the language model's width) feeds a decoder-only
 Qwen2 language model (``model.language_model``). LoRA goes into the language
-model's self-attention projections only
+model's self-attention projections
 (``model.language_model.layers.N.self_attn.{q_proj,k_proj,v_proj,o_proj}``),
 default all four; the pattern is anchored from the root, so nothing in the
-vision tower (whose MLP also has ``gate_proj``/``up_proj``/``down_proj``) or
-the merger matches, and both stay frozen.
+vision tower or the merger matches. ``lora.parts`` may add the language
+model's MLP (``model.language_model.layers.N.mlp.{gate_proj,up_proj,down_proj}``,
+anchored there too: the vision blocks' MLPs use the same three names) and the
+connector, the merger's two linears ``model.visual.merger.mlp.{0,2}`` (see
+:func:`merger_activation_values`). The vision tower stays frozen.
 
 What differs from the Q-Former families, and how this family says it:
 
@@ -57,6 +60,7 @@ import torch
 
 from multimodal_lora.families.base import (
     PROMPTS,
+    Connector,
     Family,
     PlanDims,
     ProcessorParts,
@@ -70,12 +74,18 @@ from multimodal_lora.families.layouts import ChatLayout
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # The language model's attention and nothing else: model.visual.blocks.N.attn.{qkv,proj} must not match.
 ATTENTION_PATTERN = r"model\.language_model\.layers\.\d+\.self_attn\.({names})"
+# lora.parts: [mlp]: the language model's gated MLP, from the root: model.visual.blocks.N.mlp has
+# gate_proj/up_proj/down_proj too.
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+MLP_PATTERN = r"model\.language_model\.layers\.\d+\.mlp\.({names})"
 COMPONENTS = (
     ("projection", "model.visual.merger."),  # before "vision": the merger sits inside model.visual
     ("vision", "model.visual."),
     ("language model", ("model.language_model.", "lm_head.")),
 )
-IMAGE_PATH = ("model.visual",)
+# The vision tower and the merger separately, so that a training merger (lora.parts: [connector])
+# alone runs in train mode and is what the messages name.
+IMAGE_PATH = ("model.visual.patch_embed", "model.visual.blocks", "model.visual.merger")
 
 CHAT_TEMPLATE_FILE = "qwen2.5-vl-chat_template.jinja"
 PREPROCESSOR_FILE = "qwen2.5-vl-preprocessor_config.json"
@@ -145,6 +155,36 @@ def _published_preprocessor() -> dict:
 def _plan_image_tokens(config) -> int:
     pre = _published_preprocessor()
     return _grid_tokens(*PLAN_IMAGE, config.vision_config, pre["min_pixels"], pre["max_pixels"])
+
+
+def merger_values(vision, r: int, rows: int) -> int:
+    """Values autograd keeps for ``rows`` merged image tokens in a merger whose LoRA (rank ``r``) trains.
+
+    The merger normalizes the frozen vision output (no gradient: nothing saved), folds
+    2×2 patches into rows of width ``H = v m²`` (``v`` the vision width, ``m`` the
+    merge size) and runs ``Linear(H, H)``, GELU, ``Linear(H, out)``. Saved per row:
+    the first linear's LoRA A and B inputs (``H + r``; its input needs no gradient, so
+    neither the frozen linear nor LoRA's dropout saves anything), GELU's input (``H``),
+    at the second linear, whose input now carries a gradient, LoRA's dropout mask, A's
+    input and B's input (``2 H + r``; the frozen weight is a parameter, not an
+    activation), and the index that undoes the window order after the merger (1).
+    ``rows (4 H + 2 r + 1)``. Dropout masks count as values, as for the Q-Former
+    (:func:`~multimodal_lora.families.base.qformer_activation_values`); without LoRA
+    dropout it is ``H`` less per row. ``tests/test_parts.py`` counts what autograd saves
+    in the tiny twin's image path against it.
+    """
+    width = vision.hidden_size * vision.spatial_merge_size**2
+    return rows * (4 * width + 2 * r + 1)
+
+
+def merger_activation_values(config, r: int) -> int:
+    """:func:`merger_values` for the plan image's tokens (:data:`PLAN_IMAGE`)."""
+    return merger_values(config.vision_config, r, _plan_image_tokens(config))
+
+
+CONNECTOR = Connector(
+    pattern=r"model\.visual\.merger\.mlp\.(?:0|2)", modules=("visual.merger",), activation_values=merger_activation_values
+)
 
 
 def _layout(config, generation_config, processor) -> ChatLayout:
@@ -306,6 +346,9 @@ FAMILY = Family(
     image_path=IMAGE_PATH,
     language_model="model.language_model",
     image_tokens=_plan_image_tokens,
+    mlp_targets=MLP_TARGETS,
+    mlp_pattern=MLP_PATTERN,
+    connector=CONNECTOR,
     no_feature_cache=(
         "Qwen2.5-VL's image features vary in length with the image, and its 3-D positions need each "
         "image's grid: the feature cache holds fixed-size prefixes only"

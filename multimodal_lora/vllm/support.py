@@ -13,7 +13,12 @@ the installed vLLM again, so a release that changes this fails the tests):
 * T5 is not a registered language model (vLLM's engine dropped encoder–decoder
   text models), so **BLIP-2 Flan-T5** is not;
 * there is no ``InstructBlipForConditionalGeneration``, so neither
-  **InstructBLIP** family is.
+  **InstructBLIP** family is;
+* **SmolVLM2** and **Idefics3** are served through ``Idefics3ForConditionalGeneration``
+  (vLLM's SmolVLM class needs a video processor, hence torchvision), **Qwen2.5-VL**
+  needs torchvision in vLLM's environment, and **PaliGemma** is not served (vLLM's
+  Gemma attends over the prefix causally; the family's prefix attends both ways):
+  each family's module says why.
 """
 
 from __future__ import annotations
