@@ -184,7 +184,7 @@ def test_feature_cache_refuses_before_building_when_the_disk_is_full(bf16_setup,
 
 
 def test_cache_cli_lists_and_clears_feature_caches(bf16_setup, tmp_path, monkeypatch, capsys):
-    from multimodal_lora import cache as cache_cli
+    from multimodal_lora.commands import cache as cache_cli
     from multimodal_lora.errors import UserError
     from multimodal_lora.feature_cache import open_or_build
 
