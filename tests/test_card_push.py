@@ -68,7 +68,7 @@ def test_tiny_run_adapter_has_a_card_hub_tools_parse(short_run):
     assert f'adapter = "{adapter}"' in card.text and "PeftModel.from_pretrained" in card.text
 
     # Every checkpoint's adapter has its own card, describing its own step.
-    from multimodal_lora.checkpoint import find_checkpoints
+    from multimodal_lora.training.checkpoint import find_checkpoints
 
     for checkpoint in find_checkpoints(run_dir):
         assert ModelCard.load(checkpoint / "adapter" / "README.md").data.library_name == "peft"

@@ -84,7 +84,7 @@ def test_training_on_a_disk_that_fills_names_the_intact_checkpoint(small_shapes_
                            "train.max_steps=6", "train.checkpoint_every=1", "train.keep_checkpoints=3",
                            "train.eval_captions=false", "lora.r=2"])
         finally:  # what is left on the full disk, checked before the namespace (and the mount) goes
-            from multimodal_lora.checkpoint import find_checkpoints, verify_checkpoint
+            from multimodal_lora.training.checkpoint import find_checkpoints, verify_checkpoint
             print("hidden:", sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")))
             for path in find_checkpoints(out):
                 verify_checkpoint(path)

@@ -50,7 +50,7 @@ PEAK = r"""
 import json
 import torch
 from multimodal_lora.host_memory import keep_large_blocks_off_the_heap
-from multimodal_lora.logs import peak_memory_mb, reset_peak_memory
+from multimodal_lora.training.logs import peak_memory_mb, reset_peak_memory
 
 keep_large_blocks_off_the_heap()
 loading = torch.ones(100 * 2**20)  # 400 MB, as loading a base briefly holds

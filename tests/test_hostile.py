@@ -40,7 +40,7 @@ def test_an_empty_recipe_on_the_command_line_is_one_line(tmp_path):
 def test_staging_directories_are_refused_as_adapters_and_cleaned(quick_adapter, tmp_path):
     from multimodal_lora.adapter import read_adapter
     from multimodal_lora.atomic import is_staging, remove_stale
-    from multimodal_lora.checkpoint import remove_stale_temporaries
+    from multimodal_lora.training.checkpoint import remove_stale_temporaries
 
     run = tmp_path / "run"
     # What a save killed midway leaves: a complete-looking copy under a staging name (pid 999999 is not running).

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from multimodal_lora.checkpoint import CheckpointError, TrainState, find_checkpoints, save_checkpoint
 from multimodal_lora.commands import run_cli
 from multimodal_lora.commands.train import main
 from multimodal_lora.config import load_recipe
 from multimodal_lora.errors import ConfigError, DataError
 from multimodal_lora.training import train
+from multimodal_lora.training.checkpoint import CheckpointError, TrainState, find_checkpoints, save_checkpoint
 from multimodal_lora.training.run_dir import resume_command
 
 REPO = Path(__file__).resolve().parents[1]

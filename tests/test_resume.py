@@ -17,7 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from multimodal_lora.checkpoint import (
+from multimodal_lora.commands import run_cli
+from multimodal_lora.commands.train import main
+from multimodal_lora.config import load_recipe
+from multimodal_lora.training import train
+from multimodal_lora.training.checkpoint import (
     CheckpointError,
     find_checkpoints,
     latest_checkpoint,
@@ -25,10 +29,6 @@ from multimodal_lora.checkpoint import (
     safe_load,
     verify_checkpoint,
 )
-from multimodal_lora.commands import run_cli
-from multimodal_lora.commands.train import main
-from multimodal_lora.config import load_recipe
-from multimodal_lora.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny.yaml"
@@ -192,7 +192,7 @@ def test_a_pickle_that_would_run_code_is_refused(reference_run, tmp_path, monkey
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(small_shapes_dir, tmp_path, monkeypatch, capsys):
     import torch
 
-    import multimodal_lora.checkpoint as checkpoint
+    import multimodal_lora.training.checkpoint as checkpoint
 
     real_save = torch.save
     calls = {"n": 0}
@@ -272,7 +272,7 @@ sys.addaudithook(kill_at_first_delete)
 
 
 def test_a_kill_while_pruning_a_checkpoint_leaves_none_half_deleted(tmp_path):
-    from multimodal_lora.checkpoint import remove_stale_temporaries
+    from multimodal_lora.training.checkpoint import remove_stale_temporaries
 
     # What plain rmtree leaves: the checkpoint under its real name, with files gone (what resume then tripped on).
     torn = _killed_while_deleting(tmp_path, "shutil.rmtree")

@@ -89,8 +89,8 @@ def test_auto_cache_and_workers_follow_the_run(caplog):
 
 
 def test_eval_every_validates_between_epochs_and_the_plot_is_drawn_at_the_end(small_shapes_dir, tmp_path):
-    from multimodal_lora.logs import read_metrics
     from multimodal_lora.training import train
+    from multimodal_lora.training.logs import read_metrics
 
     recipe = load_recipe(
         RECIPES / "tiny.yaml",
@@ -107,7 +107,7 @@ def test_eval_every_validates_between_epochs_and_the_plot_is_drawn_at_the_end(sm
 
 
 def test_plot_is_throttled_unless_forced(tmp_path):
-    from multimodal_lora.logs import RunLog
+    from multimodal_lora.training.logs import RunLog
 
     log = RunLog(tmp_path, plot_every_seconds=3600)
     log.log({"split": "train", "step": 1, "loss": 1.0})
@@ -281,7 +281,7 @@ import matplotlib
 matplotlib.use("svg")
 import matplotlib.pyplot as plt
 from pathlib import Path
-from multimodal_lora.logs import plot_losses
+from multimodal_lora.training.logs import plot_losses
 records = [{{"split": "train", "step": s, "loss": 2.0 / s}} for s in range(1, 20)]
 records.append({{"split": "validation", "step": 19, "val_loss": 0.2}})
 path = plot_losses(records, Path({str(tmp_path / "loss.png")!r}))

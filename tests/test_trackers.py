@@ -115,7 +115,7 @@ def test_missing_tracker_fails_before_anything_loads_naming_the_extra(tmp_path):
 
 
 def test_report_to_all_means_the_installed_ones(monkeypatch):
-    from multimodal_lora import trackers
+    from multimodal_lora.training import trackers
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     expected = [name for name in ("wandb", "mlflow") if trackers.installed(name)]

@@ -9,7 +9,7 @@ With ``--out FILE.jsonl`` or ``FILE.csv`` it writes rows with ``image`` and
 order, each batch flushed as it is captioned, with a progress bar (images/s
 and ETA over all processes). ``--resume`` continues a file an interrupted run
 left. Under ``accelerate launch`` the processes share the images (see
-:mod:`multimodal_lora.caption_run`). An unreadable image is reported and
+:mod:`multimodal_lora.captioning.run`). An unreadable image is reported and
 skipped, never the end of the run. The exit status is 0 when every image was
 captioned, 1 when some could not be. The adapter is merged into the base's
 weights for the run (``--no-merge`` keeps it apart; an int8 or 4-bit base is
@@ -24,8 +24,8 @@ import os
 import sys
 from pathlib import Path
 
-from multimodal_lora.caption_inputs import check_inputs, count_inputs, iter_inputs
-from multimodal_lora.caption_output import check_out, open_rows, out_format, read_existing, row_fields
+from multimodal_lora.captioning.inputs import check_inputs, count_inputs, iter_inputs
+from multimodal_lora.captioning.output import check_out, open_rows, out_format, read_existing, row_fields
 from multimodal_lora.commands import add_load_arguments, run_cli
 from multimodal_lora.errors import UserError
 from multimodal_lora.generation import GenerationOptions
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def caption_inputs(captioner, name, args, fmt: str | None, state) -> int:
     """Caption ``args.images`` (on this process's share) into ``args.out`` or stdout; returns the exit status."""
-    from multimodal_lora.caption_run import ImageRounds, caption_stream
+    from multimodal_lora.captioning.run import ImageRounds, caption_stream
 
     main = state is None or state.is_main_process
     world, rank = (state.num_processes, state.process_index) if state is not None else (1, 0)

@@ -14,7 +14,7 @@ from multimodal_lora.config import Recipe
 from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset, WorkerCollator, as_tensors
 from multimodal_lora.errors import ConfigError
 from multimodal_lora.feature_cache import CachedPairDataset, PrefixCollator, open_or_build
-from multimodal_lora.sampler import EpochBatchSampler
+from multimodal_lora.training.sampler import EpochBatchSampler
 
 logger = logging.getLogger(__name__)
 

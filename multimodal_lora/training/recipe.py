@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from multimodal_lora.adapter import AdapterMeta, adapter_size_bytes, save_adapter
-from multimodal_lora.checkpoint import TrainState, check_identity, load_checkpoint, run_identity, save_checkpoint
 from multimodal_lora.config import Recipe
 from multimodal_lora.data.check import recipe_length_problems
 from multimodal_lora.data.screen import describe_bad, screen_examples
@@ -35,7 +34,6 @@ from multimodal_lora.errors import ConfigError, UserError
 from multimodal_lora.evaluate import generate, group_references, score, token_loss_sums
 from multimodal_lora.feature_cache import forward_inputs
 from multimodal_lora.loading import LoadSettings
-from multimodal_lora.logs import RunLog, peak_memory_mb, reset_peak_memory
 from multimodal_lora.model import (
     add_lora,
     base_family,
@@ -48,9 +46,14 @@ from multimodal_lora.model import (
     set_train_mode,
     text_layout,
 )
-from multimodal_lora.sampler import EpochBatchSampler
-from multimodal_lora.trackers import resolve_trackers, start_trackers
 from multimodal_lora.training import run_dir
+from multimodal_lora.training.checkpoint import (
+    TrainState,
+    check_identity,
+    load_checkpoint,
+    run_identity,
+    save_checkpoint,
+)
 from multimodal_lora.training.distributed import (
     StopRequest,
     check_distributed,
@@ -60,8 +63,11 @@ from multimodal_lora.training.distributed import (
     set_deepspeed_micro_batch,
 )
 from multimodal_lora.training.loaders import Loaders, build_loaders, micro_batch_groups, release_workers
+from multimodal_lora.training.logs import RunLog, peak_memory_mb, reset_peak_memory
 from multimodal_lora.training.optim import build_optimizer, build_scheduler
 from multimodal_lora.training.run_dir import latest_checkpoint_name, resume_command
+from multimodal_lora.training.sampler import EpochBatchSampler
+from multimodal_lora.training.trackers import resolve_trackers, start_trackers
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ A run writes everything into ``output_dir`` and one directory holds one run. A f
 into a directory holding another run's work stops before anything loads
 (:func:`check_output_dir`); ``overwrite=true`` deletes exactly :data:`RUN_ARTEFACTS`;
 one run at a time holds the directory (:func:`exclusive`). The checkpoints under it
-are :mod:`multimodal_lora.checkpoint`'s.
+are :mod:`multimodal_lora.training.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 import yaml
 
 from multimodal_lora.atomic import WriteError, remove_tree, write_text
-from multimodal_lora.checkpoint import find_checkpoints, remove_stale_temporaries, resolve_resume
 from multimodal_lora.config import Recipe
 from multimodal_lora.errors import ConfigError
+from multimodal_lora.training.checkpoint import find_checkpoints, remove_stale_temporaries, resolve_resume
 
 logger = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 :class:`VllmCaptioner` has the part of :class:`~multimodal_lora.inference.Captioner`
 that the caption command calls (``caption``, ``ask``, ``batch_size``, ``processor``),
-so the command's own code (:mod:`~multimodal_lora.caption_run`,
-:mod:`~multimodal_lora.caption_output`) keeps the input order, whole rows,
+so the command's own code (:mod:`~multimodal_lora.captioning.run`,
+:mod:`~multimodal_lora.captioning.output`) keeps the input order, whole rows,
 ``--resume`` and job ownership exactly as with the built-in engine. Each batch's
 decoded, resized images and their prompt token ids (our family's layout: start
 token, then the prompt) go to ``runtime/mmlora_vllm_caption_worker.py`` over a pipe;

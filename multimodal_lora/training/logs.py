@@ -6,7 +6,7 @@ memory since the loop began) and a ``"split": "validation"`` line per evaluation
 captioning metrics). ``loss.png`` plots both losses; it is redrawn after an
 evaluation at most every ``train.plot_every_seconds`` (drawing one costs about
 0.2 s) and always at the end of the run. The trackers of ``train.report_to``
-(TensorBoard, W&B, MLflow; see :mod:`multimodal_lora.trackers`) get the same
+(TensorBoard, W&B, MLflow; see :mod:`multimodal_lora.training.trackers`) get the same
 scalars through ``accelerator.log``. Only the main process writes.
 
 A resumed run first drops the lines logged after its checkpoint's step, so the
@@ -74,7 +74,7 @@ class RunLog:
             # last line is what read_metrics already skips, and a resumed run rewrites the file.
             raise as_write_error(exc, "the metrics log", self.path, needed=len(line.encode())) or exc from None
         if self.accelerator is not None and self.accelerator.trackers:
-            from multimodal_lora.trackers import tracker_scalars
+            from multimodal_lora.training.trackers import tracker_scalars
 
             self.accelerator.log(tracker_scalars(record), step=record["step"])
 

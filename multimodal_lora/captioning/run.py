@@ -1,6 +1,6 @@
 """Caption a stream of images on one process or many, in input order, resumably.
 
-The input stream (:mod:`multimodal_lora.caption_inputs`) is cut into *rounds*
+The input stream (:mod:`multimodal_lora.captioning.inputs`) is cut into *rounds*
 of ``batch_size × processes`` images; in each round process ``r`` captions
 the ``r``-th batch. Every process lists the same stream (cheap: paths only)
 and decodes only its own images, in DataLoader workers, so reading and

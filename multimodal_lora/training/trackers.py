@@ -3,7 +3,7 @@
 ``train.report_to`` names them; :func:`resolve_trackers` checks they are
 installed before anything heavy happens (the trainer calls it first), and
 :func:`start_trackers` opens their runs with the recipe as the run's config.
-:class:`~multimodal_lora.logs.RunLog` then sends each ``metrics.jsonl`` record
+:class:`~multimodal_lora.training.logs.RunLog` then sends each ``metrics.jsonl`` record
 to ``accelerator.log`` too: ``metrics.jsonl`` stays the source of truth, the
 trackers get the same numbers.
 
