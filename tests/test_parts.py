@@ -401,7 +401,7 @@ def test_vllm_refuses_a_connector_adapter_in_one_line(all_parts_run):
 
 def test_resuming_with_other_parts_is_refused(all_parts_run):
     from multimodal_lora import train
-    from multimodal_lora.checkpoint import CheckpointError
+    from multimodal_lora.training.checkpoint import CheckpointError
 
     out = all_parts_run.adapter_dir.parent
     recipe = load_recipe(out / "recipe.yaml", ["resume=true", "lora.parts=[attention,mlp]", "train.max_steps=13"])

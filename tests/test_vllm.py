@@ -472,8 +472,8 @@ def test_caption_on_vllm_refuses_beams_and_validation(quick_adapter):
 
 @pytest.fixture(scope="module")
 def smolvlm_adapter(shapes_dir, tmp_path_factory) -> Path:
-    from multimodal_lora.config import load_recipe
     from multimodal_lora import train
+    from multimodal_lora.config import load_recipe
 
     out = tmp_path_factory.mktemp("smolvlm-run")
     recipe = load_recipe(REPO / "recipes" / "tiny-smolvlm.yaml", [f"output_dir={out}", "train.max_steps=150", "train.eval_captions=false"])
