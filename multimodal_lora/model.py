@@ -385,7 +385,7 @@ def _require_bitsandbytes(quantization: str) -> None:
 
 def _not_found_message(base: str, exc: Exception) -> str:
     if Path(base).exists():
-        return f"model.base: {base!r} is a directory but not a BLIP-2 family model ({exc}); it needs config.json and weights"
+        return f"model.base: {base!r} is a directory but not a model of a supported family ({exc}); it needs config.json and weights"
     return (
         f"model.base: cannot load {base!r}: not a local directory, and the hub could not provide it ({exc}). "
         "Use base=tiny (or tiny-t5, tiny-instructblip) for a built-in offline model, a local model directory, or a hub id with network access."
