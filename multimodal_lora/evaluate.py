@@ -153,7 +153,7 @@ def _check_adapter_and_lengths(recipe, adapter: str | Path):
     """The opened adapter, once its task is the recipe's and the recipe's lengths fit the base (before any weights load)."""
     from multimodal_lora.adapter import open_adapter
     from multimodal_lora.data.check import recipe_length_problems
-    from multimodal_lora.model import load_processor
+    from multimodal_lora.model import Positions, base_family, load_processor
 
     opened = open_adapter(adapter)  # read once: for_adapter takes this value
     adapter_dir, meta = opened.directory, opened.meta
@@ -163,7 +163,10 @@ def _check_adapter_and_lengths(recipe, adapter: str | Path):
             f"{recipe.data.task!r}: its scores would be meaningless. Evaluate it with the recipe it was trained with "
             f"({adapter_dir.parent / 'recipe.yaml'} when it is there)"
         )
-    lengths = recipe_length_problems(recipe, load_processor(recipe.model.base, recipe.model.revision).tokenizer)
+    base, revision = recipe.model.base, recipe.model.revision
+    family = base_family(base, revision)  # from the name, before weights; the loaded captioner carries its own
+    tokenizer = load_processor(base, revision, family=family).tokenizer
+    lengths = recipe_length_problems(recipe, tokenizer, Positions.of_base(base, revision, family))
     if lengths:
         raise UserError("lengths the base cannot hold: " + "; ".join(lengths))
     return opened

@@ -42,7 +42,7 @@ from multimodal_lora.data.images import ImageSource, load_image
 from multimodal_lora.errors import AdapterError, ConfigError
 from multimodal_lora.generation import GenerationOptions
 from multimodal_lora.loading import LoadSettings
-from multimodal_lora.model import load_base, load_processor, position_limit, text_layout
+from multimodal_lora.model import LoadedBase
 from multimodal_lora.runtime import inference_batch_size
 from multimodal_lora.tasks import DEFAULT_VQA_TEMPLATE
 
@@ -85,42 +85,47 @@ class Captioner:
         problems = cfg.problems()
         if problems:
             raise ConfigError("; ".join(problems))
-        self.processor = load_processor(base, revision)
-        self.model, self.base = load_base(cfg, for_training=False)
-        self.settings = LoadSettings.of(cfg, self.device)
-        """How the base was loaded (``device`` is the kind it landed on)."""
+        self._start(LoadedBase.load(cfg, for_training=False))
         self.model.eval()
-        self.layout = text_layout(self.model, self.processor)
-        self.max_positions = position_limit(self.model.config)
-        self.adapters: dict[str, AdapterMeta | None] = {}
+
+    def _start(self, loaded: LoadedBase, model=None, adapters: dict[str, AdapterMeta | None] | None = None) -> None:
+        """Take the base, and what follows from it, from ``loaded``; ``model`` is its PEFT wrapper when it has one."""
+        self.loaded = loaded
+        """The base as loaded: family, token layout, positions, load settings."""
+        self.model = loaded.model if model is None else model
+        self.processor, self.base, self.layout = loaded.processor, loaded.info, loaded.layout
+        self.settings = loaded.settings
+        """How the base was loaded (``device`` is the kind it landed on); ``None`` for a model handed over in memory."""
+        self.max_positions = loaded.positions.limit
+        self.adapters: dict[str, AdapterMeta | None] = dict(adapters or {})
         self.view = CaptionerView(self.base, self.processor, self.layout, self.max_positions, self.adapters)
         """What this captioner knows without its model (it shares :attr:`adapters`)."""
         self._paths: dict[str, Path] = {}
-        self._peft_names: dict[str, str] = {}
+        # The model's own adapters are already PEFT adapters under these names.
+        self._peft_names: dict[str, str] = {name: name for name in self.adapters}
         self._lock = threading.Lock()
         self._merged: str | None = None
 
     @classmethod
-    def from_model(cls, model, processor, base, adapters: dict[str, AdapterMeta | None] | None = None) -> Captioner:
-        """Wrap a model already in memory (e.g. the one being trained) without loading anything.
+    def from_loaded(
+        cls, loaded: LoadedBase, model=None, adapters: dict[str, AdapterMeta | None] | None = None
+    ) -> Captioner:
+        """Wrap a base already loaded (e.g. the one being trained, ``model`` its PEFT wrapper) without loading anything.
 
         ``adapters`` names the PEFT adapters the model already has (the trainer's is ``"default"``).
         """
         self = cls.__new__(cls)
-        self.processor = processor
-        self.model = model
-        self.base = base
-        self.settings = None
-        self.layout = text_layout(model, processor)
-        self.max_positions = position_limit(model.config)
-        self.adapters = dict(adapters or {})
-        self.view = CaptionerView(self.base, self.processor, self.layout, self.max_positions, self.adapters)
-        self._paths = {}
-        # The model's own adapters are already PEFT adapters under these names.
-        self._peft_names = {name: name for name in self.adapters}
-        self._lock = threading.Lock()
-        self._merged = None
+        self._start(loaded, model, adapters)
         return self
+
+    @classmethod
+    def from_model(cls, model, processor, base, adapters: dict[str, AdapterMeta | None] | None = None) -> Captioner:
+        """Wrap a model already in memory (a merged one, say) without loading anything; its family is read
+        from its config (:meth:`LoadedBase.of_model`). With a :class:`LoadedBase` at hand, use :meth:`from_loaded`.
+
+        ``adapters`` names the PEFT adapters the model already has (the trainer's is ``"default"``).
+        """
+        return cls.from_loaded(LoadedBase.of_model(model, processor, base), model, adapters)
 
     @classmethod
     def for_adapter(
@@ -192,6 +197,11 @@ class Captioner:
         )
 
     @property
+    def family(self):
+        """The base's :class:`~multimodal_lora.families.Family` (decided when it loaded)."""
+        return self.loaded.family
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -235,7 +245,7 @@ class Captioner:
         with self._lock:
             self._merge(None)  # adapters are added to unmerged weights
             # Checked against the model before PEFT changes it: a refused adapter leaves it as it was.
-            check_fits(adapter, self.model)
+            check_fits(adapter, self.model, self.family)
             # The first adapter wraps the base in a PeftModel; later ones are added to
             # the same wrapper, so the base's weights are loaded exactly once.
             self.model = attach(self.model, adapter, peft_name)

@@ -91,13 +91,13 @@ def merge_adapter(
     if problems:
         raise MergeError("; ".join(problems))
 
-    from multimodal_lora.model import load_base, load_processor
+    from multimodal_lora.model import LoadedBase
 
-    processor = load_processor(choice.name, choice.revision)
-    model, info = load_base(cfg, for_training=False)
+    loaded = LoadedBase.load(cfg, for_training=False)
+    info = loaded.info
     check_base_matches(directory, meta, info)
-    check_fits(opened, model)
-    model = attach(model, opened)
+    check_fits(opened, loaded.model, loaded.family)
+    model = attach(loaded.model, opened)
     # safe_merge: check the merged weights for NaNs before replacing the originals.
     model = model.merge_and_unload(safe_merge=True)
     model.eval()
@@ -112,7 +112,7 @@ def merge_adapter(
         "prompt": meta.prompt if meta else None,
         "prompt_template": meta.prompt_template if meta else None,
     }
-    _save(out, model, processor, record)
+    _save(out, model, loaded.processor, record)
     logger.info("merged model written to %s", out)
     return out
 

@@ -22,6 +22,7 @@ from multimodal_lora.errors import ConfigError, UserError
 from multimodal_lora.families import FAMILIES, Family, family_for_config, published_family, tiny_family
 from multimodal_lora.families.base import attribute, image_features, stop_token_id  # noqa: F401 - part of this module's API
 from multimodal_lora.host_memory import keep_large_blocks_off_the_heap, return_freed_memory
+from multimodal_lora.loading import LoadSettings
 from multimodal_lora.quantization import scheme
 from multimodal_lora.runtime import bitsandbytes_available, torch_dtype
 
@@ -87,11 +88,14 @@ def quantization_config(quantization: str, dtype: str, quant_type: str = "nf4"):
     return row.bnb_config(torch_dtype(dtype), quant_type)
 
 
-def load_processor(base: str, revision: str | None = None):
-    """The processor (image processor + tokenizer(s)) of a base."""
+def load_processor(base: str, revision: str | None = None, family: Family | None = None):
+    """The processor (image processor + tokenizer(s)) of a base.
+
+    ``family``: the base's, when the caller already knows it (not derived again).
+    """
     from transformers import AutoProcessor
 
-    family = _known_family(base, revision)
+    family = family or _known_family(base, revision)
     path = resolve_base(base)
     try:
         if family is not None and family.load_processor is not None:
@@ -101,17 +105,21 @@ def load_processor(base: str, revision: str | None = None):
         raise UserError(_not_found_message(base, exc)) from None
 
 
-def load_base(cfg: ModelConfig, *, for_training: bool = True):
+def load_base(cfg: ModelConfig, *, for_training: bool = True, family: Family | None = None):
     """Load the base as the recipe says: hub id or path, dtype, quantization, device, with its family's class.
 
     Quantized bases go through PEFT's ``prepare_model_for_kbit_training`` when
     ``for_training`` (layer norms in fp32, input gradients enabled), as LoRA on
-    int8/4-bit layers needs.
+    int8/4-bit layers needs. Most callers want :meth:`LoadedBase.load`, which
+    also gives the processor, family, token layout, load settings and positions.
+
+    Args:
+        family: the base's, when the caller already knows it (not derived again).
 
     Returns:
         ``(model, base_info)``.
     """
-    family = base_family(cfg.base, cfg.revision)
+    family = family or base_family(cfg.base, cfg.revision)
     path = resolve_base(cfg.base)
     # Loading (and training an int8 base on a CPU) frees many large temporaries: let them go back.
     keep_large_blocks_off_the_heap()
@@ -140,6 +148,101 @@ def load_base(cfg: ModelConfig, *, for_training: bool = True):
     return model, info
 
 
+@dataclass(frozen=True)
+class Positions:
+    """How many positions the base's language model holds, and how many of them one image takes.
+
+    Read from the base's config by its family (no weights), so a length is checked before
+    any model loads; a loaded base carries the same figures (:attr:`LoadedBase.positions`).
+    """
+
+    limit: int | None
+    """Positions the language model holds (image + text); ``None``: no table to run past (T5).
+
+    A model that learns one position embedding per position (OPT) fails with an ``IndexError``
+    deep in the model past it, so every length is checked against this first."""
+    image: int
+    """Positions one image takes (its family's figure; see :attr:`Family.image_tokens`)."""
+
+    @classmethod
+    def of(cls, family: Family, config) -> Positions:
+        """The positions of a base of ``family`` with ``config`` (its top-level model config)."""
+        return cls(limit=family.max_positions(config.text_config), image=family.image_tokens(config))
+
+    @classmethod
+    def of_base(cls, base: str, revision: str | None = None, family: Family | None = None) -> Positions:
+        """The positions of the recipe's ``model.base``, from its config alone (no weights); ``family`` when known."""
+        return cls.of(family or base_family(base, revision), base_config(base, revision))
+
+    @property
+    def text(self) -> int | None:
+        """Text tokens that fit after one image (``None``: no limit)."""
+        return None if self.limit is None else self.limit - self.image
+
+
+@dataclass(frozen=True)
+class LoadedBase:
+    """A base loaded once, with everything that follows from it.
+
+    Loading used to hand back the model and its identity, and every caller then asked
+    the model again for its family, its token layout and its position limits. Those are
+    decided once here, and training, inference, merge and evaluate take them from this
+    value; nothing after loading derives the family from the model again.
+    """
+
+    model: object
+    """The base as loaded (no LoRA: callers wrap it, and keep the wrapper themselves)."""
+    processor: object
+    """Image processor and tokenizer(s)."""
+    info: BaseInfo | None
+    """Where the base came from and what it is (recorded in adapters)."""
+    family: Family
+    layout: object
+    """The family's token layout (:mod:`multimodal_lora.families.layouts`), from the model's configs and the processor."""
+    settings: LoadSettings | None
+    """How it was loaded (``device`` is the kind it landed on); ``None`` for a model loaded elsewhere (:meth:`of_model`)."""
+    positions: Positions
+
+    @classmethod
+    def load(
+        cls, cfg: ModelConfig, *, for_training: bool = True, family: Family | None = None, processor=None
+    ) -> LoadedBase:
+        """Load the base ``cfg`` names (see :func:`load_base`) and what follows from it.
+
+        Args:
+            cfg: the recipe's ``model`` section (or one built from an adapter's record).
+            for_training: prepare a quantized base for LoRA training.
+            family: the base's family when the caller derived it already (before any weights load).
+            processor: the base's processor when the caller loaded it already (the trainer: for its data).
+
+        Example:
+            >>> base = LoadedBase.load(ModelConfig(base="tiny", device="cpu"), for_training=False)
+            >>> base.family.name, base.positions.limit
+            ('blip2-opt', 128)
+        """
+        family = family or base_family(cfg.base, cfg.revision)
+        if processor is None:
+            processor = load_processor(cfg.base, cfg.revision, family=family)
+        model, info = load_base(cfg, for_training=for_training, family=family)
+        return cls._of(model, processor, info, family, LoadSettings.of(cfg, next(model.parameters()).device))
+
+    @classmethod
+    def of_model(cls, model, processor, info: BaseInfo | None) -> LoadedBase:
+        """The value for a model loaded elsewhere (a merged model, a test's), its family read from its config.
+
+        ``model`` may be a PEFT wrapper; the value holds the base inside it. ``settings`` is ``None``:
+        how such a model was loaded is not known here.
+        """
+        inner = _blip2(model)
+        return cls._of(inner, processor, info, family_of(inner), None)
+
+    @classmethod
+    def _of(cls, model, processor, info: BaseInfo | None, family: Family, settings: LoadSettings | None) -> LoadedBase:
+        """The value for ``model`` of ``family``: its token layout and positions follow from its configs."""
+        layout = family.make_layout(model.config, model.generation_config, processor)
+        return cls(model, processor, info, family, layout, settings, Positions.of(family, model.config))
+
+
 def _known_family(base: str, revision: str | None) -> Family | None:
     """The family of ``base`` when its config says (``None`` for one no family knows: AutoProcessor decides)."""
     try:
@@ -164,24 +267,14 @@ def lora_targets(lora: LoraSettings, family: Family) -> list[str]:
     return list(lora.target_modules) if lora.target_modules is not None else list(family.default_targets)
 
 
-def position_limit(config) -> int | None:
-    """How many positions (image query tokens + text) the base's language model holds; ``None``: no limit.
-
-    A model that learns one position embedding per position (OPT) fails with an
-    ``IndexError`` deep in the model past it, so every length is checked against
-    this first. Which models have one is the family's knowledge.
-    """
-    return family_for_config(config).max_positions(config.text_config)
-
-
 def image_positions(config) -> int:
     """Positions one image takes in the language model's sequence (its family's figure; see :class:`Family`)."""
     return family_for_config(config).image_tokens(config)
 
 
-def text_length_problem(max_length: int, config, what: str = "data.max_length") -> str | None:
+def text_length_problem(max_length: int, positions: Positions, what: str = "data.max_length") -> str | None:
     """Why ``max_length`` text tokens after the image's query tokens do not fit the base, or ``None``."""
-    limit, queries = position_limit(config), image_positions(config)
+    limit, queries = positions.limit, positions.image
     if limit is None or queries + max_length <= limit:
         return None
     return (
@@ -196,8 +289,10 @@ def is_lora_target(module_name: str, family: Family, parts=None) -> bool:
     return part is not None and (parts is None or part in parts)
 
 
-def add_lora(model, lora: LoraSettings):
+def add_lora(model, lora: LoraSettings, family: Family | None = None):
     """Wrap ``model`` with fresh LoRA adapters on the parts ``lora.parts`` names (by default the language model's attention).
+
+    ``family``: the model's (:attr:`LoadedBase.family`); read from its config when not given.
 
     Raises:
         ConfigError: a requested part or projection is not one of the family's, or is
@@ -205,7 +300,7 @@ def add_lora(model, lora: LoraSettings):
     """
     from peft import LoraConfig, get_peft_model
 
-    family = family_of(model)
+    family = family or family_of(model)
     targets = lora_targets(lora, family)
     patterns = family.part_patterns(lora.parts, targets)
     names = [name for name, _ in model.named_modules()]
@@ -242,9 +337,9 @@ def _lora_module(parameter_name: str) -> str:
     return _strip_peft_prefix(parameter_name).partition(".lora_")[0]
 
 
-def count_lora_parts(model) -> dict[str, int]:
+def count_lora_parts(model, family: Family | None = None) -> dict[str, int]:
     """Trainable LoRA parameters per part (``attention``, ``mlp``, ``connector``), for the parts that have any."""
-    family = family_of(model)
+    family = family or family_of(model)
     out: dict[str, int] = {}
     for name, param in model.named_parameters():
         if param.requires_grad and ".lora_" in name:
@@ -253,9 +348,9 @@ def count_lora_parts(model) -> dict[str, int]:
     return {p: out[p] for p in (*family.parts(), "other") if p in out}
 
 
-def count_parameters(model) -> dict[str, tuple[int, int]]:
+def count_parameters(model, family: Family | None = None) -> dict[str, tuple[int, int]]:
     """Trainable and total parameters per component (vision, Q-Former, projection, language model), plus ``total``."""
-    components = family_of(model).components
+    components = (family or family_of(model)).components
     counts = {name: [0, 0] for name, _ in components}
     counts["total"] = [0, 0]
     for name, param in model.named_parameters():
@@ -399,8 +494,7 @@ def text_layout(model, processor):
         model: the base (or its PEFT wrapper).
         processor: its processor (InstructBLIP's carries the Q-Former tokenizer), or just its tokenizer.
     """
-    blip2 = _blip2(model)
-    return family_of(blip2).make_layout(blip2.config, blip2.generation_config, processor)
+    return LoadedBase.of_model(model, processor, None).layout
 
 
 # --- the frozen image path: train mode, visual prefix, feature-cache identity ------------------
@@ -411,7 +505,7 @@ def _blip2(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def set_train_mode(model) -> None:
+def set_train_mode(model, family: Family | None = None) -> None:
     """Train mode for what trains: the language model, and the connector when ``lora.parts`` has it.
 
     A frozen part of the image path (the vision encoder always; the Q-Former and
@@ -422,8 +516,9 @@ def set_train_mode(model) -> None:
     """
     model.train()
     blip2 = _blip2(model)
-    trained = set(image_path_trainable(blip2))
-    for name in family_of(blip2).image_path:
+    family = family or family_of(blip2)
+    trained = set(image_path_trainable(blip2, family))
+    for name in family.image_path:
         part = attribute(blip2, name)
         if isinstance(part, torch.nn.Module) and name not in trained:
             part.eval()
@@ -444,11 +539,11 @@ def prefix_shape(model) -> tuple[int, int]:
     return image_positions(config), config.text_config.hidden_size
 
 
-def image_path_trainable(model) -> list[str]:
+def image_path_trainable(model, family: Family | None = None) -> list[str]:
     """The parts of the image path (vision, Q-Former, queries, projection) with trainable parameters."""
     blip2 = _blip2(model)
     parts = []
-    for name in family_of(blip2).image_path:
+    for name in (family or family_of(blip2)).image_path:
         part = attribute(blip2, name)
         params = part.parameters() if isinstance(part, torch.nn.Module) else [part]
         if any(p.requires_grad for p in params):
@@ -482,7 +577,7 @@ def image_path_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def enable_gradient_checkpointing(model) -> None:
+def enable_gradient_checkpointing(model, family: Family | None = None) -> None:
     """Recompute the language model's activations in backward (non-reentrant, so frozen inputs are fine)."""
     blip2 = _blip2(model)
-    attribute(blip2, family_of(blip2).language_model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    attribute(blip2, (family or family_of(blip2)).language_model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

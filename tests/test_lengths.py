@@ -41,8 +41,8 @@ def test_training_refuses_a_max_length_the_base_cannot_hold_before_loading(small
     import multimodal_lora.training.recipe as training
 
     loads = []
-    real_load_base = training.load_base
-    monkeypatch.setattr(training, "load_base", lambda *a, **k: loads.append(a) or real_load_base(*a, **k))
+    real_load = training.LoadedBase.load
+    monkeypatch.setattr(training.LoadedBase, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     recipe = load_recipe(TINY, [f"output_dir={tmp_path / 'run'}", f"data.path={small_shapes_dir}", "data.max_length=120"])
     with pytest.raises(ConfigError) as info:
         training.train(recipe)

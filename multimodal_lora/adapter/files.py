@@ -294,7 +294,7 @@ def check_base_matches(directory: Path, meta: AdapterMeta | None, base: BaseInfo
 _PEFT_PREFIX = "base_model.model."
 
 
-def check_fits(adapter: Adapter | str | Path, model) -> None:
+def check_fits(adapter: Adapter | str | Path, model, family=None) -> None:
     """Refuse an adapter that would load into ``model`` wrongly or not at all, before PEFT touches the model.
 
     PEFT loads such adapters with at best a warning: tensors of modules its
@@ -306,6 +306,7 @@ def check_fits(adapter: Adapter | str | Path, model) -> None:
     Args:
         adapter: an opened adapter (:func:`open_adapter`), or its directory.
         model: the base it is about to be loaded into (bare, or a ``PeftModel`` holding other adapters).
+        family: the base's (:attr:`~multimodal_lora.model.LoadedBase.family`); read from its config when not given.
     """
     from peft.tuners.tuners_utils import check_target_module_exists
     from peft.utils.other import get_pattern_key
@@ -316,7 +317,7 @@ def check_fits(adapter: Adapter | str | Path, model) -> None:
     weights = directory / WEIGHTS_FILE
     config = adapter.lora_config()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    family = family_of(base)
+    family = family or family_of(base)
     # Under a PeftModel, a LoRA layer wraps the original as .base_layer and holds lora_A/lora_B modules.
     modules = {
         name: getattr(module, "base_layer", module)

@@ -140,17 +140,16 @@ def check_data(recipe: Recipe, progress: bool = True) -> DataReport:
         max_length=cfg.max_length,
     )
     try:
-        tokenizer, layout = _layout(recipe.model.base, recipe.model.revision)
+        family, config, tokenizer, layout = _base_parts(recipe.model.base, recipe.model.revision)
     except (OSError, ValueError, UserError) as exc:
         report.tokenizer_problem = f"cannot load the tokenizer of {recipe.model.base!r}: {exc}"
         return report
-    from multimodal_lora.model import base_config, image_positions, position_limit
+    from multimodal_lora.model import Positions
 
     try:
-        config = base_config(recipe.model.base, recipe.model.revision)
-        limit = position_limit(config)
-        report.text_limit = None if limit is None else limit - image_positions(config)
-        report.length_problems = recipe_length_problems(recipe, tokenizer, config)
+        positions = Positions.of(family, config)
+        report.text_limit = positions.text
+        report.length_problems = recipe_length_problems(recipe, tokenizer, positions)
     except (UserError, OSError, AttributeError) as exc:
         logger.warning("the base's position limit could not be read (%s); lengths not checked against it", exc)
     # The trainer's own encoder and layout, with no length limit, counts exactly what it would feed.
@@ -164,14 +163,14 @@ def check_data(recipe: Recipe, progress: bool = True) -> DataReport:
     return report
 
 
-def _layout(base: str, revision: str | None):
-    """The base's tokenizer and token layout, from its config and processor (no weights)."""
-    from multimodal_lora.families import family_for_config
-    from multimodal_lora.model import base_config, load_processor
+def _base_parts(base: str, revision: str | None):
+    """``(family, config, tokenizer, token layout)`` of the base, from its name, config and processor (no weights)."""
+    from multimodal_lora.model import base_config, base_family, load_processor
 
+    family = base_family(base, revision)  # the command's one derivation of the family
     config = base_config(base, revision)
-    processor = load_processor(base, revision)
-    return processor.tokenizer, family_for_config(config).make_layout(config, None, processor)
+    processor = load_processor(base, revision, family=family)
+    return family, config, processor.tokenizer, family.make_layout(config, None, processor)
 
 
 def _stats(values: list[int]) -> str:
@@ -184,19 +183,20 @@ def _stats(values: list[int]) -> str:
     return f"min {ordered[0]} / median {at(0.5)} / p95 {at(0.95)} / max {ordered[-1]}"
 
 
-def recipe_length_problems(recipe, tokenizer, config=None) -> list[str]:
+def recipe_length_problems(recipe, tokenizer, positions=None) -> list[str]:
     """Every length in a recipe the base cannot hold: training examples, and the captions evaluation generates.
 
-    Reads only the base's config (no weights), so a recipe fails before the model loads.
+    ``positions`` (:class:`~multimodal_lora.model.Positions`) are the base's; when not given they are
+    read from its config (no weights), so a recipe fails before the model loads.
     """
-    from multimodal_lora.model import base_config, image_positions, position_limit, text_length_problem
+    from multimodal_lora.model import Positions, text_length_problem
 
-    config = config if config is not None else base_config(recipe.model.base, recipe.model.revision)
-    problems = [p for p in [text_length_problem(recipe.data.max_length, config)] if p]
-    if recipe.train.eval_captions and position_limit(config) is not None:
+    positions = positions or Positions.of_base(recipe.model.base, recipe.model.revision)
+    problems = [p for p in [text_length_problem(recipe.data.max_length, positions)] if p]
+    if recipe.train.eval_captions and positions.limit is not None:
         text = prompt_text(recipe.data.task, "", recipe.data.prompt, recipe.data.prompt_template)
         prompt = len(tokenizer(text, add_special_tokens=False).input_ids) if text else 0
-        limit, queries = position_limit(config), image_positions(config)
+        limit, queries = positions.limit, positions.image
         needed = queries + 1 + prompt + recipe.train.eval_max_new_tokens - 1
         if needed > limit:
             problems.append(

@@ -72,9 +72,7 @@ _NEUTRAL = {
 
 def continuous_problem(captioner) -> str | None:
     """Why ``captioner``'s model cannot decode in a continuous batch, or ``None`` when it can."""
-    from multimodal_lora.model import family_of
-
-    family = family_of(captioner.model)
+    family = captioner.family
     if family.no_continuous_batching is not None:
         return family.no_continuous_batching
     if not isinstance(captioner.layout, DecoderOnlyLayout):

@@ -31,8 +31,13 @@ class Loaders:
     """Time spent computing (or opening) the frozen-feature cache; ``None`` without one."""
 
 
-def build_loaders(recipe: Recipe, accelerator, model, processor, layout, splits) -> Loaders:
-    """The encoder, the resumable sampler, the datasets (with the feature cache when it pays) and their loaders."""
+def build_loaders(recipe: Recipe, accelerator, model, base, splits) -> Loaders:
+    """The encoder, the resumable sampler, the datasets (with the feature cache when it pays) and their loaders.
+
+    ``model`` is the model being trained; ``base`` (:class:`~multimodal_lora.model.LoadedBase`) gives its
+    processor, token layout and family.
+    """
+    processor, layout = base.processor, base.layout
     # The datasets need the tokenizer (text) and, with the feature cache, the model's frozen image path.
     encoder = ExampleEncoder(
         processor.tokenizer,
@@ -47,7 +52,7 @@ def build_loaders(recipe: Recipe, accelerator, model, processor, layout, splits)
     )
     steps_per_epoch = math.ceil(sampler.batches_per_epoch / recipe.train.grad_accum)
     total_steps = recipe.train.max_steps or steps_per_epoch * recipe.train.epochs
-    use_cache = cache_features(recipe, model, total_steps / steps_per_epoch)
+    use_cache = cache_features(recipe, model, total_steps / steps_per_epoch, base.family)
     workers = loader_workers(recipe.data.num_workers, use_cache)
     started = time.perf_counter()
     train_set, val_set, collate = build_datasets(recipe, accelerator, model, processor, encoder, splits, layout, use_cache)
@@ -74,23 +79,25 @@ def build_loaders(recipe: Recipe, accelerator, model, processor, layout, splits)
     return Loaders(sampler, train_loader, val_loader, total_steps, cache_seconds)
 
 
-def cache_features(recipe: Recipe, model, epochs: float) -> bool:
+def cache_features(recipe: Recipe, model, epochs: float, family=None) -> bool:
     """Whether this run trains from cached image features (``train.cache_image_features``, ``auto`` resolved).
 
     ``auto`` caches when the images are seen more than once: building the cache runs the
     frozen image path once per image, about what one epoch costs, and from then on each
-    epoch skips it. It cannot cache when any part of the image path is being trained.
+    epoch skips it. It cannot cache when any part of the image path is being trained. ``family``: the
+    model's, read from its config when not given.
     """
     from multimodal_lora.model import family_of, image_path_trainable
 
     setting = recipe.train.cache_image_features
-    refused = family_of(model).no_feature_cache
+    family = family or family_of(model)
+    refused = family.no_feature_cache
     if refused is not None:
         if setting is True:  # train() refuses this before the weights load; kept for other callers
             raise ConfigError(f"train.cache_image_features: true, but {refused}; set it to false or auto")
         logger.info("image feature cache: off (%s)", refused)
         return False
-    trained = image_path_trainable(model)
+    trained = image_path_trainable(model, family)
     if setting is True and trained:
         raise ConfigError(
             f"train.cache_image_features: true, but {', '.join(trained)} of the image path are trained, "

@@ -33,18 +33,17 @@ from multimodal_lora.data.sources import load_splits
 from multimodal_lora.errors import ConfigError, UserError
 from multimodal_lora.evaluate import generate, group_references, score, token_loss_sums
 from multimodal_lora.feature_cache import forward_inputs
-from multimodal_lora.loading import LoadSettings
 from multimodal_lora.model import (
+    LoadedBase,
+    Positions,
     add_lora,
     base_family,
     count_lora_parts,
     count_parameters,
     enable_gradient_checkpointing,
     format_parameter_table,
-    load_base,
     load_processor,
     set_train_mode,
-    text_layout,
 )
 from multimodal_lora.training import run_dir
 from multimodal_lora.training.checkpoint import (
@@ -128,10 +127,8 @@ class Run:
     """The LoRA parameters, listed once: walking every module each step costs ~1 ms on the tiny model."""
     parameters: dict
     """``count_parameters()`` of the model: the model card's table."""
-    model_class: str
-    """The ``transformers`` class of the base (its family's), for the model card's snippet."""
-    layout: object
-    """The family's token layout (:mod:`multimodal_lora.families.layouts`)."""
+    base: LoadedBase
+    """The base as loaded: its family (the card's model class), token layout and processor."""
 
 
 def train(recipe: Recipe) -> TrainResult:
@@ -146,26 +143,26 @@ def train(recipe: Recipe) -> TrainResult:
     trackers = resolve_trackers(recipe.train.report_to)
     output_dir = run_dir.prepare_output_dir(Path(recipe.output_dir))
     with run_dir.claimed(recipe, output_dir), _collector_spared():
-        family = check_family(recipe)  # from the base's config alone, before any data or weights load
+        family = check_family(recipe)  # from the base's config alone, before any data or weights load; the run's only derivation
         accelerator = setup_accelerator(recipe, output_dir, trackers)
         resume = run_dir.start(recipe, accelerator, output_dir)
-        processor, splits = setup_data(recipe, accelerator)  # data before weights: a bad file should not cost a model load
-        model, base, layout, load_settings, parameters = setup_model(recipe, accelerator, processor)
-        loaders = build_loaders(recipe, accelerator, model, processor, layout, splits)  # needs the model for the feature cache
+        processor, splits = setup_data(recipe, accelerator, family)  # data before weights: a bad file should not cost a model load
+        base, model, parameters = setup_model(recipe, accelerator, family, processor)
+        loaders = build_loaders(recipe, accelerator, model, base, splits)  # needs the model for the feature cache
         model, optimizer, scheduler, trainable = setup_optimisation(recipe, accelerator, model, loaders.total_steps)
-        identity = run_identity(recipe, base, splits, accelerator.num_processes, loaders.total_steps)
+        identity = run_identity(recipe, base.info, splits, accelerator.num_processes, loaders.total_steps)
         state = setup_resume(resume, identity, accelerator, model, optimizer, scheduler, loaders.total_steps)
         meta = AdapterMeta(
-            base=base, task=recipe.data.task, prompt=recipe.data.prompt, prompt_template=recipe.data.prompt_template,
-            load=load_settings, parts=tuple(recipe.lora.parts),
+            base=base.info, task=recipe.data.task, prompt=recipe.data.prompt, prompt_template=recipe.data.prompt_template,
+            load=base.settings, parts=tuple(recipe.lora.parts),
         )  # fmt: skip
-        captioner, val_groups = setup_evaluation(recipe, accelerator, model, processor, base, splits, meta)
+        captioner, val_groups = setup_evaluation(recipe, accelerator, model, base, splits, meta)
         log = setup_log(recipe, accelerator, output_dir, trackers, resume_step=state.step if resume else None)
         run = Run(
             recipe=recipe, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
             sampler=loaders.sampler, train_loader=loaders.train, val_loader=loaders.validation, captioner=captioner,
             val_groups=val_groups, meta=meta, output_dir=output_dir, log=log, total_steps=loaders.total_steps, state=state,
-            stop=StopRequest(), trainable=trainable, parameters=parameters, model_class=family.model_class, layout=layout,
+            stop=StopRequest(), trainable=trainable, parameters=parameters, base=base,
         )  # fmt: skip
         with run.stop.installed():
             try:
@@ -226,10 +223,11 @@ def setup_accelerator(recipe: Recipe, output_dir: Path, trackers: list[str]):
     return accelerator
 
 
-def setup_data(recipe: Recipe, accelerator):
+def setup_data(recipe: Recipe, accelerator, family):
     """The processor (its tokenizer checks the lengths) and the screened splits."""
-    processor = load_processor(recipe.model.base, recipe.model.revision)
-    lengths = recipe_length_problems(recipe, processor.tokenizer)
+    processor = load_processor(recipe.model.base, recipe.model.revision, family=family)
+    positions = Positions.of_base(recipe.model.base, recipe.model.revision, family)
+    lengths = recipe_length_problems(recipe, processor.tokenizer, positions)
     if lengths:
         raise ConfigError(f"{recipe.source or 'recipe'}: lengths the base cannot hold:\n" + "\n".join(f"  - {p}" for p in lengths))
     splits = load_splits(recipe.data)
@@ -242,19 +240,19 @@ def setup_data(recipe: Recipe, accelerator):
     return processor, splits
 
 
-def setup_model(recipe: Recipe, accelerator, processor):
-    """The base with fresh LoRA on its language model: ``(model, base info, token layout, load settings, parameter counts)``."""
-    model, base = load_base(recipe.model)
-    # Recorded with the adapter, so that caption() & co. load the base the same way.
-    load_settings = LoadSettings.of(recipe.model, next(model.parameters()).device)
-    layout = text_layout(model, processor)
-    model = add_lora(model, recipe.lora)
+def setup_model(recipe: Recipe, accelerator, family, processor):
+    """The loaded base and it with fresh LoRA on its language model: ``(base, model, parameter counts)``.
+
+    The base's load settings are recorded with the adapter, so that caption() & co. load it the same way.
+    """
+    base = LoadedBase.load(recipe.model, family=family, processor=processor)
+    model = add_lora(base.model, recipe.lora, base.family)
     if recipe.train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    parameters = count_parameters(model)
+        enable_gradient_checkpointing(model, base.family)
+    parameters = count_parameters(model, base.family)
     if accelerator.is_main_process:
-        logger.info("trainable parameters:\n%s", format_parameter_table(parameters, count_lora_parts(model)))
-    return model, base, layout, load_settings, parameters
+        logger.info("trainable parameters:\n%s", format_parameter_table(parameters, count_lora_parts(model, base.family)))
+    return base, model, parameters
 
 
 def setup_optimisation(recipe: Recipe, accelerator, model, total_steps: int):
@@ -283,13 +281,13 @@ def setup_resume(resume, identity: dict, accelerator, model, optimizer, schedule
     return state
 
 
-def setup_evaluation(recipe: Recipe, accelerator, model, processor, base, splits, meta: AdapterMeta):
+def setup_evaluation(recipe: Recipe, accelerator, model, base: LoadedBase, splits, meta: AdapterMeta):
     """What captions the validation images while training (main process only): ``(captioner, reference groups)``."""
     if not (recipe.train.eval_captions and splits.validation and accelerator.is_main_process):
         return None, []
     from multimodal_lora.inference import Captioner
 
-    captioner = Captioner.from_model(accelerator.unwrap_model(model), processor, base, {"default": meta})
+    captioner = Captioner.from_loaded(base, accelerator.unwrap_model(model), {"default": meta})
     return captioner, group_references(splits.validation)[: recipe.train.eval_max_images]
 
 
@@ -353,7 +351,7 @@ def fit(run: Run) -> dict:
         total=run.total_steps, initial=state.step, desc="training", unit="step", mininterval=1.0,
         disable=not accelerator.is_local_main_process,
     )  # fmt: skip
-    set_train_mode(run.model)
+    set_train_mode(run.model, run.base.family)
     # What the loop holds, not what loading the base briefly did (the plan's figure).
     reset_peak_memory(accelerator.device)
     while state.step < run.total_steps and not run.stop.requested:
@@ -386,7 +384,7 @@ def fit(run: Run) -> dict:
             due_eval = cfg.eval_every is not None and state.step % cfg.eval_every == 0
             if epoch_done or finished or due_eval:
                 last_eval = validate(run) or last_eval
-                set_train_mode(run.model)
+                set_train_mode(run.model, run.base.family)
             due = cfg.checkpoint_every is not None and state.step % cfg.checkpoint_every == 0
             stop = run.stop.check(accelerator)  # every step, on every process: they must stop together
             if epoch_done or finished or due or stop:
@@ -453,7 +451,7 @@ def train_step(run: Run, group: list[dict]) -> float:
         # Only the step's last micro-batch synchronises gradients across processes.
         sync = index == len(group) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            batch, keep = run.layout.for_loss(batch)  # the output head only where the loss reads it
+            batch, keep = run.base.layout.for_loss(batch)  # the output head only where the loss reads it
             with accelerator.autocast():
                 # No KV cache in training: nothing reads it, and filling it costs ~1% of a step.
                 inputs = forward_inputs(batch, accelerator.device)
@@ -485,7 +483,7 @@ def validate(run: Run) -> dict:
         return {}
     accelerator, model = run.accelerator, run.model
     model.eval()
-    sums = accelerator.reduce(token_loss_sums(model, run.val_loader, accelerator.device, run.layout), reduction="sum")
+    sums = accelerator.reduce(token_loss_sums(model, run.val_loader, accelerator.device, run.base.layout), reduction="sum")
     result = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item()}
     if run.captioner is not None:
         captions = generate(run.captioner, "default", run.val_groups, run.recipe.data.task, run.recipe.train.eval_max_new_tokens)
@@ -536,8 +534,8 @@ def model_card(run: Run, adapter_dir: Path) -> str:
         parameters=run.parameters,
         datasets=(run.recipe.data.path,) if detect_source(run.recipe.data) == "hub" else (),
         adapter_ref=str(adapter_dir),
-        model_class=run.model_class,
-        chat_template=run.layout.chat_template,
+        model_class=run.base.family.model_class,
+        chat_template=run.base.layout.chat_template,
     )
     return str(render_card(run.meta, facts))
 
