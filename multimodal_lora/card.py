@@ -90,14 +90,8 @@ def render_card(meta: AdapterMeta, facts: CardFacts):
         note = f"a local model directory, `{base.name_or_path}`; the hub only links hub ids, so name it with `--base-model` when pushing."
     if base.revision:
         note = (note + " " if note else "") + f"Revision `{base.revision}`."
-    task = meta.task
-    tags = [
-        "peft",
-        "lora",
-        "blip-2",
-        "multimodal_lora",
-        "image-captioning" if task == "caption" else "visual-question-answering",
-    ]
+    task = TASKS[meta.task]
+    tags = ["peft", "lora", "blip-2", "multimodal_lora", task.hub_tag]
     data = ModelCardData(
         base_model=base_ref,
         library_name="peft",
@@ -109,7 +103,7 @@ def render_card(meta: AdapterMeta, facts: CardFacts):
     recipe = facts.recipe or {}
     targets = recipe.get("lora", {}).get("target_modules")
     # The plain-PEFT snippet must put the text in the prompt the adapter was trained with.
-    prompt = TASKS[task].prompt(question="What colour is the shape?", prefix=meta.prompt, template=meta.prompt_template)
+    prompt = task.prompt(question="What colour is the shape?", prefix=meta.prompt, template=meta.prompt_template)
     return ModelCard.from_template(
         data,
         template_str=resources.files("multimodal_lora").joinpath("templates", TEMPLATE).read_text(encoding="utf-8"),
@@ -118,7 +112,7 @@ def render_card(meta: AdapterMeta, facts: CardFacts):
         base_note=note,
         base_ref=base_ref,
         task=task,
-        task_description="caption images" if task == "caption" else "answer questions about images",
+        task_description=task.purpose,
         target_modules=", ".join(f"`{t}`" for t in targets) if targets else "see `adapter_config.json`",
         parts=list(meta.parts),
         parts_description=_parts_description(meta, targets),

@@ -29,7 +29,12 @@ def torch_dtype(name: str):
     """The torch dtype ``name`` (``fp32``, ``bf16``, ``fp16``) stands for."""
     import torch
 
-    return getattr(torch, _TORCH_NAMES[name])
+    return getattr(torch, full_dtype_name(name))
+
+
+def full_dtype_name(name: str) -> str:
+    """The spelled-out name of dtype ``name`` (``bf16`` → ``bfloat16``): torch's attribute, and what vLLM's ``dtype`` takes."""
+    return _TORCH_NAMES[name]
 
 
 def accelerate_precision(name: str) -> str:

@@ -1,6 +1,7 @@
 """The tasks an adapter learns: captioning, and visual question answering.
 
-A task knows what it is called and what its prompt is: a caption continues an
+A task knows what it is called (in words, on the hub, and the function that runs it)
+and what its prompt is: a caption continues an
 optional prefix; an answer follows the question set in a template (by default
 :data:`DEFAULT_VQA_TEMPLATE`). Code that only needs a task's prompt or its name
 asks its :class:`Task`; what genuinely differs (a question to read, to check, to
@@ -29,6 +30,12 @@ class Task:
     """Its short title (the demo's tab): ``Caption``, ``VQA``."""
     asks: bool
     """Its prompt holds a question (VQA)."""
+    function: str
+    """The public function that runs it (``caption``, ``ask``): a model card's usage snippet calls it."""
+    purpose: str
+    """What an adapter for it is trained to do, in words (a model card's): ``caption images``."""
+    hub_tag: str
+    """The hub's tag for it, in a model card's front matter: ``image-captioning``."""
 
     def prompt(self, *, question: str | None = None, prefix: str | None = None, template: str = DEFAULT_VQA_TEMPLATE) -> str:
         """The text before the output: ``question`` in ``template`` (VQA), or the caption ``prefix`` (else nothing)."""
@@ -37,7 +44,12 @@ class Task:
         return prefix or ""
 
 
-CAPTION = Task("caption", "captioning", "Caption", asks=False)
-VQA = Task("vqa", "visual question answering", "VQA", asks=True)
+CAPTION = Task(
+    "caption", "captioning", "Caption", asks=False, function="caption", purpose="caption images", hub_tag="image-captioning"
+)
+VQA = Task(
+    "vqa", "visual question answering", "VQA", asks=True, function="ask",
+    purpose="answer questions about images", hub_tag="visual-question-answering",
+)  # fmt: skip
 TASKS: dict[str, Task] = {t.name: t for t in (CAPTION, VQA)}
 assert tuple(TASKS) == typing.get_args(TaskName)

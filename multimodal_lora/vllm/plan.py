@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from multimodal_lora.vllm.support import VLLM_DTYPES, check_family, check_parts, quantization_note
+from multimodal_lora.runtime import full_dtype_name
+from multimodal_lora.vllm.support import check_family, check_parts, quantization_note
 
 if TYPE_CHECKING:
     from multimodal_lora.adapter import Adapter
@@ -153,7 +154,7 @@ def make_plan(
         family=family.name,
         architecture=route.architecture,
         needs=route.needs,
-        dtype=VLLM_DTYPES[ours],
+        dtype=full_dtype_name(ours),
         prompt_before=before,
         prompt_after=after,
         stop_token_id=layout.stop_token_id,

@@ -29,7 +29,6 @@ from multimodal_lora.families import FAMILIES, Family, family_named
 SERVED_FAMILIES = {f.name: f.vllm.architecture for f in FAMILIES if f.vllm is not None}
 """Our family name → the vLLM architecture that serves it (with LoRA)."""
 WHY_NOT = {f.name: f.vllm_refusal for f in FAMILIES if f.vllm is None and f.vllm_refusal}
-VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def check_family(family: str, what: str) -> Family:
