@@ -62,6 +62,7 @@ class VllmCaptioner:
 
     def __init__(self, adapter, base, dtype, quantization, *, python: str | None, parallel: Parallel, cpu: bool, log_dir: Path):
         from multimodal_lora.adapter import open_adapter
+        from multimodal_lora.families import family_named
         from multimodal_lora.model import load_processor
 
         # "adapter" is vLLM's name for it; nothing outside this process sees it.
@@ -70,7 +71,7 @@ class VllmCaptioner:
         for note in self.plan.notes:
             logger.warning("%s", note)
         self.name = next(iter(self.plan.adapters), None)
-        self.processor = load_processor(self.plan.model, self.plan.revision)
+        self.processor = load_processor(self.plan.model, self.plan.revision, family=family_named(self.plan.family))
         self.batch_size = DEFAULT_BATCH_SIZE
         self.parallel = parallel
         python = env.find_python(python)

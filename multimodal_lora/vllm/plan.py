@@ -176,7 +176,7 @@ def _family_layout(family, model: str, revision: str | None):
         generation = GenerationConfig.from_pretrained(model, revision=revision)
     except OSError:
         generation = GenerationConfig.from_model_config(config)
-    processor = load_processor(model, revision)
+    processor = load_processor(model, revision, family=family)
     return family.make_layout(config, generation, processor), processor.tokenizer
 
 
