@@ -163,7 +163,7 @@ def _check_adapter_and_lengths(recipe, adapter: str | Path):
             f"{recipe.data.task!r}: its scores would be meaningless. Evaluate it with the recipe it was trained with "
             f"({adapter_dir.parent / 'recipe.yaml'} when it is there)"
         )
-    lengths = recipe_length_problems(recipe, load_processor(recipe.model.base, recipe.model.revision).tokenizer)
+    lengths = recipe_length_problems(recipe, load_processor(recipe.model.base, recipe.model.revision))
     if lengths:
         raise UserError("lengths the base cannot hold: " + "; ".join(lengths))
     return opened

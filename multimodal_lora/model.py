@@ -75,16 +75,26 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def quantization_config(quantization: str, dtype: str, quant_type: str = "nf4"):
+def quantization_config(quantization: str, dtype: str, quant_type: str = "nf4", family: Family | None = None):
     """The ``BitsAndBytesConfig`` for ``int8`` or ``4bit``, ``None`` for ``none``.
 
-    4-bit layers compute in ``dtype`` (fp32 for fp32) and use double quantization.
+    4-bit layers compute in ``dtype`` (fp32 for fp32) and use double quantization. The
+    ``family``'s :meth:`~multimodal_lora.families.base.Family.keep_unquantized` modules (the
+    frozen vision tower and connector of Qwen2.5-VL, PaliGemma, SmolVLM) stay unquantized.
     """
     try:
         row = scheme(quantization, "model.quantization")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return row.bnb_config(torch_dtype(dtype), quant_type)
+    return row.bnb_config(torch_dtype(dtype), quant_type, family.keep_unquantized() if family is not None else ())
+
+
+def keep_unquantized_in_dtype(model, family: Family, dtype: str) -> None:
+    """Cast the family's unquantized image path back to the recipe's ``dtype`` after PEFT's
+    ``prepare_model_for_kbit_training`` cast every non-quantized weight to fp32: it is frozen and
+    takes no gradient, so fp32 would only make it 2× the memory of bf16 (4× int8's)."""
+    for path in family.keep_unquantized():
+        attribute(model, path).to(torch_dtype(dtype))
 
 
 def load_processor(base: str, revision: str | None = None):
@@ -116,7 +126,7 @@ def load_base(cfg: ModelConfig, *, for_training: bool = True):
     # Loading (and training an int8 base on a CPU) frees many large temporaries: let them go back.
     keep_large_blocks_off_the_heap()
     device = pick_device(cfg.device)
-    quant = quantization_config(cfg.quantization, cfg.dtype, cfg.quant_type)
+    quant = quantization_config(cfg.quantization, cfg.dtype, cfg.quant_type, family)
     kwargs = {"revision": cfg.revision, "dtype": torch_dtype(cfg.dtype)}
     if quant is not None:
         _require_bitsandbytes(cfg.quantization)
@@ -133,6 +143,7 @@ def load_base(cfg: ModelConfig, *, for_training: bool = True):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_unquantized_in_dtype(model, family, cfg.dtype)
     return_freed_memory()
     info = BaseInfo(
         name=cfg.base, name_or_path=path, revision=cfg.revision, fingerprint=config_fingerprint(model.config), family=family.name
@@ -174,14 +185,16 @@ def position_limit(config) -> int | None:
     return family_for_config(config).max_positions(config.text_config)
 
 
-def image_positions(config) -> int:
-    """Positions one image takes in the language model's sequence (its family's figure; see :class:`Family`)."""
-    return family_for_config(config).image_tokens(config)
+def image_positions(config, image_processor=None) -> int:
+    """Positions one image takes in the language model's sequence (its family's figure; see :class:`Family`),
+    as ``image_processor`` (the base's, when the caller has it) makes it."""
+    family = family_for_config(config)
+    return family.image_tokens(config) if image_processor is None else family.image_tokens(config, image_processor)
 
 
-def text_length_problem(max_length: int, config, what: str = "data.max_length") -> str | None:
+def text_length_problem(max_length: int, config, what: str = "data.max_length", image_processor=None) -> str | None:
     """Why ``max_length`` text tokens after the image's query tokens do not fit the base, or ``None``."""
-    limit, queries = position_limit(config), image_positions(config)
+    limit, queries = position_limit(config), image_positions(config, image_processor)
     if limit is None or queries + max_length <= limit:
         return None
     return (
@@ -324,15 +337,17 @@ def quantized_linears(model) -> set[str]:
     """Names of the ``nn.Linear`` layers bitsandbytes replaces when the base loads in int8 or 4-bit.
 
     transformers quantizes every linear layer except those of the modules the
-    model keeps in fp32 (BLIP-2: the Q-Former) and the output head. Works on a
+    model keeps in fp32 (BLIP-2: the Q-Former), the output head, and the modules
+    its family keeps unquantized (:func:`quantization_config`). Works on a
     ``meta`` model.
     """
     keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    skip = family_of(model).keep_unquantized()
     out = set()
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
             continue
-        if any(part in keep for part in name.split(".")):
+        if any(part in keep for part in name.split(".")) or any(name.startswith(prefix + ".") for prefix in skip):
             continue
         out.add(name)
     return out

@@ -50,6 +50,11 @@ class DataReport:
     """Text tokens the base holds after the image's query tokens (its position limit minus them)."""
     length_problems: list[str] = field(default_factory=list)
     """Lengths in the recipe the base cannot hold (training would refuse to start)."""
+    image_tokens: list[int] = field(default_factory=list)
+    """Positions each distinct usable image takes in the language model's sequence, as the base's
+    processor makes it (:func:`image_token_counts`)."""
+    image_sizes: int = 0
+    """Distinct image sizes among them (one blank image of each was processed)."""
 
     @property
     def truncated(self) -> int:
@@ -104,6 +109,11 @@ class DataReport:
             )
             lines.append(f"data.max_length={self.max_length}: {fit}")
             lines.append(f"suggested max_length: {self.suggested_max_length}")
+            if self.image_tokens:
+                lines.append(
+                    f"image tokens per image:    {_stats(self.image_tokens)}  "
+                    f"(the base's processor, {self.image_sizes} image size{'s' if self.image_sizes != 1 else ''})"
+                )
             if self.text_limit is not None:
                 longer = sum(n > self.text_limit for n in self.text_lengths)
                 note = f"; {longer} examples are longer and are cut to it" if longer else ""
@@ -140,23 +150,27 @@ def check_data(recipe: Recipe, progress: bool = True) -> DataReport:
         max_length=cfg.max_length,
     )
     try:
-        tokenizer, layout = _layout(recipe.model.base, recipe.model.revision)
+        processor, layout = _layout(recipe.model.base, recipe.model.revision)
     except (OSError, ValueError, UserError) as exc:
         report.tokenizer_problem = f"cannot load the tokenizer of {recipe.model.base!r}: {exc}"
         return report
     from multimodal_lora.model import base_config, image_positions, position_limit
 
+    limit = None
     try:
         config = base_config(recipe.model.base, recipe.model.revision)
         limit = position_limit(config)
-        report.text_limit = None if limit is None else limit - image_positions(config)
-        report.length_problems = recipe_length_problems(recipe, tokenizer, config)
+        report.text_limit = None if limit is None else limit - image_positions(config, getattr(processor, "image_processor", None))
+        report.length_problems = recipe_length_problems(recipe, processor, config)
     except (UserError, OSError, AttributeError) as exc:
         logger.warning("the base's position limit could not be read (%s); lengths not checked against it", exc)
     # The trainer's own encoder and layout, with no length limit, counts exactly what it would feed.
     encoder = ExampleEncoder(
-        tokenizer, layout, task=cfg.task, prompt=cfg.prompt, prompt_template=cfg.prompt_template, max_length=10**9
+        processor.tokenizer, layout, task=cfg.task, prompt=cfg.prompt, prompt_template=cfg.prompt_template, max_length=10**9
     )
+    report.image_tokens, report.image_sizes = image_token_counts(usable, processor, layout)
+    if report.image_tokens and limit is not None:
+        report.text_limit = limit - max(report.image_tokens)
     for example in usable:
         encoded = encoder.encode(example)
         report.text_lengths.append(layout.text_length(encoded))
@@ -164,14 +178,38 @@ def check_data(recipe: Recipe, progress: bool = True) -> DataReport:
     return report
 
 
+def image_token_counts(examples: list[Example], processor, layout) -> tuple[list[int], int]:
+    """Positions each distinct image takes in the language model's sequence, and how many sizes there are.
+
+    The count depends on the image's size alone (Qwen2.5-VL's patch grid, SmolVLM's tiles; fixed for
+    the others), so each size is read from the image's header and one blank image of that size goes
+    through the base's own image processor and the layout's image inputs: what training feeds.
+    """
+    from PIL import Image
+
+    from multimodal_lora.data.images import image_size
+
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        return [], 0
+    firsts = {e.image_id: e for e in examples}
+    sizes = [image_size(e.image) for e in firsts.values()]
+    tokens = {}
+    for size in set(sizes):
+        item = layout.image_inputs.split(image_processor([Image.new("RGB", size)], return_tensors="pt"))[0]
+        count = layout.image_inputs.image_tokens(item)
+        tokens[size] = layout.num_query_tokens if count is None else count
+    return [tokens[size] for size in sizes], len(tokens)
+
+
 def _layout(base: str, revision: str | None):
-    """The base's tokenizer and token layout, from its config and processor (no weights)."""
+    """The base's processor and token layout, from its config and processor (no weights)."""
     from multimodal_lora.families import family_for_config
     from multimodal_lora.model import base_config, load_processor
 
     config = base_config(base, revision)
     processor = load_processor(base, revision)
-    return processor.tokenizer, family_for_config(config).make_layout(config, None, processor)
+    return processor, family_for_config(config).make_layout(config, None, processor)
 
 
 def _stats(values: list[int]) -> str:
@@ -184,19 +222,23 @@ def _stats(values: list[int]) -> str:
     return f"min {ordered[0]} / median {at(0.5)} / p95 {at(0.95)} / max {ordered[-1]}"
 
 
-def recipe_length_problems(recipe, tokenizer, config=None) -> list[str]:
+def recipe_length_problems(recipe, processor, config=None) -> list[str]:
     """Every length in a recipe the base cannot hold: training examples, and the captions evaluation generates.
 
-    Reads only the base's config (no weights), so a recipe fails before the model loads.
+    ``processor``: the base's (its image processor says how many tokens the family's planning image
+    takes, see :class:`~multimodal_lora.families.Family`), or its tokenizer alone. Reads only the
+    base's config (no weights), so a recipe fails before the model loads.
     """
     from multimodal_lora.model import base_config, image_positions, position_limit, text_length_problem
 
+    tokenizer = getattr(processor, "tokenizer", processor)
+    images = getattr(processor, "image_processor", None)
     config = config if config is not None else base_config(recipe.model.base, recipe.model.revision)
-    problems = [p for p in [text_length_problem(recipe.data.max_length, config)] if p]
+    problems = [p for p in [text_length_problem(recipe.data.max_length, config, image_processor=images)] if p]
     if recipe.train.eval_captions and position_limit(config) is not None:
         text = prompt_text(recipe.data.task, "", recipe.data.prompt, recipe.data.prompt_template)
         prompt = len(tokenizer(text, add_special_tokens=False).input_ids) if text else 0
-        limit, queries = position_limit(config), image_positions(config)
+        limit, queries = position_limit(config), image_positions(config, images)
         needed = queries + 1 + prompt + recipe.train.eval_max_new_tokens - 1
         if needed > limit:
             problems.append(

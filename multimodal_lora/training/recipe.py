@@ -229,7 +229,7 @@ def setup_accelerator(recipe: Recipe, output_dir: Path, trackers: list[str]):
 def setup_data(recipe: Recipe, accelerator):
     """The processor (its tokenizer checks the lengths) and the screened splits."""
     processor = load_processor(recipe.model.base, recipe.model.revision)
-    lengths = recipe_length_problems(recipe, processor.tokenizer)
+    lengths = recipe_length_problems(recipe, processor)
     if lengths:
         raise ConfigError(f"{recipe.source or 'recipe'}: lengths the base cannot hold:\n" + "\n".join(f"  - {p}" for p in lengths))
     splits = load_splits(recipe.data)
