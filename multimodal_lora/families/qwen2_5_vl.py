@@ -38,8 +38,9 @@ What differs from the Q-Former families, and how this family says it:
   (3-D positions); the server batches per ``generate`` call instead.
 
 **The plan's image**: a variable count needs a figure for the memory plan and
-length checks: :data:`PLAN_IMAGE`, a 640×480 photo (COCO's common size), which
-the published processor turns into 476×644 pixels: 17 × 23 = 391 tokens.
+length checks: :data:`~multimodal_lora.families.base.PLAN_IMAGE`, a 640×480 photo
+(COCO's common size), which the published processor turns into 476×644 pixels:
+17 × 23 = 391 tokens; the tiny twin's processor (1,024 pixels at most) into 3 × 4 = 12.
 
 **The tiny twin** (``base: tiny-qwen2vl``): the real class from a tiny config
 (two text layers of width 128, a two-block vision tower of width 64 with
