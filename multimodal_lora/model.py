@@ -92,7 +92,10 @@ def quantization_config(quantization: str, dtype: str, quant_type: str = "nf4", 
 def keep_unquantized_in_dtype(model, family: Family, dtype: str) -> None:
     """Cast the family's unquantized image path back to the recipe's ``dtype`` after PEFT's
     ``prepare_model_for_kbit_training`` cast every non-quantized weight to fp32: it is frozen and
-    takes no gradient, so fp32 would only make it 2× the memory of bf16 (4× int8's)."""
+    takes no gradient, so fp32 would only make it 2× the memory of bf16 (4× int8's). Not for a
+    family that says it cannot (``Family.unquantized_in_dtype``)."""
+    if not family.unquantized_in_dtype:
+        return
     for path in family.keep_unquantized():
         attribute(model, path).to(torch_dtype(dtype))
 

@@ -14,8 +14,9 @@ memory), adds the recipe's LoRA there, and adds up:
   A quantized base being trained has its other weights cast to fp32 by PEFT's
   ``prepare_model_for_kbit_training``, so they count 4 bytes here, except the
   image path its family keeps unquantized (Qwen2.5-VL's vision tower and merger,
-  PaliGemma's and SmolVLM's tower and connector), which the loader casts back to
-  the recipe's dtype (:func:`multimodal_lora.model.keep_unquantized_in_dtype`).
+  PaliGemma's tower and projector), which the loader casts back to the recipe's
+  dtype (:func:`multimodal_lora.model.keep_unquantized_in_dtype`); SmolVLM's
+  stay fp32 (``Family.unquantized_in_dtype``).
 * **LoRA** — adapter weights, their gradients and AdamW's two moments, all fp32
   (PEFT keeps adapters in fp32 even on a bf16 base): 16 bytes per parameter.
 * **activations** — what autograd keeps for the backward pass through the
@@ -250,7 +251,8 @@ def base_weight_bytes(model, quantization: str, dtype: str, *, for_training: boo
     row = SCHEMES[quantization]
     quantized = quantized_linears(model) if row.quantized else set()
     other = 4 if (row.quantized and for_training) else DTYPE_BYTES[dtype]
-    in_dtype = family_for_config(model.config).keep_unquantized() if row.quantized else ()
+    family = family_for_config(model.config)
+    in_dtype = family.keep_unquantized() if row.quantized and (family.unquantized_in_dtype or not for_training) else ()
     total = 0
     for name, param in model.named_parameters():
         module, _, leaf = name.rpartition(".")

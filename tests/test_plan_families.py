@@ -75,21 +75,44 @@ def test_the_image_path_stays_out_of_the_quantization_config():
     assert quantization_config("int8", "bf16", family=blip2).llm_int8_skip_modules is None
 
 
-@pytest.mark.parametrize("quantization", ["int8", "4bit"])
-def test_a_quantized_qwen_keeps_its_vision_tower_in_bf16_and_the_plan_counts_its_bytes(quantization):
+@pytest.mark.parametrize(
+    ("base", "quantization", "vision", "lm", "kept"),
+    [
+        # Qwen: 2 vision blocks × (qkv, proj, gate, up, down) + the merger's 2; 2 text layers × (q, k, v, o, gate, up, down).
+        ("tiny-qwen2vl", "int8", 2 * 5 + 2, 2 * 7, torch.bfloat16),
+        ("tiny-qwen2vl", "4bit", 2 * 5 + 2, 2 * 7, torch.bfloat16),
+        # SmolVLM: 2 vision layers × (q, k, v, out, fc1, fc2) + the connector's 1; it stays fp32 (Family.unquantized_in_dtype).
+        ("tiny-smolvlm", "4bit", 2 * 6 + 1, 2 * 7, torch.float32),
+    ],
+)
+def test_a_quantized_base_keeps_its_image_path_unquantized_and_trains(base, quantization, vision, lm, kept):
     import bitsandbytes as bnb
 
-    model, _ = load_base(ModelConfig(base="tiny-qwen2vl", device="cpu", quantization=quantization, dtype="bf16"))
+    from multimodal_lora.model import add_lora, family_of, text_layout
+
+    model, _ = load_base(ModelConfig(base=base, device="cpu", quantization=quantization, dtype="bf16"))
+    family = family_of(model)
     quantized = bnb.nn.Linear8bitLt if quantization == "int8" else bnb.nn.Linear4bit
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    visual = [m for n, m in linears.items() if n.startswith("model.visual.")]
-    lm = [m for n, m in linears.items() if n.startswith("model.language_model.")]
-    assert len(visual) == 2 * 5 + 2 and all(type(m) is torch.nn.Linear for m in visual)
-    assert len(lm) == 2 * 7 and all(isinstance(m, quantized) for m in lm)
-    # Cast back to bf16 after PEFT's prepare_model_for_kbit_training made every other weight fp32.
-    assert {p.dtype for p in model.model.visual.parameters()} == {torch.bfloat16}
-    planned = base_weight_bytes(meta_model(base_config("tiny-qwen2vl")), quantization, "bf16")
+    image = [m for n, m in linears.items() if n.startswith(family.keep_unquantized())]
+    text = [m for n, m in linears.items() if n.startswith(family.language_model + ".")]
+    assert len(image) == vision and all(type(m) is torch.nn.Linear for m in image)
+    assert len(text) == lm and all(isinstance(m, quantized) for m in text)
+    # PEFT's prepare_model_for_kbit_training made every other weight fp32; Qwen's image path is cast back.
+    assert {p.dtype for m in image for p in m.parameters()} == {kept}
+    planned = base_weight_bytes(meta_model(base_config(base)), quantization, "bf16")
     assert planned == pytest.approx(measured_weight_bytes(model), rel=0.01)
+    # One step's forward and backward through the mixed dtypes.
+    processor = load_processor(base)
+    layout = text_layout(model, processor)
+    peft_model = add_lora(model, LoraSettings(r=4))
+    items = layout.image_inputs.split(processor.image_processor([Image.new("RGB", (32, 32))], return_tensors="pt"))
+    encoded = layout.with_image(layout.encode(processor.tokenizer, "Describe the image.", "a red circle", 40)[0], items[0])
+    ids = torch.tensor([encoded["input_ids"]])
+    batch = {k: torch.tensor([v]) for k, v in encoded.items()} | layout.image_inputs.collate(items) | layout.image_inputs.token_inputs(ids)
+    loss = peft_model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in peft_model.parameters() if p.requires_grad)
 
 
 def test_data_check_reports_the_image_tokens_each_image_takes(small_shapes_dir, tmp_path):

@@ -171,6 +171,10 @@ class Family:
     base, and that stay in the recipe's dtype while it trains; ``None``: the whole :attr:`image_path`
     (the frozen vision tower and connector: small, and quantizing them costs quality). ``()``:
     transformers' own choice (BLIP-2 keeps its Q-Former in fp32 and quantizes its vision encoder)."""
+    unquantized_in_dtype: bool = True
+    """Whether a base being trained has its :meth:`keep_unquantized` modules cast back to the recipe's
+    dtype after PEFT's ``prepare_model_for_kbit_training`` made them fp32 (``False``: they stay fp32, for a
+    model that casts its image features to the dtype of its first parameter rather than its embeddings')."""
     no_feature_cache: str | None = None
     """Why the frozen-feature cache cannot serve this family (``None``: it can)."""
     no_continuous_batching: str | None = None

@@ -498,6 +498,9 @@ _SHARED = dict(
     ),
     load_processor=load_processor,
     vllm=VLLM,
+    # get_image_features casts the features to self.dtype, its first parameter's (the vision tower's): in
+    # bf16 beside fp32 embeddings, masked_scatter refuses the mix (tried on the tiny twin in 4-bit bf16).
+    unquantized_in_dtype=False,
 )
 
 SMOLVLM = Family(
