@@ -61,6 +61,7 @@ from multimodal_lora.model import (
     count_lora_parts,
     count_parameters,
     format_parameter_table,
+    image_positions,
     load_processor,
     lora_targets,
     meta_model,
@@ -186,8 +187,7 @@ def plan_memory(
 
     family = family_for_config(config)
     dims = family.plan_dims(config.text_config)
-    image = family.image_tokens(config) if image_processor is None else family.image_tokens(config, image_processor)
-    seq = image + max_length
+    seq = image_positions(config, image_processor) + max_length
     tokens = batch_size * seq
     # On a GPU the trainer runs under autocast in the recipe's dtype (accelerate's
     # mixed precision), so the saved matmul outputs are 2 bytes unless dtype is fp32.
