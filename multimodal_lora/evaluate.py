@@ -165,8 +165,9 @@ def _check_adapter_and_lengths(recipe, adapter: str | Path):
         )
     base, revision = recipe.model.base, recipe.model.revision
     family = base_family(base, revision)  # from the name, before weights; the loaded captioner carries its own
-    tokenizer = load_processor(base, revision, family=family).tokenizer
-    lengths = recipe_length_problems(recipe, tokenizer, Positions.of_base(base, revision, family))
+    processor = load_processor(base, revision, family=family)
+    positions = Positions.of_base(base, revision, family, getattr(processor, "image_processor", None))
+    lengths = recipe_length_problems(recipe, processor.tokenizer, positions)
     if lengths:
         raise UserError("lengths the base cannot hold: " + "; ".join(lengths))
     return opened

@@ -76,16 +76,29 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def quantization_config(quantization: str, dtype: str, quant_type: str = "nf4"):
+def quantization_config(quantization: str, dtype: str, quant_type: str = "nf4", family: Family | None = None):
     """The ``BitsAndBytesConfig`` for ``int8`` or ``4bit``, ``None`` for ``none``.
 
-    4-bit layers compute in ``dtype`` (fp32 for fp32) and use double quantization.
+    4-bit layers compute in ``dtype`` (fp32 for fp32) and use double quantization. The
+    ``family``'s :meth:`~multimodal_lora.families.base.Family.keep_unquantized` modules (the
+    frozen vision tower and connector of Qwen2.5-VL, PaliGemma, SmolVLM) stay unquantized.
     """
     try:
         row = scheme(quantization, "model.quantization")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return row.bnb_config(torch_dtype(dtype), quant_type)
+    return row.bnb_config(torch_dtype(dtype), quant_type, family.keep_unquantized() if family is not None else ())
+
+
+def keep_unquantized_in_dtype(model, family: Family, dtype: str) -> None:
+    """Cast the family's unquantized image path back to the recipe's ``dtype`` after PEFT's
+    ``prepare_model_for_kbit_training`` cast every non-quantized weight to fp32: it is frozen and
+    takes no gradient, so fp32 would only make it 2× the memory of bf16 (4× int8's). Not for a
+    family that says it cannot (``Family.unquantized_in_dtype``)."""
+    if not family.unquantized_in_dtype:
+        return
+    for path in family.keep_unquantized():
+        attribute(model, path).to(torch_dtype(dtype))
 
 
 def load_processor(base: str, revision: str | None = None, family: Family | None = None):
@@ -124,7 +137,7 @@ def load_base(cfg: ModelConfig, *, for_training: bool = True, family: Family | N
     # Loading (and training an int8 base on a CPU) frees many large temporaries: let them go back.
     keep_large_blocks_off_the_heap()
     device = pick_device(cfg.device)
-    quant = quantization_config(cfg.quantization, cfg.dtype, cfg.quant_type)
+    quant = quantization_config(cfg.quantization, cfg.dtype, cfg.quant_type, family)
     kwargs = {"revision": cfg.revision, "dtype": torch_dtype(cfg.dtype)}
     if quant is not None:
         _require_bitsandbytes(cfg.quantization)
@@ -141,6 +154,7 @@ def load_base(cfg: ModelConfig, *, for_training: bool = True, family: Family | N
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_unquantized_in_dtype(model, family, cfg.dtype)
     return_freed_memory()
     info = BaseInfo(
         name=cfg.base, name_or_path=path, revision=cfg.revision, fingerprint=config_fingerprint(model.config), family=family.name
@@ -165,14 +179,16 @@ class Positions:
     """Positions one image takes (its family's figure; see :attr:`Family.image_tokens`)."""
 
     @classmethod
-    def of(cls, family: Family, config) -> Positions:
-        """The positions of a base of ``family`` with ``config`` (its top-level model config)."""
-        return cls(limit=family.max_positions(config.text_config), image=family.image_tokens(config))
+    def of(cls, family: Family, config, image_processor=None) -> Positions:
+        """The positions of a base of ``family`` with ``config`` (its top-level model config); ``image_processor``:
+        the base's, when the caller has it (a family whose image count depends on it, SmolVLM's tiles, reads it)."""
+        image = family.image_tokens(config) if image_processor is None else family.image_tokens(config, image_processor)
+        return cls(limit=family.max_positions(config.text_config), image=image)
 
     @classmethod
-    def of_base(cls, base: str, revision: str | None = None, family: Family | None = None) -> Positions:
+    def of_base(cls, base: str, revision: str | None = None, family: Family | None = None, image_processor=None) -> Positions:
         """The positions of the recipe's ``model.base``, from its config alone (no weights); ``family`` when known."""
-        return cls.of(family or base_family(base, revision), base_config(base, revision))
+        return cls.of(family or base_family(base, revision), base_config(base, revision), image_processor)
 
     @property
     def text(self) -> int | None:
@@ -240,7 +256,7 @@ class LoadedBase:
     def _of(cls, model, processor, info: BaseInfo | None, family: Family, settings: LoadSettings | None) -> LoadedBase:
         """The value for ``model`` of ``family``: its token layout and positions follow from its configs."""
         layout = family.make_layout(model.config, model.generation_config, processor)
-        return cls(model, processor, info, family, layout, settings, Positions.of(family, model.config))
+        return cls(model, processor, info, family, layout, settings, Positions.of(family, model.config, getattr(processor, "image_processor", None)))
 
 
 def _known_family(base: str, revision: str | None) -> Family | None:
@@ -267,9 +283,11 @@ def lora_targets(lora: LoraSettings, family: Family) -> list[str]:
     return list(lora.target_modules) if lora.target_modules is not None else list(family.default_targets)
 
 
-def image_positions(config) -> int:
-    """Positions one image takes in the language model's sequence (its family's figure; see :class:`Family`)."""
-    return family_for_config(config).image_tokens(config)
+def image_positions(config, image_processor=None) -> int:
+    """Positions one image takes in the language model's sequence (its family's figure; see :class:`Family`),
+    as ``image_processor`` (the base's, when the caller has it) makes it."""
+    family = family_for_config(config)
+    return family.image_tokens(config) if image_processor is None else family.image_tokens(config, image_processor)
 
 
 def text_length_problem(max_length: int, positions: Positions, what: str = "data.max_length") -> str | None:
@@ -415,19 +433,21 @@ def base_config(base: str, revision: str | None = None):
         raise UserError(_not_found_message(base, exc)) from None
 
 
-def quantized_linears(model) -> set[str]:
+def quantized_linears(model, family: Family | None = None) -> set[str]:
     """Names of the ``nn.Linear`` layers bitsandbytes replaces when the base loads in int8 or 4-bit.
 
     transformers quantizes every linear layer except those of the modules the
-    model keeps in fp32 (BLIP-2: the Q-Former) and the output head. Works on a
+    model keeps in fp32 (BLIP-2: the Q-Former), the output head, and the modules
+    its family keeps unquantized (:func:`quantization_config`). Works on a
     ``meta`` model.
     """
     keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    skip = (family or family_of(model)).keep_unquantized()
     out = set()
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
             continue
-        if any(part in keep for part in name.split(".")):
+        if any(part in keep for part in name.split(".")) or any(name.startswith(prefix + ".") for prefix in skip):
             continue
         out.add(name)
     return out

@@ -12,7 +12,11 @@ memory), adds the recipe's LoRA there, and adds up:
   quantization) and one fp32 per 256 blocks. Which layers are quantized and
   which stay in fp32 comes from :func:`multimodal_lora.model.quantized_linears`.
   A quantized base being trained has its other weights cast to fp32 by PEFT's
-  ``prepare_model_for_kbit_training``, so they count 4 bytes here.
+  ``prepare_model_for_kbit_training``, so they count 4 bytes here, except the
+  image path its family keeps unquantized (Qwen2.5-VL's vision tower and merger,
+  PaliGemma's tower and projector), which the loader casts back to the recipe's
+  dtype (:func:`multimodal_lora.model.keep_unquantized_in_dtype`); SmolVLM's
+  stay fp32 (``Family.unquantized_in_dtype``).
 * **LoRA** — adapter weights, their gradients and AdamW's two moments, all fp32
   (PEFT keeps adapters in fp32 even on a bf16 base): 16 bytes per parameter.
 * **activations** — what autograd keeps for the backward pass through the
@@ -20,9 +24,11 @@ memory), adds the recipe's LoRA there, and adds up:
   gradient, so they keep nothing), in the autocast dtype (2 bytes for bf16 or
   fp16, 4 for fp32), per token per language-model layer (an encoder–decoder
   counts both stacks, every token through all of them: an upper bound) about
-  ``8 × hidden + 2 × ffn`` values (layer-norm inputs and outputs, q/k/v, the
-  attention output, the MLP's two wide tensors), plus the logits over the
-  vocabulary in fp32 for the loss. With gradient checkpointing each layer keeps
+  ``4 × hidden + 2 × q + 2 × kv + 2 × ffn`` values (layer-norm inputs and
+  outputs; the queries and the attention output, ``q`` wide; the keys and values,
+  ``kv`` wide, narrower under grouped-query attention: 256 against 2,048 on
+  Qwen2.5-VL-3B; the MLP's two wide tensors), plus the logits over the
+  vocabulary in fp32 for the loss. ``8 × hidden + 2 × ffn`` for full attention. With gradient checkpointing each layer keeps
   only its input, and one layer's activations exist at a time while it is
   recomputed. An **int8** base keeps its activations in fp32 (4 bytes), and
   under checkpointing still keeps each layer's quantized-projection inputs,
@@ -43,17 +49,20 @@ frozen-feature cache, which lives in host memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from multimodal_lora.config import LoraSettings, Recipe
-from multimodal_lora.families import family_for_config
+from multimodal_lora.families import family_for_config, tiny_family
 from multimodal_lora.model import (
     add_lora,
     base_config,
     count_lora_parts,
     count_parameters,
     format_parameter_table,
+    image_positions,
+    load_processor,
     lora_targets,
     meta_model,
     quantized_linears,
@@ -130,10 +139,22 @@ def plan_recipe(recipe: Recipe) -> MemoryPlan:
         lora=recipe.lora,
         batch_size=recipe.train.batch_size,
         max_length=recipe.data.max_length,
+        image_processor=_local_image_processor(recipe),
     )
 
 
-def plan_memory(config, *, quantization: str, dtype: str, lora: LoraSettings, batch_size: int, max_length: int) -> MemoryPlan:
+def _local_image_processor(recipe: Recipe):
+    """The base's image processor when it is on this machine (a tiny twin, a directory); ``None`` for a hub
+    id, whose family then plans with its published processor's settings (nothing is downloaded)."""
+    base = recipe.model.base
+    if tiny_family(base) is None and not Path(base).is_dir():
+        return None
+    return getattr(load_processor(base, recipe.model.revision), "image_processor", None)
+
+
+def plan_memory(
+    config, *, quantization: str, dtype: str, lora: LoraSettings, batch_size: int, max_length: int, image_processor=None
+) -> MemoryPlan:
     """Plan training memory for a BLIP-2 family config, a LoRA and a batch shape.
 
     Args:
@@ -143,6 +164,8 @@ def plan_memory(config, *, quantization: str, dtype: str, lora: LoraSettings, ba
         lora: the adapters to add.
         batch_size: examples per micro-batch.
         max_length: text tokens per example (the image adds its family's ``image_tokens``).
+        image_processor: the base's, for a family whose image tokens vary with the image
+            (``None``: its published processor's settings).
 
     Returns:
         A :class:`MemoryPlan`.
@@ -164,7 +187,7 @@ def plan_memory(config, *, quantization: str, dtype: str, lora: LoraSettings, ba
 
     family = family_for_config(config)
     dims = family.plan_dims(config.text_config)
-    seq = family.image_tokens(config) + max_length
+    seq = image_positions(config, image_processor) + max_length
     tokens = batch_size * seq
     # On a GPU the trainer runs under autocast in the recipe's dtype (accelerate's
     # mixed precision), so the saved matmul outputs are 2 bytes unless dtype is fp32.
@@ -174,7 +197,7 @@ def plan_memory(config, *, quantization: str, dtype: str, lora: LoraSettings, ba
     # H100: int8 activations are 1.7-2x bf16's at the same batch).
     act = 4 if quantization == "int8" else DTYPE_BYTES[dtype]
     hidden, ffn, layers = dims.hidden, dims.ffn, dims.layers
-    per_layer = 8 * hidden + 2 * ffn
+    per_layer = 4 * hidden + 2 * dims.attention_width + 2 * dims.kv_width + 2 * ffn
     if lora.dropout > 0:
         # Each adapted projection keeps its dropped-out input for lora_A's gradient.
         per_layer += hidden * len(lora_targets(lora, family))
@@ -226,8 +249,10 @@ def base_weight_bytes(model, quantization: str, dtype: str, *, for_training: boo
     if dtype == "fp16":
         keep_fp32 |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
     row = SCHEMES[quantization]
-    quantized = quantized_linears(model) if row.quantized else set()
+    family = family_for_config(model.config)
+    quantized = quantized_linears(model, family) if row.quantized else set()
     other = 4 if (row.quantized and for_training) else DTYPE_BYTES[dtype]
+    in_dtype = family.keep_unquantized() if row.quantized and (family.unquantized_in_dtype or not for_training) else ()
     total = 0
     for name, param in model.named_parameters():
         module, _, leaf = name.rpartition(".")
@@ -235,6 +260,8 @@ def base_weight_bytes(model, quantization: str, dtype: str, *, for_training: boo
             total += row.weight_bytes(tuple(param.shape))
         elif any(part in keep_fp32 for part in name.split(".")):
             total += 4 * param.numel()
+        elif any(name.startswith(prefix + ".") for prefix in in_dtype):
+            total += DTYPE_BYTES[dtype] * param.numel()
         else:
             total += other * param.numel()
     return total

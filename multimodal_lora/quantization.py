@@ -34,22 +34,27 @@ class Scheme:
     four_bit: bool = False
     """Has a 4-bit data type (``nf4``/``fp4``) and a compute dtype."""
 
-    def bnb_config(self, torch_dtype, quant_type: str = "nf4"):
+    def bnb_config(self, torch_dtype, quant_type: str = "nf4", skip: tuple[str, ...] = ()):
         """The ``BitsAndBytesConfig`` that loads a base this way (``None`` unquantized).
 
-        ``torch_dtype`` is the dtype 4-bit layers compute in.
+        ``torch_dtype`` is the dtype 4-bit layers compute in. ``skip``: module-name prefixes
+        to leave unquantized (``llm_int8_skip_modules``, which bitsandbytes honours for 4-bit too);
+        the output head is added to them, as transformers leaves it unquantized only when
+        given no list of its own.
         """
         if not self.quantized:
             return None
         from transformers import BitsAndBytesConfig
 
+        skip_modules = [*skip, "lm_head"] if skip else None
         if not self.four_bit:
-            return BitsAndBytesConfig(load_in_8bit=True)
+            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=quant_type,
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch_dtype,
+            llm_int8_skip_modules=skip_modules,
         )
 
     def weight_bytes(self, shape: tuple[int, int]) -> int:

@@ -178,10 +178,21 @@ def test_quantized_training_on_cpu(quantization, small_shapes_dir, tmp_path):
         "train.max_steps=6", "train.batch_size=4", "train.eval_captions=false",
     ]  # fmt: skip
     result = train(load_recipe(RECIPES / "tiny-qwen2vl.yaml", overrides))
-    layer = result.model.get_base_model().model.language_model.layers[0].self_attn.q_proj.base_layer
-    assert isinstance(layer, bnb.nn.Linear8bitLt if quantization == "int8" else bnb.nn.Linear4bit)
+    inner = result.model.get_base_model()
+    quantized = bnb.nn.Linear8bitLt if quantization == "int8" else bnb.nn.Linear4bit
+    lm = [m for n, m in inner.named_modules() if n.startswith("model.language_model.") and isinstance(m, quantized)]
+    assert len(lm) == 2 * 7  # q, k, v, o, gate, up, down in each of the two layers
+    # The frozen vision tower and merger stay plain linears in the recipe's dtype (Family.unquantized).
+    visual = [m for n, m in inner.named_modules() if n.startswith("model.visual.") and isinstance(m, torch.nn.Linear)]
+    assert len(visual) == 2 * 5 + 2 and all(type(m) is torch.nn.Linear for m in visual)  # 2 blocks: qkv, proj, gate, up, down; merger: 2
+    assert all(p.dtype == torch.float32 for p in inner.model.visual.parameters())
     assert result.steps == 6 and torch.isfinite(torch.tensor(result.final_loss))
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    # It captions through the quantized base (a string, whatever 6 steps taught it).
+    from multimodal_lora.inference import caption
+
+    text = caption(Image.new("RGB", (32, 32), (200, 30, 30)), adapter=result.adapter_dir, device="cpu", max_new_tokens=4)
+    assert isinstance(text, str)
 
 
 @pytest.mark.slow

@@ -421,8 +421,14 @@ def test_the_real_recipes_plan_from_the_shipped_configs():
 
     from .conftest import RECIPES
 
-    # PaliGemma 2 at 224 px: 256 image tokens + data.max_length 64; SmolVLM2: the 81-token block + 3 markers.
-    for recipe, lora, sequence in (("paligemma2-3b-224", 6_389_760, 256 + 64), ("smolvlm2-2.2b", 6_291_456, 84 + 64)):
+    # PaliGemma 2: 256 image tokens at 224 px, 1,024 at 448, + data.max_length 64; SmolVLM2: a 640×480 image
+    # split into 4 × 3 tiles and the global view (tests/test_plan_families.py), + 64.
+    for recipe, lora, sequence in (
+        ("paligemma2-3b-224", 6_389_760, 256 + 64),
+        ("paligemma2-3b-448", 6_389_760, 1024 + 64),
+        ("smolvlm2-2.2b", 6_291_456, 1084 + 64),
+        ("smolvlm2-500m", 3_276_800, 863 + 64),
+    ):
         plan = plan_recipe(load_recipe(RECIPES / f"{recipe}.yaml"))
         assert plan.lora_parameters == lora and plan.sequence_length == sequence
         assert plan.lora_weights == 4 * lora and plan.total(True) < plan.total(False)

@@ -95,7 +95,7 @@ def _saved_values(model, batch: dict) -> int:
 
 @pytest.mark.parametrize("base", NEW_TINY)
 def test_the_connector_term_is_what_autograd_keeps_in_the_tiny_twin(base):
-    from multimodal_lora.families import qwen2_5_vl
+    from multimodal_lora.families import qwen2_5_vl, smolvlm
     from multimodal_lora.model import load_processor, set_train_mode
 
     model = add_lora(load_base(ModelConfig(base=base, device="cpu"))[0], LoraSettings(r=4, dropout=0.05, parts=["connector"]))
@@ -113,6 +113,9 @@ def test_the_connector_term_is_what_autograd_keeps_in_the_tiny_twin(base):
     if family is qwen2_5_vl.FAMILY:
         # The plan's figure is for its 640×480 image; the tiny twin's 32×32 image is 16 merged tokens.
         assert measured == qwen2_5_vl.merger_values(inner.config.vision_config, 4, rows=16)
+    elif family is smolvlm.SMOLVLM:
+        # The plan's figure is every view of its split 640×480 image; the tiny twin's image is one view.
+        assert measured == smolvlm.view_activation_values(inner.config, 4)
     else:
         assert measured == family.connector.activation_values(inner.config, 4)
     assert measured > 0

@@ -50,6 +50,11 @@ class DataReport:
     """Text tokens the base holds after the image's query tokens (its position limit minus them)."""
     length_problems: list[str] = field(default_factory=list)
     """Lengths in the recipe the base cannot hold (training would refuse to start)."""
+    image_tokens: list[int] = field(default_factory=list)
+    """Positions each distinct usable image takes in the language model's sequence, as the base's
+    processor makes it (:func:`image_token_counts`)."""
+    image_sizes: int = 0
+    """Distinct image sizes among them (one blank image of each was processed)."""
 
     @property
     def truncated(self) -> int:
@@ -104,6 +109,11 @@ class DataReport:
             )
             lines.append(f"data.max_length={self.max_length}: {fit}")
             lines.append(f"suggested max_length: {self.suggested_max_length}")
+            if self.image_tokens:
+                lines.append(
+                    f"image tokens per image:    {_stats(self.image_tokens)}  "
+                    f"(the base's processor, {self.image_sizes} image size{'s' if self.image_sizes != 1 else ''})"
+                )
             if self.text_limit is not None:
                 longer = sum(n > self.text_limit for n in self.text_lengths)
                 note = f"; {longer} examples are longer and are cut to it" if longer else ""
@@ -140,22 +150,27 @@ def check_data(recipe: Recipe, progress: bool = True) -> DataReport:
         max_length=cfg.max_length,
     )
     try:
-        family, config, tokenizer, layout = _base_parts(recipe.model.base, recipe.model.revision)
+        family, config, processor, layout = _base_parts(recipe.model.base, recipe.model.revision)
     except (OSError, ValueError, UserError) as exc:
         report.tokenizer_problem = f"cannot load the tokenizer of {recipe.model.base!r}: {exc}"
         return report
     from multimodal_lora.model import Positions
 
+    limit = None
     try:
-        positions = Positions.of(family, config)
+        positions = Positions.of(family, config, getattr(processor, "image_processor", None))
+        limit = positions.limit
         report.text_limit = positions.text
-        report.length_problems = recipe_length_problems(recipe, tokenizer, positions)
+        report.length_problems = recipe_length_problems(recipe, processor.tokenizer, positions)
     except (UserError, OSError, AttributeError) as exc:
         logger.warning("the base's position limit could not be read (%s); lengths not checked against it", exc)
     # The trainer's own encoder and layout, with no length limit, counts exactly what it would feed.
     encoder = ExampleEncoder(
-        tokenizer, layout, task=cfg.task, prompt=cfg.prompt, prompt_template=cfg.prompt_template, max_length=10**9
+        processor.tokenizer, layout, task=cfg.task, prompt=cfg.prompt, prompt_template=cfg.prompt_template, max_length=10**9
     )
+    report.image_tokens, report.image_sizes = image_token_counts(usable, processor, layout)
+    if report.image_tokens and limit is not None:
+        report.text_limit = limit - max(report.image_tokens)
     for example in usable:
         encoded = encoder.encode(example)
         report.text_lengths.append(layout.text_length(encoded))
@@ -163,14 +178,39 @@ def check_data(recipe: Recipe, progress: bool = True) -> DataReport:
     return report
 
 
+def image_token_counts(examples: list[Example], processor, layout) -> tuple[list[int], int]:
+    """Positions each distinct image takes in the language model's sequence, and how many sizes there are.
+
+    The count depends on the image's size alone (Qwen2.5-VL's patch grid, SmolVLM's tiles; fixed for
+    the others), so each size is read from the image's header and one blank image of that size goes
+    through the base's own image processor and the layout's image inputs: what training feeds.
+    """
+    from PIL import Image
+
+    from multimodal_lora.data.images import image_size
+
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        return [], 0
+    firsts = {e.image_id: e for e in examples}
+    sizes = [image_size(e.image) for e in firsts.values()]
+    tokens = {}
+    for size in set(sizes):
+        item = layout.image_inputs.split(image_processor([Image.new("RGB", size)], return_tensors="pt"))[0]
+        count = layout.image_inputs.image_tokens(item)
+        tokens[size] = layout.num_query_tokens if count is None else count
+    return [tokens[size] for size in sizes], len(tokens)
+
+
+
 def _base_parts(base: str, revision: str | None):
-    """``(family, config, tokenizer, token layout)`` of the base, from its name, config and processor (no weights)."""
+    """``(family, config, processor, token layout)`` of the base, from its name, config and processor (no weights)."""
     from multimodal_lora.model import base_config, base_family, load_processor
 
     family = base_family(base, revision)  # the command's one derivation of the family
     config = base_config(base, revision)
     processor = load_processor(base, revision, family=family)
-    return family, config, processor.tokenizer, family.make_layout(config, None, processor)
+    return family, config, processor, family.make_layout(config, None, processor)
 
 
 def _stats(values: list[int]) -> str:

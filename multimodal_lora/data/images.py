@@ -131,6 +131,27 @@ def load_image(
         raise ImageError(f"{label}: corrupt or truncated image ({exc})") from None
 
 
+EXIF_ORIENTATION = 0x0112
+ROTATED = (5, 6, 7, 8)
+"""EXIF orientations that turn the image a quarter turn (:func:`to_rgb` swaps its sides)."""
+
+
+def image_size(source: ImageSource) -> tuple[int, int]:
+    """``(width, height)`` of an image as :func:`load_image` returns it (EXIF rotation applied), from its
+    header alone (nothing is decoded). The image must be readable (:func:`load_image` said so)."""
+    if isinstance(source, StoredImage):
+        source = source.read()
+    if isinstance(source, Image.Image):
+        return _upright_size(source)
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        return _upright_size(image)
+
+
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    width, height = image.size
+    return (height, width) if image.getexif().get(EXIF_ORIENTATION) in ROTATED else (width, height)
+
+
 def _check_header(source, label: str, max_pixels: int | None, formats: set[str] | None) -> None:
     """The format and pixel count from the header alone (nothing is decoded)."""
     try:

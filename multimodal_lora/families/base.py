@@ -34,6 +34,9 @@ PARTS = ("attention", "mlp", "connector")
 DEFAULT_PARTS = ("attention",)
 PRINTABLE = [chr(c) for c in range(33, 127)]
 PROMPTS = "Question: What colour is the shape? Answer: A short image description:"
+PLAN_IMAGE = (480, 640)
+"""Height and width of the image the memory plan and config-level length checks assume for a family
+whose image tokens vary with the image (a common COCO photo, 640×480)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,36 @@ class PlanDims:
     layers: int
     """Transformer blocks the tokens pass through (an encoder–decoder counts both stacks)."""
     vocab: int
+    attention: int = 0
+    """Width of the queries and of the attention output (heads × head width); 0: ``hidden``."""
+    kv: int = 0
+    """Width of the keys and of the values (key-value heads × head width: narrower than the
+    queries under grouped-query attention); 0: ``hidden``."""
+
+    @property
+    def attention_width(self) -> int:
+        return self.attention or self.hidden
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv or self.hidden
+
+
+def decoder_plan_dims(text) -> PlanDims:
+    """:class:`PlanDims` of a LLaMA-style decoder config (Qwen2, LLaMA, Gemma 2): ``intermediate_size``
+    wide MLP, and the attention's widths from its heads, key-value heads and head width (grouped-query
+    attention: Qwen2.5-VL-3B has 16 query heads and 2 key-value heads of 128)."""
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    return PlanDims(
+        hidden=text.hidden_size,
+        ffn=text.intermediate_size,
+        layers=text.num_hidden_layers,
+        vocab=text.vocab_size,
+        attention=heads * head_dim,
+        kv=kv_heads * head_dim,
+    )
 
 
 @dataclass(frozen=True)
@@ -128,10 +161,20 @@ class Family:
     from the model (``model.visual``): kept in eval mode, hashed for the feature cache."""
     language_model: str = "language_model"
     """Attribute path from the model to its language model (gradient checkpointing)."""
-    image_tokens: Callable[[object], int] = lambda config: int(config.num_query_tokens)
-    """``config -> `` positions one image takes in the language model's sequence, for length checks
-    and the memory plan; a family whose count varies with the image gives its documented
-    planning figure (see its module)."""
+    image_tokens: Callable[..., int] = lambda config, image_processor=None: int(config.num_query_tokens)
+    """``(config, image_processor=None) -> `` positions one image takes in the language model's
+    sequence, for length checks and the memory plan. A family whose count varies with the image
+    gives the count of :data:`PLAN_IMAGE` as ``image_processor`` (the base's own, when the caller
+    has it) processes it, and without one as its published checkpoints' processor does (see its module)."""
+    unquantized: tuple[str, ...] | None = None
+    """Module-name prefixes (from the root) that bitsandbytes leaves unquantized in an int8 / 4-bit
+    base, and that stay in the recipe's dtype while it trains; ``None``: the whole :attr:`image_path`
+    (the frozen vision tower and connector: small, and quantizing them costs quality). ``()``:
+    transformers' own choice (BLIP-2 keeps its Q-Former in fp32 and quantizes its vision encoder)."""
+    unquantized_in_dtype: bool = True
+    """Whether a base being trained has its :meth:`keep_unquantized` modules cast back to the recipe's
+    dtype after PEFT's ``prepare_model_for_kbit_training`` made them fp32 (``False``: they stay fp32, for a
+    model that casts its image features to the dtype of its first parameter rather than its embeddings')."""
     no_feature_cache: str | None = None
     """Why the frozen-feature cache cannot serve this family (``None``: it can)."""
     no_continuous_batching: str | None = None
@@ -152,6 +195,10 @@ class Family:
     (the vision encoder's MLP must never match)."""
     connector: Connector | None = None
     """What ``lora.parts: [connector]`` adapts; ``None``: this family offers no ``connector`` part."""
+
+    def keep_unquantized(self) -> tuple[str, ...]:
+        """The module-name prefixes an int8 / 4-bit load leaves unquantized (:attr:`unquantized`)."""
+        return self.image_path if self.unquantized is None else self.unquantized
 
     def parts(self) -> tuple[str, ...]:
         """The parts ``lora.parts`` may name for this family, in :data:`PARTS` order."""

@@ -281,6 +281,7 @@ FAMILY = Family(
     connector=QFORMER_CONNECTOR,
     matches=_matches,
     make_layout=_layout,
+    unquantized=(),  # transformers' choice: the Q-Former in fp32, the vision encoder quantized
     plan_dims=_plan_dims,
     published={"Salesforce/blip2-opt-2.7b": "blip2-opt-2.7b.json"},
     tiny_name=TINY_NAME,

@@ -187,6 +187,7 @@ FAMILY = Family(
     connector=QFORMER_CONNECTOR,
     matches=_matches,
     make_layout=_layout,
+    unquantized=(),  # transformers' choice: the Q-Former in fp32, the vision encoder quantized
     plan_dims=plan_dims,
     max_positions=no_position_limit,
     published={

@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 from multimodal_lora.families import blip2_opt
-from multimodal_lora.families.base import Connector, Family, PlanDims, metaspace_tokenizer, stop_token_id
+from multimodal_lora.families.base import Connector, Family, decoder_plan_dims, metaspace_tokenizer, stop_token_id
 from multimodal_lora.families.layouts import IGNORE_INDEX, DecoderOnlyLayout, Padding, _fit, _ids
 from multimodal_lora.families.twins import init_weights, set_generation_defaults
 
@@ -134,8 +134,9 @@ def _matches(config) -> bool:
     return getattr(config, "model_type", None) == "paligemma"
 
 
-def image_tokens(config) -> int:
-    """SigLIP patches per image: ``(image_size // patch_size) ** 2``, each one ``<image>`` placeholder."""
+def image_tokens(config, image_processor=None) -> int:
+    """SigLIP patches per image: ``(image_size // patch_size) ** 2``, each one ``<image>`` placeholder
+    (every image is resized to ``image_size``, so the processor changes nothing)."""
     vision = config.vision_config
     return (vision.image_size // vision.patch_size) ** 2
 
@@ -179,10 +180,6 @@ def _layout(config, generation_config, processor) -> PrefixLMLayout:
         target_prefix="",
         separator_id=separator[0],
     )
-
-
-def _plan_dims(text) -> PlanDims:
-    return PlanDims(hidden=text.hidden_size, ffn=text.intermediate_size, layers=text.num_hidden_layers, vocab=text.vocab_size)
 
 
 # --- the tiny twin ------------------------------------------------------------------------------
@@ -280,7 +277,7 @@ FAMILY = Family(
     attention_pattern=ATTENTION_PATTERN,
     matches=_matches,
     make_layout=_layout,
-    plan_dims=_plan_dims,
+    plan_dims=decoder_plan_dims,
     published={
         "google/paligemma2-3b-pt-224": "paligemma2-3b-pt-224.json",
         "google/paligemma2-3b-pt-448": "paligemma2-3b-pt-448.json",

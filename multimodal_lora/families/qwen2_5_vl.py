@@ -38,8 +38,9 @@ What differs from the Q-Former families, and how this family says it:
   (3-D positions); the server batches per ``generate`` call instead.
 
 **The plan's image**: a variable count needs a figure for the memory plan and
-length checks: :data:`PLAN_IMAGE`, a 640×480 photo (COCO's common size), which
-the published processor turns into 476×644 pixels: 17 × 23 = 391 tokens.
+length checks: :data:`~multimodal_lora.families.base.PLAN_IMAGE`, a 640×480 photo
+(COCO's common size), which the published processor turns into 476×644 pixels:
+17 × 23 = 391 tokens; the tiny twin's processor (1,024 pixels at most) into 3 × 4 = 12.
 
 **The tiny twin** (``base: tiny-qwen2vl``): the real class from a tiny config
 (two text layers of width 128, a two-block vision tower of width 64 with
@@ -59,12 +60,13 @@ from pathlib import Path
 import torch
 
 from multimodal_lora.families.base import (
+    PLAN_IMAGE,
     PROMPTS,
     Connector,
     Family,
-    PlanDims,
     ProcessorParts,
     VllmRoute,
+    decoder_plan_dims,
     scaled_init,
     stop_token_id,
 )
@@ -89,8 +91,6 @@ IMAGE_PATH = ("model.visual.patch_embed", "model.visual.blocks", "model.visual.m
 
 CHAT_TEMPLATE_FILE = "qwen2.5-vl-chat_template.jinja"
 PREPROCESSOR_FILE = "qwen2.5-vl-preprocessor_config.json"
-PLAN_IMAGE = (480, 640)
-"""Height and width of the image the memory plan assumes (a common COCO photo)."""
 
 TINY_NAME = "tiny-qwen2vl"
 TINY_SEED = 0
@@ -139,11 +139,11 @@ def _matches(config) -> bool:
     return getattr(config, "model_type", None) == "qwen2_5_vl"
 
 
-def _grid_tokens(height: int, width: int, vision, min_pixels: int, max_pixels: int) -> int:
-    """Tokens of an image of ``height``×``width`` pixels, resized as the processor resizes it."""
+def _grid_tokens(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> int:
+    """Tokens of an image of ``height``×``width`` pixels, resized as the processor resizes it
+    (to multiples of ``factor``, patch size × merge size, within its pixel bounds)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-    factor = vision.patch_size * vision.spatial_merge_size
     h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     return (h // factor) * (w // factor)
 
@@ -152,9 +152,17 @@ def _published_preprocessor() -> dict:
     return json.loads(resources.files("multimodal_lora.families").joinpath("configs", PREPROCESSOR_FILE).read_text())
 
 
-def _plan_image_tokens(config) -> int:
-    pre = _published_preprocessor()
-    return _grid_tokens(*PLAN_IMAGE, config.vision_config, pre["min_pixels"], pre["max_pixels"])
+def _plan_image_tokens(config, image_processor=None) -> int:
+    """Tokens of :data:`PLAN_IMAGE` as ``image_processor`` resizes it (its pixel bounds and patch
+    size: the tiny twin's takes 16), else as the published processor does (391)."""
+    if image_processor is not None:
+        factor = image_processor.patch_size * image_processor.merge_size
+        bounds = image_processor.size["shortest_edge"], image_processor.size["longest_edge"]
+    else:
+        pre = _published_preprocessor()
+        factor = config.vision_config.patch_size * config.vision_config.spatial_merge_size
+        bounds = pre["min_pixels"], pre["max_pixels"]
+    return _grid_tokens(*PLAN_IMAGE, factor, *bounds)
 
 
 def merger_values(vision, r: int, rows: int) -> int:
@@ -209,10 +217,6 @@ def _layout(config, generation_config, processor) -> ChatLayout:
             merge_size=int(config.vision_config.spatial_merge_size),
         ),
     )
-
-
-def _plan_dims(text) -> PlanDims:
-    return PlanDims(hidden=text.hidden_size, ffn=text.intermediate_size, layers=text.num_hidden_layers, vocab=text.vocab_size)
 
 
 def chat_template() -> str:
@@ -334,7 +338,7 @@ FAMILY = Family(
     attention_pattern=ATTENTION_PATTERN,
     matches=_matches,
     make_layout=_layout,
-    plan_dims=_plan_dims,
+    plan_dims=decoder_plan_dims,
     published={
         "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2.5-vl-3b-instruct.json",
         "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2.5-vl-7b-instruct.json",

@@ -38,7 +38,10 @@ and :meth:`SmolVLMLayout.generation_inputs` put in the block of its tile grid
 :class:`Tiles` pads each example's views with all-zero ones, which the model
 drops. The stop token is ``<end_of_utterance>``, which the published generation
 configs stop on. ``Family.image_tokens`` (the memory plan, config-level length
-checks) counts one view; the captioner's length check counts the largest grid.
+checks) counts the tiles of a 640×480 image as the base's processor (else the published
+one: splitting on, tiles of the vision tower's size, longest edge 4 tiles) splits it:
+1,084 positions on SmolVLM2-2.2B (4 × 3 tiles and the global view, 81 tokens each, and
+their markers), 863 on the 500M; the captioner's length check counts the largest grid.
 
 **The tiny twin** (``base: tiny-smolvlm``): a real ``SmolVLMForConditionalGeneration``
 with a two-layer LLaMA and a two-layer vision tower on 32×32 images with 4×4
@@ -64,13 +67,14 @@ import torch
 
 from multimodal_lora.families import blip2_opt
 from multimodal_lora.families.base import (
+    PLAN_IMAGE,
     PRINTABLE,
     PROMPTS,
     Connector,
     Family,
-    PlanDims,
     ProcessorParts,
     VllmRoute,
+    decoder_plan_dims,
     stop_token_id,
 )
 from multimodal_lora.families.image_inputs import ImageInputs
@@ -96,6 +100,9 @@ ASSISTANT = "\nAssistant:"
 FAKE_TOKEN = "<fake_token_around_image>"
 GLOBAL_TOKEN = "<global-img>"
 IMAGE_TOKEN = "<image>"
+SPLIT_EDGE_TILES = 4
+"""The published processors resize an image to a longest edge of 4 tiles before splitting it
+(``size.longest_edge`` 4 × ``max_image_size.longest_edge``: see ``configs/SOURCES.md``)."""
 END_OF_UTTERANCE = "<end_of_utterance>"
 
 TINY_NAME = "tiny-smolvlm"
@@ -243,24 +250,56 @@ def image_tokens(config) -> int:
     return (vision.image_size // vision.patch_size) ** 2 // config.scale_factor**2
 
 
-def image_positions(config) -> int:
+def view_positions(config) -> int:
     """Positions one unsplit image takes: its ``<image>`` tokens and the three markers around them."""
     return image_tokens(config) + 3
 
 
-def connector_activation_values(config, r: int) -> int:
+def published_image_processor(config):
+    """The image processor settings the published SmolVLM2 checkpoints ship: splitting on, tiles of the
+    vision tower's ``image_size`` (384 px for 2.2B, 512 for 500M), the image first resized to a longest
+    edge of :data:`SPLIT_EDGE_TILES` tiles (1536, 2048)."""
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tile = config.vision_config.image_size
+    return Idefics3ImageProcessorPil(
+        do_image_splitting=True, size={"longest_edge": SPLIT_EDGE_TILES * tile}, max_image_size={"longest_edge": tile}
+    )
+
+
+def image_positions(config, image_processor=None) -> int:
+    """Positions :data:`~multimodal_lora.families.base.PLAN_IMAGE` takes once ``image_processor`` (else the
+    published one, :func:`published_image_processor`) has split it: ``rows × cols`` tiles of ``N + 2``
+    (``<fake><row_R_col_C>`` and ``N`` ``<image>``), a newline per row and one more, and the global
+    view's ``N + 3``. 640×480 on SmolVLM2-2.2B: 4 × 3 tiles, 12 × 83 + 4 + 84 = 1,084; one view
+    (splitting off, the tiny twin) ``N + 3``. The newlines are counted as one token each (a tokenizer
+    that merges the last two makes it one fewer)."""
+    processor = image_processor if image_processor is not None else published_image_processor(config)
+    if not getattr(processor, "do_image_splitting", False):
+        return view_positions(config)
+    _, rows, cols = processor.get_number_of_image_patches(*PLAN_IMAGE, {})
+    return rows * cols * (image_tokens(config) + 2) + (rows + 1 if rows else 0) + view_positions(config)
+
+
+def view_activation_values(config, r: int) -> int:
     """Values autograd keeps per image view in the connector when its LoRA (rank ``r``) trains.
 
     The connector pixel-shuffles the frozen vision output (no gradient: the copy it
     makes is not saved) into ``N`` tokens of width ``v s²`` (``v`` the vision width,
     ``s`` the scale factor) and projects them with one linear: the frozen linear and
     LoRA's dropout save nothing, LoRA's A saves its input (``N × v s²``) and B its
-    input (``N × r``). Per view, as :attr:`Family.image_tokens` counts one view; a split
-    image has up to 17. ``tests/test_parts.py`` counts what autograd saves in the tiny
-    twin's connector against it.
+    input (``N × r``). ``tests/test_parts_families.py`` counts what autograd saves in
+    the tiny twin's connector (one view an image) against it.
     """
     scale = int(config.scale_factor)
     return image_tokens(config) * (config.vision_config.hidden_size * scale * scale + r)
+
+
+def connector_activation_values(config, r: int) -> int:
+    """:func:`view_activation_values` for every view of the plan's image as the published processor
+    splits it (13 for 640×480: 4 × 3 tiles and the global view)."""
+    _, rows, cols = published_image_processor(config).get_number_of_image_patches(*PLAN_IMAGE, {})
+    return (rows * cols + 1) * view_activation_values(config, r)
 
 
 CONNECTOR = Connector(
@@ -328,10 +367,6 @@ def _layout(config, generation_config, processor) -> SmolVLMLayout:
         user_ids=tuple(_ids(tokenizer, USER)),
         turn_end_ids=(*tokenizer.convert_tokens_to_ids([END_OF_UTTERANCE]), *_ids(tokenizer, ASSISTANT)),
     )
-
-
-def _plan_dims(text) -> PlanDims:
-    return PlanDims(hidden=text.hidden_size, ffn=text.intermediate_size, layers=text.num_hidden_layers, vocab=text.vocab_size)
 
 
 # --- the tiny twin ------------------------------------------------------------------------------
@@ -448,7 +483,7 @@ _SHARED = dict(
     default_targets=LORA_TARGETS,
     attention_pattern=ATTENTION_PATTERN,
     make_layout=_layout,
-    plan_dims=_plan_dims,
+    plan_dims=decoder_plan_dims,
     components=COMPONENTS,
     image_path=IMAGE_PATH,
     language_model="model.text_model",
@@ -463,6 +498,9 @@ _SHARED = dict(
     ),
     load_processor=load_processor,
     vllm=VLLM,
+    # get_image_features casts the features to self.dtype, its first parameter's (the vision tower's): in
+    # bf16 beside fp32 embeddings, masked_scatter refuses the mix (tried on the tiny twin in 4-bit bf16).
+    unquantized_in_dtype=False,
 )
 
 SMOLVLM = Family(

@@ -226,7 +226,7 @@ def setup_accelerator(recipe: Recipe, output_dir: Path, trackers: list[str]):
 def setup_data(recipe: Recipe, accelerator, family):
     """The processor (its tokenizer checks the lengths) and the screened splits."""
     processor = load_processor(recipe.model.base, recipe.model.revision, family=family)
-    positions = Positions.of_base(recipe.model.base, recipe.model.revision, family)
+    positions = Positions.of_base(recipe.model.base, recipe.model.revision, family, getattr(processor, "image_processor", None))
     lengths = recipe_length_problems(recipe, processor.tokenizer, positions)
     if lengths:
         raise ConfigError(f"{recipe.source or 'recipe'}: lengths the base cannot hold:\n" + "\n".join(f"  - {p}" for p in lengths))
