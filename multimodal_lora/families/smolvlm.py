@@ -39,6 +39,9 @@ and :meth:`SmolVLMLayout.generation_inputs` put in the block of its tile grid
 drops. The stop token is ``<end_of_utterance>``, which the published generation
 configs stop on. ``Family.image_tokens`` (the memory plan, config-level length
 checks) counts one view; the captioner's length check counts the largest grid.
+The frozen-feature cache stores each image's features (its kept views after
+pixel shuffle, end to end) and its tile grid, which picks the placeholder block
+they fill (``Tiles.cache_keeps``).
 
 **The tiny twin** (``base: tiny-smolvlm``): a real ``SmolVLMForConditionalGeneration``
 with a two-layer LLaMA and a two-layer vision tower on 32×32 images with 4×4
@@ -202,6 +205,8 @@ class Tiles(ImageInputs):
 
     lengths: Mapping[tuple[int, int], int] = field(default_factory=dict)
     """Tokens an image takes, by tile grid."""
+    # Without pixels, the tile grid still picks the placeholder block the cached features fill.
+    cache_keeps = ("tile_grid",)
 
     def split(self, processed: Mapping) -> list[dict[str, torch.Tensor]]:
         pixels = processed["pixel_values"]
@@ -456,7 +461,6 @@ _SHARED = dict(
     mlp_targets=MLP_TARGETS,
     mlp_pattern=MLP_PATTERN,
     connector=CONNECTOR,
-    no_feature_cache="its image features come back as a list per image (tiles after pixel shuffle), not the one fixed-shape prefix the cache stores",
     no_continuous_batching=(
         "its language model (model.text_model) has no output head of its own (lm_head is on the outer "
         "model), and the shared decode loop calls the language model for logits directly"
