@@ -100,13 +100,15 @@ def test_cached_features_give_the_loss_and_lora_gradients_pixels_give_and_are_bu
     assert again.directory == cache.directory and len(computed) == before + 1
     # Another image-processor setting is another key: built anew.
     settings = processor.image_processor.to_dict()
-    if base == "tiny-qwen2vl":
-        processor.image_processor.max_pixels = processor.image_processor.size["longest_edge"] = 24 * 24
+    if base == "tiny-qwen2vl":  # the pixel budget (max_pixels, as transformers 5 names it in size)
+        processor.image_processor.size["longest_edge"] = 24 * 24
     else:
         processor.image_processor.do_image_splitting = True
     assert processor.image_processor.to_dict() != settings
     other, _ = open_or_build(data, model, processor.image_processor, tmp_path / "cache", batch_size=8, progress=False, layout=layout)
     assert other.directory != cache.directory and len(computed) == before + 2
+    if base == "tiny-qwen2vl":  # and it mattered: 32×32 now resizes to 24×24, 9 tokens
+        assert other.rows[keys[0]][3] == 9
 
 
 def test_the_cache_is_still_refused_when_the_connector_trains():
