@@ -28,9 +28,9 @@ it too: a row is then one (image, instruction) pair, keyed by both.
 ``cache_keeps``): an image's features vary in length (Qwen: one token per 2×2
 patches of the resized image; SmolVLM: one block per view), and the text and
 model still need a little per image (the grid, the tile grid). These are stored
-as safetensors shards, one per build batch (``features-00000.safetensors``:
-the batch's features end to end as ``features``, and each kept key stacked,
-``keep.image_grid_thw``), read through memory-mapped slices; ``index.json``
+as safetensors shards of about :data:`SHARD_BYTES` (``features-00000.safetensors``:
+the shard's images' features end to end as ``features``, and each kept key
+stacked, ``keep.image_grid_thw``), read through memory-mapped slices; ``index.json``
 maps each image to its shard, row, first token and token count.
 """
 
@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 FEATURES_FILE = "features.npy"
 INDEX_FILE = "index.json"
 SHARD_FILE = "features-{:05d}.safetensors"
+SHARD_BYTES = 512 * 2**20
+"""About how large a shard of ragged features grows before the next one starts."""
 FEATURES_KEY = "image_features"
 """A cached batch's list of per-image ``(tokens, hidden)`` features (ragged caches)."""
 FORMAT = 2
@@ -321,7 +323,7 @@ class RaggedFeatureCache:
 
 @torch.no_grad()
 def _build_ragged(directory, examples, keys, model, image_processor, image_inputs: ImageInputs, batch_size, progress) -> None:
-    """Run the frozen image path once per distinct image, a shard of ``batch_size`` images at a time."""
+    """Run the frozen image path once per distinct image, ``batch_size`` images a call, into shards."""
     from tqdm.auto import tqdm
 
     from multimodal_lora.model import ragged_features
@@ -330,38 +332,59 @@ def _build_ragged(directory, examples, keys, model, image_processor, image_input
     device = next(model.parameters()).device
     stored = feature_dtype(model)
     what = f"the image feature cache ({len(unique):,} images, {str(stored).removeprefix('torch.')})"
-    rows, written = {}, 0
     with atomic_dir(directory, "the image feature cache", if_exists="keep") as tmp:
+        shards = _ShardWriter(tmp, image_inputs.cache_keeps)
         bar = tqdm(total=len(unique), desc="caching image features", unit="image", disable=not progress)
-        for shard, start in enumerate(range(0, len(unique), batch_size)):
+        for start in range(0, len(unique), batch_size):
             chunk = unique[start : start + batch_size]
             images = [load_image(e.image, name=e.origin if isinstance(e.image, bytes) else None) for _, e in chunk]
             items = image_inputs.split(image_processor(images, return_tensors="pt"))
             on_device = [{k: v.to(device) for k, v in item.items()} for item in items]
             features = [f.to(stored).cpu() for f in ragged_features(model, image_inputs, on_device)]
-            tensors = {"features": torch.cat(features).contiguous()}
-            tensors.update({f"keep.{k}": torch.stack([item[k] for item in items]) for k in image_inputs.cache_keeps})
-            if shard == 0:  # the first shard's size per image, for the whole: refused now, not hours in
-                per_image = sum(t.numel() * t.element_size() for t in tensors.values()) / len(chunk)
+            if start == 0:  # the first batch's size per image, for the whole: refused now, not hours in
+                per_image = sum(f.numel() for f in features) * stored.itemsize / len(chunk)
                 logger.info("%s: about %s in %s", what, format_bytes(int(per_image * len(unique))), directory)
                 require_free_space(directory.parent, int(per_image * len(unique) * 1.1) + 4096, what)
-            at = 0
-            for row, ((key, _), f) in enumerate(zip(chunk, features)):
-                rows[key] = [shard, row, at, len(f)]
-                at += len(f)
-            _save_shard(tensors, tmp / SHARD_FILE.format(shard))
-            written += sum(t.numel() * t.element_size() for t in tensors.values())
+            for (key, _), item, f in zip(chunk, items, features):
+                shards.add(key, f, item)
             bar.update(len(chunk))
         bar.close()
-        index = {"format": FORMAT, "dtype": str(stored).removeprefix("torch."), "keeps": list(image_inputs.cache_keeps), "rows": rows}
+        shards.flush()
+        index = {"format": FORMAT, "dtype": str(stored).removeprefix("torch."), "keeps": list(image_inputs.cache_keeps), "rows": shards.rows}
         (tmp / INDEX_FILE).write_text(json.dumps(index))
-    logger.info("image features: cached %d images (%s) in %s", len(unique), format_bytes(written), directory)
+    logger.info("image features: cached %d images (%s) in %s", len(unique), format_bytes(shards.written), directory)
 
 
-def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
+class _ShardWriter:
+    """Collects images' features and kept keys, and writes them as a safetensors shard every
+    :data:`SHARD_BYTES` (a few files however many images: each open shard holds a file handle)."""
 
-    save_file(tensors, str(path))
+    def __init__(self, directory: Path, keeps: tuple[str, ...]):
+        self.directory, self.keeps = directory, keeps
+        self.rows: dict[str, list[int]] = {}
+        self.written = 0
+        self.shard = 0
+        self._pending: list[tuple[torch.Tensor, dict]] = []
+        self._tokens = self._bytes = 0
+
+    def add(self, key: str, features: torch.Tensor, item: dict) -> None:
+        self.rows[key] = [self.shard, len(self._pending), self._tokens, len(features)]
+        self._pending.append((features, {k: item[k] for k in self.keeps}))
+        self._tokens += len(features)
+        self._bytes += features.numel() * features.element_size()
+        if self._bytes >= SHARD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self._pending:
+            return
+        tensors = {"features": torch.cat([f for f, _ in self._pending]).contiguous()}
+        tensors.update({f"keep.{k}": torch.stack([kept[k] for _, kept in self._pending]) for k in self.keeps})
+        save_file(tensors, str(self.directory / SHARD_FILE.format(self.shard)))
+        self.written += sum(t.numel() * t.element_size() for t in tensors.values())
+        self.shard, self._pending, self._tokens, self._bytes = self.shard + 1, [], 0, 0
 
 
 class RaggedPairDataset(torch.utils.data.Dataset):

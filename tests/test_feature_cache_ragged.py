@@ -46,8 +46,12 @@ def loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 
 @pytest.mark.parametrize("base", sorted(VISION))
-def test_cached_features_give_the_loss_and_lora_gradients_pixels_give_and_are_built_once(base, tmp_path):
+def test_cached_features_give_the_loss_and_lora_gradients_pixels_give_and_are_built_once(base, tmp_path, monkeypatch):
+    from multimodal_lora import feature_cache
     from multimodal_lora.model import attribute
+
+    # Shards of about 20 KB: three of the five images' fp32 features (8 KB for 16 tokens of 128), then two.
+    monkeypatch.setattr(feature_cache, "SHARD_BYTES", 20_000)
 
     model = add_lora(load_base(ModelConfig(base=base, device="cpu"))[0], LoraSettings(r=4, alpha=8, dropout=0.0))
     with torch.no_grad():  # B non-zero, so that the gradient reaches every LoRA matrix
@@ -66,6 +70,7 @@ def test_cached_features_give_the_loss_and_lora_gradients_pixels_give_and_are_bu
     model.eval()
     cache, keys = open_or_build(data, model, processor.image_processor, tmp_path / "cache", batch_size=3, progress=False, layout=layout)
     assert isinstance(cache, RaggedFeatureCache) and len(computed) == 2  # 5 images, batches of 3: two calls
+    assert sorted(p.name for p in cache.directory.iterdir()) == [SHARD_FILE.format(0), SHARD_FILE.format(1), INDEX_FILE]
     # The files: safetensors shards, the features end to end, and what each image keeps.
     index = json.loads((cache.directory / INDEX_FILE).read_text())
     shards = [load_file(cache.directory / SHARD_FILE.format(i)) for i in range(2)]
