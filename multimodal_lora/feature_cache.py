@@ -29,8 +29,8 @@ it too: a row is then one (image, instruction) pair, keyed by both.
 patches of the resized image; SmolVLM: one block per view), and the text and
 model still need a little per image (the grid, the tile grid). These are stored
 as safetensors shards of about :data:`SHARD_BYTES` (``features-00000.safetensors``:
-the shard's images' features end to end as ``features``, and each kept key
-stacked, ``keep.image_grid_thw``), read through memory-mapped slices; ``index.json``
+the shard's images' features end to end, one tensor per name, ``features.pooler_output``,
+and each kept key stacked, ``keep.image_grid_thw``), read through memory-mapped slices; ``index.json``
 maps each image to its shard, row, first token and token count.
 """
 
@@ -51,17 +51,18 @@ import torch
 from multimodal_lora.atomic import atomic_dir, format_bytes, require_free_space
 from multimodal_lora.data.images import StoredImage, load_image
 from multimodal_lora.data.sources import Example
-from multimodal_lora.families.image_inputs import ImageInputs, feature_inputs
+from multimodal_lora.families.image_inputs import PIXELS, ImageInputs
 
 logger = logging.getLogger(__name__)
 
 FEATURES_FILE = "features.npy"
 INDEX_FILE = "index.json"
 SHARD_FILE = "features-{:05d}.safetensors"
-SHARD_BYTES = 512 * 2**20
-"""About how large a shard of ragged features grows before the next one starts."""
+SHARD_BYTES = 256 * 2**20
+"""About how large a shard of ragged features grows before it is written (it is held in memory until
+then) and the next one starts: 64 files for 16 GB of features."""
 FEATURES_KEY = "image_features"
-"""A cached batch's list of per-image ``(tokens, hidden)`` features (ragged caches)."""
+"""A cached batch's list of each image's named ``(tokens, ...)`` features (ragged caches)."""
 FORMAT = 2
 """Bumped when the files' layout changes, so that an older cache is never read as a newer one."""
 
@@ -261,16 +262,17 @@ class PrefixCollator:
         return batch
 
 
-def forward_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict:
+def forward_inputs(batch: dict, device: torch.device, image_inputs: ImageInputs = PIXELS) -> dict:
     """A collated batch as the model's keyword arguments, on ``device``: pixels, a cached prefix, or
-    each image's cached features."""
+    each image's cached features (fed as the layout's ``image_inputs`` says)."""
     from multimodal_lora.model import prefix_inputs
 
     inputs = {k: v.to(device) for k, v in batch.items() if k not in ("prefix", FEATURES_KEY)}
     if "prefix" in batch:
         inputs.update(prefix_inputs(batch["prefix"].to(device)))
     if FEATURES_KEY in batch:
-        inputs.update(feature_inputs([f.to(device) for f in batch[FEATURES_KEY]]))
+        features = [{name: t.to(device) for name, t in image.items()} for image in batch[FEATURES_KEY]]
+        inputs.update(image_inputs.feature_inputs(features))
     return inputs
 
 
@@ -286,19 +288,23 @@ class RaggedFeatureCache:
     """Image content hash → ``[shard, row in shard, first token, tokens]``."""
     keeps: tuple[str, ...]
     """The item keys each image keeps beside its features (``image_grid_thw``)."""
+    streams: tuple[str, ...]
+    """The names of each image's features (``pooler_output``), stored as ``features.<name>``."""
     dtype: torch.dtype = torch.float32
+    """The dtype the features were computed in and are stored in (safetensors keeps bf16 as it is)."""
     _shards: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, directory: Path) -> RaggedFeatureCache:
         index = json.loads((Path(directory) / INDEX_FILE).read_text())
-        return cls(Path(directory), index["rows"], tuple(index["keeps"]), getattr(torch, index["dtype"]))
+        keeps, streams = tuple(index["keeps"]), tuple(index["streams"])
+        return cls(Path(directory), index["rows"], keeps, streams, getattr(torch, index["dtype"]))
 
-    def item(self, key: str) -> dict[str, torch.Tensor]:
-        """One image's features (``image_features``) and its kept keys, as its processed item held them."""
+    def item(self, key: str) -> dict:
+        """One image's named features (``image_features``) and its kept keys, as its processed item held them."""
         shard, row, start, count = self.rows[key]
         f = self._shard(shard)
-        out = {FEATURES_KEY: f.get_slice("features")[start : start + count]}
+        out: dict = {FEATURES_KEY: {name: f.get_slice(f"features.{name}")[start : start + count] for name in self.streams}}
         out.update({k: f.get_slice(f"keep.{k}")[row : row + 1][0] for k in self.keeps})
         return out
 
@@ -340,9 +346,9 @@ def _build_ragged(directory, examples, keys, model, image_processor, image_input
             images = [load_image(e.image, name=e.origin if isinstance(e.image, bytes) else None) for _, e in chunk]
             items = image_inputs.split(image_processor(images, return_tensors="pt"))
             on_device = [{k: v.to(device) for k, v in item.items()} for item in items]
-            features = [f.to(stored).cpu() for f in ragged_features(model, image_inputs, on_device)]
+            features = [{n: t.to(stored).cpu() for n, t in f.items()} for f in ragged_features(model, image_inputs, on_device)]
             if start == 0:  # the first batch's size per image, for the whole: refused now, not hours in
-                per_image = sum(f.numel() for f in features) * stored.itemsize / len(chunk)
+                per_image = sum(t.numel() for f in features for t in f.values()) * stored.itemsize / len(chunk)
                 logger.info("%s: about %s in %s", what, format_bytes(int(per_image * len(unique))), directory)
                 require_free_space(directory.parent, int(per_image * len(unique) * 1.1) + 4096, what)
             for (key, _), item, f in zip(chunk, items, features):
@@ -350,28 +356,35 @@ def _build_ragged(directory, examples, keys, model, image_processor, image_input
             bar.update(len(chunk))
         bar.close()
         shards.flush()
-        index = {"format": FORMAT, "dtype": str(stored).removeprefix("torch."), "keeps": list(image_inputs.cache_keeps), "rows": shards.rows}
+        index = {
+            "format": FORMAT, "dtype": str(stored).removeprefix("torch."), "keeps": list(image_inputs.cache_keeps),
+            "streams": shards.streams, "rows": shards.rows,
+        }  # fmt: skip
         (tmp / INDEX_FILE).write_text(json.dumps(index))
     logger.info("image features: cached %d images (%s) in %s", len(unique), format_bytes(shards.written), directory)
 
 
 class _ShardWriter:
-    """Collects images' features and kept keys, and writes them as a safetensors shard every
+    """Collects images' named features and kept keys, and writes them as a safetensors shard every
     :data:`SHARD_BYTES` (a few files however many images: each open shard holds a file handle)."""
 
     def __init__(self, directory: Path, keeps: tuple[str, ...]):
         self.directory, self.keeps = directory, keeps
         self.rows: dict[str, list[int]] = {}
+        self.streams: list[str] = []
         self.written = 0
         self.shard = 0
-        self._pending: list[tuple[torch.Tensor, dict]] = []
+        self._pending: list[tuple[dict[str, torch.Tensor], dict]] = []
         self._tokens = self._bytes = 0
 
-    def add(self, key: str, features: torch.Tensor, item: dict) -> None:
-        self.rows[key] = [self.shard, len(self._pending), self._tokens, len(features)]
+    def add(self, key: str, features: dict[str, torch.Tensor], item: dict) -> None:
+        count = {len(t) for t in features.values()}
+        assert len(count) == 1, f"an image's features disagree on its token count: {count}"
+        self.streams = self.streams or sorted(features)
+        self.rows[key] = [self.shard, len(self._pending), self._tokens, count.pop()]
         self._pending.append((features, {k: item[k] for k in self.keeps}))
-        self._tokens += len(features)
-        self._bytes += features.numel() * features.element_size()
+        self._tokens += self.rows[key][3]
+        self._bytes += sum(t.numel() * t.element_size() for t in features.values())
         if self._bytes >= SHARD_BYTES:
             self.flush()
 
@@ -380,7 +393,7 @@ class _ShardWriter:
 
         if not self._pending:
             return
-        tensors = {"features": torch.cat([f for f, _ in self._pending]).contiguous()}
+        tensors = {f"features.{n}": torch.cat([f[n] for f, _ in self._pending]).contiguous() for n in self.streams}
         tensors.update({f"keep.{k}": torch.stack([kept[k] for _, kept in self._pending]) for k in self.keeps})
         save_file(tensors, str(self.directory / SHARD_FILE.format(self.shard)))
         self.written += sum(t.numel() * t.element_size() for t in tensors.values())

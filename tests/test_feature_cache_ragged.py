@@ -38,9 +38,9 @@ def examples(directory) -> list[Example]:
     return out
 
 
-def loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_grads(model, batch, layout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    loss = model(**forward_inputs(batch, CPU), use_cache=False).loss
+    loss = model(**forward_inputs(batch, CPU, layout.image_inputs), use_cache=False).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -75,8 +75,8 @@ def test_cached_features_give_the_loss_and_lora_gradients_pixels_give_and_are_bu
     index = json.loads((cache.directory / INDEX_FILE).read_text())
     shards = [load_file(cache.directory / SHARD_FILE.format(i)) for i in range(2)]
     tokens = [index["rows"][k][3] for k in keys]
-    assert sum(s["features"].shape[0] for s in shards) == sum(tokens)
-    assert shards[0]["features"].shape[1] == model.config.text_config.hidden_size
+    assert index["streams"] == ["pooler_output"] and sum(s["features.pooler_output"].shape[0] for s in shards) == sum(tokens)
+    assert shards[0]["features.pooler_output"].shape[1] == model.config.text_config.hidden_size
     kept = layout.image_inputs.cache_keeps[0]
     assert [s[f"keep.{kept}"].shape[0] for s in shards] == [3, 2]
     if base == "tiny-qwen2vl":  # images of different sizes take different token counts, grids kept
@@ -90,8 +90,8 @@ def test_cached_features_give_the_loss_and_lora_gradients_pixels_give_and_are_bu
     cached = cache.collator(collate)([dataset[i] for i in range(5)])
     assert torch.equal(cached["input_ids"], pixels["input_ids"]) and torch.equal(cached["labels"], pixels["labels"])
     before = len(computed)
-    loss_p, grads_p = loss_and_grads(model, pixels)
-    loss_c, grads_c = loss_and_grads(model, cached)
+    loss_p, grads_p = loss_and_grads(model, pixels, layout)
+    loss_c, grads_c = loss_and_grads(model, cached, layout)
     assert len(computed) == before + 1  # the cached batch never ran the vision tower
     torch.testing.assert_close(loss_c, loss_p, rtol=1e-5, atol=1e-5)
     assert grads_c.keys() == grads_p.keys() and len(grads_p) == 2 * 4 * 2  # A and B, q/k/v/o, 2 layers
@@ -116,10 +116,22 @@ def test_cached_features_give_the_loss_and_lora_gradients_pixels_give_and_are_bu
         assert other.rows[keys[0]][3] == 9
 
 
-def test_the_cache_is_still_refused_when_the_connector_trains():
+def test_the_cache_is_refused_when_the_connector_trains_or_the_family_says_why_not(monkeypatch):
+    import dataclasses
+
+    from multimodal_lora.families import qwen2_5_vl
+    from multimodal_lora.training import recipe as training_recipe
+
     for name in ("tiny-qwen2vl", "tiny-smolvlm"):
         with pytest.raises(ConfigError, match="lora.parts trains the connector"):
             load_recipe(RECIPES / f"{name}.yaml", ["lora.parts=[attention,connector]", "train.cache_image_features=true"])
+    # A family that cannot cache (none of the shipped ones) is refused with its reason, from the config alone.
+    recipe = load_recipe(RECIPES / "tiny-qwen2vl.yaml", ["train.cache_image_features=true"])
+    assert training_recipe.check_family(recipe) is qwen2_5_vl.FAMILY
+    refusing = dataclasses.replace(qwen2_5_vl.FAMILY, no_feature_cache="its features depend on the prompt")
+    monkeypatch.setattr(training_recipe, "base_family", lambda base, revision=None: refusing)
+    with pytest.raises(ConfigError, match="cache_image_features: true, but its features depend on the prompt; set it to false or auto"):
+        training_recipe.check_family(recipe)
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ tensor whose length varies with the image) and the item keys named in
 :attr:`ImageInputs.cache_keeps` (what the text and the model still need
 without the pixels: Qwen's ``image_grid_thw`` for its 3-D positions, SmolVLM's
 tile grid for its placeholder block). :meth:`ImageInputs.image_features`
-computes them, :func:`feature_inputs` feeds them back through the
+computes them, :meth:`ImageInputs.feature_inputs` feeds them back through the
 model's ``mm_encoder_outputs`` argument, which merges them into the image
 placeholders exactly as it merges features it computed itself.
 """
@@ -71,24 +71,28 @@ class ImageInputs:
         """Per-token model inputs that follow from the padded ``input_ids`` (none here)."""
         return {}
 
-    def image_features(self, model, items: list[dict]) -> list[torch.Tensor]:
-        """Each image's features as its language model receives them, ``(tokens, hidden)`` each.
+    def image_features(self, model, items: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """Each image's features as its language model receives them, by name, each ``(tokens, ...)``
+        with the image's token count first: ``{"pooler_output": (tokens, hidden)}`` from the model's
+        own ``get_image_features``. A model whose encoder hands the language model more per token
+        (Qwen3-VL's deepstack features) returns those too, under names of its own, and rebuilds them
+        in :meth:`feature_inputs`.
 
         Args:
             model: the base (not a PEFT wrapper), its image path frozen and in eval mode.
             items: one item per image (:meth:`split`), on the model's device.
         """
         out = model.get_image_features(**self.collate(items), return_dict=True)
-        return list(out.pooler_output)
+        return [{"pooler_output": f} for f in out.pooler_output]
 
+    def feature_inputs(self, features: list[Mapping[str, torch.Tensor]]) -> dict:
+        """Forward keyword arguments that feed each image's cached features (in batch order) instead of
+        pixels: the model's ``mm_encoder_outputs``, which its forward merges into the placeholders with
+        its own ``get_placeholder_mask`` and ``masked_scatter``, as it merges the features it computes."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-def feature_inputs(features: list[torch.Tensor]) -> dict:
-    """Forward keyword arguments that feed each image's cached features (in batch order) instead of
-    pixels: the model's ``mm_encoder_outputs``, which its forward merges into the placeholders with its
-    own ``get_placeholder_mask`` and ``masked_scatter``, as it merges the features it computes."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}}
+        pooled = tuple(f["pooler_output"] for f in features)
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=pooled)}}
 
 
 PIXELS = ImageInputs()
