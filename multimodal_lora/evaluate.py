@@ -72,7 +72,8 @@ def token_loss_sums(model, loader, device: torch.device, layout=None) -> torch.T
     for batch in loader:
         batch, keep = layout.for_loss(batch) if layout is not None else (batch, None)
         extra = {"logits_to_keep": keep} if keep else {}
-        loss = model(**forward_inputs(batch, device), use_cache=False, **extra).loss
+        inputs = forward_inputs(batch, device, layout.image_inputs) if layout is not None else forward_inputs(batch, device)
+        loss = model(**inputs, use_cache=False, **extra).loss
         # The model's loss is the mean over the learned labels (a decoder-only model shifts them by
         # one, but its first label is always an image placeholder's -100, so the count is the same).
         tokens = (batch["labels"] != -100).sum().to(device)

@@ -1,5 +1,6 @@
 """Qwen2.5-VL: the real configs on the meta device, the anchored targets, per-image token counts with
-mixed image sizes, the chat layout, and what the family refuses (feature cache, continuous batching).
+mixed image sizes, the chat layout, and what the family refuses (continuous batching; its feature
+cache is in tests/test_feature_cache_ragged.py).
 
 What every family's tiny recipe must do (learn, PEFT, merge, refusal by another family, CLI and
 evaluate) is in tests/test_family_recipes.py, which trains ``recipes/tiny-qwen2vl.yaml`` too.
@@ -115,15 +116,6 @@ def test_images_of_different_sizes_get_their_own_token_counts_in_one_batch(parts
     assert batch["image_grid_thw"].tolist() == [[1, 8, 8], [1, 6, 8]]
     assert batch["mm_token_type_ids"].sum(dim=1).tolist() == [16, 12]
     assert torch.equal(batch["mm_token_type_ids"].bool(), batch["input_ids"] == image_pad)
-
-
-def test_the_feature_cache_is_refused_before_any_weights_load(tmp_path):
-    from multimodal_lora import train
-
-    recipe = load_recipe(RECIPES / "tiny-qwen2vl.yaml", [f"output_dir={tmp_path}/run", "train.cache_image_features=true"])
-    with pytest.raises(ConfigError, match="train.cache_image_features: true, but Qwen2.5-VL's image features vary in length"):
-        train(recipe)
-    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 # --- on the tiny twin (building it takes ~25 s on a loaded machine) ---------------------------------

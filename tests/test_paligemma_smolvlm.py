@@ -322,18 +322,6 @@ def test_paligemma_cached_image_features_give_the_loss_pixels_give(tiny_models, 
     torch.testing.assert_close(loss_cached, loss_pixels)
 
 
-def test_smolvlm_refuses_the_feature_cache_before_weights_load(tmp_path):
-    from multimodal_lora.config import load_recipe
-    from multimodal_lora.errors import ConfigError
-    from multimodal_lora.training.recipe import check_family
-
-    from .conftest import RECIPES
-
-    recipe = load_recipe(RECIPES / "tiny-smolvlm.yaml", [f"output_dir={tmp_path}", "train.cache_image_features=true"])
-    with pytest.raises(ConfigError, match="train.cache_image_features: true, but its image features come back as a list"):
-        check_family(recipe)  # train()'s first step, from the config alone
-
-
 @pytest.mark.parametrize(
     ("name", "why"),
     [("tiny-paligemma", "attends both ways through token_type_ids"), ("tiny-smolvlm", "has no output head of its own")],

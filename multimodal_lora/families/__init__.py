@@ -49,7 +49,9 @@ a recipe, and an entry in :data:`FAMILIES`. The module must provide:
 A family that is not a Q-Former (Qwen2.5-VL) also says, through its layout's
 :class:`~multimodal_lora.families.image_inputs.ImageInputs`, what its image
 processor returns and how many tokens each image takes (the text carries one
-placeholder, expanded per image), and through its :class:`Family` where its
+placeholder, expanded per image), and, when its image features vary in length,
+what the feature cache keeps per image and how the features are computed
+(``cache_keeps``, ``image_features``), and through its :class:`Family` where its
 language model and frozen image path are, its plan's image-token figure, how
 its processor loads, and why (if so) it cannot use the feature cache or the
 server's continuous batching (see ``docs/families.md``).

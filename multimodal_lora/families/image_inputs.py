@@ -20,12 +20,23 @@ family says how through its own :class:`ImageInputs`:
 Per-token inputs that follow from where the image tokens are (Qwen's
 ``mm_token_type_ids``) come from :meth:`ImageInputs.token_inputs`, computed
 on the padded ids of a batch, in training and at generation alike.
+
+**The frozen-feature cache** for such a family stores, per image, what the
+model's own ``get_image_features`` returns for it (a ``(tokens, hidden)``
+tensor whose length varies with the image) and the item keys named in
+:attr:`ImageInputs.cache_keeps` (what the text and the model still need
+without the pixels: Qwen's ``image_grid_thw`` for its 3-D positions, SmolVLM's
+tile grid for its placeholder block). :meth:`ImageInputs.image_features`
+computes them, :meth:`ImageInputs.feature_inputs` feeds them back through the
+model's ``mm_encoder_outputs`` argument, which merges them into the image
+placeholders exactly as it merges features it computed itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -37,6 +48,10 @@ class ImageInputs:
     max_tokens: int | None = None
     """The most tokens one image takes in the language model's sequence when the count varies
     (length checks use it); ``None``: fixed, the layout's ``num_query_tokens``."""
+
+    cache_keeps: ClassVar[tuple[str, ...] | None] = None
+    """For the frozen-feature cache: the item keys a cached image keeps beside its features;
+    ``None``: the features are one fixed-shape prefix per image, cached as such (BLIP-2, PaliGemma)."""
 
     def split(self, processed: Mapping) -> list[dict[str, torch.Tensor]]:
         """One processor call's output (``BatchFeature``) as one item per image."""
@@ -55,6 +70,29 @@ class ImageInputs:
     def token_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-token model inputs that follow from the padded ``input_ids`` (none here)."""
         return {}
+
+    def image_features(self, model, items: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """Each image's features as its language model receives them, by name, each ``(tokens, ...)``
+        with the image's token count first: ``{"pooler_output": (tokens, hidden)}`` from the model's
+        own ``get_image_features``. A model whose encoder hands the language model more per token
+        (Qwen3-VL's deepstack features) returns those too, under names of its own, and rebuilds them
+        in :meth:`feature_inputs`.
+
+        Args:
+            model: the base (not a PEFT wrapper), its image path frozen and in eval mode.
+            items: one item per image (:meth:`split`), on the model's device.
+        """
+        out = model.get_image_features(**self.collate(items), return_dict=True)
+        return [{"pooler_output": f} for f in out.pooler_output]
+
+    def feature_inputs(self, features: list[Mapping[str, torch.Tensor]]) -> dict:
+        """Forward keyword arguments that feed each image's cached features (in batch order) instead of
+        pixels: the model's ``mm_encoder_outputs``, which its forward merges into the placeholders with
+        its own ``get_placeholder_mask`` and ``masked_scatter``, as it merges the features it computes."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        pooled = tuple(f["pooler_output"] for f in features)
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=pooled)}}
 
 
 PIXELS = ImageInputs()

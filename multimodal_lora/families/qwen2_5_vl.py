@@ -33,9 +33,12 @@ What differs from the Q-Former families, and how this family says it:
   looks up ``VideoProcessorMixin``, exported only with torchvision). This
   family loads the tokenizer and the image processor (its PIL backend,
   ``Qwen2VLImageProcessorPil``) as a :class:`~multimodal_lora.families.base.ProcessorParts`.
-* **Not supported**: the frozen-feature cache (features vary in length, and
-  the positions need each image's grid) and the server's continuous batching
-  (3-D positions); the server batches per ``generate`` call instead.
+* **The frozen-feature cache** stores each image's merged tokens (their count
+  varies with the image) and its ``image_grid_thw`` row, which still gives the
+  placeholder count and the 3-D positions (``PatchGrid.cache_keeps``); the
+  cached tokens go back in through the model's ``mm_encoder_outputs``.
+* **Not supported**: the server's continuous batching (3-D positions); the
+  server batches per ``generate`` call instead.
 
 **The plan's image**: a variable count needs a figure for the memory plan and
 length checks: :data:`~multimodal_lora.families.base.PLAN_IMAGE`, a 640×480 photo
@@ -114,6 +117,8 @@ class PatchGrid(ImageInputs):
 
     image_token_id: int = 0
     merge_size: int = 2
+    # Without pixels, the grid still gives the placeholder count and the 3-D positions.
+    cache_keeps = ("image_grid_thw",)
 
     def split(self, processed) -> list[dict[str, torch.Tensor]]:
         grids = processed["image_grid_thw"]
@@ -121,12 +126,12 @@ class PatchGrid(ImageInputs):
         return [{"pixel_values": p, "image_grid_thw": g} for p, g in zip(patches, grids)]
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        if not items or "pixel_values" not in items[0]:
+        if not items or "image_grid_thw" not in items[0]:
             return {}
-        return {
-            "pixel_values": torch.cat([item["pixel_values"] for item in items]),
-            "image_grid_thw": torch.stack([item["image_grid_thw"] for item in items]),
-        }
+        out = {"image_grid_thw": torch.stack([item["image_grid_thw"] for item in items])}
+        if "pixel_values" in items[0]:  # not for cached features, which need the grid alone
+            out["pixel_values"] = torch.cat([item["pixel_values"] for item in items])
+        return out
 
     def image_tokens(self, item) -> int:
         return int(item["image_grid_thw"].prod()) // self.merge_size**2
@@ -353,10 +358,6 @@ FAMILY = Family(
     mlp_targets=MLP_TARGETS,
     mlp_pattern=MLP_PATTERN,
     connector=CONNECTOR,
-    no_feature_cache=(
-        "Qwen2.5-VL's image features vary in length with the image, and its 3-D positions need each "
-        "image's grid: the feature cache holds fixed-size prefixes only"
-    ),
     no_continuous_batching=(
         "its language model places image tokens by 3-D (mrope) positions, which the decode loop's "
         "per-row positions do not continue"

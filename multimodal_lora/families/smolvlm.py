@@ -42,6 +42,9 @@ checks) counts the tiles of a 640×480 image as the base's processor (else the p
 one: splitting on, tiles of the vision tower's size, longest edge 4 tiles) splits it:
 1,084 positions on SmolVLM2-2.2B (4 × 3 tiles and the global view, 81 tokens each, and
 their markers), 863 on the 500M; the captioner's length check counts the largest grid.
+The frozen-feature cache stores each image's features (its kept views after
+pixel shuffle, end to end) and its tile grid, which picks the placeholder block
+they fill (``Tiles.cache_keeps``).
 
 **The tiny twin** (``base: tiny-smolvlm``): a real ``SmolVLMForConditionalGeneration``
 with a two-layer LLaMA and a two-layer vision tower on 32×32 images with 4×4
@@ -209,6 +212,8 @@ class Tiles(ImageInputs):
 
     lengths: Mapping[tuple[int, int], int] = field(default_factory=dict)
     """Tokens an image takes, by tile grid."""
+    # Without pixels, the tile grid still picks the placeholder block the cached features fill.
+    cache_keeps = ("tile_grid",)
 
     def split(self, processed: Mapping) -> list[dict[str, torch.Tensor]]:
         pixels = processed["pixel_values"]
@@ -491,7 +496,6 @@ _SHARED = dict(
     mlp_targets=MLP_TARGETS,
     mlp_pattern=MLP_PATTERN,
     connector=CONNECTOR,
-    no_feature_cache="its image features come back as a list per image (tiles after pixel shuffle), not the one fixed-shape prefix the cache stores",
     no_continuous_batching=(
         "its language model (model.text_model) has no output head of its own (lm_head is on the outer "
         "model), and the shared decode loop calls the language model for logits directly"

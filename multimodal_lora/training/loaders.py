@@ -13,7 +13,7 @@ import torch
 from multimodal_lora.config import Recipe
 from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset, WorkerCollator, as_tensors
 from multimodal_lora.errors import ConfigError
-from multimodal_lora.feature_cache import CachedPairDataset, PrefixCollator, open_or_build
+from multimodal_lora.feature_cache import open_or_build
 from multimodal_lora.training.sampler import EpochBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,8 @@ def loader_workers(setting: int | str, use_cache: bool) -> int:
 
 
 def build_datasets(recipe: Recipe, accelerator, model, processor, encoder, splits, layout, use_cache: bool):
-    """Train and validation datasets: pixels decoded per access, or cached visual prefixes."""
+    """Train and validation datasets: pixels decoded per access, or cached image features (a fixed prefix
+    per image, or a family's variable-length features with what they keep)."""
     train_encoded = encoder.encode_all(splits.train)
     val_encoded = encoder.encode_all(splits.validation)
     collate = Collator.of(layout)
@@ -160,11 +161,7 @@ def build_datasets(recipe: Recipe, accelerator, model, processor, encoder, split
             layout=layout,
         )
     n = len(splits.train)
-    return (
-        CachedPairDataset(train_encoded, cache, keys[:n]),
-        CachedPairDataset(val_encoded, cache, keys[n:]),
-        PrefixCollator(collate),
-    )
+    return cache.dataset(train_encoded, keys[:n], layout), cache.dataset(val_encoded, keys[n:], layout), cache.collator(collate)
 
 
 def micro_batch_groups(loader, size: int):
