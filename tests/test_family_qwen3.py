@@ -74,19 +74,10 @@ def test_the_family_is_found_from_its_class_and_each_part_stays_in_its_place():
 
 
 def test_the_chat_layout_has_no_system_turn_and_learns_only_the_answer():
-    from types import SimpleNamespace
+    from .test_family_qwen import chat_parts
 
-    from multimodal_lora.families.base import ProcessorParts
-
-    tokenizer = qwen3_vl.build_tokenizer()
-    processor = ProcessorParts(tokenizer, qwen2_5_vl.image_processor())
-    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    config = SimpleNamespace(
-        image_token_id=image_pad,
-        text_config=SimpleNamespace(pad_token_id=None, bos_token_id=0, eos_token_id=tokenizer.eos_token_id),
-        vision_config=SimpleNamespace(spatial_merge_size=2),
-    )
-    layout = FAMILY.make_layout(config, None, processor)
+    processor, layout, _ = chat_parts(qwen3_vl)
+    tokenizer = processor.tokenizer
     encoded, _ = layout.encode(tokenizer, "What colour?", "a red circle", max_length=64)
     learned = [t for t in encoded["labels"] if t != IGNORE_INDEX]
     assert tokenizer.decode(learned) == "a red circle<|im_end|>"
