@@ -118,3 +118,18 @@ def test_the_connector_term_is_what_autograd_keeps_in_the_tiny_twin():
     measured = per_batch(2) - per_batch(1)
     # 2 mergers (1 + one DeepStack tap) × 16 rows × (4 × 256 + 2 × 4) = 33,024
     assert measured == qwen3_vl.merger_values(inner.config.vision_config, 4, rows=16) == 33_024
+
+
+@pytest.mark.slow
+def test_mixed_sizes_in_one_batch_equal_one_by_one_and_the_server_batches_per_call():
+    """Qwen3-VL's per-image token counts (and DeepStack's per-image features) in one padded batch give
+    what each image gives alone; the server's decode loop is refused for its 3-D positions."""
+    from multimodal_lora.inference import Captioner
+    from multimodal_lora.serve.continuous import continuous_problem
+
+    captioner = Captioner("tiny-qwen3vl", device="cpu")
+    images = [Image.new("RGB", (32, 32), "red"), Image.new("RGB", (48, 32), "blue"), Image.new("RGB", (40, 64), "green")]
+    batch = captioner.generation_inputs(images, [""] * len(images))
+    assert batch["mm_token_type_ids"].sum(dim=1).tolist() == [16, 12, 15]
+    assert captioner.caption(images, max_new_tokens=6) == [captioner.caption(i, max_new_tokens=6) for i in images]
+    assert "3-D (mrope) positions" in continuous_problem(captioner)
