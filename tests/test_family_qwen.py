@@ -64,14 +64,13 @@ def test_the_pattern_reaches_only_the_language_models_attention():
 # --- the chat layout and per-image token counts (tokenizer and image processor only) ---------------
 
 
-@pytest.fixture(scope="module")
-def parts():
-    """The tiny twin's tokenizer and image processor, and a layout on its ids (no model weights)."""
+def chat_parts(module):
+    """A Qwen family module's tiny tokenizer and image processor, and a layout on its ids (no model weights)."""
     from types import SimpleNamespace
 
     from multimodal_lora.families.base import ProcessorParts
 
-    tokenizer = qwen2_5_vl.build_tokenizer()
+    tokenizer = module.build_tokenizer()
     processor = ProcessorParts(tokenizer, qwen2_5_vl.image_processor())
     image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     config = SimpleNamespace(
@@ -79,7 +78,12 @@ def parts():
         text_config=SimpleNamespace(pad_token_id=None, bos_token_id=0, eos_token_id=tokenizer.eos_token_id),
         vision_config=SimpleNamespace(spatial_merge_size=2),
     )
-    return processor, FAMILY.make_layout(config, None, processor), image_pad
+    return processor, module.FAMILY.make_layout(config, None, processor), image_pad
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return chat_parts(qwen2_5_vl)
 
 
 def test_the_chat_layout_learns_only_the_answer_and_its_end_of_turn(parts):

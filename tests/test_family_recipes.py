@@ -25,6 +25,7 @@ FAMILY = {
     "tiny-t5": "blip2-t5",
     "tiny-instructblip": "instructblip-vicuna",
     "tiny-qwen2vl": "qwen2.5-vl",
+    "tiny-qwen3vl": "qwen3-vl",
     "tiny-paligemma": "paligemma",
     "tiny-smolvlm": "smolvlm",
 }

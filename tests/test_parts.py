@@ -236,7 +236,7 @@ def test_every_part_takes_lora_on_an_int8_base_and_gets_gradients(tiny_base, sha
     assert all(g > 0 for g in grads.values()), grads
 
 
-@pytest.mark.parametrize("base", ["tiny-t5", "tiny-instructblip", "tiny-qwen2vl", "tiny-smolvlm"])
+@pytest.mark.parametrize("base", ["tiny-t5", "tiny-instructblip", "tiny-qwen2vl", "tiny-qwen3vl", "tiny-smolvlm"])
 def test_other_families_all_parts_adapter_loads_in_plain_peft_and_merges_to_the_same_logits(base, shapes_dir, tmp_path):
     from peft import PeftModel
 

@@ -73,18 +73,19 @@ def test_a_family_vllm_cannot_serve_is_refused_in_one_line_before_anything_start
         assert time.monotonic() - started < 60  # nothing was loaded, no vLLM looked for (--vllm-python is no file)
 
 
-def test_a_route_needing_a_module_vllms_environment_lacks_is_refused_in_one_line(tmp_path):
-    """Qwen2.5-VL's route needs torchvision in vLLM's interpreter; this one (ours) has none."""
+@pytest.mark.parametrize("base,architecture", [("tiny-qwen2vl", "Qwen2_5_VLForConditionalGeneration"), ("tiny-qwen3vl", "Qwen3VLForConditionalGeneration")])
+def test_a_route_needing_a_module_vllms_environment_lacks_is_refused_in_one_line(base, architecture, tmp_path):
+    """Qwen2.5-VL's and Qwen3-VL's routes need torchvision in vLLM's interpreter; this one (ours) has none."""
     import importlib.util
 
     if importlib.util.find_spec("torchvision") is not None:
         pytest.skip("this interpreter has torchvision")
-    result = run_cli("multimodal_lora.serve", "--engine", "vllm", "--base", "tiny-qwen2vl", "--adapters-dir", str(tmp_path),
+    result = run_cli("multimodal_lora.serve", "--engine", "vllm", "--base", base, "--adapters-dir", str(tmp_path),
                      "--vllm-python", sys.executable)  # fmt: skip
     assert result.returncode == 2, result.stderr
     error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert error == [
-        f"error: 'tiny-qwen2vl' (Qwen2_5_VLForConditionalGeneration in vLLM) needs torchvision in vLLM's environment "
+        f"error: '{base}' ({architecture} in vLLM) needs torchvision in vLLM's environment "
         f"({sys.executable}), which does not have it (the CPU install removes PyPI's torchvision: it is built for CUDA "
         "torch); install a build for its torch there, or drop --engine vllm: the built-in engine serves every family"
     ], result.stderr
@@ -304,6 +305,7 @@ def test_the_installed_vllm_serves_exactly_the_families_we_say():
     assert found["InstructBlipForConditionalGeneration"][0] is False and found["T5ForConditionalGeneration"][0] is False
     assert SERVED_FAMILIES == {
         "blip2-opt": "Blip2ForConditionalGeneration", "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
+        "qwen3-vl": "Qwen3VLForConditionalGeneration",
         "smolvlm": "Idefics3ForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
     }  # fmt: skip
 

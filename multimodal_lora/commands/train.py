@@ -22,7 +22,7 @@ __all__ = ["cli", "main"]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m multimodal_lora.train",
-        description="Fine-tune a vision-language model's language model (BLIP-2, Qwen2.5-VL, PaliGemma 2, SmolVLM2) with LoRA, as a recipe says.",
+        description="Fine-tune a vision-language model's language model (BLIP-2, Qwen2.5-VL, Qwen3-VL, PaliGemma 2, SmolVLM2) with LoRA, as a recipe says.",
         epilog="Example: python -m multimodal_lora.train recipes/tiny.yaml output_dir=runs/mine train.epochs=2",
     )
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny.yaml")

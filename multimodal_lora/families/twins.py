@@ -1,4 +1,4 @@
-"""What the tiny twins of the decoder-only families with a ViT image path (PaliGemma, SmolVLM) share:
+"""What the tiny twins of the decoder-only families with a ViT image path (PaliGemma, SmolVLM, Qwen3-VL) share:
 their random weights and their generation defaults."""
 
 from __future__ import annotations

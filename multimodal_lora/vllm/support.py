@@ -15,8 +15,8 @@ the installed vLLM again, so a release that changes this fails the tests):
 * there is no ``InstructBlipForConditionalGeneration``, so neither
   **InstructBLIP** family is;
 * **SmolVLM2** and **Idefics3** are served through ``Idefics3ForConditionalGeneration``
-  (vLLM's SmolVLM class needs a video processor, hence torchvision), **Qwen2.5-VL**
-  needs torchvision in vLLM's environment, and **PaliGemma** is not served (vLLM's
+  (vLLM's SmolVLM class needs a video processor, hence torchvision), **Qwen2.5-VL** and **Qwen3-VL**
+  need torchvision in vLLM's environment, and **PaliGemma** is not served (vLLM's
   Gemma attends over the prefix causally; the family's prefix attends both ways):
   each family's module says why.
 """
