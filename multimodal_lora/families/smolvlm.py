@@ -73,6 +73,7 @@ from multimodal_lora.families.base import (
     VllmRoute,
     stop_token_id,
 )
+from multimodal_lora.families.decoding import ModelDecoding
 from multimodal_lora.families.image_inputs import ImageInputs
 from multimodal_lora.families.layouts import IGNORE_INDEX, DecoderOnlyLayout, _fit, _ids, _pad_rows
 from multimodal_lora.families.twins import init_weights, set_generation_defaults
@@ -457,10 +458,8 @@ _SHARED = dict(
     mlp_pattern=MLP_PATTERN,
     connector=CONNECTOR,
     no_feature_cache="its image features come back as a list per image (tiles after pixel shuffle), not the one fixed-shape prefix the cache stores",
-    no_continuous_batching=(
-        "its language model (model.text_model) has no output head of its own (lm_head is on the outer "
-        "model), and the shared decode loop calls the language model for logits directly"
-    ),
+    # generate runs the whole model each step (lm_head is on it, not on model.text_model), plain positions.
+    decoding=ModelDecoding(),
     load_processor=load_processor,
     vllm=VLLM,
 )
