@@ -174,15 +174,15 @@ def test_the_server_and_the_openai_client_answer_as_caption_does(run, captioner,
     """Qwen2.5-VL (the family whose decoding differs most: 3-D positions) through ``python -m
     multimodal_lora.serve`` and the official client: concurrent requests with images of three sizes,
     for the adapter and the bare base, decoded continuously, each equal to ``caption()``."""
+    name, _, result, groups = run
+    if name != "tiny-qwen2vl":
+        pytest.skip("the server's route is the same for every family: one that decodes continuously is enough")
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
 
     from .test_serve import chat, health, openai, start_server, stop_server
 
-    name, _, result, groups = run
-    if name != "tiny-qwen2vl":
-        pytest.skip("the server's route is the same for every family: one that decodes continuously is enough")
     shapes = [load_image(first.image) for first, _ in groups[:4]]
     images = [*shapes, shapes[0].resize((48, 32)), Image.new("RGB", (40, 64), "green")]
     for i, image in enumerate(images):
