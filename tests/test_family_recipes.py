@@ -169,37 +169,3 @@ def test_requests_that_join_a_running_batch_get_what_caption_and_ask_give(run, c
     assert [j.sink.text for j in joiners] == want_joiners
     assert counters["joined_running"] == len(joiners), counters
 
-
-def test_the_server_and_the_openai_client_answer_as_caption_does(run, captioner, tmp_path):
-    """Qwen2.5-VL (the family whose decoding differs most: 3-D positions) through ``python -m
-    multimodal_lora.serve`` and the official client: concurrent requests with images of three sizes,
-    for the adapter and the bare base, decoded continuously, each equal to ``caption()``."""
-    name, _, result, groups = run
-    if name != "tiny-qwen2vl":
-        pytest.skip("the server's route is the same for every family: one that decodes continuously is enough")
-    from concurrent.futures import ThreadPoolExecutor
-
-    from PIL import Image
-
-    from .test_serve import chat, health, openai, start_server, stop_server
-
-    shapes = [load_image(first.image) for first, _ in groups[:4]]
-    images = [*shapes, shapes[0].resize((48, 32)), Image.new("RGB", (40, 64), "green")]
-    for i, image in enumerate(images):
-        image.save(tmp_path / f"{i}.png")
-    data = [(tmp_path / f"{i}.png").read_bytes() for i in range(len(images))]
-    models = (("shapes", "shapes"), (captioner.base.name, None))  # the served name, and the captioner's adapter
-    want = [(model, captioner.caption(image, adapter, max_new_tokens=12)) for image in images for model, adapter in models]
-    args = ["--adapter", f"shapes={result.adapter_dir}", "--max-wait-ms", "20"]
-    proc, url = start_server(args, tmp_path / "server.log")
-    try:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        requests = [(model, data[i // 2]) for i, (model, _) in enumerate(want)]
-        with ThreadPoolExecutor(len(requests)) as pool:
-            replies = list(pool.map(lambda r: chat(client, r[0], r[1], max_tokens=12), requests))
-        counters = health(url)
-    finally:
-        stop_server(proc)
-    assert [r.choices[0].message.content for r in replies] == [text for _, text in want]
-    assert counters["batching"] == "continuous" and counters["batched_requests"] == len(requests), counters
-    assert counters["decoded_rows"] > counters["decode_steps"], counters  # rows decoded together
