@@ -132,7 +132,8 @@ class ModelDecoding(Decoding):
     The cache is a plain ``DynamicCache`` made here: a language model with sliding-window layers
     (Gemma 2) then keeps every position and applies the window through its mask, over cache columns,
     in which a row's own positions stay contiguous; ``generate``'s sliding layers drop only what that
-    window masks anyway.
+    window masks anyway. (The tests' sequences stay inside the tiny Gemma 2's 4,096-position window:
+    past it, this reasoning is untested.)
     """
 
     first_position: int = 0
