@@ -160,7 +160,8 @@ def test_mixed_sizes_captioned_in_one_batch_equal_one_by_one(captioner, shapes_d
 @pytest.mark.slow
 def test_the_decode_loop_keeps_a_rope_delta_per_row(captioner, shapes_dir):
     """Images of three sizes take three grids: their rows get three rope deltas from one prefill, and
-    decoded together (joining a running batch) each row still gives caption()'s text."""
+    decoded together (joining a running batch) each row still gives caption()'s text, with the
+    generation config's repetition penalty too."""
     from multimodal_lora.data.images import load_image
     from multimodal_lora.serve.continuous import continuous_problem
 
@@ -174,8 +175,21 @@ def test_the_decode_loop_keeps_a_rope_delta_per_row(captioner, shapes_dir):
     assert len(set(deltas.tolist())) == 3, deltas
     jobs = [job(captioner, None, image, captioner.caption_prompt(None), max_tokens=8) for image in images]
     counters = run_staggered(captioner, jobs, max_batch_size=4)
-    assert [j.sink.text for j in jobs] == captioner.caption(images, None, max_new_tokens=8)
+    plain = captioner.caption(images, None, max_new_tokens=8)
+    assert [j.sink.text for j in jobs] == plain
     assert counters["decoded_rows"] > counters["decode_steps"], counters
+    # The published checkpoints' generation config sets repetition_penalty 1.05; the loop applies it
+    # over each row's own prompt and tokens (here 1.5, so that it shows on the random twin).
+    config = captioner.model.generation_config
+    before, config.repetition_penalty = config.repetition_penalty, 1.5
+    try:
+        assert continuous_problem(captioner) is None
+        penalized = captioner.caption(images, None, max_new_tokens=8)
+        jobs = [job(captioner, None, image, captioner.caption_prompt(None), max_tokens=8) for image in images]
+        run_staggered(captioner, jobs, max_batch_size=4)
+    finally:
+        config.repetition_penalty = before
+    assert penalized != plain and [j.sink.text for j in jobs] == penalized
 
 
 @pytest.mark.slow

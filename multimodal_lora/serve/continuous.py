@@ -29,8 +29,9 @@ requests that join mid-way, for every family that decodes here).
 
 This needs a decoder-only language model with a plain key/value cache (BLIP-2
 OPT, InstructBLIP Vicuna, Qwen2.5-VL, PaliGemma, SmolVLM), and a generation
-config that only chooses tokens (no repetition penalty and the like, which the
-loop does not apply); :func:`continuous_problem` says why a base does not
+config that only chooses tokens or applies a repetition penalty (the published
+Qwen2.5-VL configs set one; no n-gram bans and the like, which the loop does not
+apply); :func:`continuous_problem` says why a base does not
 qualify, and the server then batches per ``generate`` call instead.
 """
 
@@ -50,9 +51,9 @@ from multimodal_lora.serve.engine import Job, Row, run_batch
 logger = logging.getLogger(__name__)
 
 # Generation-config settings that change the logits (name: the value that leaves them alone). The loop
-# here applies temperature, top-k and top-p only; a base whose config asks for more is batched per call.
+# here applies the repetition penalty (the published Qwen2.5-VL configs set 1.05), temperature, top-k and
+# top-p; a base whose config asks for more is batched per call.
 _NEUTRAL = {
-    "repetition_penalty": (None, 1.0),
     "encoder_repetition_penalty": (None, 1.0),
     "no_repeat_ngram_size": (None, 0),
     "bad_words_ids": (None,),
@@ -114,6 +115,10 @@ class RunningBatch:
         self.tokenizer = captioner.processor.tokenizer
         self.stop_ids = captioner.stop_token_ids
         self.warpers = _warpers(self.sampling, captioner.model.generation_config)
+        penalty = getattr(captioner.model.generation_config, "repetition_penalty", None)
+        self.penalty = None if penalty in (None, 1.0) else float(penalty)
+        self.prompts: list[torch.Tensor] = []
+        """Each row's prompt ids (padding left out), which the repetition penalty reads with its new tokens."""
         self.rows: list[Row] = []
         self.cache = None
         self.mask: torch.Tensor | None = None
@@ -130,9 +135,11 @@ class RunningBatch:
         batch = self.captioner.generation_inputs([job.image for job in jobs], [job.prompt for job in jobs])
         with self.captioner.running(self.adapter):
             prefill = self.decoding.prefill(self.model, batch, self.captioner.layout)
-        tokens = self._choose(prefill.logits)
+        prompts = [ids[mask.bool()] for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        tokens = self._choose(prefill.logits, lambda: [ids.tolist() for ids in prompts])
         rows = [Row(job, self.tokenizer, self.stop_ids) for job in jobs]
         self._join(prefill.cache, batch["attention_mask"], tokens, prefill.offsets, rows)
+        self.prompts = self.prompts + prompts
         for row, token in zip(rows, tokens.tolist()):
             row.push(token)
         self._drop_finished()
@@ -144,14 +151,22 @@ class RunningBatch:
         with self.captioner.running(self.adapter):
             logits, cache = self.decoding.step(self.model, self.next, mask, self.offsets, self.cache)
         self.mask, self.cache = mask, cache
-        self.next = self._choose(logits)
+        self.next = self._choose(logits, lambda: [[*p.tolist(), *row.tokens] for p, row in zip(self.prompts, self.rows)])
         for row, token in zip(self.rows, self.next.tolist()):
             row.push(token)
         self._drop_finished()
 
-    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next token of each row, as ``generate`` chooses it (in float32, greedy or sampled)."""
+    def _choose(self, logits: torch.Tensor, seen) -> torch.Tensor:
+        """The next token of each row, as ``generate`` chooses it (in float32, the repetition penalty
+        over the ids each row has seen, its prompt and its new tokens, listed by ``seen()``, then
+        greedy or sampled)."""
         scores = logits.float()
+        if self.penalty is not None:
+            from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+            penalize = RepetitionPenaltyLogitsProcessor(self.penalty)
+            # Row by row: each row's own ids, with no padding (generate leaves a row's padding out too).
+            scores = torch.cat([penalize(torch.tensor([ids], device=scores.device), scores[i : i + 1]) for i, ids in enumerate(seen())])
         if not self.sampling.do_sample:
             return scores.argmax(dim=-1)
         scores = self.warpers(None, scores)
@@ -175,6 +190,7 @@ class RunningBatch:
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in keep]
+        self.prompts = [self.prompts[i] for i in keep]
         if not keep:
             self.cache = self.mask = self.next = self.offsets = None
             return
