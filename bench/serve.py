@@ -25,7 +25,9 @@ of one at a time, with p95 latency no more than twice the latency of one
 request alone (1 client, batching off); the 1-client p50 of every mode is
 printed too, since that one figure divides every ratio.
 
-The tiny base gets an adapter from a short run of ``recipes/tiny.yaml``. With
+The tiny base gets an adapter from a short run of ``recipes/tiny.yaml``
+(``--recipe tiny-qwen2vl`` and the like: another family's tiny twin and recipe,
+written to ``serve_tiny-qwen2vl.json``). With
 ``--full-size`` the published ``Salesforce/blip2-opt-2.7b`` architecture is
 built with random weights (no download) and saved as a bf16 checkpoint with a
 processor (the tiny base's tokenizer, the real image size), plus a random LoRA
@@ -77,20 +79,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_setup(workdir: Path, steps: int, adapter: str | None) -> tuple[list[str], Path, dict]:
-    """An adapter (``adapter``, or one from a short tiny run); returns the server's model arguments, the
-    images, and the same model as :meth:`Captioner.for_adapter` arguments."""
+def tiny_setup(workdir: Path, steps: int, adapter: str | None, recipe_name: str = "tiny") -> tuple[list[str], Path, dict]:
+    """An adapter (``adapter``, or one from a short run of ``recipes/<recipe_name>.yaml``); returns the
+    server's model arguments, the images, and the same model as :meth:`Captioner.for_adapter` arguments."""
     from multimodal_lora.config import load_recipe
     from multimodal_lora.data.shapes import ensure_builtin
     from multimodal_lora.training import train
 
+    recipe = load_recipe(
+        REPO / "recipes" / f"{recipe_name}.yaml",
+        [f"output_dir={workdir / 'run'}", f"train.max_steps={steps}", "data.val_split=null", "data.val_fraction=0"],
+    )
     if adapter is None:
-        recipe = load_recipe(
-            REPO / "recipes" / "tiny.yaml",
-            [f"output_dir={workdir / 'run'}", f"train.max_steps={steps}", "data.val_split=null", "data.val_fraction=0"],
-        )
         adapter = train(recipe).adapter_dir
-    args = ["--base", "tiny", "--device", "cpu", "--adapter", f"shapes={adapter}"]
+    args = ["--base", recipe.model.base, "--device", "cpu", "--adapter", f"shapes={adapter}"]
     return args, ensure_builtin("shapes") / "validation", {"adapter": adapter, "name": "shapes", "device": "cpu"}
 
 
@@ -404,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=40, help="training steps of the tiny adapter")
     parser.add_argument("--adapter", default=None, help="a tiny-base adapter to serve instead of training one")
+    parser.add_argument(
+        "--recipe", default="tiny", help="the tiny recipe whose base and adapter are served (default tiny: BLIP-2 OPT)"
+    )
     parser.add_argument("--full-size", action="store_true", help="BLIP-2 OPT-2.7B with random weights (needs a GPU)")
     parser.add_argument(
         "--small", action="store_true", help="with --full-size: a small config, same code (runs on a CPU; for tests)"
@@ -436,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-            model_args, images, model_load = tiny_setup(workdir, args.steps, args.adapter)
+            model_args, images, model_load = tiny_setup(workdir, args.steps, args.adapter, args.recipe)
             model = "shapes"
         bodies = request_bodies(images, model, max_tokens)
         limits = ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
@@ -497,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                               speedup, r["p95_ms"] / single["p50_ms"] if single else float("nan"),
                               r["server_cpu_ms_per_request"], r["client_cpu_ms_per_request"]])  # fmt: skip
     title = (
-        f"{('small BLIP-2 config' if args.small else 'BLIP-2 OPT-2.7B') + ' (random weights)' if args.full_size else 'tiny base'}, {dtype}, quantization {args.quantization}, "
+        f"{('small BLIP-2 config' if args.small else 'BLIP-2 OPT-2.7B') + ' (random weights)' if args.full_size else f'tiny base ({model_args[1]})'}, {dtype}, quantization {args.quantization}, "
         f"device {args.device}, torch threads {args.threads}; request and continuous batching: up to {args.max_batch_size} together, {args.max_wait_ms:g} ms wait; "
         "together = requests per generate call (request), running rows per decoding step (continuous)"
     )
@@ -566,10 +571,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"p95 {ratios[clients]['p95']:.2f}×")  # fmt: skip
         summary["vllm_over_continuous"] = ratios
     name = ("serve_full_size_small" if args.small else "serve_full_size") if args.full_size else "serve"
+    if not args.full_size and args.recipe != "tiny":
+        name = f"serve_{args.recipe}"
     if "vllm" in modes:
         name = name.replace("serve", "serve_vllm", 1)
     path = write_result(name, {
-        "base": "Salesforce/blip2-opt-2.7b (published config, random weights)" if args.full_size else "tiny",
+        "base": "Salesforce/blip2-opt-2.7b (published config, random weights)" if args.full_size else model_args[1],
         "dtype": dtype, "quantization": args.quantization, "device": args.device, "seconds_per_level": args.seconds,
         "requests_per_level": args.requests,
         "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms, "max_tokens": max_tokens,

@@ -47,16 +47,18 @@ def job(captioner, adapter, image, prompt, max_tokens=30, sampling=None, stop=()
 
 def join_a_running_row(captioner, image, joiners, max_batch_size=8):
     """A bare-base row of 60 tokens (the random base writes no stop token in 60), and ``joiners``
-    sent once it has produced text: they can only be answered by joining it. Returns the long
-    job and the counters."""
+    sent once it is decoding (its text may be only whitespace, held back: the tiny PaliGemma's):
+    they can only be answered by joining it. Returns the long job and the counters."""
     from multimodal_lora.serve.continuous import ContinuousBatcher
 
-    started = threading.Event()
-    long = job(captioner, None, image, captioner.caption_prompt(None), max_tokens=60, sink=Sink(started.set))
+    long = job(captioner, None, image, captioner.caption_prompt(None), max_tokens=60)
     batcher = ContinuousBatcher(captioner, max_batch_size=max_batch_size, max_wait_ms=5)
     try:
         batcher.submit(long)
-        assert started.wait(60)
+        deadline = time.monotonic() + 60
+        while batcher.counters()["decode_steps"] == 0:
+            assert time.monotonic() < deadline and not long.sink.done.is_set()
+            time.sleep(0.001)
         for j in joiners:
             batcher.submit(j)
         wait([long, *joiners])

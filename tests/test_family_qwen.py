@@ -154,12 +154,38 @@ def test_mixed_sizes_captioned_in_one_batch_equal_one_by_one(captioner, shapes_d
 
 
 @pytest.mark.slow
-def test_the_server_batches_per_call_for_this_family(captioner):
-    from multimodal_lora.serve.continuous import ContinuousBatcher, continuous_problem
+def test_the_decode_loop_keeps_a_rope_delta_per_row(captioner, shapes_dir):
+    """Images of three sizes take three grids: their rows get three rope deltas from one prefill, and
+    decoded together (joining a running batch) each row still gives caption()'s text, with the
+    generation config's repetition penalty too."""
+    from multimodal_lora.data.images import load_image
+    from multimodal_lora.serve.continuous import continuous_problem
 
-    assert "3-D (mrope) positions" in continuous_problem(captioner)
-    with pytest.raises(ValueError, match="cannot decode in a continuous batch"):
-        ContinuousBatcher(captioner)
+    from .test_continuous import job, run_staggered
+
+    assert continuous_problem(captioner) is None
+    first = load_image(sorted((shapes_dir / "validation").glob("*.png"))[0])
+    images = [first, first.resize((48, 32)), Image.new("RGB", (40, 64), "green")] * 2
+    batch = captioner.generation_inputs(images[:3], [""] * 3)
+    _, deltas = qwen2_5_vl.FAMILY.decoding.prefill_positions(captioner.model, batch)
+    assert len(set(deltas.tolist())) == 3, deltas
+    jobs = [job(captioner, None, image, captioner.caption_prompt(None), max_tokens=8) for image in images]
+    counters = run_staggered(captioner, jobs, max_batch_size=4)
+    plain = captioner.caption(images, None, max_new_tokens=8)
+    assert [j.sink.text for j in jobs] == plain
+    assert counters["decoded_rows"] > counters["decode_steps"], counters
+    # The published checkpoints' generation config sets repetition_penalty 1.05; the loop applies it
+    # over each row's own prompt and tokens (here 1.5, so that it shows on the random twin).
+    config = captioner.model.generation_config
+    before, config.repetition_penalty = config.repetition_penalty, 1.5
+    try:
+        assert continuous_problem(captioner) is None
+        penalized = captioner.caption(images, None, max_new_tokens=8)
+        jobs = [job(captioner, None, image, captioner.caption_prompt(None), max_tokens=8) for image in images]
+        run_staggered(captioner, jobs, max_batch_size=4)
+    finally:
+        config.repetition_penalty = before
+    assert penalized != plain and [j.sink.text for j in jobs] == penalized
 
 
 @pytest.mark.slow
@@ -265,15 +291,20 @@ def test_several_adapters_on_one_base_and_questions(short_adapters, shapes_dir):
 
 @pytest.mark.slow
 def test_the_built_in_server_answers_as_the_python_api(short_adapters, shapes_dir, tmp_path):
-    """The real OpenAI client against ``python -m multimodal_lora.serve`` on the tiny twin: the same
-    captions as caption(), per-call batching (said in the log), and the usage count of each image."""
+    """The real OpenAI client against ``python -m multimodal_lora.serve`` on the tiny twin: concurrent
+    requests with images of two sizes (two grids, two rope deltas) decoded continuously (said in the
+    log), the same captions as caption(), and the usage count of each image."""
     openai = pytest.importorskip("openai")
+    from concurrent.futures import ThreadPoolExecutor
+
     from multimodal_lora.data.images import load_image
     from multimodal_lora.inference import Captioner
 
     from .test_serve import chat, start_server, stop_server
 
     images = sorted((shapes_dir / "validation").glob("*.png"))[:2]
+    load_image(images[0]).resize((48, 32)).save(tmp_path / "wide.png")
+    images = [*images, tmp_path / "wide.png"] * 2
     captioner = Captioner("tiny-qwen2vl", device="cpu")
     captioner.load_adapter(short_adapters[0], name="shapes")
     want = captioner.caption(images, adapter="shapes", max_new_tokens=8)
@@ -281,12 +312,14 @@ def test_the_built_in_server_answers_as_the_python_api(short_adapters, shapes_di
     proc, url = start_server(["--adapter", f"shapes={short_adapters[0]}", "--adapters-dir", str(tmp_path)], log)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        replies = [chat(client, "shapes", path.read_bytes(), max_tokens=8) for path in images]
+        with ThreadPoolExecutor(len(images)) as pool:
+            replies = list(pool.map(lambda path: chat(client, "shapes", path.read_bytes(), max_tokens=8), images))
     finally:
         stop_server(proc)
     assert [r.choices[0].message.content for r in replies] == want
     assert replies[0].usage.prompt_tokens == captioner.prompt_tokens("", captioner.pixels(load_image(images[0])))
-    assert "continuous batching is not available for this base (its language model places image tokens by 3-D" in log.read_text()
+    assert replies[2].usage.prompt_tokens == captioner.prompt_tokens("", captioner.pixels(load_image(images[2])))
+    assert "(batching: continuous" in log.read_text()
 
 
 @pytest.mark.slow

@@ -129,3 +129,44 @@ def test_caption_cli_and_evaluate(run, tmp_path):
     assert (report / "report.md").is_file()
     assert table["adapter"]["exact_match"] > table["base"]["exact_match"]
     assert table["adapter"]["val_loss"] < table["base"]["val_loss"]
+
+
+def test_requests_that_join_a_running_batch_get_what_caption_and_ask_give(run, captioner):
+    """The server's continuous batching (``serve/continuous.py``) on each family's trained adapter and
+    bare base: rows of images of three sizes (Qwen2.5-VL: three grids, so rows of other lengths and
+    other rope deltas) and prompts of three lengths arrive a few ms apart, and bare-base requests join a
+    running 60-token row for certain; every text equals ``caption()`` / ``ask()`` alone. A T5 is refused by name."""
+    from PIL import Image
+
+    from multimodal_lora.serve.continuous import continuous_problem
+
+    from .test_continuous import job, join_a_running_row, run_staggered
+
+    name, _, _, groups = run
+    if name == "tiny-t5":
+        assert "encoder–decoder" in continuous_problem(captioner)
+        return
+    assert continuous_problem(captioner) is None
+    shapes = [load_image(first.image) for first, _ in groups[:6]]
+    images = [*shapes, shapes[0].resize((48, 32)), Image.new("RGB", (40, 64), "green")]
+    question = "What shape is it?"
+    want = captioner.caption(images, "shapes") + captioner.caption(images[::2], None, max_new_tokens=8)
+    jobs = [job(captioner, "shapes", image, captioner.caption_prompt("shapes")) for image in images]
+    jobs += [job(captioner, None, image, captioner.caption_prompt(None), max_tokens=8) for image in images[::2]]
+    assert set(want[:8]).isdisjoint(want[8:])  # a row decoded with the wrong adapter would show
+    counters = run_staggered(captioner, jobs, max_batch_size=4)
+    assert [j.sink.text for j in jobs] == want
+    assert counters["decoded_rows"] > counters["decode_steps"], counters  # rows decoded together
+
+    prompts = [captioner.caption_prompt(None), captioner.vqa_prompt(None, question), captioner.caption_prompt(None, "a photo of")]
+    joiners = [job(captioner, None, image, prompts[i % 3], max_tokens=8) for i, image in enumerate(images[1:])]
+    want_joiners = [
+        captioner.ask(image, question, None, max_new_tokens=8) if i % 3 == 1
+        else captioner.caption(image, None, prompt=None if i % 3 == 0 else "a photo of", max_new_tokens=8)
+        for i, image in enumerate(images[1:])
+    ]  # fmt: skip
+    long, counters = join_a_running_row(captioner, images[0], joiners)
+    assert long.sink.tokens == 60 and long.sink.text == captioner.caption(images[0], None, max_new_tokens=60)
+    assert [j.sink.text for j in joiners] == want_joiners
+    assert counters["joined_running"] == len(joiners), counters
+

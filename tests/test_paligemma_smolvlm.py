@@ -322,39 +322,33 @@ def test_paligemma_cached_image_features_give_the_loss_pixels_give(tiny_models, 
     torch.testing.assert_close(loss_cached, loss_pixels)
 
 
-@pytest.mark.parametrize(
-    ("name", "why"),
-    [("tiny-paligemma", "attends both ways through token_type_ids"), ("tiny-smolvlm", "has no output head of its own")],
-)
-def test_the_server_batches_these_families_per_request_and_says_why(name, why, shapes_dir, caplog):
-    """The shared decode loop cannot run them (their module docstrings say why): the server falls back
-    to one generate call per batch, and its answers are caption()'s."""
-    import logging
-
+@pytest.mark.parametrize("name", ["tiny-paligemma", "tiny-smolvlm"])
+def test_the_server_decodes_these_families_continuously(name, shapes_dir):
+    """The server's default batching for them is the decode loop (PaliGemma: its bidirectional prefix and
+    1-based positions; SmolVLM: the outer model's head): requests that join mid-way, with prompts of
+    three lengths, get caption()'s text."""
     from multimodal_lora.data.images import load_image
     from multimodal_lora.inference import Captioner
-    from multimodal_lora.serve.continuous import ContinuousBatcher, continuous_problem
+    from multimodal_lora.serve.continuous import continuous_problem
     from multimodal_lora.serve.engine_process import EngineSpec, make_batcher
 
-    from .test_continuous import job, wait
+    from .test_continuous import job, submit_staggered, wait
 
     captioner = Captioner(name, device="cpu")
-    assert why in continuous_problem(captioner)
-    with pytest.raises(ValueError, match="cannot decode in a continuous batch"):
-        ContinuousBatcher(captioner)
-    with caplog.at_level(logging.INFO, logger="multimodal_lora.serve.engine_process"):
-        batcher = make_batcher(captioner, EngineSpec(batching="continuous"))
-    images = [load_image(p) for p in sorted((shapes_dir / "validation").glob("*.png"))[:3]]
+    assert continuous_problem(captioner) is None
+    images = [load_image(p) for p in sorted((shapes_dir / "validation").glob("*.png"))[:6]]
+    prefixes = [None, "a photo of", "a picture of a small"]
+    batcher = make_batcher(captioner, EngineSpec(batching="continuous"))
+    jobs = [job(captioner, None, im, captioner.caption_prompt(None, prefixes[i % 3]), max_tokens=6) for i, im in enumerate(images)]
     try:
-        assert batcher.counters()["batching"] == "request"
-        assert "continuous batching is not available for this base" in caplog.text
-        jobs = [job(captioner, None, image, captioner.caption_prompt(None), max_tokens=6) for image in images]
-        for j in jobs:
-            batcher.submit(j)
+        submit_staggered(batcher, jobs)
         wait(jobs)
+        counters = batcher.counters()
     finally:
         batcher.close()
-    assert [j.sink.text for j in jobs] == [captioner.caption(image, None, max_new_tokens=6) for image in images]
+    assert counters["batching"] == "continuous" and counters["decoded_rows"] > counters["decode_steps"], counters
+    want = [captioner.caption(im, None, prompt=prefixes[i % 3], max_new_tokens=6) for i, im in enumerate(images)]
+    assert [j.sink.text for j in jobs] == want
 
 
 # --- VQA: the question is the prompt (masked), the answer is learned ---------------------------------
@@ -454,7 +448,7 @@ def test_an_int8_base_on_cpu_takes_lora_and_trains(name, count):
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_the_server_answers_what_caption_gives_through_the_openai_client(name, shapes_dir, tmp_path):
     """A short caption run (80 steps), served with its base: the real OpenAI client gets caption()'s
-    text for the adapter and for the bare base, plain and streamed (per-request batching, logged)."""
+    text for the adapter and for the bare base, plain and streamed (decoded continuously, logged)."""
     import openai
 
     from multimodal_lora import train
@@ -482,7 +476,7 @@ def test_the_server_answers_what_caption_gives_through_the_openai_client(name, s
     finally:
         stop_server(proc)
     assert got == want and got_bare == bare and streamed == want[0]
-    assert "continuous batching is not available for this base" in (tmp_path / "server.log").read_text()
+    assert "(batching: continuous" in (tmp_path / "server.log").read_text()
 
 
 @pytest.mark.slow

@@ -44,6 +44,10 @@ a recipe, and an entry in :data:`FAMILIES`. The module must provide:
    (vLLM's architecture name and the text framing a prompt as our layout does),
    or ``vllm_refusal``, why vLLM cannot serve it (``tests/test_vllm.py`` checks
    the route's tokens against ``generation_inputs``).
+8. for the server's continuous batching: ``decoding``, a
+   :class:`~multimodal_lora.families.decoding.Decoding` (a joining group's prefill and one
+   step for the running rows, as the family's ``generate`` runs them), or
+   ``no_continuous_batching``, why not.
 
 
 A family that is not a Q-Former (Qwen2.5-VL) also says, through its layout's

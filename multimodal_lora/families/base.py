@@ -179,6 +179,10 @@ class Family:
     """Why the frozen-feature cache cannot serve this family (``None``: it can)."""
     no_continuous_batching: str | None = None
     """Why the server's decode loop cannot run this family's rows together (``None``: it can)."""
+    decoding: object | None = None
+    """How the server's decode loop runs its model a token at a time: a
+    :class:`~multimodal_lora.families.decoding.Decoding` (its prefill and its steps: positions, masks,
+    head); ``None``: the family does not decode there (an encoder–decoder)."""
     load_processor: Callable[[str, str | None], object] | None = None
     """``(path or hub id, revision) -> processor`` when ``AutoProcessor`` cannot build the family's
     processor here (see :class:`ProcessorParts`); ``None``: ``AutoProcessor``."""

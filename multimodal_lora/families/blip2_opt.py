@@ -36,6 +36,7 @@ from multimodal_lora.families.base import (
     scaled_init,
     stop_token_id,
 )
+from multimodal_lora.families.decoding import LANGUAGE_MODEL
 from multimodal_lora.families.layouts import DecoderOnlyLayout
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -287,5 +288,6 @@ FAMILY = Family(
     tiny_name=TINY_NAME,
     tiny_dirname=f"tiny-blip2-v{TINY_VERSION}",
     build_tiny=save_tiny_base,
+    decoding=LANGUAGE_MODEL,
     vllm=VllmRoute(architecture="Blip2ForConditionalGeneration", prompt_frame=_vllm_prompt_frame),
 )

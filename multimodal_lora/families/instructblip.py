@@ -37,6 +37,7 @@ from multimodal_lora.families.base import (
     PlanDims,
     metaspace_tokenizer,
 )
+from multimodal_lora.families.decoding import LANGUAGE_MODEL
 from multimodal_lora.families.layouts import DecoderOnlyLayout
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -228,6 +229,7 @@ VICUNA = Family(
     tiny_name=TINY_NAME,
     tiny_dirname=f"tiny-instructblip-v{TINY_VERSION}",
     build_tiny=save_tiny_base,
+    decoding=LANGUAGE_MODEL,
     vllm_refusal="vLLM has no InstructBlipForConditionalGeneration",
 )
 

@@ -56,6 +56,7 @@ import torch
 
 from multimodal_lora.families import blip2_opt
 from multimodal_lora.families.base import Connector, Family, decoder_plan_dims, metaspace_tokenizer, stop_token_id
+from multimodal_lora.families.decoding import ModelDecoding
 from multimodal_lora.families.layouts import IGNORE_INDEX, DecoderOnlyLayout, Padding, _fit, _ids
 from multimodal_lora.families.twins import init_weights, set_generation_defaults
 
@@ -301,8 +302,7 @@ FAMILY = Family(
         "family trains and generates with it attending both ways (token_type_ids), so an adapter's answers would "
         "differ (31 of 64 tiny-twin captions did)"
     ),
-    no_continuous_batching=(
-        "its prefix (image and prompt) attends both ways through token_type_ids and its positions count "
-        "from 1, which the shared decode loop's causal prefill does not build"
-    ),
+    # The prefill runs the whole model with the prompt's token_type_ids (the prefix attends both ways);
+    # the steps are causal, as in generate once its cache is filled. Positions count from 1.
+    decoding=ModelDecoding(first_position=1),
 )

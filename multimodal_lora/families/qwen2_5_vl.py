@@ -37,8 +37,10 @@ What differs from the Q-Former families, and how this family says it:
   varies with the image) and its ``image_grid_thw`` row, which still gives the
   placeholder count and the 3-D positions (``PatchGrid.cache_keeps``); the
   cached tokens go back in through the model's ``mm_encoder_outputs``.
-* **Not supported**: the server's continuous batching (3-D positions); the
-  server batches per ``generate`` call instead.
+* **3-D positions in the server's decode loop** (:class:`MropeDecoding`): a
+  prefill computes each row's positions as ``generate`` does (``get_rope_index``
+  over the image grid) and keeps the row's ``rope_delta``; a step continues
+  every row at its token count plus its own delta.
 
 **The plan's image**: a variable count needs a figure for the memory plan and
 length checks: :data:`~multimodal_lora.families.base.PLAN_IMAGE`, a 640×480 photo
@@ -73,6 +75,7 @@ from multimodal_lora.families.base import (
     scaled_init,
     stop_token_id,
 )
+from multimodal_lora.families.decoding import ModelDecoding, held, text_positions
 from multimodal_lora.families.image_inputs import ImageInputs
 from multimodal_lora.families.layouts import ChatLayout
 
@@ -138,6 +141,34 @@ class PatchGrid(ImageInputs):
 
     def token_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"mm_token_type_ids": (input_ids == self.image_token_id).int()}
+
+
+@dataclass(frozen=True)
+class MropeDecoding(ModelDecoding):
+    """The server's decode loop for a model with Qwen2-VL-style 3-D ("mrope") positions.
+
+    transformers 5.25's ``generate`` gives such a model ``position_ids`` of shape
+    ``(4, rows, length)``: text positions (``attention_mask`` counted, 0 on the padding)
+    over the three mrope rows from ``model.model.get_rope_index`` (time, height, width;
+    an image's tokens take its grid's coordinates, so the text after it runs
+    ``rope_delta`` ahead of the token count, a delta per row that depends on its image's
+    grid). Each step adds 1 to the last column of all four rows: text at the row's
+    token count, mrope at that count plus its delta, which is what :meth:`step_positions`
+    builds from the mask and the delta the prefill kept as the row's offset. The text
+    row only sizes masks for packed sequences (the loop always passes a mask).
+    """
+
+    def prefill_positions(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = batch["attention_mask"]
+        mrope, deltas = model.model.get_rope_index(
+            batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+            image_grid_thw=batch.get("image_grid_thw"), attention_mask=mask,
+        )  # fmt: skip
+        return torch.cat([text_positions(mask)[None], mrope]), deltas.view(-1).to(mask.device)
+
+    def step_positions(self, mask: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        count = held(mask)
+        return torch.stack([count, *[count + offsets[:, None]] * 3])
 
 
 def _matches(config) -> bool:
@@ -360,10 +391,7 @@ FAMILY = Family(
     mlp_targets=MLP_TARGETS,
     mlp_pattern=MLP_PATTERN,
     connector=CONNECTOR,
-    no_continuous_batching=(
-        "its language model places image tokens by 3-D (mrope) positions, which the decode loop's "
-        "per-row positions do not continue"
-    ),
+    decoding=MropeDecoding(),
     load_processor=ProcessorParts.from_pretrained,
     # vLLM 0.32's qwen2_vl.py imports transformers' image_processing_qwen2_vl, which imports torchvision.
     vllm=VllmRoute("Qwen2_5_VLForConditionalGeneration", _vllm_prompt_frame, needs=("torchvision",)),

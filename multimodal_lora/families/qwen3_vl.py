@@ -232,7 +232,7 @@ FAMILY = Family(
         "several vision layers into the language model's first layers: the feature cache holds one "
         "fixed-size prefix per image"
     ),
-    no_continuous_batching=qwen2_5_vl.FAMILY.no_continuous_batching,  # the same 3-D (mrope) positions
+    decoding=qwen2_5_vl.MropeDecoding(),  # the same 3-D (mrope) positions, from the model's own get_rope_index
     load_processor=ProcessorParts.from_pretrained,
     # vLLM 0.32's qwen3_vl.py imports transformers' image_processing_qwen2_vl, which imports torchvision.
     vllm=VllmRoute("Qwen3VLForConditionalGeneration", qwen2_5_vl._vllm_prompt_frame, needs=("torchvision",)),

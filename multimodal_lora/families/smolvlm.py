@@ -80,6 +80,7 @@ from multimodal_lora.families.base import (
     decoder_plan_dims,
     stop_token_id,
 )
+from multimodal_lora.families.decoding import ModelDecoding
 from multimodal_lora.families.image_inputs import ImageInputs
 from multimodal_lora.families.layouts import IGNORE_INDEX, DecoderOnlyLayout, _fit, _ids, _pad_rows
 from multimodal_lora.families.twins import init_weights, set_generation_defaults
@@ -496,10 +497,8 @@ _SHARED = dict(
     mlp_targets=MLP_TARGETS,
     mlp_pattern=MLP_PATTERN,
     connector=CONNECTOR,
-    no_continuous_batching=(
-        "its language model (model.text_model) has no output head of its own (lm_head is on the outer "
-        "model), and the shared decode loop calls the language model for logits directly"
-    ),
+    # generate runs the whole model each step (lm_head is on it, not on model.text_model), plain positions.
+    decoding=ModelDecoding(),
     load_processor=load_processor,
     vllm=VLLM,
     # get_image_features casts the features to self.dtype, its first parameter's (the vision tower's): in

@@ -18,18 +18,21 @@ So a request waits at most one token's time to start, not a whole batch.
 
 The rows stay right-aligned, as in a left-padded ``generate`` batch: the cache
 has one column per position, a row that joined with a shorter history has
-masked, zero columns on its left, and each row's positions are counted from
-its own mask (``cumsum - 1``). Every row therefore computes what its own
+masked, zero columns on its left, and each row's next position is the number of
+positions it holds plus an offset its prefill gave it. What a family's model
+needs for a prefill and a step (its positions, masks, head) comes from the
+family (:attr:`Family.decoding`, :mod:`multimodal_lora.families.decoding`);
+this module knows no architecture. Every row therefore computes what its own
 ``generate`` call computes, and greedy text equals :meth:`Captioner.caption`
 and :meth:`~multimodal_lora.inference.Captioner.ask` (the tests check it on
-requests that join mid-way).
+requests that join mid-way, for every family that decodes here).
 
-This needs a decoder-only language model (BLIP-2 OPT, InstructBLIP Vicuna)
-with a plain key/value cache and plain positions (a family with 3-D ones says
-so in ``Family.no_continuous_batching``), and a generation config that only chooses
-tokens (no repetition penalty and the like, which the loop does not apply);
-:func:`continuous_problem` says why a base does not qualify, and the server
-then batches per ``generate`` call instead.
+This needs a decoder-only language model with a plain key/value cache (BLIP-2
+OPT, InstructBLIP Vicuna, Qwen2.5-VL, PaliGemma, SmolVLM), and a generation
+config that only chooses tokens or applies a repetition penalty (the published
+Qwen2.5-VL configs set one; no n-gram bans and the like, which the loop does not
+apply); :func:`continuous_problem` says why a base does not
+qualify, and the server then batches per ``generate`` call instead.
 """
 
 from __future__ import annotations
@@ -40,17 +43,17 @@ import time
 import torch
 import torch.nn.functional as F
 
-from multimodal_lora.families.base import generation_embeddings
 from multimodal_lora.families.layouts import DecoderOnlyLayout
+from multimodal_lora.model import family_of
 from multimodal_lora.serve.batcher import Batcher, together_or_alone
 from multimodal_lora.serve.engine import Job, Row, run_batch
 
 logger = logging.getLogger(__name__)
 
 # Generation-config settings that change the logits (name: the value that leaves them alone). The loop
-# here applies temperature, top-k and top-p only; a base whose config asks for more is batched per call.
+# here applies the repetition penalty (the published Qwen2.5-VL configs set 1.05), temperature, top-k and
+# top-p; a base whose config asks for more is batched per call.
 _NEUTRAL = {
-    "repetition_penalty": (None, 1.0),
     "encoder_repetition_penalty": (None, 1.0),
     "no_repeat_ngram_size": (None, 0),
     "bad_words_ids": (None,),
@@ -77,9 +80,11 @@ def continuous_problem(captioner) -> str | None:
         return family.no_continuous_batching
     if not isinstance(captioner.layout, DecoderOnlyLayout):
         return "its language model is an encoder–decoder (a T5): a row's decoder cache cannot join another's"
-    text = _model(captioner).config.text_config
-    if getattr(text, "sliding_window", None):
-        return "its language model attends through a sliding window, whose cache cannot be joined row by row"
+    if family.decoding is None:
+        return f"the {family.name} family gives the decode loop no way to run its model (Family.decoding)"
+    problem = family.decoding.problem(_model(captioner))
+    if problem is not None:
+        return problem
     config = captioner.model.generation_config
     changed = [name for name, neutral in _NEUTRAL.items() if getattr(config, name, None) not in neutral]
     if changed:
@@ -88,7 +93,7 @@ def continuous_problem(captioner) -> str | None:
 
 
 def _model(captioner):
-    """The Q-Former model itself: a PEFT wrapper's base model (the LoRA layers are inside it)."""
+    """The family's model itself: a PEFT wrapper's base model (the LoRA layers are inside it)."""
     model = captioner.model
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -106,32 +111,35 @@ class RunningBatch:
         self.key = key
         self.adapter, self.sampling = key
         self.model = _model(captioner)
-        self.language_model = self.model.language_model
+        self.decoding = family_of(captioner.model).decoding
         self.tokenizer = captioner.processor.tokenizer
         self.stop_ids = captioner.stop_token_ids
         self.warpers = _warpers(self.sampling, captioner.model.generation_config)
+        penalty = getattr(captioner.model.generation_config, "repetition_penalty", None)
+        self.penalty = None if penalty in (None, 1.0) else float(penalty)
+        self.prompts: list[torch.Tensor] = []
+        """Each row's prompt ids (padding left out), which the repetition penalty reads with its new tokens."""
         self.rows: list[Row] = []
         self.cache = None
         self.mask: torch.Tensor | None = None
         """``(rows, columns)``: 1 where a row's cache column holds one of its positions."""
         self.next: torch.Tensor | None = None
         """``(rows,)``: each row's newest token, fed to the model at the next step."""
+        self.offsets: torch.Tensor | None = None
+        """``(rows,)``: what each row's next position adds to the positions it holds (see the families' decoding)."""
 
     @torch.no_grad()
     def admit(self, jobs: list[Job]) -> None:
         """Prefill ``jobs`` (their images and prompts, one forward), hand each its first token, and
         join them to the running rows. On failure the running rows are as they were."""
         batch = self.captioner.generation_inputs([job.image for job in jobs], [job.prompt for job in jobs])
-        mask = batch["attention_mask"]
         with self.captioner.running(self.adapter):
-            embeds = generation_embeddings(self.model, batch, self.captioner.layout.image_token_id)
-            out = self.language_model(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask),
-                use_cache=True, logits_to_keep=1,
-            )  # fmt: skip
-        tokens = self._choose(out.logits[:, -1, :])
+            prefill = self.decoding.prefill(self.model, batch, self.captioner.layout)
+        prompts = [ids[mask.bool()] for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        tokens = self._choose(prefill.logits, lambda: [ids.tolist() for ids in prompts])
         rows = [Row(job, self.tokenizer, self.stop_ids) for job in jobs]
-        self._join(out.past_key_values, mask, tokens, rows)
+        self._join(prefill.cache, batch["attention_mask"], tokens, prefill.offsets, rows)
+        self.prompts = self.prompts + prompts
         for row, token in zip(rows, tokens.tolist()):
             row.push(token)
         self._drop_finished()
@@ -140,29 +148,33 @@ class RunningBatch:
     def step(self) -> None:
         """One token for every running row; the rows that finish with it leave."""
         mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-        position = self.mask.sum(dim=1, keepdim=True)  # the new token's: how many real positions precede it
         with self.captioner.running(self.adapter):
-            out = self.language_model(
-                input_ids=self.next[:, None], attention_mask=mask, position_ids=position,
-                past_key_values=self.cache, use_cache=True, logits_to_keep=1,
-            )  # fmt: skip
-        self.mask, self.cache = mask, out.past_key_values
-        self.next = self._choose(out.logits[:, -1, :])
+            logits, cache = self.decoding.step(self.model, self.next, mask, self.offsets, self.cache)
+        self.mask, self.cache = mask, cache
+        self.next = self._choose(logits, lambda: [[*p.tolist(), *row.tokens] for p, row in zip(self.prompts, self.rows)])
         for row, token in zip(self.rows, self.next.tolist()):
             row.push(token)
         self._drop_finished()
 
-    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next token of each row, as ``generate`` chooses it (in float32, greedy or sampled)."""
+    def _choose(self, logits: torch.Tensor, seen) -> torch.Tensor:
+        """The next token of each row, as ``generate`` chooses it (in float32, the repetition penalty
+        over the ids each row has seen, its prompt and its new tokens, listed by ``seen()``, then
+        greedy or sampled)."""
         scores = logits.float()
+        if self.penalty is not None:
+            from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+            penalize = RepetitionPenaltyLogitsProcessor(self.penalty)
+            # Row by row: each row's own ids, with no padding (generate leaves a row's padding out too).
+            scores = torch.cat([penalize(torch.tensor([ids], device=scores.device), scores[i : i + 1]) for i, ids in enumerate(seen())])
         if not self.sampling.do_sample:
             return scores.argmax(dim=-1)
         scores = self.warpers(None, scores)
         return torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
 
-    def _join(self, cache, mask: torch.Tensor, tokens: torch.Tensor, rows: list[Row]) -> None:
+    def _join(self, cache, mask: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor, rows: list[Row]) -> None:
         if not self.rows:
-            self.cache, self.mask, self.next, self.rows = cache, mask, tokens, rows
+            self.cache, self.mask, self.next, self.offsets, self.rows = cache, mask, tokens, offsets, rows
             return
         width = max(self.mask.shape[1], mask.shape[1])
         for mine, theirs in zip(_layers(self.cache), _layers(cache), strict=True):
@@ -170,6 +182,7 @@ class RunningBatch:
             mine.values = torch.cat([_pad_left(mine.values, width, -2), _pad_left(theirs.values, width, -2)])
         self.mask = torch.cat([_pad_left(self.mask, width, -1), _pad_left(mask, width, -1)])
         self.next = torch.cat([self.next, tokens])
+        self.offsets = torch.cat([self.offsets, offsets.to(self.offsets)])
         self.rows = self.rows + rows
 
     def _drop_finished(self) -> None:
@@ -177,11 +190,12 @@ class RunningBatch:
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in keep]
+        self.prompts = [self.prompts[i] for i in keep]
         if not keep:
-            self.cache = self.mask = self.next = None
+            self.cache = self.mask = self.next = self.offsets = None
             return
         index = torch.tensor(keep, device=self.mask.device)
-        self.mask, self.next = self.mask[index], self.next[index]
+        self.mask, self.next, self.offsets = self.mask[index], self.next[index], self.offsets[index]
         # The columns no remaining row uses (the history of rows that left) go too: the cache is
         # never wider than its longest row.
         first = int(self.mask.any(dim=0).int().argmax())
@@ -333,12 +347,6 @@ class ContinuousBatcher(Batcher):
             )  # fmt: skip
             self._retry_alone(open_jobs)
             return False
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Each row's positions counted from its first real token (0 on its left padding), as ``generate``
-    counts them."""
-    return (mask.long().cumsum(dim=-1) - 1).clamp_min(0)
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
