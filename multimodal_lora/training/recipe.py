@@ -454,7 +454,7 @@ def train_step(run: Run, group: list[dict]) -> float:
             batch, keep = run.base.layout.for_loss(batch)  # the output head only where the loss reads it
             with accelerator.autocast():
                 # No KV cache in training: nothing reads it, and filling it costs ~1% of a step.
-                inputs = forward_inputs(batch, accelerator.device, run.layout.image_inputs)
+                inputs = forward_inputs(batch, accelerator.device, run.base.layout.image_inputs)
                 loss = model(**inputs, use_cache=False, **({"logits_to_keep": keep} if keep else {})).loss
             accelerator.backward(loss / len(group))
         losses.append(loss.detach().float())
