@@ -21,8 +21,11 @@ What differs, read from transformers 5.25's ``models/qwen3_vl/modeling_qwen3_vl.
   blocks (``deepstack_visual_indexes``, 5/11/17 on the 4B), merges each through
   its own ``model.visual.deepstack_merger_list.N`` and *adds* the result to the
   image tokens' hidden states after the first language-model layers. So the
-  language model gets more than one prefix per image: the frozen-feature cache,
-  which stores one, is refused (see ``no_feature_cache``).
+  language model gets more than one stream per image token; all are frozen
+  functions of the image (unless the connector trains), and the frozen-feature
+  cache stores each tap's as one more named stream beside the merger's
+  (:class:`DeepStackGrid`: ``deepstack_0`` …, fed back through the model's own
+  ``mm_encoder_outputs``).
 * **The connector** (``lora.parts: [connector]``) is the merger
   (``model.visual.merger.linear_fc{1,2}``) *and* the DeepStack mergers: both join
   the image path to the language model (one through its input embeddings, the
