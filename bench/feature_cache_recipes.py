@@ -1,6 +1,6 @@
 """Does the shipped tiny recipe train the same adapter with the frozen-feature cache as without?
 
-    python bench/feature_cache_recipes.py [--recipes tiny-qwen2vl tiny-smolvlm] [--held-out 60]
+    python bench/feature_cache_recipes.py [--recipes tiny-qwen2vl tiny-qwen3vl tiny-smolvlm] [--held-out 60]
 
 Trains each recipe as shipped (``cache_image_features: auto``: on, for its several
 epochs) and again with ``train.cache_image_features=false``, then compares the two
@@ -23,7 +23,7 @@ from pathlib import Path
 from harness import quiet, set_threads, table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ["tiny-qwen2vl", "tiny-smolvlm"]
+RECIPES = ["tiny-qwen2vl", "tiny-qwen3vl", "tiny-smolvlm"]
 
 
 def compare(name: str, workdir: Path, held_out: int) -> dict:

@@ -23,13 +23,14 @@ into place whole. ``python -m multimodal_lora.cache list`` shows the caches and
 When the Q-Former also reads the prompt (InstructBLIP), the prefix depends on
 it too: a row is then one (image, instruction) pair, keyed by both.
 
-**Ragged features** (Qwen2.5-VL, SmolVLM: the family's
+**Ragged features** (Qwen2.5-VL, Qwen3-VL, SmolVLM: the family's
 :class:`~multimodal_lora.families.image_inputs.ImageInputs` names
 ``cache_keeps``): an image's features vary in length (Qwen: one token per 2×2
 patches of the resized image; SmolVLM: one block per view), and the text and
 model still need a little per image (the grid, the tile grid). These are stored
 as safetensors shards of about :data:`SHARD_BYTES` (``features-00000.safetensors``:
-the shard's images' features end to end, one tensor per name, ``features.pooler_output``,
+the shard's images' features end to end, one tensor per name, ``features.pooler_output``
+(and Qwen3-VL's ``features.deepstack_N``, one per DeepStack tap),
 and each kept key stacked, ``keep.image_grid_thw``), read through memory-mapped slices; ``index.json``
 maps each image to its shard, row, first token and token count.
 """

@@ -555,7 +555,7 @@ def visual_prefix(model, pixel_values: torch.Tensor, qformer_inputs: dict | None
 
 def ragged_features(model, image_inputs, items: list[dict]) -> list[dict[str, torch.Tensor]]:
     """Each image's named features, ``(tokens, hidden)`` of a length that varies with the image, for a
-    family whose image inputs name ``cache_keeps`` (Qwen2.5-VL, SmolVLM): its model's own ``get_image_features``."""
+    family whose image inputs name ``cache_keeps`` (Qwen2.5-VL, Qwen3-VL, SmolVLM): its model's own ``get_image_features``."""
     return image_inputs.image_features(_blip2(model), items)
 
 

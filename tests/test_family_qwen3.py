@@ -1,6 +1,6 @@
 """Qwen3-VL: the real configs on the meta device, the anchored targets (the vision blocks' MLPs share the
 mergers' names), the chat layout without a system turn, the connector's memory term against autograd,
-and what the family refuses before weights load.
+and that its feature cache is refused only when the connector trains.
 
 What every family's tiny recipe must do (learn, PEFT, merge, refusal by another family, CLI and
 evaluate) is in tests/test_family_recipes.py, which trains ``recipes/tiny-qwen3vl.yaml`` too; the
@@ -89,13 +89,17 @@ def test_the_chat_layout_has_no_system_turn_and_learns_only_the_answer():
     assert FAMILY.image_tokens(published_config("Qwen/Qwen3-VL-8B-Instruct")) == 300
 
 
-def test_the_feature_cache_is_refused_before_any_weights_load(tmp_path):
-    from multimodal_lora import train
+def test_the_feature_cache_is_accepted_and_refused_only_when_the_connector_trains():
+    """DeepStack's features are frozen functions of the image too, cached beside the merger's (their
+    equality with pixels is in tests/test_feature_cache_ragged.py): ``true`` passes the family's check;
+    what is refused, from the config alone, is the generic case of a trained connector."""
+    from multimodal_lora.training import recipe as training_recipe
 
-    recipe = load_recipe(RECIPES / "tiny-qwen3vl.yaml", [f"output_dir={tmp_path}/run", "train.cache_image_features=true"])
-    with pytest.raises(ConfigError, match="cache_image_features: true, but Qwen3-VL's image features vary in length.*DeepStack"):
-        train(recipe)
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert FAMILY.no_feature_cache is None
+    recipe = load_recipe(RECIPES / "tiny-qwen3vl.yaml", ["train.cache_image_features=true"])
+    assert training_recipe.check_family(recipe) is FAMILY
+    with pytest.raises(ConfigError, match="cache_image_features: true caches .* lora.parts trains the connector"):
+        load_recipe(RECIPES / "tiny-qwen3vl.yaml", ["lora.parts=[attention,connector]", "train.cache_image_features=true"])
 
 
 def test_the_connector_term_is_what_autograd_keeps_in_the_tiny_twin():

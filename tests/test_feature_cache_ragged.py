@@ -1,5 +1,5 @@
-"""The frozen-feature cache for families whose image features vary in length (Qwen2.5-VL, SmolVLM):
-cached features give the loss and LoRA gradients pixels give, the files are reused and keyed on the
+"""The frozen-feature cache for families whose image features vary in length (Qwen2.5-VL, Qwen3-VL with
+its DeepStack features, SmolVLM): cached features give the loss and LoRA gradients pixels give, the files are reused and keyed on the
 processor's settings, and a run with the cache trains the adapter a run without it trains."""
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from .conftest import RECIPES
 
 CPU = torch.device("cpu")
 # Sizes the tiny processors resize differently: Qwen's 1,024-pixel budget gives 16, 12, 15 and 16
-# tokens; SmolVLM's one 32×32 view gives 16 each.
+# tokens (both Qwen twins share the processor); SmolVLM's one 32×32 view gives 16 each.
 SIZES = [(32, 32), (48, 32), (40, 64), (32, 32), (64, 48)]
-VISION = {"tiny-qwen2vl": "model.visual", "tiny-smolvlm": "model.vision_model"}
+VISION = {"tiny-qwen2vl": "model.visual", "tiny-qwen3vl": "model.visual", "tiny-smolvlm": "model.vision_model"}
+# What each caches per image: the merged features, and Qwen3-VL's one DeepStack tap beside them.
+STREAMS = {"tiny-qwen2vl": ["pooler_output"], "tiny-qwen3vl": ["deepstack_0", "pooler_output"], "tiny-smolvlm": ["pooler_output"]}
 
 
 def examples(directory) -> list[Example]:
@@ -50,8 +52,9 @@ def test_cached_features_give_the_loss_and_lora_gradients_pixels_give_and_are_bu
     from multimodal_lora import feature_cache
     from multimodal_lora.model import attribute
 
-    # Shards of about 20 KB: three of the five images' fp32 features (8 KB for 16 tokens of 128), then two.
-    monkeypatch.setattr(feature_cache, "SHARD_BYTES", 20_000)
+    # Shards of about 20 KB a stream: three of the five images' fp32 features (8 KB a stream for 16
+    # tokens of 128), then two.
+    monkeypatch.setattr(feature_cache, "SHARD_BYTES", 20_000 * len(STREAMS[base]))
 
     model = add_lora(load_base(ModelConfig(base=base, device="cpu"))[0], LoraSettings(r=4, alpha=8, dropout=0.0))
     with torch.no_grad():  # B non-zero, so that the gradient reaches every LoRA matrix
@@ -75,11 +78,13 @@ def test_cached_features_give_the_loss_and_lora_gradients_pixels_give_and_are_bu
     index = json.loads((cache.directory / INDEX_FILE).read_text())
     shards = [load_file(cache.directory / SHARD_FILE.format(i)) for i in range(2)]
     tokens = [index["rows"][k][3] for k in keys]
-    assert index["streams"] == ["pooler_output"] and sum(s["features.pooler_output"].shape[0] for s in shards) == sum(tokens)
-    assert shards[0]["features.pooler_output"].shape[1] == model.config.text_config.hidden_size
+    assert index["streams"] == STREAMS[base]
+    for stream in STREAMS[base]:  # each stream a token per image token, in the language model's width
+        assert sum(s[f"features.{stream}"].shape[0] for s in shards) == sum(tokens), stream
+        assert shards[0][f"features.{stream}"].shape[1] == model.config.text_config.hidden_size, stream
     kept = layout.image_inputs.cache_keeps[0]
     assert [s[f"keep.{kept}"].shape[0] for s in shards] == [3, 2]
-    if base == "tiny-qwen2vl":  # images of different sizes take different token counts, grids kept
+    if base != "tiny-smolvlm":  # images of different sizes take different token counts, grids kept
         assert tokens == [16, 12, 15, 16, 12] and shards[0][f"keep.{kept}"].tolist() == [[1, 8, 8], [1, 6, 8], [1, 10, 6]]
 
     # The same batch from pixels and from the cache: one loss, one gradient on every LoRA matrix.
@@ -98,6 +103,12 @@ def test_cached_features_give_the_loss_and_lora_gradients_pixels_give_and_are_bu
     for name, grad in grads_p.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # And the DeepStack stream is what the language model adds: without it, another loss.
+    if "deepstack_0" in STREAMS[base]:
+        with torch.no_grad():
+            for image in cached[feature_cache.FEATURES_KEY]:
+                image["deepstack_0"] = torch.zeros_like(image["deepstack_0"])
+            assert abs(model(**forward_inputs(cached, CPU, layout.image_inputs), use_cache=False).loss - loss_p) > 1e-3
 
     # Opened again (the next epoch, the next run): the same files, nothing computed.
     model.eval()
@@ -105,14 +116,14 @@ def test_cached_features_give_the_loss_and_lora_gradients_pixels_give_and_are_bu
     assert again.directory == cache.directory and len(computed) == before + 1
     # Another image-processor setting is another key: built anew.
     settings = processor.image_processor.to_dict()
-    if base == "tiny-qwen2vl":  # the pixel budget (max_pixels, as transformers 5 names it in size)
+    if base != "tiny-smolvlm":  # the pixel budget (max_pixels, as transformers 5 names it in size)
         processor.image_processor.size["longest_edge"] = 24 * 24
     else:
         processor.image_processor.do_image_splitting = True
     assert processor.image_processor.to_dict() != settings
     other, _ = open_or_build(data, model, processor.image_processor, tmp_path / "cache", batch_size=8, progress=False, layout=layout)
     assert other.directory != cache.directory and len(computed) == before + 2
-    if base == "tiny-qwen2vl":  # and it mattered: 32×32 now resizes to 24×24, 9 tokens
+    if base != "tiny-smolvlm":  # and it mattered: 32×32 now resizes to 24×24, 9 tokens
         assert other.rows[keys[0]][3] == 9
 
 

@@ -231,9 +231,10 @@ CONNECTOR = Connector(
 )
 
 
-def _layout(config, generation_config, processor, plan_tokens=None) -> ChatLayout:
+def _layout(config, generation_config, processor, plan_tokens=None, grid: type[PatchGrid] = PatchGrid) -> ChatLayout:
     """The chat layout on the base's ids; ``plan_tokens(config)`` (default this family's) sizes an image
-    when no image processor says the most one may take (Qwen3-VL reuses this with its own)."""
+    when no image processor says the most one may take, and ``grid`` is the image inputs' class
+    (Qwen3-VL reuses this with its own of both)."""
     tokenizer = getattr(processor, "tokenizer", processor)
     image_processor = getattr(processor, "image_processor", None)
     text = config.text_config
@@ -249,7 +250,7 @@ def _layout(config, generation_config, processor, plan_tokens=None) -> ChatLayou
         num_query_tokens=1,  # the template writes one <|image_pad|>; PatchGrid expands it
         pad_token_id=int(pad),
         stop_token_id=stop_token_id(generation_config, text),
-        image_inputs=PatchGrid(
+        image_inputs=grid(
             max_tokens=most or (plan_tokens or _plan_image_tokens)(config),
             image_token_id=int(config.image_token_id),
             merge_size=int(config.vision_config.spatial_merge_size),

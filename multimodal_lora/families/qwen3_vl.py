@@ -21,8 +21,11 @@ What differs, read from transformers 5.25's ``models/qwen3_vl/modeling_qwen3_vl.
   blocks (``deepstack_visual_indexes``, 5/11/17 on the 4B), merges each through
   its own ``model.visual.deepstack_merger_list.N`` and *adds* the result to the
   image tokens' hidden states after the first language-model layers. So the
-  language model gets more than one prefix per image: the frozen-feature cache,
-  which stores one, is refused (see ``no_feature_cache``).
+  language model gets more than one stream per image token; all are frozen
+  functions of the image (unless the connector trains), and the frozen-feature
+  cache stores each tap's as one more named stream beside the merger's
+  (:class:`DeepStackGrid`: ``deepstack_0`` …, fed back through the model's own
+  ``mm_encoder_outputs``).
 * **The connector** (``lora.parts: [connector]``) is the merger
   (``model.visual.merger.linear_fc{1,2}``) *and* the DeepStack mergers: both join
   the image path to the language model (one through its input embeddings, the
@@ -33,6 +36,9 @@ What differs, read from transformers 5.25's ``models/qwen3_vl/modeling_qwen3_vl.
 * **The text model** is Qwen3's: q/k RMSNorm after the projections (``q_norm``,
   ``k_norm``: norms, not linears, so LoRA's targets are unchanged), ``head_dim``
   set explicitly (128), and interleaved mrope sections (24/20/20 of 64).
+* **The server's decode loop** uses Qwen2.5-VL's
+  :class:`~multimodal_lora.families.qwen2_5_vl.MropeDecoding`: the model's own ``get_rope_index``
+  gives a joining row its 3-D positions and ``rope_delta``, as ``generate`` does.
 * **Chat template**: Qwen3-VL's adds no system turn unless the messages have one
   (Qwen2.5-VL's adds "You are a helpful assistant."), so a prompt is about ten
   tokens shorter. The stop token is still ``<|im_end|>``, the first
@@ -55,6 +61,8 @@ image tokens), and :func:`~multimodal_lora.families.twins.init_weights`.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -90,9 +98,40 @@ IMAGE_PATH = (
 CHAT_TEMPLATE_FILE = "qwen3-vl-chat_template.jinja"
 PREPROCESSOR_FILE = "qwen3-vl-preprocessor_config.json"
 
+DEEPSTACK_STREAM = "deepstack_{}"
+"""The cache's name for DeepStack tap N's features of an image (``deepstack_0`` ...), beside ``pooler_output``."""
+
 TINY_NAME = "tiny-qwen3vl"
 TINY_SEED = 0
 TINY_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DeepStackGrid(qwen2_5_vl.PatchGrid):
+    """Qwen2.5-VL's patch grid, with each DeepStack tap's features cached beside the merger's.
+
+    The language model takes, per image token, the merger's output (into its input embeddings)
+    and one merged feature per tap (added after its first layers): all frozen functions of the
+    image, each ``(tokens, hidden)`` and split per image by ``get_image_features`` itself, so the
+    cache stores them as more streams and hands all of them back through ``mm_encoder_outputs``."""
+
+    def image_features(self, model, items: list[dict]) -> list[dict]:
+        out = model.get_image_features(**self.collate(items), return_dict=True)
+        taps = out.deepstack_features  # per tap, a tuple of per-image tensors
+        return [
+            {"pooler_output": pooled, **{DEEPSTACK_STREAM.format(i): tap[n] for i, tap in enumerate(taps)}}
+            for n, pooled in enumerate(out.pooler_output)
+        ]
+
+    def feature_inputs(self, features: list[Mapping]) -> dict:
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+        taps = sum(name.startswith(DEEPSTACK_STREAM.format("")) for name in features[0]) if features else 0
+        encoded = BaseModelOutputWithDeepstackFeatures(
+            pooler_output=tuple(f["pooler_output"] for f in features),
+            deepstack_features=[tuple(f[DEEPSTACK_STREAM.format(i)] for f in features) for i in range(taps)],
+        )
+        return {"mm_encoder_outputs": {"image": encoded}}
 
 
 def _matches(config) -> bool:
@@ -211,7 +250,7 @@ FAMILY = Family(
     default_targets=LORA_TARGETS,
     attention_pattern=ATTENTION_PATTERN,  # model.language_model.layers.N.self_attn, as Qwen2.5-VL
     matches=_matches,
-    make_layout=partial(qwen2_5_vl._layout, plan_tokens=_plan_image_tokens),
+    make_layout=partial(qwen2_5_vl._layout, plan_tokens=_plan_image_tokens, grid=DeepStackGrid),
     plan_dims=decoder_plan_dims,
     published={
         "Qwen/Qwen3-VL-4B-Instruct": "qwen3-vl-4b-instruct.json",
@@ -227,11 +266,6 @@ FAMILY = Family(
     mlp_targets=MLP_TARGETS,
     mlp_pattern=MLP_PATTERN,
     connector=CONNECTOR,
-    no_feature_cache=(
-        "Qwen3-VL's image features vary in length with the image, and DeepStack adds features from "
-        "several vision layers into the language model's first layers: the feature cache holds one "
-        "fixed-size prefix per image"
-    ),
     decoding=qwen2_5_vl.MropeDecoding(),  # the same 3-D (mrope) positions, from the model's own get_rope_index
     load_processor=ProcessorParts.from_pretrained,
     # vLLM 0.32's qwen3_vl.py imports transformers' image_processing_qwen2_vl, which imports torchvision.
