@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_sizes(workdir: Path) -> dict:
     """Train the tiny recipe for one step; the adapter's and the base's bytes on disk."""
     from multimodal_lora.config import load_recipe
-    from multimodal_lora.tiny import ensure_tiny_base
+    from multimodal_lora.model.tiny import ensure_tiny_base
     from multimodal_lora.training import train
 
     recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [f"output_dir={workdir / 'tiny'}", "train.max_steps=1"])
@@ -45,8 +45,8 @@ def real_sizes(recipe_path: Path, workdir: Path) -> dict:
 
     from multimodal_lora.adapter import AdapterMeta, adapter_size_bytes, save_adapter
     from multimodal_lora.config import load_recipe
-    from multimodal_lora.model import BaseInfo, add_lora, base_config, config_fingerprint, meta_model
-    from multimodal_lora.plan import base_weight_bytes
+    from multimodal_lora.model.base import BaseInfo, add_lora, base_config, config_fingerprint, meta_model
+    from multimodal_lora.model.plan import base_weight_bytes
 
     recipe = load_recipe(recipe_path)
     config = base_config(recipe.model.base, recipe.model.revision)

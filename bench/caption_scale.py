@@ -62,7 +62,7 @@ def make_adapter(root: Path) -> Path:
 
     from multimodal_lora.adapter import AdapterMeta, save_adapter
     from multimodal_lora.config import LoraSettings, ModelConfig
-    from multimodal_lora.model import add_lora, load_base
+    from multimodal_lora.model.base import add_lora, load_base
 
     model, base = load_base(ModelConfig(base="tiny", device="cpu"))
     model = add_lora(model, LoraSettings(r=16, alpha=32, dropout=0.0))

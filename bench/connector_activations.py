@@ -31,7 +31,7 @@ def connector_model():
     import torch
 
     from multimodal_lora.config import LoraSettings
-    from multimodal_lora.model import add_lora, meta_model, published_config, set_train_mode
+    from multimodal_lora.model.base import add_lora, meta_model, published_config, set_train_mode
 
     config = published_config(BASE)
     model = meta_model(config)

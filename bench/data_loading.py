@@ -41,7 +41,7 @@ def main() -> None:
     from multimodal_lora.data.encoding import Collator, PairDataset
     from multimodal_lora.data.screen import screen_examples
     from multimodal_lora.data.sources import load_splits
-    from multimodal_lora.model import load_processor
+    from multimodal_lora.model.base import load_processor
 
     processor = load_processor("tiny")
     with tempfile.TemporaryDirectory() as tmp:

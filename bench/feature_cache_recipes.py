@@ -31,7 +31,7 @@ def compare(name: str, workdir: Path, held_out: int) -> dict:
 
     from multimodal_lora.config import load_recipe
     from multimodal_lora.data.sources import group_references, load_splits
-    from multimodal_lora.inference import Captioner
+    from multimodal_lora.inference.captioner import Captioner
     from multimodal_lora.training import train
 
     results, seconds = {}, {}

@@ -27,7 +27,7 @@ that its peak resident memory is its own:
 Each phase records its seconds, its peak RSS (the kernel's high-water mark,
 which also counts the pages of the memory-mapped shards read while loading),
 its peak anonymous RSS (sampled twice a second: the memory really held) and
-the memory plan's estimate beside it (``multimodal_lora.plan``: the training
+the memory plan's estimate beside it (``multimodal_lora.model.plan``: the training
 plan for ``train``, the inference weights for ``caption``, the bf16 weights for
 ``merge``). A ``train`` phase also records the training loop's own peak RSS,
 which the trainer reports (``TrainResult.peak_memory_mb``): the figure the
@@ -118,7 +118,7 @@ def save_random_base(config, directory: Path, shard_bytes: int = SHARD_BYTES) ->
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from multimodal_lora.model import meta_model
+    from multimodal_lora.model.base import meta_model
 
     directory.mkdir(parents=True, exist_ok=True)
     model = meta_model(config)  # shapes only: no storage
@@ -235,8 +235,8 @@ def phase_train(work: Path, quantization: str, steps: int, max_length: int, new_
     """The trainer on the football recipe, on the random base in ``quantization``; greedy tokens of the result."""
     from multimodal_lora.adapter import read_adapter
     from multimodal_lora.config import load_recipe
-    from multimodal_lora.inference import Captioner
-    from multimodal_lora.model import count_parameters
+    from multimodal_lora.inference.captioner import Captioner
+    from multimodal_lora.model.base import count_parameters
     from multimodal_lora.training import train
 
     recipe = load_recipe(
@@ -273,7 +273,7 @@ def phase_train(work: Path, quantization: str, steps: int, max_length: int, new_
 def phase_caption(work: Path, quantization: str, new_tokens: int) -> dict:
     """``caption(images, adapter=DIR)`` in a fresh process: the base as the adapter records it."""
     from multimodal_lora import caption
-    from multimodal_lora.inference import CAPTIONERS, clear_cache
+    from multimodal_lora.inference.captioner import CAPTIONERS, clear_cache
 
     clear_cache()  # with --in-process, the other phase's base
     adapter = work / f"run-{quantization}" / "adapter"
@@ -317,7 +317,7 @@ def greedy_tokens(captioner, adapter: str, images: list[str], new_tokens: int) -
 
 
 def _processor(work: Path):
-    from multimodal_lora.model import load_processor
+    from multimodal_lora.model.base import load_processor
 
     return load_processor(str(work / "base"))
 
@@ -389,7 +389,7 @@ def run_phase(name: str, work: Path, args) -> dict:
 
 
 def _published():
-    from multimodal_lora.model import published_config
+    from multimodal_lora.model.base import published_config
 
     return published_config()
 
@@ -397,8 +397,8 @@ def _published():
 def plans(config, args) -> dict:
     """The memory plan beside each phase: training, inference weights, bf16 weights for the merge."""
     from multimodal_lora.config import LoraSettings, load_recipe
-    from multimodal_lora.model import meta_model
-    from multimodal_lora.plan import base_weight_bytes, plan_memory
+    from multimodal_lora.model.base import meta_model
+    from multimodal_lora.model.plan import base_weight_bytes, plan_memory
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "football.yaml")
     lora = LoraSettings(**{**recipe.lora.__dict__})

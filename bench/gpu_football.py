@@ -69,7 +69,7 @@ def caption_as_recorded(adapter: Path, images: list[str]) -> dict:
     import torch
 
     from multimodal_lora import caption
-    from multimodal_lora.inference import CAPTIONERS, clear_cache
+    from multimodal_lora.inference.captioner import CAPTIONERS, clear_cache
 
     clear_cache()
     if torch.cuda.is_available():
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from multimodal_lora.model import published_config
+    from multimodal_lora.model.base import published_config
 
     needed = ["PIL", "yaml", "tqdm", "safetensors", "tokenizers", "peft", "accelerate", "bitsandbytes"]
     missing = [m for m in needed if importlib.util.find_spec(m) is None]

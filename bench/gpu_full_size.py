@@ -4,10 +4,10 @@
     python bench/gpu_full_size.py --small --out /tmp/x   # anywhere, CPU included: a small config, same code
 
 The architecture is the published ``Salesforce/blip2-opt-2.7b`` config shipped
-in the package (``multimodal_lora.model.published_config``). A model with
+in the package (``multimodal_lora.model.base.published_config``). A model with
 random weights is built on the device, saved once as an ordinary bf16
 checkpoint in a temporary directory, and then loaded through
-``multimodal_lora.model.load_base`` — the trainer's own path — as an **int8**,
+``multimodal_lora.model.base.load_base`` — the trainer's own path — as an **int8**,
 **4-bit NF4** and **bf16** base. For each base, with the football recipe's LoRA
 (r=16 on the language model's q_proj and v_proj), it measures:
 
@@ -21,7 +21,7 @@ checkpoint in a temporary directory, and then loaded through
 * model FLOP/s and bf16 model-FLOPs utilisation (MFU) of each training
   variant: :func:`model_flops_per_sample` × samples/s over the GPU's dense bf16
   peak (from its name; ``--peak-tflops`` to set it);
-* the memory plan (``multimodal_lora.plan``) for the same base and batch,
+* the memory plan (``multimodal_lora.model.plan``) for the same base and batch,
   beside the measured peak;
 * caption latency for one image (greedy, exactly ``--new-tokens`` new tokens,
   the adapter active and unmerged).
@@ -152,7 +152,7 @@ def model_flops_per_sample(config, text_tokens: int, cache: bool) -> float:
     transformer on its patches, the Q-Former's queries (cross-attention keys and values
     on the patches), the projection. Layer norms, softmax, embeddings: not counted.
     """
-    from multimodal_lora.model import meta_model
+    from multimodal_lora.model.base import meta_model
 
     model = meta_model(config)
     q = config.num_query_tokens
@@ -200,7 +200,7 @@ def train_speed(model, batch, *, cache: bool, steps: int, warmup: int, device) -
     """Samples/s and peak memory of LoRA training steps (forward, backward, AdamW)."""
     import torch
 
-    from multimodal_lora.model import set_train_mode
+    from multimodal_lora.model.base import set_train_mode
     from multimodal_lora.training.optim import build_optimizer
 
     # The trainer's own optimizer (fused AdamW on a GPU) and train mode (frozen parts in eval).
@@ -261,8 +261,8 @@ def bench_base(checkpoint: Path, config, label: str, quantization: str, args, de
     import torch
 
     from multimodal_lora.config import LoraSettings, ModelConfig
-    from multimodal_lora.model import add_lora, enable_gradient_checkpointing, load_base
-    from multimodal_lora.plan import plan_memory
+    from multimodal_lora.model.base import add_lora, enable_gradient_checkpointing, load_base
+    from multimodal_lora.model.plan import plan_memory
 
     lora = LoraSettings(**LORA)
     cfg = ModelConfig(base=str(checkpoint), quantization=quantization, dtype="bf16", device=str(device))
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet()
     import torch
 
-    from multimodal_lora.model import published_config
+    from multimodal_lora.model.base import published_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not args.small and device.type != "cuda":

@@ -50,7 +50,7 @@ def load_variants(adapter_dir: Path) -> dict:
     from peft import PeftModel
 
     from multimodal_lora.config import ModelConfig
-    from multimodal_lora.model import load_base
+    from multimodal_lora.model.base import load_base
 
     cfg = ModelConfig(base="tiny", device="cpu")
     fresh = lambda: load_base(cfg, for_training=False)[0].eval()  # noqa: E731
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from multimodal_lora.data.images import load_image
     from multimodal_lora.data.shapes import ensure_builtin
-    from multimodal_lora.inference import Captioner
-    from multimodal_lora.model import load_processor, text_layout
+    from multimodal_lora.inference.captioner import Captioner
+    from multimodal_lora.model.base import load_processor, text_layout
 
     images = sorted((ensure_builtin("shapes") / "validation").glob("*.png"))[: args.images]
     pictures = [load_image(p) for p in images]

@@ -84,8 +84,8 @@ def check(lora, gradient_checkpointing: bool) -> dict:
     import torch
     from transformers import Blip2ForConditionalGeneration
 
-    from multimodal_lora.model import add_lora
-    from multimodal_lora.plan import plan_memory
+    from multimodal_lora.model.base import add_lora
+    from multimodal_lora.model.plan import plan_memory
 
     config = mid_size_config()
     plan = plan_memory(config, quantization="none", dtype="fp32", lora=lora, batch_size=CHECK_BATCH, max_length=CHECK_MAX_LENGTH)
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet()
     from multimodal_lora.config import load_recipe
-    from multimodal_lora.errors import UserError
-    from multimodal_lora.plan import plan_recipe
+    from multimodal_lora.core.errors import UserError
+    from multimodal_lora.model.plan import plan_recipe
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)

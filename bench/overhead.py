@@ -75,7 +75,7 @@ def bare_setup(steps: int):
     from multimodal_lora.config import load_recipe
     from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
     from multimodal_lora.data.sources import load_splits
-    from multimodal_lora.model import add_lora, load_base, load_processor, text_layout
+    from multimodal_lora.model.base import add_lora, load_base, load_processor, text_layout
 
     recipe = load_recipe(RECIPE)
     torch.manual_seed(recipe.seed)
@@ -104,7 +104,7 @@ def bare_step_seconds(model, optimizer, batches, features=None) -> tuple[float, 
     """
     from gpu_full_size import cached_loss
 
-    from multimodal_lora.model import set_train_mode
+    from multimodal_lora.model.base import set_train_mode
 
     set_train_mode(model)  # the frozen parts in eval mode, as in our loop
     start, cpu = time.perf_counter(), time.process_time()

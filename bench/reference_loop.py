@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from multimodal_lora.config import load_recipe
     from multimodal_lora.data.sources import load_splits
-    from multimodal_lora.model import add_lora, load_base, load_processor
+    from multimodal_lora.model.base import add_lora, load_base, load_processor
 
     parser = argparse.ArgumentParser(description="PEFT's BLIP-2 LoRA example loop, as one process")
     parser.add_argument("out", help="directory for the adapter and result.json")

@@ -106,8 +106,8 @@ def full_size_setup(
     from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
     from multimodal_lora.data.shapes import ensure_builtin
-    from multimodal_lora.model import published_config
-    from multimodal_lora.tiny import ensure_tiny_base
+    from multimodal_lora.model.base import published_config
+    from multimodal_lora.model.tiny import ensure_tiny_base
 
     if small:
         from gpu_full_size import small_config
@@ -305,7 +305,7 @@ def quiet_model(load: dict, images: Path, max_tokens: int, batch: int, repeats: 
     so at ``batch`` clients no server can average less than one batch's time here.
     """
     from multimodal_lora.data.images import load_image
-    from multimodal_lora.inference import Captioner
+    from multimodal_lora.inference.captioner import Captioner
     from multimodal_lora.serve.continuous import RunningBatch
     from multimodal_lora.serve.engine import Job, run_batch
     from multimodal_lora.serve.protocol import Sampling

@@ -39,7 +39,7 @@ def step_seconds(
     import torch
     from gpu_full_size import cached_loss
 
-    from multimodal_lora.model import set_train_mode
+    from multimodal_lora.model.base import set_train_mode
 
     if frozen_eval:
         set_train_mode(model)
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from multimodal_lora.config import load_recipe
     from multimodal_lora.data.encoding import Collator, PairDataset
     from multimodal_lora.data.sources import load_splits
-    from multimodal_lora.model import load_processor
+    from multimodal_lora.model.base import load_processor
 
     model, _, batches = bare_setup(args.steps)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -6,14 +6,14 @@
 Importing the package loads neither torch-heavy modules nor bitsandbytes or
 gradio; the public names below are imported on first use. It does keep
 bitsandbytes, whenever it is imported, from fetching a kernel from the hub
-(see :mod:`multimodal_lora.offline`).
+(see :mod:`multimodal_lora.core.offline`).
 """
 
 from __future__ import annotations
 
 import importlib
 
-from multimodal_lora import offline
+from multimodal_lora.core import offline
 
 offline.install()  # before PEFT or transformers can import bitsandbytes
 
@@ -22,10 +22,10 @@ __version__ = "0.1.0"
 __all__ = ["Captioner", "Recipe", "ask", "caption", "clear_cache", "load_recipe", "train"]
 
 _LAZY = {
-    "Captioner": "multimodal_lora.inference",
-    "ask": "multimodal_lora.inference",
-    "caption": "multimodal_lora.inference",
-    "clear_cache": "multimodal_lora.inference",
+    "Captioner": "multimodal_lora.inference.captioner",
+    "ask": "multimodal_lora.inference.captioner",
+    "caption": "multimodal_lora.inference.captioner",
+    "clear_cache": "multimodal_lora.inference.captioner",
     "Recipe": "multimodal_lora.config",
     "load_recipe": "multimodal_lora.config",
     "train": "multimodal_lora.training",

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from multimodal_lora.atomic import remove_tree
+from multimodal_lora.core.atomic import remove_tree
 
 ENV_VAR = "MULTIMODAL_LORA_CACHE"
 FEATURES = "features"
@@ -83,7 +83,7 @@ def clear(
     Raises:
         UserError: a named key is not a feature cache here.
     """
-    from multimodal_lora.errors import UserError
+    from multimodal_lora.core.errors import UserError
 
     found = entries(root)
     chosen = found if everything else [e for e in found if e.kind == "features"]

@@ -3,7 +3,7 @@
 A recipe is read once, here, at the edge: :func:`load_recipe` parses the YAML
 with ``yaml.safe_load`` (YAML 1.2 numbers, so ``lr: 1e-4`` is a float), applies
 ``key=value`` overrides from the command line, checks every field and raises
-one :class:`~multimodal_lora.errors.ConfigError` listing *all* problems, each
+one :class:`~multimodal_lora.core.errors.ConfigError` listing *all* problems, each
 naming its field and what is allowed. After that the rest of the code gets
 plain dataclasses and never looks at a dict.
 """
@@ -21,10 +21,10 @@ from typing import Any, Literal
 
 import yaml
 
-from multimodal_lora.errors import ConfigError
-from multimodal_lora.quantization import QuantizationName
-from multimodal_lora.runtime import DtypeName
-from multimodal_lora.tasks import DEFAULT_VQA_TEMPLATE, TaskName
+from multimodal_lora.core.errors import ConfigError
+from multimodal_lora.core.quantization import QuantizationName
+from multimodal_lora.core.runtime import DtypeName
+from multimodal_lora.core.tasks import DEFAULT_VQA_TEMPLATE, TaskName
 
 
 @dataclass

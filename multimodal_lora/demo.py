@@ -3,7 +3,7 @@
     python -m multimodal_lora.demo                 # adapters under runs/, http://127.0.0.1:7860
     python demo/app.py --adapters-dir runs --port 7861
 
-One :class:`~multimodal_lora.inference.Captioner` holds the base and all the
+One :class:`~multimodal_lora.inference.captioner.Captioner` holds the base and all the
 adapters found under ``--adapters-dir``; the page only calls its public
 ``caption`` and ``ask``. The defaults are safe to run on a shared machine:
 bound to 127.0.0.1, no public share link unless ``--share``, uploads limited in
@@ -23,10 +23,10 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from multimodal_lora.errors import UserError
-from multimodal_lora.generation import GenerationOptions
-from multimodal_lora.report import legible
-from multimodal_lora.tasks import TASKS
+from multimodal_lora.core.errors import UserError
+from multimodal_lora.core.generation import GenerationOptions
+from multimodal_lora.core.tasks import TASKS
+from multimodal_lora.evaluate.report import legible
 
 if TYPE_CHECKING:
     from multimodal_lora.adapter import Found
@@ -106,7 +106,7 @@ def refused(message: str):
 
 def base_note(base: str, found: Found) -> str:
     """One paragraph near the upload on what the loaded model can be expected to know."""
-    from multimodal_lora.tiny import TINY_NAME
+    from multimodal_lora.model.tiny import TINY_NAME
 
     tasks = sorted(set(found.tasks.values()))
     taught = f" Its adapters add: {', '.join(tasks)}." if tasks else ""
@@ -397,7 +397,7 @@ def serve(
     atexit.register(shutil.rmtree, temp_dir, ignore_errors=True)
 
     from multimodal_lora.adapter import find_adapters
-    from multimodal_lora.inference import Captioner
+    from multimodal_lora.inference.captioner import Captioner
 
     found = find_adapters(adapters_dir)
     captioner = Captioner.for_adapters(found, base, quantization=quantization, dtype=dtype, device=device)

@@ -23,10 +23,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from multimodal_lora.adapter import attach, base_for, check_base_matches, check_fits, open_adapter
-from multimodal_lora.atomic import atomic_dir
 from multimodal_lora.config import ModelConfig
-from multimodal_lora.errors import UserError
-from multimodal_lora.quantization import scheme
+from multimodal_lora.core.atomic import atomic_dir
+from multimodal_lora.core.errors import UserError
+from multimodal_lora.core.quantization import scheme
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def merge_adapter(
     if problems:
         raise MergeError("; ".join(problems))
 
-    from multimodal_lora.model import LoadedBase
+    from multimodal_lora.model.base import LoadedBase
 
     loaded = LoadedBase.load(cfg, for_training=False)
     info = loaded.info
@@ -119,7 +119,7 @@ def merge_adapter(
 
 def _trained_as(opened, quantization: str | None, dtype: str | None, dequantize: bool) -> tuple[str, str]:
     """``(quantization the base was trained in, dtype to merge in)``: given, else recorded; refused when the
-    scheme's weights cannot take the update exactly (:attr:`~multimodal_lora.quantization.Scheme.mergeable`)
+    scheme's weights cannot take the update exactly (:attr:`~multimodal_lora.core.quantization.Scheme.mergeable`)
     unless ``dequantize``."""
     directory, meta = opened.directory, opened.meta
     recorded = meta.load if meta is not None else None

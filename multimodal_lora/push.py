@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from multimodal_lora.adapter import CARD_FILE, CONFIG_FILE, META_FILE, WEIGHTS_FILE, read_adapter
-from multimodal_lora.card import CardFacts, is_hub_id, render_card
-from multimodal_lora.errors import UserError
+from multimodal_lora.adapter.card import CardFacts, is_hub_id, render_card
+from multimodal_lora.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ RECIPES = REPO / "recipes"
 @pytest.fixture(scope="session")
 def tiny_base() -> Path:
     """The tiny BLIP-2 directory (built once per session)."""
-    from multimodal_lora.tiny import ensure_tiny_base
+    from multimodal_lora.model.tiny import ensure_tiny_base
 
     return ensure_tiny_base()
 
@@ -72,7 +72,7 @@ def quick_adapter(tmp_path_factory, tiny_base) -> Path:
 
     from multimodal_lora.adapter import AdapterMeta, save_adapter
     from multimodal_lora.config import LoraSettings, ModelConfig
-    from multimodal_lora.model import add_lora, load_base
+    from multimodal_lora.model.base import add_lora, load_base
 
     model, base = load_base(ModelConfig(base="tiny", device="cpu"))
     model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from multimodal_lora.adapter import read_adapter
-from multimodal_lora.inference import Captioner
+from multimodal_lora.inference.captioner import Captioner
 from multimodal_lora.training.checkpoint import find_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]

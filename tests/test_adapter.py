@@ -11,10 +11,10 @@ import torch
 from multimodal_lora import caption
 from multimodal_lora.adapter import AdapterMeta, read_adapter, save_adapter
 from multimodal_lora.config import LoraSettings, ModelConfig
+from multimodal_lora.core.errors import AdapterError, ImageError
 from multimodal_lora.data.images import load_image
-from multimodal_lora.errors import AdapterError, ImageError
-from multimodal_lora.inference import Captioner
-from multimodal_lora.model import add_lora, load_base, load_processor, text_layout
+from multimodal_lora.inference.captioner import Captioner
+from multimodal_lora.model.base import add_lora, load_base, load_processor, text_layout
 
 
 @pytest.fixture(scope="module")

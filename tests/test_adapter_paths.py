@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from multimodal_lora.inference import Captioner, peft_adapter_name
+from multimodal_lora.inference.captioner import Captioner, peft_adapter_name
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -94,7 +94,7 @@ def test_caption_cli_at_hostile_paths(places, expected, images, tmp_path, capsys
 
 def test_evaluate_at_hostile_paths(places, small_shapes_dir, tmp_path):
     from multimodal_lora.config import load_recipe
-    from multimodal_lora.evaluate import evaluate
+    from multimodal_lora.evaluate.run import evaluate
 
     recipe = load_recipe(RECIPES / "tiny.yaml", [f"data.path={small_shapes_dir}"])
     out, table = evaluate(recipe, places["link"], tmp_path / "eval.d ü", max_images=4, samples=2, meteor=False)
@@ -144,9 +144,9 @@ def test_peft_round_trip_at_hostile_paths(places, expected, images):
 
 
 PUBLIC_FUNCTIONS_CHECK = """
-import multimodal_lora.inference, multimodal_lora.training
+import multimodal_lora.inference.captioner, multimodal_lora.training
 from multimodal_lora import caption, train
-assert caption is multimodal_lora.inference.caption, caption
+assert caption is multimodal_lora.inference.captioner.caption, caption
 assert train is multimodal_lora.training.train, train
 import multimodal_lora
 assert multimodal_lora.caption is caption and multimodal_lora.train is train

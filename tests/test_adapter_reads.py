@@ -47,7 +47,7 @@ def test_attach_gives_the_logits_peft_from_pretrained_gives(quick_adapter):
 
     from multimodal_lora.adapter import attach, check_fits, open_adapter
     from multimodal_lora.config import ModelConfig
-    from multimodal_lora.model import load_base
+    from multimodal_lora.model.base import load_base
 
     cfg = ModelConfig(base="tiny", device="cpu")
     ours, _ = load_base(cfg, for_training=False)

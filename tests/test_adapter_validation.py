@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from multimodal_lora.errors import AdapterError
-from multimodal_lora.inference import Captioner
+from multimodal_lora.core.errors import AdapterError
+from multimodal_lora.inference.captioner import Captioner
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "adapter_model.safetensors"
@@ -140,7 +140,7 @@ def test_merge_refuses_and_writes_nothing(case, broken, tmp_path):
 
 def test_evaluate_refuses_and_writes_no_report(broken, small_shapes_dir):
     from multimodal_lora.config import load_recipe
-    from multimodal_lora.evaluate import evaluate
+    from multimodal_lora.evaluate.run import evaluate
 
     recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [f"data.path={small_shapes_dir}"])
     with pytest.raises(AdapterError, match=CASES["vision"][1]):

@@ -22,8 +22,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 def test_plan_counts_lora_and_weights_exactly_on_the_tiny_base(tiny_base):
     from multimodal_lora.config import LoraSettings, ModelConfig
-    from multimodal_lora.model import add_lora, base_config, load_base
-    from multimodal_lora.plan import plan_memory
+    from multimodal_lora.model.base import add_lora, base_config, load_base
+    from multimodal_lora.model.plan import plan_memory
 
     lora = LoraSettings(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
     plan = plan_memory(base_config("tiny"), quantization="none", dtype="fp32", lora=lora, batch_size=4, max_length=16)
@@ -44,8 +44,8 @@ def test_plan_counts_lora_and_weights_exactly_on_the_tiny_base(tiny_base):
 @pytest.mark.parametrize("quantization", ["int8", "4bit"])
 def test_plan_matches_the_bytes_of_a_quantized_base(tiny_base, quantization):
     from multimodal_lora.config import ModelConfig
-    from multimodal_lora.model import base_config, load_base, meta_model
-    from multimodal_lora.plan import base_weight_bytes, measured_weight_bytes
+    from multimodal_lora.model.base import base_config, load_base, meta_model
+    from multimodal_lora.model.plan import base_weight_bytes, measured_weight_bytes
 
     model, _ = load_base(ModelConfig(base="tiny", device="cpu", quantization=quantization, dtype="bf16"))
     # Parameters, int8 row scales, 4-bit block scales and code books (tied weights once).
@@ -69,7 +69,7 @@ def test_reference_loop_generates_every_ten_steps_and_trains(tiny_base, shapes_d
 
     from multimodal_lora.config import load_recipe
     from multimodal_lora.data.sources import load_splits
-    from multimodal_lora.model import add_lora, load_base, load_processor
+    from multimodal_lora.model.base import add_lora, load_base, load_processor
 
     recipe = load_recipe(REPO / "recipes" / "tiny.yaml", ["lora.dropout=0.0"])
     processor = load_processor("tiny")
@@ -89,7 +89,7 @@ def test_cached_features_step_computes_the_same_loss_as_the_full_step():
     from transformers import Blip2ForConditionalGeneration
 
     from multimodal_lora.config import LoraSettings
-    from multimodal_lora.model import add_lora
+    from multimodal_lora.model.base import add_lora
 
     config = small_config()
     torch.manual_seed(0)
@@ -135,7 +135,7 @@ def test_gpu_full_size_refuses_the_full_size_model_without_a_gpu():
 def test_full_size_cpu_bench_runs_its_phases_on_a_small_config(tmp_path):
     from full_size_cpu import small_config
 
-    from multimodal_lora.model import count_parameters, meta_model
+    from multimodal_lora.model.base import count_parameters, meta_model
 
     cmd = [sys.executable, str(REPO / "bench" / "full_size_cpu.py"), "--small", "--in-process", "--threads", "1"]
     cmd += ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--steps", "2", "--new-tokens", "3"]

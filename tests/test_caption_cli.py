@@ -73,7 +73,7 @@ def test_glob_to_csv_and_stdout(tiny_run, photo_dir, expected, tmp_path):
 
 def test_stdout_lines_and_bad_arguments(tiny_run, photo_dir, expected, capsys):
     from multimodal_lora.commands.caption import main
-    from multimodal_lora.errors import UserError
+    from multimodal_lora.core.errors import UserError
 
     first = sorted(photo_dir.glob("0*.png"))[0]
     assert main([str(first), "--adapter", str(tiny_run.adapter_dir)]) == 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from multimodal_lora.errors import UserError
+from multimodal_lora.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 500
@@ -129,7 +129,7 @@ def _kill_tree(job: subprocess.Popen) -> None:
 
 
 def test_lists_and_manifests_are_streamed_in_order(tmp_path):
-    from multimodal_lora.captioning.inputs import count_inputs, iter_inputs
+    from multimodal_lora.inference.captioning.inputs import count_inputs, iter_inputs
 
     (tmp_path / "sub").mkdir()
     (tmp_path / "list.txt").write_text("# photos\nsub/a.png\n\n/abs/b.jpg\n")
@@ -146,7 +146,7 @@ def test_lists_and_manifests_are_streamed_in_order(tmp_path):
 
 
 def test_bad_lists_and_manifests_name_the_file_and_row(tmp_path):
-    from multimodal_lora.captioning.inputs import check_inputs
+    from multimodal_lora.inference.captioning.inputs import check_inputs
 
     (tmp_path / "nocol.csv").write_text("caption\nx\n")
     (tmp_path / "empty.jsonl").write_text('{"image": "a.png"}\n{"image": ""}\n')
@@ -154,7 +154,7 @@ def test_bad_lists_and_manifests_name_the_file_and_row(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9.png\n".encode("latin-1"))
     with pytest.raises(UserError, match=r"nocol\.csv: no image column; name it one of image, file_name, path"):
         check_inputs([str(tmp_path / "nocol.csv")])
-    from multimodal_lora.captioning.inputs import iter_inputs
+    from multimodal_lora.inference.captioning.inputs import iter_inputs
 
     with pytest.raises(UserError, match=r"empty\.jsonl, row 2: 'image' is empty"):
         list(iter_inputs([str(tmp_path / "empty.jsonl")]))
@@ -175,7 +175,7 @@ def _empty_dir(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 def test_output_file_resume_cuts_a_torn_row_and_refuses_to_clobber(tmp_path, fmt):
-    from multimodal_lora.captioning.output import open_rows, row_fields
+    from multimodal_lora.inference.captioning.output import open_rows, row_fields
 
     out = tmp_path / f"captions.{fmt}"
     fields = row_fields(question=False)

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from multimodal_lora.errors import AdapterError, ConfigError, ImageError
+from multimodal_lora.core.errors import AdapterError, ConfigError, ImageError
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def _lines_with(text: str, needle: str) -> list[str]:
 def test_tiny_run_adapter_has_a_card_hub_tools_parse(short_run):
     from huggingface_hub import ModelCard
 
-    from multimodal_lora.metrics import SCALES
+    from multimodal_lora.core.metrics import SCALES
 
     adapter = short_run.adapter_dir
     card = ModelCard.load(adapter / "README.md")
@@ -78,8 +78,8 @@ def test_card_names_a_hub_base_and_hub_data(tmp_path):
     from huggingface_hub import ModelCard
 
     from multimodal_lora.adapter import AdapterMeta
-    from multimodal_lora.card import CardFacts, render_card
-    from multimodal_lora.model import BaseInfo
+    from multimodal_lora.adapter.card import CardFacts, render_card
+    from multimodal_lora.model.base import BaseInfo
 
     meta = AdapterMeta(base=BaseInfo("Salesforce/blip2-opt-2.7b", "Salesforce/blip2-opt-2.7b", None, "abc"), task="vqa")
     facts = CardFacts(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from multimodal_lora.config import load_recipe, parse_yaml
-from multimodal_lora.errors import ConfigError
+from multimodal_lora.core.errors import ConfigError
 
 from .conftest import RECIPES, REPO
 

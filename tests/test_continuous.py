@@ -93,7 +93,7 @@ def run_staggered(captioner, jobs, max_batch_size):
 
 @pytest.fixture(scope="module")
 def captioner(shapes_adapters):
-    from multimodal_lora.inference import Captioner
+    from multimodal_lora.inference.captioner import Captioner
 
     captioner = Captioner.for_adapter(shapes_adapters["shapes"], name="shapes", device="cpu")
     captioner.load_adapter(shapes_adapters["shapes-vqa"], name="shapes-vqa")
@@ -147,7 +147,7 @@ def test_requests_that_join_a_running_batch_get_what_caption_and_ask_give_alone(
 def test_instructblip_llama_decodes_continuously_with_its_instruction(images):
     """InstructBLIP's LLaMA (rotary positions) with the prompt also read by the Q-Former: rows with
     prompts of different lengths join mid-way and still equal one-request captions and answers."""
-    from multimodal_lora.inference import Captioner
+    from multimodal_lora.inference.captioner import Captioner
     from multimodal_lora.serve.continuous import continuous_problem
 
     captioner = Captioner("tiny-instructblip", device="cpu")
@@ -237,7 +237,7 @@ def test_sampling_stop_strings_and_max_tokens(captioner, images):
 
 
 def test_an_encoder_decoder_base_is_batched_per_request_and_the_log_says_why(caplog):
-    from multimodal_lora.inference import Captioner
+    from multimodal_lora.inference.captioner import Captioner
     from multimodal_lora.serve.continuous import ContinuousBatcher, continuous_problem
     from multimodal_lora.serve.engine_process import EngineSpec, make_batcher
 
@@ -258,7 +258,7 @@ def test_an_encoder_decoder_base_is_batched_per_request_and_the_log_says_why(cap
 def test_a_quantized_base_decodes_continuously(shapes_adapters, images, quantization):
     """The server's default loads the base as the adapter was trained: int8 for the football
     recipe. Real bitsandbytes layers (on the CPU) decode in a continuous batch as caption() does."""
-    from multimodal_lora.inference import Captioner
+    from multimodal_lora.inference.captioner import Captioner
 
     captioner = Captioner.for_adapter(shapes_adapters["shapes"], name="shapes", device="cpu", quantization=quantization)
     layer = captioner.model.get_base_model().language_model.model.decoder.layers[0].fc1

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from multimodal_lora.config import DataConfig, load_recipe
+from multimodal_lora.core.errors import ConfigError, DataError
 from multimodal_lora.data.images import StoredImage, load_image
 from multimodal_lora.data.shapes import draw_shape
 from multimodal_lora.data.sources import group_references, hold_out, load_splits
-from multimodal_lora.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]

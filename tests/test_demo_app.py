@@ -70,7 +70,7 @@ def test_demo_with_no_adapter_trained_yet_captions_with_the_base(tmp_path, shape
     from gradio_client import Client
 
     from multimodal_lora import Captioner
-    from multimodal_lora.report import legible
+    from multimodal_lora.evaluate.report import legible
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "unused"))  # serve() sets its own; restore it after
     with socket.socket() as s:

@@ -91,7 +91,7 @@ def expected(runs_dir, shapes_dir):
     captioner.load_adapter(runs_dir / "shapes-vqa", name="shapes-vqa")
     images = [str(p) for p in sorted((shapes_dir / "validation").glob("*.png"))[:2]]
     question = "What colour is the shape?"
-    from multimodal_lora.report import legible
+    from multimodal_lora.evaluate.report import legible
 
     # The page shows the bare base's untrained output legibly (broken bytes as "·"); the adapters' as it is.
     def shown(a, texts):

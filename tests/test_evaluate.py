@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from multimodal_lora.commands.evaluate import main
+from multimodal_lora.core.metrics import METRICS, caption_metrics, meteor_available, normalize
 from multimodal_lora.data.sources import Example
-from multimodal_lora.evaluate import group_references
-from multimodal_lora.metrics import METRICS, caption_metrics, meteor_available, normalize
+from multimodal_lora.evaluate.run import group_references
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from multimodal_lora.config import LoraSettings, ModelConfig, load_recipe
+from multimodal_lora.core.errors import ConfigError
 from multimodal_lora.data.sources import Example
-from multimodal_lora.errors import ConfigError
 from multimodal_lora.families import FAMILIES, family_for_config, family_named
 from multimodal_lora.families.layouts import IGNORE_INDEX
-from multimodal_lora.model import (
+from multimodal_lora.model.base import (
     add_lora,
     count_parameters,
     load_base,
@@ -181,8 +181,8 @@ def test_recipes_of_every_family_load():
 def test_instructblip_feature_cache_keys_on_the_instruction(tiny_models, small_shapes_dir, tmp_path):
     from multimodal_lora.config import DataConfig
     from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
+    from multimodal_lora.data.feature_cache import CachedPairDataset, PrefixCollator, forward_inputs, open_or_build
     from multimodal_lora.data.sources import read_imagefolder
-    from multimodal_lora.feature_cache import CachedPairDataset, PrefixCollator, forward_inputs, open_or_build
 
     model, processor = tiny_models["tiny-instructblip"]
     layout = text_layout(model, processor)
@@ -227,8 +227,8 @@ def test_t5_int8_base_on_cpu_takes_lora(tiny_models):
 def test_the_loss_from_logits_kept_only_where_labels_are_learned_is_the_full_loss(tiny_models, small_shapes_dir, name):
     from multimodal_lora.config import DataConfig
     from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
+    from multimodal_lora.data.feature_cache import forward_inputs
     from multimodal_lora.data.sources import read_imagefolder
-    from multimodal_lora.feature_cache import forward_inputs
 
     model, processor = tiny_models[name]
     layout = text_layout(model, processor)

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from multimodal_lora.config import LoraSettings, load_recipe
+from multimodal_lora.core.errors import ConfigError
 from multimodal_lora.data.encoding import Collator
-from multimodal_lora.errors import ConfigError
 from multimodal_lora.families import IGNORE_INDEX, qwen2_5_vl
-from multimodal_lora.model import add_lora, count_parameters, meta_model, published_config
+from multimodal_lora.model.base import add_lora, count_parameters, meta_model, published_config
 
 from .conftest import RECIPES
 
@@ -127,7 +127,7 @@ def test_images_of_different_sizes_get_their_own_token_counts_in_one_batch(parts
 
 @pytest.fixture(scope="module")
 def captioner():
-    from multimodal_lora.inference import Captioner
+    from multimodal_lora.inference.captioner import Captioner
 
     return Captioner("tiny-qwen2vl", device="cpu")
 
@@ -211,7 +211,7 @@ def test_quantized_training_on_cpu(quantization, small_shapes_dir, tmp_path):
     assert result.steps == 6 and torch.isfinite(torch.tensor(result.final_loss))
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     # It captions through the quantized base (a string, whatever 6 steps taught it).
-    from multimodal_lora.inference import caption
+    from multimodal_lora.inference.captioner import caption
 
     text = caption(Image.new("RGB", (32, 32), (200, 30, 30)), adapter=result.adapter_dir, device="cpu", max_new_tokens=4)
     assert isinstance(text, str)
@@ -268,7 +268,7 @@ def short_adapters(small_shapes_dir, tmp_path_factory):
 def test_several_adapters_on_one_base_and_questions(short_adapters, shapes_dir):
     """Two adapters share one loaded base and switch per call, each answering as it does alone;
     ask() puts each question through the chat template, batched like one by one."""
-    from multimodal_lora.inference import Captioner
+    from multimodal_lora.inference.captioner import Captioner
 
     dirs = short_adapters
     # The model card's plain-transformers snippet prompts through the chat template, as training did.
@@ -298,7 +298,7 @@ def test_the_built_in_server_answers_as_the_python_api(short_adapters, shapes_di
     from concurrent.futures import ThreadPoolExecutor
 
     from multimodal_lora.data.images import load_image
-    from multimodal_lora.inference import Captioner
+    from multimodal_lora.inference.captioner import Captioner
 
     from .test_serve import chat, start_server, stop_server
 
@@ -331,8 +331,8 @@ def test_the_demo_captions_with_a_qwen_adapter(short_adapters, shapes_dir, tmp_p
     from gradio_client import Client, handle_file
 
     from multimodal_lora import demo
-    from multimodal_lora.inference import Captioner
-    from multimodal_lora.report import legible
+    from multimodal_lora.evaluate.report import legible
+    from multimodal_lora.inference.captioner import Captioner
 
     shutil.copytree(short_adapters[0], tmp_path / "runs" / "shapes" / "adapter")
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "unused"))

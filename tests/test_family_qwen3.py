@@ -15,9 +15,16 @@ import pytest
 from PIL import Image
 
 from multimodal_lora.config import LoraSettings, ModelConfig, load_recipe
-from multimodal_lora.errors import ConfigError
+from multimodal_lora.core.errors import ConfigError
 from multimodal_lora.families import IGNORE_INDEX, family_for_config, qwen2_5_vl, qwen3_vl
-from multimodal_lora.model import add_lora, count_lora_parts, count_parameters, load_base, meta_model, published_config
+from multimodal_lora.model.base import (
+    add_lora,
+    count_lora_parts,
+    count_parameters,
+    load_base,
+    meta_model,
+    published_config,
+)
 
 from .conftest import RECIPES
 from .test_parts import ALL
@@ -105,7 +112,7 @@ def test_the_feature_cache_is_accepted_and_refused_only_when_the_connector_train
 def test_the_connector_term_is_what_autograd_keeps_in_the_tiny_twin():
     """The mergers' memory term (merger and DeepStack merger) against the tensors autograd saves
     when their LoRA trains, one 32×32 image (16 merged tokens) more."""
-    from multimodal_lora.model import load_processor, set_train_mode
+    from multimodal_lora.model.base import load_processor, set_train_mode
 
     model = add_lora(load_base(ModelConfig(base="tiny-qwen3vl", device="cpu"))[0], LoraSettings(r=4, dropout=0.05, parts=["connector"]))
     set_train_mode(model)
@@ -128,7 +135,7 @@ def test_the_connector_term_is_what_autograd_keeps_in_the_tiny_twin():
 def test_mixed_sizes_in_one_batch_equal_one_by_one_and_the_server_batches_per_call():
     """Qwen3-VL's per-image token counts (and DeepStack's per-image features) in one padded batch give
     what each image gives alone; the server's decode loop is refused for its 3-D positions."""
-    from multimodal_lora.inference import Captioner
+    from multimodal_lora.inference.captioner import Captioner
     from multimodal_lora.serve.continuous import continuous_problem
 
     captioner = Captioner("tiny-qwen3vl", device="cpu")

@@ -10,11 +10,11 @@ import torch
 from safetensors import safe_open
 
 from multimodal_lora.config import load_recipe
+from multimodal_lora.core.errors import AdapterError
 from multimodal_lora.data.images import load_image
 from multimodal_lora.data.sources import group_references, load_splits
-from multimodal_lora.errors import AdapterError
 from multimodal_lora.families import family_named
-from multimodal_lora.inference import Captioner
+from multimodal_lora.inference.captioner import Captioner
 
 from .conftest import RECIPES
 
@@ -117,7 +117,7 @@ def test_an_adapter_is_refused_by_another_family(run):
 
 def test_caption_cli_and_evaluate(run, tmp_path):
     from multimodal_lora.commands.caption import main as caption_main
-    from multimodal_lora.evaluate import evaluate
+    from multimodal_lora.evaluate.run import evaluate
 
     _, recipe, result, groups = run
     out = tmp_path / "captions.jsonl"

@@ -9,10 +9,16 @@ import torch
 
 from multimodal_lora.config import LoraSettings, ModelConfig
 from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
+from multimodal_lora.data.feature_cache import (
+    CachedPairDataset,
+    PrefixCollator,
+    forward_inputs,
+    image_key,
+    open_or_build,
+)
 from multimodal_lora.data.sources import Example
 from multimodal_lora.families.blip2_opt import NUM_QUERY_TOKENS
-from multimodal_lora.feature_cache import CachedPairDataset, PrefixCollator, forward_inputs, image_key, open_or_build
-from multimodal_lora.model import add_lora, load_base, load_processor, set_train_mode, text_layout
+from multimodal_lora.model.base import add_lora, load_base, load_processor, set_train_mode, text_layout
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +110,8 @@ def test_an_arrow_stored_image_is_keyed_by_its_bytes(tmp_path):
     import datasets
     from PIL import Image
 
+    from multimodal_lora.data.feature_cache import image_key
     from multimodal_lora.data.images import StoredImage
-    from multimodal_lora.feature_cache import image_key
 
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), "red").save(buffer, format="PNG")

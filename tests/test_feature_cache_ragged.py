@@ -12,11 +12,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from multimodal_lora.config import LoraSettings, ModelConfig, load_recipe
+from multimodal_lora.core.errors import ConfigError
 from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
+from multimodal_lora.data.feature_cache import INDEX_FILE, SHARD_FILE, RaggedFeatureCache, forward_inputs, open_or_build
 from multimodal_lora.data.sources import Example
-from multimodal_lora.errors import ConfigError
-from multimodal_lora.feature_cache import INDEX_FILE, SHARD_FILE, RaggedFeatureCache, forward_inputs, open_or_build
-from multimodal_lora.model import add_lora, load_base, load_processor, set_train_mode, text_layout
+from multimodal_lora.model.base import add_lora, load_base, load_processor, set_train_mode, text_layout
 
 from .conftest import RECIPES
 
@@ -49,8 +49,8 @@ def loss_and_grads(model, batch, layout) -> tuple[torch.Tensor, dict[str, torch.
 
 @pytest.mark.parametrize("base", sorted(VISION))
 def test_cached_features_give_the_loss_and_lora_gradients_pixels_give_and_are_built_once(base, tmp_path, monkeypatch):
-    from multimodal_lora import feature_cache
-    from multimodal_lora.model import attribute
+    from multimodal_lora.data import feature_cache
+    from multimodal_lora.model.base import attribute
 
     # Shards of about 20 KB a stream: three of the five images' fp32 features (8 KB a stream for 16
     # tokens of 128), then two.

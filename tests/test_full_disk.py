@@ -1,6 +1,6 @@
 """A full disk, for real: a tiny tmpfs mounted in a private mount namespace (``unshare``), then filled.
 
-Every write goes through ``multimodal_lora.atomic``; on a full disk the user gets one
+Every write goes through ``multimodal_lora.core.atomic``; on a full disk the user gets one
 line (what, where, how much was written, what is intact), exit status 2, and no
 partial file or staging directory is left behind.
 """
@@ -223,7 +223,7 @@ def test_a_disk_that_fills_at_any_write_ends_in_one_line_and_the_run_resumes(poi
             code = exc.code
             print("exit", exc.code, "filled", filled[0])
         os.remove(os.path.join(mount, "filler"))
-        from multimodal_lora.atomic import is_staging
+        from multimodal_lora.core.atomic import is_staging
         print("staging left:", sorted(str(p) for p in Path(mount).rglob("*") if is_staging(p.relative_to(mount))))
         # A checkpoint on disk: continue it. None yet (the feature cache fills before the first): run again.
         again = ["resume=true"] if list((out / "checkpoints").glob("checkpoint-*")) else []

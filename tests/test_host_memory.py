@@ -9,7 +9,7 @@ import pytest
 SCRIPT = r"""
 import json, sys
 import torch
-from multimodal_lora.host_memory import keep_large_blocks_off_the_heap
+from multimodal_lora.core.host_memory import keep_large_blocks_off_the_heap
 
 def anonymous():
     for line in open("/proc/self/status"):
@@ -49,7 +49,7 @@ def test_freed_large_tensors_return_to_the_system():
 PEAK = r"""
 import json
 import torch
-from multimodal_lora.host_memory import keep_large_blocks_off_the_heap
+from multimodal_lora.core.host_memory import keep_large_blocks_off_the_heap
 from multimodal_lora.training.logs import peak_memory_mb, reset_peak_memory
 
 keep_large_blocks_off_the_heap()

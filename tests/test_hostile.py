@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from multimodal_lora.config import load_recipe
-from multimodal_lora.errors import AdapterError, ConfigError, DataError, UserError
+from multimodal_lora.core.errors import AdapterError, ConfigError, DataError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny.yaml"
@@ -39,7 +39,7 @@ def test_an_empty_recipe_on_the_command_line_is_one_line(tmp_path):
 
 def test_staging_directories_are_refused_as_adapters_and_cleaned(quick_adapter, tmp_path):
     from multimodal_lora.adapter import read_adapter
-    from multimodal_lora.atomic import is_staging, remove_stale
+    from multimodal_lora.core.atomic import is_staging, remove_stale
     from multimodal_lora.training.checkpoint import remove_stale_temporaries
 
     run = tmp_path / "run"
@@ -95,7 +95,7 @@ def test_coco_with_every_image_missing_names_the_image_dir(small_shapes_dir, tmp
 
 
 def test_evaluate_refuses_an_adapter_of_another_task(quick_adapter, tmp_path):
-    from multimodal_lora.evaluate import evaluate
+    from multimodal_lora.evaluate.run import evaluate
 
     recipe = load_recipe(REPO / "recipes" / "tiny-vqa.yaml")
     with pytest.raises(UserError, match=r"was trained for task 'caption', but the recipe's data.task is 'vqa'"):

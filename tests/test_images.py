@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from multimodal_lora.core.errors import ImageError
 from multimodal_lora.data.images import load_image, to_rgb
-from multimodal_lora.errors import ImageError
 
 from . import imagefiles
 

@@ -27,24 +27,14 @@ NOT_YET_SPLIT: set[tuple[str, str]] = set()
 # The layers, lowest first. A name is a top-level module or subpackage of multimodal_lora
 # (its "unit"). Each unit may import from units in its own layer or below.
 LAYERS: list[tuple[str, set[str]]] = [
-    (
-        "foundation: no knowledge of models, recipes or data",
-        {"errors", "atomic", "offline", "host_memory", "metrics", "log_setup", "quantization", "runtime", "generation", "tasks"},
-    ),
+    ("foundation: errors, atomic writes, logging, runtime facts, quantization, tasks, metrics", {"core"}),
     ("architectures", {"families"}),
     ("recipes", {"config"}),
-    ("caches, the tiny twins", {"cache", "tiny"}),
-    ("the base model and how it loads", {"model", "loading", "plan"}),
-    ("adapter directories", {"adapter"}),
-    ("data: sources, images, encoding, the screen and `data check`", {"data"}),
-    (
-        "built on a loaded base: the card, the feature cache, the report",
-        {"card", "feature_cache", "report"},
-    ),
-    (
-        "inference and what runs on it",
-        {"inference", "captioner_view", "evaluate", "merge", "push", "captioning"},
-    ),
+    ("the cache directory", {"cache"}),
+    ("the base model: loading, LoRA, the plan, the tiny twins", {"model"}),
+    ("adapter directories and their cards", {"adapter"}),
+    ("data: sources, images, encoding, the screen, `data check`, the feature cache", {"data"}),
+    ("inference and what runs on it: evaluation, merge, push", {"inference", "evaluate", "merge", "push"}),
     ("the training recipe, its checkpoints, data order and logs", {"training"}),
     ("the vLLM engine: its environment, the serve plan, batch captioning in its workers", {"vllm"}),
     ("the demo", {"demo"}),

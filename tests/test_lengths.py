@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from multimodal_lora.config import load_recipe
-from multimodal_lora.errors import ConfigError
+from multimodal_lora.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny.yaml"
@@ -56,7 +56,7 @@ def test_training_refuses_a_max_length_the_base_cannot_hold_before_loading(small
 
 def test_evaluation_lengths_are_checked_too(tiny_base):
     from multimodal_lora.data.check import recipe_length_problems
-    from multimodal_lora.model import load_processor
+    from multimodal_lora.model.base import load_processor
 
     tokenizer = load_processor("tiny").tokenizer
     ok = load_recipe(TINY, ["data.max_length=96", "train.eval_max_new_tokens=95"])

@@ -9,9 +9,9 @@ import shutil
 import pytest
 import torch
 
-from multimodal_lora.loading import LoadSettings, resolve
+from multimodal_lora.model.loading import LoadSettings, resolve
 
-RECORD_LOGGER = "multimodal_lora.loading"
+RECORD_LOGGER = "multimodal_lora.model.loading"
 
 
 def _train(out, data, *overrides):
@@ -52,7 +52,7 @@ def image(small_shapes_dir):
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
-    from multimodal_lora.inference import clear_cache
+    from multimodal_lora.inference.captioner import clear_cache
 
     clear_cache()
     yield
@@ -81,7 +81,7 @@ def test_the_trainer_records_how_the_base_was_loaded(int8_adapter):
 
 def test_caption_loads_an_int8_adapters_base_in_int8(int8_adapter, image, caplog):
     from multimodal_lora import caption
-    from multimodal_lora.inference import CAPTIONERS
+    from multimodal_lora.inference.captioner import CAPTIONERS
 
     with caplog.at_level(logging.INFO, logger=RECORD_LOGGER):
         text = caption(image, adapter=int8_adapter)
@@ -107,7 +107,7 @@ def test_caption_loads_an_int8_adapters_base_in_int8(int8_adapter, image, caplog
 
 def test_adapters_with_different_settings_get_different_bases(int8_adapter, fp32_adapter, image):
     from multimodal_lora import caption
-    from multimodal_lora.inference import CAPTIONERS
+    from multimodal_lora.inference.captioner import CAPTIONERS
 
     caption(image, adapter=int8_adapter)
     caption(image, adapter=fp32_adapter)
@@ -117,7 +117,7 @@ def test_adapters_with_different_settings_get_different_bases(int8_adapter, fp32
 
 def test_an_adapter_without_a_record_loads_as_before_with_a_note(int8_adapter, image, tmp_path, caplog):
     from multimodal_lora import caption
-    from multimodal_lora.inference import CAPTIONERS
+    from multimodal_lora.inference.captioner import CAPTIONERS
 
     old = tmp_path / "old" / "adapter"
     shutil.copytree(int8_adapter, old)
@@ -134,7 +134,7 @@ def test_an_adapter_without_a_record_loads_as_before_with_a_note(int8_adapter, i
 
 def test_the_caption_cli_takes_the_record_and_the_flags(int8_adapter, image, capsys, caplog):
     from multimodal_lora.commands.caption import main
-    from multimodal_lora.inference import CAPTIONERS
+    from multimodal_lora.inference.captioner import CAPTIONERS
 
     assert main([image, "--adapter", str(int8_adapter)]) == 0
     assert [key[2].quantization for key in CAPTIONERS] == ["int8"]
@@ -148,8 +148,8 @@ def test_the_caption_cli_takes_the_record_and_the_flags(int8_adapter, image, cap
 
 
 def test_resolve_falls_back_to_what_this_machine_can_do(monkeypatch, caplog):
-    import multimodal_lora.loading as loading
-    from multimodal_lora import runtime
+    import multimodal_lora.model.loading as loading
+    from multimodal_lora.core import runtime
 
     trained = LoadSettings("int8", "bf16", "cuda")
     monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: False)

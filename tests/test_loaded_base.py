@@ -11,8 +11,8 @@ import pytest
 
 from multimodal_lora.config import ModelConfig, load_recipe
 from multimodal_lora.families import DecoderOnlyLayout
-from multimodal_lora.loading import LoadSettings
-from multimodal_lora.model import LoadedBase, Positions
+from multimodal_lora.model.base import LoadedBase, Positions
+from multimodal_lora.model.loading import LoadSettings
 
 from .conftest import RECIPES
 from .test_layout import modules
@@ -20,17 +20,17 @@ from .test_layout import modules
 # The calls of family_of that are not a fallback for a caller passing no family (`family or family_of(model)`),
 # with why: each holds a model and nothing else.
 RAW_MODEL_SITES = {
-    ("multimodal_lora.model", "of_model"),  # a model loaded elsewhere (merged, a test's) becomes a LoadedBase
-    ("multimodal_lora.model", "image_path_fingerprint"),  # the feature cache's key, from the model alone
+    ("multimodal_lora.model.base", "of_model"),  # a model loaded elsewhere (merged, a test's) becomes a LoadedBase
+    ("multimodal_lora.model.base", "image_path_fingerprint"),  # the feature cache's key, from the model alone
 }
 # Modules that hold a LoadedBase (or a Captioner) once the weights are loaded: none derives the family itself.
-HOLDERS = ["training.recipe", "inference", "merge", "evaluate", "serve.continuous", "captioner_view"]
+HOLDERS = ["training.recipe", "inference.captioner", "merge", "evaluate.run", "serve.continuous", "inference.view"]
 
 
 @pytest.fixture
 def derivations(monkeypatch):
     """Every derivation of a family from a model config (what family_of does) while the test runs."""
-    import multimodal_lora.model as model_module
+    import multimodal_lora.model.base as model_module
 
     calls = []
     real = model_module.family_for_config
@@ -39,7 +39,7 @@ def derivations(monkeypatch):
 
 
 def test_the_loaded_tiny_base_carries_its_family_layout_settings_and_positions(tiny_base, quick_adapter, shapes_dir, derivations):
-    from multimodal_lora.inference import Captioner
+    from multimodal_lora.inference.captioner import Captioner
 
     loaded = LoadedBase.load(ModelConfig(base="tiny", device="cpu"), for_training=False)
     config = loaded.model.config

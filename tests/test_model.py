@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from multimodal_lora.config import LoraSettings, ModelConfig, load_recipe
 from multimodal_lora.families.blip2_opt import build_tiny_model, build_tokenizer
-from multimodal_lora.model import (
+from multimodal_lora.model.base import (
     add_lora,
     config_fingerprint,
     count_parameters,
@@ -144,7 +144,7 @@ def test_int8_training_lowers_the_loss(tiny_base, shapes_dir):
 
 def test_building_the_tiny_base_leaves_the_global_rng_alone(tmp_path):
     # A run that builds the base on first use must draw the same numbers as one that finds it cached.
-    from multimodal_lora.tiny import ensure_tiny_base
+    from multimodal_lora.model.tiny import ensure_tiny_base
 
     torch.manual_seed(123)
     state = torch.get_rng_state()

@@ -35,7 +35,7 @@ DRIVER = textwrap.dedent(
     quantization, dtype, image = sys.argv[1:4]
 
     from multimodal_lora import Captioner
-    from multimodal_lora.loading import LoadSettings
+    from multimodal_lora.model.loading import LoadSettings
 
     captioner = Captioner.with_settings("tiny", None, LoadSettings(quantization, dtype, "cpu"))
     text = captioner.caption(image, max_new_tokens=5)

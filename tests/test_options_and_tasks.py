@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from multimodal_lora.errors import ConfigError
-from multimodal_lora.generation import GenerationOptions
-from multimodal_lora.tasks import CAPTION, DEFAULT_VQA_TEMPLATE, TASKS, VQA
+from multimodal_lora.core.errors import ConfigError
+from multimodal_lora.core.generation import GenerationOptions
+from multimodal_lora.core.tasks import CAPTION, DEFAULT_VQA_TEMPLATE, TASKS, VQA
 
 
 def test_every_bad_option_is_reported_at_once():

@@ -18,7 +18,7 @@ import yaml
 from multimodal_lora.commands import run_cli
 from multimodal_lora.commands.train import main
 from multimodal_lora.config import load_recipe
-from multimodal_lora.errors import ConfigError, DataError
+from multimodal_lora.core.errors import ConfigError, DataError
 from multimodal_lora.training import train
 from multimodal_lora.training.checkpoint import CheckpointError, TrainState, find_checkpoints, save_checkpoint
 from multimodal_lora.training.run_dir import resume_command
@@ -102,7 +102,7 @@ def test_pruning_touches_only_this_runs_checkpoints(tiny_base, tmp_path):
 
     from multimodal_lora.adapter import AdapterMeta
     from multimodal_lora.config import LoraSettings, ModelConfig
-    from multimodal_lora.model import add_lora, load_base
+    from multimodal_lora.model.base import add_lora, load_base
 
     model, base = load_base(ModelConfig(base="tiny", device="cpu"))
     model = add_lora(model, LoraSettings(r=2))

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from multimodal_lora.config import LoraSettings, ModelConfig
-from multimodal_lora.errors import UserError
+from multimodal_lora.core.errors import UserError
 from multimodal_lora.families import FAMILIES, family_for_config, family_named
 from multimodal_lora.families.layouts import IGNORE_INDEX
-from multimodal_lora.model import (
+from multimodal_lora.model.base import (
     add_lora,
     count_parameters,
     load_base,
@@ -302,8 +302,8 @@ def test_the_tiny_twin_build_is_deterministic(name, tmp_path):
 def test_paligemma_cached_image_features_give_the_loss_pixels_give(tiny_models, small_shapes_dir, tmp_path):
     from multimodal_lora.config import DataConfig
     from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset
+    from multimodal_lora.data.feature_cache import CachedPairDataset, PrefixCollator, forward_inputs, open_or_build
     from multimodal_lora.data.sources import read_imagefolder
-    from multimodal_lora.feature_cache import CachedPairDataset, PrefixCollator, forward_inputs, open_or_build
 
     model, processor = tiny_models["tiny-paligemma"]
     layout = text_layout(model, processor)
@@ -328,7 +328,7 @@ def test_the_server_decodes_these_families_continuously(name, shapes_dir):
     1-based positions; SmolVLM: the outer model's head): requests that join mid-way, with prompts of
     three lengths, get caption()'s text."""
     from multimodal_lora.data.images import load_image
-    from multimodal_lora.inference import Captioner
+    from multimodal_lora.inference.captioner import Captioner
     from multimodal_lora.serve.continuous import continuous_problem
     from multimodal_lora.serve.engine_process import EngineSpec, make_batcher
 
@@ -377,7 +377,7 @@ def test_the_vqa_recipe_on_each_tiny_twin_answers_held_out_questions(name, tmp_p
     from multimodal_lora import train
     from multimodal_lora.config import load_recipe
     from multimodal_lora.data.sources import load_splits
-    from multimodal_lora.inference import Captioner
+    from multimodal_lora.inference.captioner import Captioner
 
     from .conftest import RECIPES
 
@@ -399,7 +399,7 @@ def test_the_vqa_recipe_on_each_tiny_twin_answers_held_out_questions(name, tmp_p
 
 def test_the_real_recipes_plan_from_the_shipped_configs():
     from multimodal_lora.config import load_recipe
-    from multimodal_lora.plan import plan_recipe
+    from multimodal_lora.model.plan import plan_recipe
 
     from .conftest import RECIPES
 
@@ -453,7 +453,7 @@ def test_the_server_answers_what_caption_gives_through_the_openai_client(name, s
 
     from multimodal_lora import train
     from multimodal_lora.config import load_recipe
-    from multimodal_lora.inference import caption, clear_cache
+    from multimodal_lora.inference.captioner import caption, clear_cache
 
     from .conftest import RECIPES
     from .test_serve import chat, start_server, stop_server, stream
@@ -490,7 +490,7 @@ def test_the_demo_captions_with_each_familys_adapter(name, small_shapes_dir, sha
 
     from multimodal_lora import demo, train
     from multimodal_lora.config import load_recipe
-    from multimodal_lora.inference import Captioner
+    from multimodal_lora.inference.captioner import Captioner
 
     from .conftest import RECIPES
 

@@ -15,9 +15,9 @@ import torch
 from safetensors import safe_open
 
 from multimodal_lora.config import LoraSettings, load_recipe
-from multimodal_lora.errors import AdapterError, ConfigError, UserError
+from multimodal_lora.core.errors import AdapterError, ConfigError, UserError
 from multimodal_lora.families import FAMILIES, blip2_opt
-from multimodal_lora.model import add_lora, count_lora_parts, count_parameters, meta_model, published_config
+from multimodal_lora.model.base import add_lora, count_lora_parts, count_parameters, meta_model, published_config
 
 from .conftest import RECIPES
 
@@ -88,7 +88,7 @@ def test_feature_cache_true_with_the_connector_is_refused_in_one_line_before_wei
 
 def test_feature_cache_auto_turns_itself_off_when_the_connector_trains(tiny_base, caplog):
     from multimodal_lora.config import ModelConfig
-    from multimodal_lora.model import load_base
+    from multimodal_lora.model.base import load_base
     from multimodal_lora.training.loaders import cache_features
 
     recipe = load_recipe(RECIPES / "tiny.yaml", ["lora.parts=[attention,connector]"])
@@ -104,7 +104,7 @@ def test_feature_cache_auto_turns_itself_off_when_the_connector_trains(tiny_base
 
 def test_a_training_connector_runs_in_train_mode_and_the_vision_encoder_does_not(tiny_base):
     from multimodal_lora.config import ModelConfig
-    from multimodal_lora.model import load_base, set_train_mode
+    from multimodal_lora.model.base import load_base, set_train_mode
 
     model = add_lora(load_base(ModelConfig(base="tiny", device="cpu"))[0], LoraSettings(parts=["attention", "connector"]))
     set_train_mode(model)
@@ -121,7 +121,7 @@ def test_a_training_connector_runs_in_train_mode_and_the_vision_encoder_does_not
 
 def test_parameter_counts_per_part_on_the_tiny_twin(tiny_base):
     from multimodal_lora.config import ModelConfig
-    from multimodal_lora.model import load_base
+    from multimodal_lora.model.base import load_base
 
     model = add_lora(load_base(ModelConfig(base="tiny", device="cpu"))[0], LoraSettings(r=16, parts=ALL))
     parts = count_lora_parts(model)
@@ -158,7 +158,7 @@ def test_parameter_counts_per_part_on_blip2_opt_2_7b():
 
 def test_the_plan_counts_the_parts():
     from multimodal_lora.families.base import qformer_activation_values
-    from multimodal_lora.plan import plan_memory
+    from multimodal_lora.model.plan import plan_memory
 
     config = published_config("Salesforce/blip2-opt-2.7b")
     shape = dict(quantization="none", dtype="bf16", batch_size=4, max_length=32)
@@ -214,7 +214,7 @@ def test_every_part_takes_lora_on_an_int8_base_and_gets_gradients(tiny_base, sha
 
     from multimodal_lora.config import ModelConfig
     from multimodal_lora.data.images import load_image
-    from multimodal_lora.model import load_base, load_processor
+    from multimodal_lora.model.base import load_base, load_processor
 
     model, _ = load_base(ModelConfig(base="tiny", device="cpu", quantization="int8"))
     # The projection and the MLP are int8 (the Q-Former stays fp32, as transformers keeps it).
@@ -245,7 +245,7 @@ def test_other_families_all_parts_adapter_loads_in_plain_peft_and_merges_to_the_
     from multimodal_lora.config import ModelConfig
     from multimodal_lora.data.images import load_image
     from multimodal_lora.merge import merge_adapter
-    from multimodal_lora.model import family_of, load_base
+    from multimodal_lora.model.base import family_of, load_base
 
     model, info = load_base(ModelConfig(base=base, device="cpu"))
     model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, parts=ALL))

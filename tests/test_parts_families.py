@@ -17,7 +17,14 @@ from PIL import Image
 
 from multimodal_lora.config import LoraSettings, ModelConfig, load_recipe
 from multimodal_lora.families import family_for_config
-from multimodal_lora.model import add_lora, count_lora_parts, count_parameters, load_base, meta_model, published_config
+from multimodal_lora.model.base import (
+    add_lora,
+    count_lora_parts,
+    count_parameters,
+    load_base,
+    meta_model,
+    published_config,
+)
 
 from .conftest import RECIPES
 from .test_parts import ALL, adapted_modules, train_all_parts
@@ -96,7 +103,7 @@ def _saved_values(model, batch: dict) -> int:
 @pytest.mark.parametrize("base", NEW_TINY)
 def test_the_connector_term_is_what_autograd_keeps_in_the_tiny_twin(base):
     from multimodal_lora.families import qwen2_5_vl, smolvlm
-    from multimodal_lora.model import load_processor, set_train_mode
+    from multimodal_lora.model.base import load_processor, set_train_mode
 
     model = add_lora(load_base(ModelConfig(base=base, device="cpu"))[0], LoraSettings(r=4, dropout=0.05, parts=["connector"]))
     set_train_mode(model)
@@ -122,7 +129,7 @@ def test_the_connector_term_is_what_autograd_keeps_in_the_tiny_twin(base):
 
 
 def test_the_plan_adds_the_connector_term():
-    from multimodal_lora.plan import plan_memory
+    from multimodal_lora.model.plan import plan_memory
 
     config = published_config("google/paligemma2-3b-pt-224")
     shape = dict(quantization="none", dtype="bf16", batch_size=4, max_length=32)
@@ -155,7 +162,7 @@ def test_an_all_parts_adapter_holds_every_part_exactly(base, tmp_path):
 
 @pytest.mark.parametrize("base,trained", [("tiny-paligemma", "model.multi_modal_projector"), ("tiny-qwen2vl", "model.visual.merger")])
 def test_only_the_connector_of_the_image_path_runs_in_train_mode(base, trained):
-    from multimodal_lora.model import attribute, family_of, image_path_trainable, set_train_mode
+    from multimodal_lora.model.base import attribute, family_of, image_path_trainable, set_train_mode
 
     model = add_lora(load_base(ModelConfig(base=base, device="cpu"))[0], LoraSettings(parts=["attention", "connector"]))
     set_train_mode(model)
@@ -166,7 +173,7 @@ def test_only_the_connector_of_the_image_path_runs_in_train_mode(base, trained):
 
 
 def test_the_feature_cache_turns_itself_off_when_paligemmas_projector_trains(caplog):
-    from multimodal_lora.errors import ConfigError
+    from multimodal_lora.core.errors import ConfigError
     from multimodal_lora.training.loaders import cache_features
 
     recipe = load_recipe(RECIPES / "tiny-paligemma.yaml", ["lora.parts=[attention,connector]"])

@@ -12,8 +12,8 @@ QUANTIZATION = {"int8": "int8", "nf4": "4bit", "bf16": "none"}
 @pytest.mark.parametrize("name", ["gpu_full_size.json", "gpu_full_size_batch32.json"])
 def test_plan_is_within_25_percent_of_every_measured_full_size_peak(name):
     from multimodal_lora.config import LoraSettings
-    from multimodal_lora.model import published_config
-    from multimodal_lora.plan import plan_memory
+    from multimodal_lora.model.base import published_config
+    from multimodal_lora.model.plan import plan_memory
 
     result = json.loads((RESULTS / name).read_text())
     assert "H100" in result["machine"]["gpu"]

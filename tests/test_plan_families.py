@@ -12,7 +12,7 @@ from PIL import Image
 
 from multimodal_lora.config import LoraSettings, ModelConfig, load_recipe
 from multimodal_lora.families import family_for_config, qwen2_5_vl, smolvlm
-from multimodal_lora.model import (
+from multimodal_lora.model.base import (
     base_config,
     load_base,
     load_processor,
@@ -20,7 +20,7 @@ from multimodal_lora.model import (
     published_config,
     quantization_config,
 )
-from multimodal_lora.plan import base_weight_bytes, measured_weight_bytes, plan_memory, plan_recipe
+from multimodal_lora.model.plan import base_weight_bytes, measured_weight_bytes, plan_memory, plan_recipe
 
 from .conftest import RECIPES
 
@@ -88,7 +88,7 @@ def test_the_image_path_stays_out_of_the_quantization_config():
 def test_a_quantized_base_keeps_its_image_path_unquantized_and_trains(base, quantization, vision, lm, kept):
     import bitsandbytes as bnb
 
-    from multimodal_lora.model import add_lora, family_of, text_layout
+    from multimodal_lora.model.base import add_lora, family_of, text_layout
 
     model, _ = load_base(ModelConfig(base=base, device="cpu", quantization=quantization, dtype="bf16"))
     family = family_of(model)

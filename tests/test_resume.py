@@ -259,7 +259,7 @@ def _killed_while_deleting(tmp_path: Path, remover: str) -> Path:
         (victim / name).write_bytes(b"x" * 4096)
     script = f"""
 import os, signal, sys, shutil
-from multimodal_lora.atomic import remove_tree
+from multimodal_lora.core.atomic import remove_tree
 def kill_at_first_delete(event, args):
     if event in ("os.remove", "os.unlink"):
         os.kill(os.getpid(), signal.SIGKILL)

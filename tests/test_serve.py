@@ -113,7 +113,7 @@ def adapters(shapes_adapters):
 @pytest.fixture(scope="module")
 def expected(adapters, shapes_dir):
     """What the public Python API answers; the server must answer the same."""
-    from multimodal_lora.inference import ask, caption, clear_cache
+    from multimodal_lora.inference.captioner import ask, caption, clear_cache
 
     images = [str(p) for p in sorted((shapes_dir / "validation").glob("*.png"))[:3]]
     try:

@@ -15,7 +15,7 @@ from multimodal_lora.config import DataConfig, LoraSettings, ModelConfig, load_r
 from multimodal_lora.data.encoding import IGNORE_INDEX, Collator, ExampleEncoder, PairDataset
 from multimodal_lora.data.sources import read_imagefolder
 from multimodal_lora.families.blip2_opt import NUM_QUERY_TOKENS
-from multimodal_lora.model import add_lora, load_base, load_processor, set_train_mode, text_layout
+from multimodal_lora.model.base import add_lora, load_base, load_processor, set_train_mode, text_layout
 
 from .conftest import RECIPES
 
@@ -53,7 +53,7 @@ def test_recipe_defaults_are_the_fast_ones_and_new_keys_are_checked(tmp_path):
     assert recipe.train.eval_every is None
     for name in ("tiny.yaml", "tiny-vqa.yaml", "football.yaml"):
         assert load_recipe(RECIPES / name).train.cache_image_features == "auto", name
-    from multimodal_lora.errors import ConfigError
+    from multimodal_lora.core.errors import ConfigError
 
     with pytest.raises(ConfigError) as raised:
         load_recipe(
@@ -79,7 +79,7 @@ def test_auto_cache_and_workers_follow_the_run(caplog):
     # A trained image path cannot be cached: auto says no, and true is refused with the reason.
     model.get_base_model().language_projection.weight.requires_grad_(True)
     assert cache_features(recipe, model, epochs=8) is False
-    from multimodal_lora.errors import ConfigError
+    from multimodal_lora.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="language_projection of the image path are trained"):
         cache_features(load_recipe(RECIPES / "tiny.yaml", ["train.cache_image_features=true"]), model, epochs=8)
@@ -132,7 +132,7 @@ def bf16_setup(small_shapes_dir):
 
 
 def test_feature_cache_is_stored_in_bf16_at_two_bytes_a_value(bf16_setup, tmp_path, caplog):
-    from multimodal_lora.feature_cache import (
+    from multimodal_lora.data.feature_cache import (
         FEATURES_FILE,
         CachedPairDataset,
         PrefixCollator,
@@ -142,7 +142,7 @@ def test_feature_cache_is_stored_in_bf16_at_two_bytes_a_value(bf16_setup, tmp_pa
 
     model, processor, layout, examples, encoded = bf16_setup
     model.eval()
-    with caplog.at_level(logging.INFO, logger="multimodal_lora.feature_cache"):
+    with caplog.at_level(logging.INFO, logger="multimodal_lora.data.feature_cache"):
         cache, keys = open_or_build(examples, model, processor.image_processor, tmp_path, progress=False)
     values = NUM_QUERY_TOKENS * 128
     assert cache.bytes_per_image == values * 2 and cache.dtype == torch.bfloat16
@@ -168,8 +168,8 @@ def test_feature_cache_refuses_before_building_when_the_disk_is_full(bf16_setup,
     import shutil
     from collections import namedtuple
 
-    from multimodal_lora.atomic import WriteError
-    from multimodal_lora.feature_cache import open_or_build
+    from multimodal_lora.core.atomic import WriteError
+    from multimodal_lora.data.feature_cache import open_or_build
 
     model, processor, _, examples, _ = bf16_setup
     usage = namedtuple("usage", "total used free")
@@ -185,8 +185,8 @@ def test_feature_cache_refuses_before_building_when_the_disk_is_full(bf16_setup,
 
 def test_cache_cli_lists_and_clears_feature_caches(bf16_setup, tmp_path, monkeypatch, capsys):
     from multimodal_lora.commands import cache as cache_cli
-    from multimodal_lora.errors import UserError
-    from multimodal_lora.feature_cache import open_or_build
+    from multimodal_lora.core.errors import UserError
+    from multimodal_lora.data.feature_cache import open_or_build
 
     model, processor, _, examples, _ = bf16_setup
     monkeypatch.setenv("MULTIMODAL_LORA_CACHE", str(tmp_path))
@@ -240,14 +240,14 @@ def test_an_int8_base_is_never_merged(small_adapter, caplog):
 
     captioner = Captioner("tiny", device="cpu", quantization="int8", dtype="bf16")
     captioner.load_adapter(small_adapter, name="shapes")
-    with caplog.at_level(logging.INFO, logger="multimodal_lora.inference"):
+    with caplog.at_level(logging.INFO, logger="multimodal_lora.inference.captioner"):
         assert captioner.merge("shapes") is False
     assert "not merging adapter 'shapes': the base is quantized (int8/4-bit)" in caplog.text
     assert captioner._merged is None
 
 
 def test_cache_index_records_format_and_dtype(bf16_setup, tmp_path):
-    from multimodal_lora.feature_cache import FORMAT, INDEX_FILE, open_or_build
+    from multimodal_lora.data.feature_cache import FORMAT, INDEX_FILE, open_or_build
 
     model, processor, _, examples, _ = bf16_setup
     cache, keys = open_or_build(examples, model.eval(), processor.image_processor, tmp_path, progress=False)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from multimodal_lora.config import load_recipe
 from multimodal_lora.data.images import load_image
 from multimodal_lora.data.sources import load_splits
-from multimodal_lora.inference import Captioner
+from multimodal_lora.inference.captioner import Captioner
 
 from .conftest import RECIPES, REPO
 

@@ -30,7 +30,7 @@ REQUIRE = os.environ.get("MULTIMODAL_LORA_REQUIRE_VLLM") == "1"
 
 def vllm_python() -> Path:
     """vLLM's interpreter, or a skip (a failure when CI requires vLLM)."""
-    from multimodal_lora.errors import UserError
+    from multimodal_lora.core.errors import UserError
     from multimodal_lora.vllm.env import find_python
 
     try:
@@ -154,7 +154,7 @@ def test_the_builtin_engines_flags_are_refused_in_one_line_naming_vllms_own(quic
 def test_the_chat_template_gives_our_prompt_for_each_model(shapes_adapters):
     """Rendered as vLLM renders it (the tokenizer's apply_chat_template), with the model name the
     middleware adds, the prompt is the start token and what caption_prompt / vqa_prompt give."""
-    from multimodal_lora.inference import Captioner, clear_cache
+    from multimodal_lora.inference.captioner import Captioner, clear_cache
     from multimodal_lora.vllm.plan import chat_template, make_plan
 
     plan = make_plan(dict(shapes_adapters), None)
@@ -330,7 +330,7 @@ def vllm_server(shapes_adapters, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def parity(shapes_adapters, shapes_dir):
-    from multimodal_lora.inference import ask, caption, clear_cache
+    from multimodal_lora.inference.captioner import ask, caption, clear_cache
 
     images = [str(p) for p in sorted((shapes_dir / "validation").glob("*.png"))[:8]]
     try:
@@ -486,7 +486,7 @@ def smolvlm_adapter(shapes_dir, tmp_path_factory) -> Path:
 def test_a_smolvlm_adapter_on_vllm_captions_as_caption_does_served_and_batched(smolvlm_adapter, shapes_dir, tmp_path):
     """The tiny SmolVLM's adapter (an Idefics3Processor beside a SmolVLM config) through vLLM's Idefics3 class:
     ``serve --engine vllm`` with the openai client, and ``caption --engine vllm``, give caption()'s captions."""
-    from multimodal_lora.inference import caption, clear_cache
+    from multimodal_lora.inference.captioner import caption, clear_cache
 
     vllm_python()
     images = [str(p) for p in sorted((shapes_dir / "validation").glob("*.png"))[:16]]

@@ -18,7 +18,7 @@ VQA = REPO / "recipes" / "tiny-vqa.yaml"
 def tokenizer_and_layout(tiny_base):
     from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
-    from multimodal_lora.model import text_layout
+    from multimodal_lora.model.base import text_layout
 
     processor = AutoProcessor.from_pretrained(tiny_base)
     model = Blip2ForConditionalGeneration.from_pretrained(tiny_base)
@@ -67,7 +67,7 @@ def test_vqa_recipe_reads_questions_and_answers():
 @pytest.mark.slow
 def test_tiny_vqa_recipe_answers_held_out_questions(tmp_path, tiny_base):
     """Trains recipes/tiny-vqa.yaml as shipped; ask() must answer >= 60% of held-out questions (base: ~0%)."""
-    from multimodal_lora.inference import ask, clear_cache
+    from multimodal_lora.inference.captioner import ask, clear_cache
     from multimodal_lora.training import train
 
     recipe = load_recipe(VQA, [f"output_dir={tmp_path / 'run'}"])

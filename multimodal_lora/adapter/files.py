@@ -4,7 +4,7 @@ An adapter directory is what ``PeftModel.from_pretrained`` reads
 (``adapter_config.json`` + ``adapter_model.safetensors``), plus
 ``multimodal_lora.json``: which base it belongs to (name, path or hub id,
 revision, config fingerprint, model family), how that base was loaded (quantization, dtype,
-device kind: :class:`~multimodal_lora.loading.LoadSettings`) and how it was
+device kind: :class:`~multimodal_lora.model.loading.LoadSettings`) and how it was
 trained (task, prompt), so that ``caption(image, adapter=DIR)`` needs nothing else.
 """
 
@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from multimodal_lora.atomic import atomic_dir, is_staging
-from multimodal_lora.errors import AdapterError
+from multimodal_lora.core.atomic import atomic_dir, is_staging
+from multimodal_lora.core.errors import AdapterError
+from multimodal_lora.core.tasks import DEFAULT_VQA_TEMPLATE, TASKS
 from multimodal_lora.families.base import DEFAULT_PARTS, PARTS
-from multimodal_lora.loading import LoadSettings, settings_from_record
-from multimodal_lora.model import BaseInfo, family_of, is_lora_target
-from multimodal_lora.tasks import DEFAULT_VQA_TEMPLATE, TASKS
+from multimodal_lora.model.base import BaseInfo, family_of, is_lora_target
+from multimodal_lora.model.loading import LoadSettings, settings_from_record
 
 META_FILE = "multimodal_lora.json"
 CONFIG_FILE = "adapter_config.json"
@@ -88,7 +88,7 @@ OPENED: dict[Path, tuple[tuple, Adapter]] = {}
 
 An adapter is read once: opening it again while its files are unchanged (same inode, size
 and times; a new save renames a new directory into place) returns the same value without
-opening a file. :func:`multimodal_lora.inference.clear_cache` empties it."""
+opening a file. :func:`multimodal_lora.inference.captioner.clear_cache` empties it."""
 
 
 def open_adapter(path: str | Path | Adapter) -> Adapter:
@@ -185,7 +185,7 @@ def save_adapter(
     The files go to a temporary directory beside the target, which is then
     renamed into place; a process killed mid-save leaves the previous adapter
     (or nothing), never a half-written one. ``card`` (the model card's text,
-    see :mod:`multimodal_lora.card`) is written as ``README.md`` in the same
+    see :mod:`multimodal_lora.adapter.card`) is written as ``README.md`` in the same
     directory, so the card always describes the weights beside it.
 
     Returns:
@@ -306,7 +306,7 @@ def check_fits(adapter: Adapter | str | Path, model, family=None) -> None:
     Args:
         adapter: an opened adapter (:func:`open_adapter`), or its directory.
         model: the base it is about to be loaded into (bare, or a ``PeftModel`` holding other adapters).
-        family: the base's (:attr:`~multimodal_lora.model.LoadedBase.family`); read from its config when not given.
+        family: the base's (:attr:`~multimodal_lora.model.base.LoadedBase.family`); read from its config when not given.
     """
     from peft.tuners.tuners_utils import check_target_module_exists
     from peft.utils.other import get_pattern_key

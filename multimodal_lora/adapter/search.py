@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from multimodal_lora.adapter.files import CONFIG_FILE, Adapter, base_of, open_adapter
-from multimodal_lora.errors import AdapterError, ConfigError
-from multimodal_lora.loading import LoadSettings, resolve
+from multimodal_lora.core.errors import AdapterError, ConfigError
+from multimodal_lora.model.loading import LoadSettings, resolve
 
 CHECKPOINTS = "checkpoints"
 """A run directory's checkpoints (``OUTPUT_DIR/checkpoints/checkpoint-N/adapter``): never offered as adapters."""
@@ -147,7 +147,7 @@ def base_for(
 
     How it loads (quantization, dtype, device) is the deciding adapter's record
     fitted to this machine, each given override winning (see
-    :func:`multimodal_lora.loading.resolve`, which writes the one log line).
+    :func:`multimodal_lora.model.loading.resolve`, which writes the one log line).
 
     Raises:
         AdapterError: nothing says which base a foreign adapter belongs to and ``base`` was not given.

@@ -3,7 +3,7 @@
 Each holds its argument parser, ``main(argv) -> exit status`` and ``cli()`` (the console-script
 entry point). This is the only layer that writes to stdout: the library below logs and raises.
 What every command shares is here: clean errors (:func:`run_cli`) and the base-loading flags
-(:func:`add_load_arguments`); logging set-up is :func:`multimodal_lora.log_setup.setup_logging`.
+(:func:`add_load_arguments`); logging set-up is :func:`multimodal_lora.core.log_setup.setup_logging`.
 
 ``multimodal_lora/train.py`` and ``caption.py`` are only ``python -m`` entry points: nothing imports
 them as modules, so the package's ``train`` and ``caption`` stay the public functions.
@@ -16,8 +16,8 @@ import gc
 import sys
 from collections.abc import Callable
 
-from multimodal_lora.errors import UserError
-from multimodal_lora.runtime import DTYPE_NAMES
+from multimodal_lora.core.errors import UserError
+from multimodal_lora.core.runtime import DTYPE_NAMES
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
@@ -43,7 +43,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
 def add_load_arguments(parser, *, what: str = "the adapter's base") -> None:
     """``--quantization/--dtype/--device``: load the base otherwise than the adapter records."""
     default = "default: as the adapter was trained, or the nearest setting this machine supports"
-    from multimodal_lora.quantization import NAMES
+    from multimodal_lora.core.quantization import NAMES
 
     parser.add_argument("--quantization", choices=list(NAMES), help=f"load {what} this way ({default})")
     parser.add_argument("--dtype", choices=list(DTYPE_NAMES), help=f"dtype of {what} ({default})")

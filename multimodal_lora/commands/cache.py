@@ -17,7 +17,7 @@ from multimodal_lora.commands import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    from multimodal_lora.atomic import format_bytes
+    from multimodal_lora.core.atomic import format_bytes
 
     parser = argparse.ArgumentParser(
         prog="python -m multimodal_lora.cache", description="List or remove what multimodal_lora has cached."

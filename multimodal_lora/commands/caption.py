@@ -9,7 +9,7 @@ With ``--out FILE.jsonl`` or ``FILE.csv`` it writes rows with ``image`` and
 order, each batch flushed as it is captioned, with a progress bar (images/s
 and ETA over all processes). ``--resume`` continues a file an interrupted run
 left. Under ``accelerate launch`` the processes share the images (see
-:mod:`multimodal_lora.captioning.run`). An unreadable image is reported and
+:mod:`multimodal_lora.inference.captioning.run`). An unreadable image is reported and
 skipped, never the end of the run. The exit status is 0 when every image was
 captioned, 1 when some could not be. The adapter is merged into the base's
 weights for the run (``--no-merge`` keeps it apart; an int8 or 4-bit base is
@@ -24,13 +24,13 @@ import os
 import sys
 from pathlib import Path
 
-from multimodal_lora.captioning.inputs import check_inputs, count_inputs, iter_inputs
-from multimodal_lora.captioning.output import check_out, open_rows, out_format, read_existing, row_fields
 from multimodal_lora.commands import add_load_arguments, run_cli
-from multimodal_lora.errors import UserError
-from multimodal_lora.generation import GenerationOptions
-from multimodal_lora.log_setup import setup_logging
-from multimodal_lora.tasks import TASKS
+from multimodal_lora.core.errors import UserError
+from multimodal_lora.core.generation import GenerationOptions
+from multimodal_lora.core.log_setup import setup_logging
+from multimodal_lora.core.tasks import TASKS
+from multimodal_lora.inference.captioning.inputs import check_inputs, count_inputs, iter_inputs
+from multimodal_lora.inference.captioning.output import check_out, open_rows, out_format, read_existing, row_fields
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def caption_inputs(captioner, name, args, fmt: str | None, state) -> int:
     """Caption ``args.images`` (on this process's share) into ``args.out`` or stdout; returns the exit status."""
-    from multimodal_lora.captioning.run import ImageRounds, caption_stream
+    from multimodal_lora.inference.captioning.run import ImageRounds, caption_stream
 
     main = state is None or state.is_main_process
     world, rank = (state.num_processes, state.process_index) if state is not None else (1, 0)
@@ -191,7 +191,7 @@ def _captioner(args, device: str | None = None):
 
     A quantized (int8, 4-bit) base is never merged: :meth:`Captioner.merge` says so and leaves it unmerged.
     """
-    from multimodal_lora.inference import captioner_for
+    from multimodal_lora.inference.captioner import captioner_for
 
     load = dict(quantization=args.quantization, dtype=args.dtype, device=args.device)
     if device is not None and args.device in (None, "auto", "cuda"):
@@ -251,8 +251,8 @@ def _caption_validation(captioner, name, args) -> int:
     """Caption validation images of the adapter's own run and show the references beside them."""
     from multimodal_lora.adapter import find_adapter_dir
     from multimodal_lora.config import load_recipe
+    from multimodal_lora.core.errors import UserError
     from multimodal_lora.data.sources import load_splits
-    from multimodal_lora.errors import UserError
 
     if args.adapter is None:
         raise UserError("--validation needs --adapter: the validation images are those of the adapter's run")

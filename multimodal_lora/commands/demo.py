@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 
 from multimodal_lora.commands import add_load_arguments, run_cli
+from multimodal_lora.core.log_setup import setup_logging
 from multimodal_lora.demo import DEFAULT_ADAPTERS_DIR, serve
-from multimodal_lora.log_setup import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:

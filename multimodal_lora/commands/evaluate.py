@@ -2,7 +2,7 @@
 
     python -m multimodal_lora.evaluate RECIPE --adapter DIR [key=value ...]
 
-What it measures and writes is :func:`multimodal_lora.evaluate.evaluate`; this prints the table.
+What it measures and writes is :func:`multimodal_lora.evaluate.run.evaluate`; this prints the table.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 
 from multimodal_lora.commands import add_load_arguments, run_cli
-from multimodal_lora.evaluate import evaluate
-from multimodal_lora.log_setup import setup_logging
-from multimodal_lora.metrics import METRICS
+from multimodal_lora.core.log_setup import setup_logging
+from multimodal_lora.core.metrics import METRICS
+from multimodal_lora.evaluate.run import evaluate
 
 
 def main(argv: list[str] | None = None) -> int:

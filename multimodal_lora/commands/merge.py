@@ -11,10 +11,10 @@ import argparse
 import json
 
 from multimodal_lora.commands import run_cli
-from multimodal_lora.log_setup import setup_logging
+from multimodal_lora.core.log_setup import setup_logging
+from multimodal_lora.core.quantization import NAMES
+from multimodal_lora.core.runtime import DTYPE_NAMES
 from multimodal_lora.merge import MERGE_RECORD, merge_adapter
-from multimodal_lora.quantization import NAMES
-from multimodal_lora.runtime import DTYPE_NAMES
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from multimodal_lora.card import HUB_ID
+from multimodal_lora.adapter.card import HUB_ID
 from multimodal_lora.commands import run_cli
-from multimodal_lora.log_setup import setup_logging
+from multimodal_lora.core.log_setup import setup_logging
 from multimodal_lora.push import PushError, hub_ready, prepare_upload, push
 
 logger = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ import os
 from pathlib import Path
 
 from multimodal_lora.commands import add_load_arguments, run_cli
+from multimodal_lora.core.errors import ConfigError
+from multimodal_lora.core.log_setup import setup_logging
 from multimodal_lora.data.images import MAX_PIXELS
-from multimodal_lora.errors import ConfigError
-from multimodal_lora.log_setup import setup_logging
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import argparse
 
 from multimodal_lora.commands import run_cli
 from multimodal_lora.config import load_recipe
-from multimodal_lora.log_setup import setup_logging
+from multimodal_lora.core.log_setup import setup_logging
 from multimodal_lora.training import train
 
 __all__ = ["cli", "main"]
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     recipe = load_recipe(args.recipe, args.overrides)
     if args.plan:
-        from multimodal_lora.plan import plan_recipe
+        from multimodal_lora.model.plan import plan_recipe
 
         print(plan_recipe(recipe).format())
         return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from multimodal_lora.commands import run_cli
-from multimodal_lora.log_setup import setup_logging
+from multimodal_lora.core.log_setup import setup_logging
 from multimodal_lora.vllm import env
 
 

@@ -15,10 +15,10 @@ import math
 from dataclasses import dataclass, field
 
 from multimodal_lora.config import Recipe
+from multimodal_lora.core.errors import UserError
 from multimodal_lora.data.encoding import IGNORE_INDEX, ExampleEncoder, prompt_text
 from multimodal_lora.data.screen import scan
 from multimodal_lora.data.sources import BadExample, Example, load_splits
-from multimodal_lora.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def check_data(recipe: Recipe, progress: bool = True) -> DataReport:
     except (OSError, ValueError, UserError) as exc:
         report.tokenizer_problem = f"cannot load the tokenizer of {recipe.model.base!r}: {exc}"
         return report
-    from multimodal_lora.model import Positions
+    from multimodal_lora.model.base import Positions
 
     limit = None
     try:
@@ -205,7 +205,7 @@ def image_token_counts(examples: list[Example], processor, layout) -> tuple[list
 
 def _base_parts(base: str, revision: str | None):
     """``(family, config, processor, token layout)`` of the base, from its name, config and processor (no weights)."""
-    from multimodal_lora.model import base_config, base_family, load_processor
+    from multimodal_lora.model.base import base_config, base_family, load_processor
 
     family = base_family(base, revision)  # the command's one derivation of the family
     config = base_config(base, revision)
@@ -226,10 +226,10 @@ def _stats(values: list[int]) -> str:
 def recipe_length_problems(recipe, tokenizer, positions=None) -> list[str]:
     """Every length in a recipe the base cannot hold: training examples, and the captions evaluation generates.
 
-    ``positions`` (:class:`~multimodal_lora.model.Positions`) are the base's; when not given they are
+    ``positions`` (:class:`~multimodal_lora.model.base.Positions`) are the base's; when not given they are
     read from its config (no weights), so a recipe fails before the model loads.
     """
-    from multimodal_lora.model import Positions, text_length_problem
+    from multimodal_lora.model.base import Positions, text_length_problem
 
     positions = positions or Positions.of_base(recipe.model.base, recipe.model.revision)
     problems = [p for p in [text_length_problem(recipe.data.max_length, positions)] if p]

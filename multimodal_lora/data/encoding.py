@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from multimodal_lora.core.tasks import TASKS
 from multimodal_lora.data.images import load_image
 from multimodal_lora.data.sources import Example
 from multimodal_lora.families.image_inputs import PIXELS, ImageInputs
 from multimodal_lora.families.layouts import IGNORE_INDEX, Padding
-from multimodal_lora.tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ Encoded = dict[str, list[int]]
 
 
 def prompt_text(task: str, question: str | None, prompt: str | None, prompt_template: str) -> str:
-    """The text before the target: a caption prefix, or the VQA question in its template (:class:`~multimodal_lora.tasks.Task`)."""
+    """The text before the target: a caption prefix, or the VQA question in its template (:class:`~multimodal_lora.core.tasks.Task`)."""
     return TASKS[task].prompt(question=question, prefix=prompt, template=prompt_template)
 
 

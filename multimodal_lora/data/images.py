@@ -5,7 +5,7 @@ quietly get some wrong: a fully transparent red pixel stays red, a 16-bit
 value of 40000 becomes pure white. :func:`load_image` converts every mode
 correctly (transparency composited on white, 16-bit scaled to 8-bit), applies
 EXIF orientation, takes the first frame of an animation, and turns every way a
-file can be unreadable into an :class:`~multimodal_lora.errors.ImageError`
+file can be unreadable into an :class:`~multimodal_lora.core.errors.ImageError`
 naming the file. Given ``max_pixels`` or ``formats`` (the demo, the server), it
 checks them from the header before decoding: a few hundred bytes can claim gigapixels.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from multimodal_lora.errors import ImageError
+from multimodal_lora.core.errors import ImageError
 
 
 class StoredImage:

@@ -18,9 +18,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from multimodal_lora.config import DataConfig
+from multimodal_lora.core.errors import DataError, ImageError
 from multimodal_lora.data.images import load_image
 from multimodal_lora.data.sources import BadExample, Example, Splits, with_examples
-from multimodal_lora.errors import DataError, ImageError
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import random
 import shutil
 from pathlib import Path
 
-from multimodal_lora.atomic import staging_dir
+from multimodal_lora.core.atomic import staging_dir
 
 COLOURS = {
     "red": (220, 30, 30),

@@ -39,9 +39,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from multimodal_lora.config import DataConfig
+from multimodal_lora.core.errors import DataError
 from multimodal_lora.data import shapes
 from multimodal_lora.data.images import StoredImage
-from multimodal_lora.errors import DataError
 
 logger = logging.getLogger(__name__)
 

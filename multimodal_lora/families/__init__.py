@@ -63,7 +63,7 @@ server's continuous batching (see ``docs/families.md``).
 
 from __future__ import annotations
 
-from multimodal_lora.errors import ConfigError
+from multimodal_lora.core.errors import ConfigError
 from multimodal_lora.families import blip2_opt, blip2_t5, instructblip, paligemma, qwen2_5_vl, qwen3_vl, smolvlm
 from multimodal_lora.families.base import Family, PlanDims, VllmRoute
 from multimodal_lora.families.image_inputs import PIXELS, ImageInputs

@@ -223,7 +223,7 @@ class Family:
         """Each chosen part's regex over full module names (``targets``: the attention projections, default all)."""
         problems = self.part_problems(parts)
         if problems:
-            from multimodal_lora.errors import ConfigError
+            from multimodal_lora.core.errors import ConfigError
 
             raise ConfigError("; ".join(problems))
         out = {}
@@ -261,7 +261,7 @@ class Family:
         """The regex PEFT matches against full module names: only the language model's attention."""
         problems = self.target_problems(targets)
         if problems:
-            from multimodal_lora.errors import ConfigError
+            from multimodal_lora.core.errors import ConfigError
 
             raise ConfigError("; ".join(problems))
         return self.attention_pattern.format(names="|".join(re.escape(t) for t in targets))
@@ -381,7 +381,7 @@ QFORMER_CONNECTOR = Connector(
 
 def stop_token_id(generation_config, text_config) -> int:
     """The token the base stops on, from its generation config (else its text config), never hard-coded."""
-    from multimodal_lora.errors import UserError
+    from multimodal_lora.core.errors import UserError
 
     eos = getattr(generation_config, "eos_token_id", None)
     if eos is None:

@@ -70,7 +70,7 @@ def _matches_t5(config) -> bool:
 def _qformer_tokenizer(processor):
     tokenizer = getattr(processor, "qformer_tokenizer", None)
     if tokenizer is None:
-        from multimodal_lora.errors import UserError
+        from multimodal_lora.core.errors import UserError
 
         raise UserError(
             "an InstructBLIP base needs its processor (with the Q-Former tokenizer), not only its tokenizer"

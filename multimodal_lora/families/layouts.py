@@ -2,7 +2,7 @@
 
 A family picks one of these (and fills in its token ids); training
 (:class:`~multimodal_lora.data.encoding.ExampleEncoder`), evaluation and
-inference (:class:`~multimodal_lora.inference.Captioner`) all go through the
+inference (:class:`~multimodal_lora.inference.captioner.Captioner`) all go through the
 same object, so the sequence a model is trained on is the one it is asked to
 continue.
 

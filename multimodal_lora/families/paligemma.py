@@ -163,7 +163,7 @@ CONNECTOR = Connector(
 
 
 def _layout(config, generation_config, processor) -> PrefixLMLayout:
-    from multimodal_lora.errors import UserError
+    from multimodal_lora.core.errors import UserError
 
     tokenizer = getattr(processor, "tokenizer", processor)
     separator = _ids(tokenizer, SEPARATOR)

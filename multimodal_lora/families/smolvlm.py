@@ -324,7 +324,7 @@ def tile_blocks(config, processor) -> dict[tuple[int, int], tuple[int, ...]]:
     Raises:
         UserError: not given a processor, or its ``<image>`` is not the model's.
     """
-    from multimodal_lora.errors import UserError
+    from multimodal_lora.core.errors import UserError
 
     image_processor = getattr(processor, "image_processor", None)
     if image_processor is None:

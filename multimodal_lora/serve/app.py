@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from multimodal_lora.core.tasks import TASKS
 from multimodal_lora.serve.batcher import Batcher
 from multimodal_lora.serve.engine import Job
 from multimodal_lora.serve.engine_process import EngineProcess
@@ -39,7 +40,6 @@ from multimodal_lora.serve.protocol import (
     parse_request,
     usage_body,
 )
-from multimodal_lora.tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def create_app(captioner, batcher: Batcher | EngineProcess, settings: ServerSett
 
     ``batcher`` answers jobs: a :class:`Batcher` on ``captioner``'s model in this process, or
     (as ``python -m multimodal_lora.serve`` runs it) an :class:`EngineProcess` with
-    ``captioner`` its :meth:`~multimodal_lora.inference.Captioner.without_model` view.
+    ``captioner`` its :meth:`~multimodal_lora.inference.captioner.Captioner.without_model` view.
 
     Model names: the base's name (``captioner.base.name``, e.g. ``tiny``) means
     no adapter; every loaded adapter by its name.

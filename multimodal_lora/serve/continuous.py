@@ -24,7 +24,7 @@ needs for a prefill and a step (its positions, masks, head) comes from the
 family (:attr:`Family.decoding`, :mod:`multimodal_lora.families.decoding`);
 this module knows no architecture. Every row therefore computes what its own
 ``generate`` call computes, and greedy text equals :meth:`Captioner.caption`
-and :meth:`~multimodal_lora.inference.Captioner.ask` (the tests check it on
+and :meth:`~multimodal_lora.inference.captioner.Captioner.ask` (the tests check it on
 requests that join mid-way, for every family that decodes here).
 
 This needs a decoder-only language model with a plain key/value cache (BLIP-2
@@ -44,7 +44,6 @@ import torch
 import torch.nn.functional as F
 
 from multimodal_lora.families.layouts import DecoderOnlyLayout
-from multimodal_lora.model import family_of
 from multimodal_lora.serve.batcher import Batcher, together_or_alone
 from multimodal_lora.serve.engine import Job, Row, run_batch
 
@@ -102,7 +101,7 @@ class RunningBatch:
     """The rows decoding together (one adapter, one sampling setting), and their cache.
 
     Args:
-        captioner: the loaded :class:`~multimodal_lora.inference.Captioner`.
+        captioner: the loaded :class:`~multimodal_lora.inference.captioner.Captioner`.
         key: the rows' :attr:`Job.key` (adapter, sampling).
     """
 
@@ -111,7 +110,7 @@ class RunningBatch:
         self.key = key
         self.adapter, self.sampling = key
         self.model = _model(captioner)
-        self.decoding = family_of(captioner.model).decoding
+        self.decoding = captioner.family.decoding
         self.tokenizer = captioner.processor.tokenizer
         self.stop_ids = captioner.stop_token_ids
         self.warpers = _warpers(self.sampling, captioner.model.generation_config)

@@ -2,7 +2,7 @@
 
 A :class:`Job` is one request, already validated and with its image decoded.
 :func:`run_batch` answers a list of jobs that share an adapter and sampling
-settings with one :meth:`~multimodal_lora.inference.Captioner.generate_batch`
+settings with one :meth:`~multimodal_lora.inference.captioner.Captioner.generate_batch`
 call. A streamer sees every step's tokens and hands each row's text to its job
 as it grows; a row is done at the stop token, at one of its ``stop`` strings or
 at its own ``max_tokens``, and a stopping criterion tells ``generate`` so, so a

@@ -6,7 +6,7 @@ images: under load a batch took about 1.7× what it takes alone, and the server
 was bound to one core (``bench/serve.py``). So the server runs two processes:
 
 - the **HTTP process** (uvicorn) checks every request, decodes its image and
-  prepares its pixels, with :meth:`~multimodal_lora.inference.Captioner.without_model`
+  prepares its pixels, with :meth:`~multimodal_lora.inference.captioner.Captioner.without_model`
   for the names, tasks, prompts and lengths;
 - the **engine process** loads the base and the adapters and answers jobs with
   the same :class:`~multimodal_lora.serve.batcher.Batcher` and
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from multimodal_lora.errors import ConfigError, UserError
+from multimodal_lora.core.errors import ConfigError, UserError
 from multimodal_lora.serve.protocol import APIError, as_api_error, queue_full, unavailable
 
 if TYPE_CHECKING:  # the engine module imports torch and transformers: the engine process imports it itself
@@ -253,7 +253,7 @@ class _ForwardedCancel(threading.Event):
 
 def _engine_main(conn, spec: EngineSpec) -> None:
     """The engine process: load, say so (or why not), then answer jobs until told to end or orphaned."""
-    from multimodal_lora.log_setup import setup_logging
+    from multimodal_lora.core.log_setup import setup_logging
 
     # Ctrl-C in a terminal, and a supervisor stopping the service (systemd signals the whole group),
     # reach this process too. The HTTP process owns shutdown: it finishes its requests, then sends
@@ -282,7 +282,7 @@ def _load(spec: EngineSpec):
     import torch
 
     from multimodal_lora.adapter import collect_adapters
-    from multimodal_lora.inference import Captioner
+    from multimodal_lora.inference.captioner import Captioner
 
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)

@@ -27,8 +27,8 @@ from urllib.parse import urljoin, urlsplit
 
 from PIL import Image
 
+from multimodal_lora.core.errors import ImageError
 from multimodal_lora.data.images import MAX_PIXELS, FormatRefused, TooManyPixels, load_image
-from multimodal_lora.errors import ImageError
 from multimodal_lora.serve.protocol import APIError
 
 logger = logging.getLogger(__name__)

@@ -64,9 +64,9 @@ def queue_full(count: int, limit: int, where: str) -> APIError:
 
 def as_api_error(error: BaseException) -> APIError:
     """What the client is told of ``error``: itself if an :class:`APIError`, a 400 for a
-    :class:`~multimodal_lora.errors.UserError` (its message says what to do), else a 500 that
+    :class:`~multimodal_lora.core.errors.UserError` (its message says what to do), else a 500 that
     points to the server's log (which has the traceback) and leaks nothing of the internals."""
-    from multimodal_lora.errors import UserError
+    from multimodal_lora.core.errors import UserError
 
     if isinstance(error, APIError):
         return error

@@ -40,9 +40,9 @@ import torch
 
 from multimodal_lora.adapter import WEIGHTS_FILE, AdapterMeta, adapter_bytes, save_adapter
 from multimodal_lora.adapter.search import CHECKPOINTS  # the run layout adapter discovery skips
-from multimodal_lora.atomic import WriteError, atomic_dir, remove_stale, remove_tree
-from multimodal_lora.errors import UserError
-from multimodal_lora.tasks import TASKS
+from multimodal_lora.core.atomic import WriteError, atomic_dir, remove_stale, remove_tree
+from multimodal_lora.core.errors import UserError
+from multimodal_lora.core.tasks import TASKS
 
 if TYPE_CHECKING:
     from multimodal_lora.config import Recipe

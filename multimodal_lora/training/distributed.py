@@ -14,8 +14,8 @@ import signal
 import torch
 
 from multimodal_lora.config import Recipe
-from multimodal_lora.errors import ConfigError
-from multimodal_lora.runtime import accelerate_precision
+from multimodal_lora.core.errors import ConfigError
+from multimodal_lora.core.runtime import accelerate_precision
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from multimodal_lora.config import Recipe
+from multimodal_lora.core.errors import ConfigError
 from multimodal_lora.data.encoding import Collator, ExampleEncoder, PairDataset, WorkerCollator, as_tensors
-from multimodal_lora.errors import ConfigError
-from multimodal_lora.feature_cache import open_or_build
+from multimodal_lora.data.feature_cache import open_or_build
 from multimodal_lora.training.sampler import EpochBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class Loaders:
 def build_loaders(recipe: Recipe, accelerator, model, base, splits) -> Loaders:
     """The encoder, the resumable sampler, the datasets (with the feature cache when it pays) and their loaders.
 
-    ``model`` is the model being trained; ``base`` (:class:`~multimodal_lora.model.LoadedBase`) gives its
+    ``model`` is the model being trained; ``base`` (:class:`~multimodal_lora.model.base.LoadedBase`) gives its
     processor, token layout and family.
     """
     processor, layout = base.processor, base.layout
@@ -87,7 +87,7 @@ def cache_features(recipe: Recipe, model, epochs: float, family=None) -> bool:
     epoch skips it. It cannot cache when any part of the image path is being trained. ``family``: the
     model's, read from its config when not given.
     """
-    from multimodal_lora.model import family_of, image_path_trainable
+    from multimodal_lora.model.base import family_of, image_path_trainable
 
     setting = recipe.train.cache_image_features
     family = family or family_of(model)

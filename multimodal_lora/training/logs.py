@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from multimodal_lora.atomic import as_write_error, atomic_file, write_text
+from multimodal_lora.core.atomic import as_write_error, atomic_file, write_text
 
 logger = logging.getLogger(__name__)
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from multimodal_lora.config import Recipe
-from multimodal_lora.runtime import fused_adamw
+from multimodal_lora.core.runtime import fused_adamw
 
 
 def build_optimizer(params: list, lr: float, weight_decay: float, device: torch.device):
     """AdamW updating all LoRA tensors in a few fused kernels instead of a loop over them.
 
-    ``fused`` where :func:`~multimodal_lora.runtime.fused_adamw` says (CUDA); ``foreach``
+    ``fused`` where :func:`~multimodal_lora.core.runtime.fused_adamw` says (CUDA); ``foreach``
     (multi-tensor) elsewhere. All compute what the single-tensor loop does.
     """
     fused = fused_adamw(device, params)

@@ -27,13 +27,13 @@ import torch
 
 from multimodal_lora.adapter import AdapterMeta, adapter_size_bytes, save_adapter
 from multimodal_lora.config import Recipe
+from multimodal_lora.core.errors import ConfigError, UserError
 from multimodal_lora.data.check import recipe_length_problems
+from multimodal_lora.data.feature_cache import forward_inputs
 from multimodal_lora.data.screen import describe_bad, screen_examples
 from multimodal_lora.data.sources import load_splits
-from multimodal_lora.errors import ConfigError, UserError
-from multimodal_lora.evaluate import generate, group_references, score, token_loss_sums
-from multimodal_lora.feature_cache import forward_inputs
-from multimodal_lora.model import (
+from multimodal_lora.evaluate.run import generate, group_references, score, token_loss_sums
+from multimodal_lora.model.base import (
     LoadedBase,
     Positions,
     add_lora,
@@ -136,7 +136,7 @@ def train(recipe: Recipe) -> TrainResult:
 
     Raises:
         UserError: a bad recipe, data set or checkpoint (the message says what to do),
-            a used ``output_dir``, a full disk (:class:`~multimodal_lora.atomic.WriteError`, naming the
+            a used ``output_dir``, a full disk (:class:`~multimodal_lora.core.atomic.WriteError`, naming the
             last intact checkpoint), or a non-finite loss (:class:`TrainingError`).
     """
     # A tracker asked for but not installed fails here, before any data or weights are read.
@@ -285,7 +285,7 @@ def setup_evaluation(recipe: Recipe, accelerator, model, base: LoadedBase, split
     """What captions the validation images while training (main process only): ``(captioner, reference groups)``."""
     if not (recipe.train.eval_captions and splits.validation and accelerator.is_main_process):
         return None, []
-    from multimodal_lora.inference import Captioner
+    from multimodal_lora.inference.captioner import Captioner
 
     captioner = Captioner.from_loaded(base, accelerator.unwrap_model(model), {"default": meta})
     return captioner, group_references(splits.validation)[: recipe.train.eval_max_images]
@@ -522,7 +522,7 @@ def checkpoint(run: Run) -> None:
 
 def model_card(run: Run, adapter_dir: Path) -> str:
     """The adapter's ``README.md``: the recipe as run, the last evaluation, the parameter table."""
-    from multimodal_lora.card import CardFacts, render_card
+    from multimodal_lora.adapter.card import CardFacts, render_card
     from multimodal_lora.data.sources import detect_source
 
     last = run.state.history[-1] if run.state.history else {}

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from multimodal_lora.atomic import WriteError, remove_tree, write_text
 from multimodal_lora.config import Recipe
-from multimodal_lora.errors import ConfigError
+from multimodal_lora.core.atomic import WriteError, remove_tree, write_text
+from multimodal_lora.core.errors import ConfigError
 from multimodal_lora.training.checkpoint import find_checkpoints, remove_stale_temporaries, resolve_resume
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def exclusive(output_dir: Path):
 @contextlib.contextmanager
 def claimed(recipe: Recipe, output_dir: Path):
     """The run's hold on ``output_dir``: locked, checked free of another run's work, and a full disk
-    (:class:`~multimodal_lora.atomic.WriteError`) told the way on: the last intact checkpoint."""
+    (:class:`~multimodal_lora.core.atomic.WriteError`) told the way on: the last intact checkpoint."""
     try:
         with exclusive(output_dir):
             # Before anything loads: a fresh run never mixes with another run's checkpoints or adapter.

@@ -23,7 +23,7 @@ import logging
 import os
 from pathlib import Path
 
-from multimodal_lora.errors import ConfigError
+from multimodal_lora.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

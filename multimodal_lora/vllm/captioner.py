@@ -1,9 +1,9 @@
 """``caption --engine vllm``: a captioner whose generation runs in vLLM's interpreter.
 
-:class:`VllmCaptioner` has the part of :class:`~multimodal_lora.inference.Captioner`
+:class:`VllmCaptioner` has the part of :class:`~multimodal_lora.inference.captioner.Captioner`
 that the caption command calls (``caption``, ``ask``, ``batch_size``, ``processor``),
-so the command's own code (:mod:`~multimodal_lora.captioning.run`,
-:mod:`~multimodal_lora.captioning.output`) keeps the input order, whole rows,
+so the command's own code (:mod:`~multimodal_lora.inference.captioning.run`,
+:mod:`~multimodal_lora.inference.captioning.output`) keeps the input order, whole rows,
 ``--resume`` and job ownership exactly as with the built-in engine. Each batch's
 decoded, resized images and their prompt token ids (our family's layout: start
 token, then the prompt) go to ``runtime/mmlora_vllm_caption_worker.py`` over a pipe;
@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from multimodal_lora.errors import UserError
+from multimodal_lora.core.errors import UserError
 from multimodal_lora.vllm import env
 from multimodal_lora.vllm.plan import RUNTIME, Plan, make_plan, runtime_env
 
@@ -63,7 +63,7 @@ class VllmCaptioner:
     def __init__(self, adapter, base, dtype, quantization, *, python: str | None, parallel: Parallel, cpu: bool, log_dir: Path):
         from multimodal_lora.adapter import open_adapter
         from multimodal_lora.families import family_named
-        from multimodal_lora.model import load_processor
+        from multimodal_lora.model.base import load_processor
 
         # "adapter" is vLLM's name for it; nothing outside this process sees it.
         adapters = {"adapter": open_adapter(adapter)} if adapter is not None else {}
@@ -115,7 +115,7 @@ class VllmCaptioner:
             questions = [questions] * len(images)
         if layout.task != "vqa":  # the bare base or a caption adapter: the default template, as ask() does
             from multimodal_lora.data.encoding import prompt_text
-            from multimodal_lora.inference import DEFAULT_PROMPT_TEMPLATE
+            from multimodal_lora.inference.captioner import DEFAULT_PROMPT_TEMPLATE
 
             prompts = [prompt_text("vqa", q, None, DEFAULT_PROMPT_TEMPLATE) for q in questions]
         else:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from multimodal_lora.cache import cache_dir
-from multimodal_lora.errors import UserError
+from multimodal_lora.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

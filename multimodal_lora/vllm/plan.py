@@ -3,7 +3,7 @@
 Everything here comes from the places that already know it: the adapters as opened once and
 the base they need (:mod:`multimodal_lora.adapter`: ``open_adapter``, ``base_for``), the families
 (:mod:`multimodal_lora.families`: vLLM's architecture, the prompt's frame, the stop token), the
-prompts of :class:`~multimodal_lora.inference.Captioner` (``prompt_text`` and the default VQA template), and the serve naming (the base under its
+prompts of :class:`~multimodal_lora.inference.captioner.Captioner` (``prompt_text`` and the default VQA template), and the serve naming (the base under its
 name, each adapter under its own). vLLM is told in its own flags and in a chat template
 this module writes, which reproduces our prompt for the model asked for.
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from multimodal_lora.runtime import full_dtype_name
+from multimodal_lora.core.runtime import full_dtype_name
 from multimodal_lora.vllm.support import check_family, check_parts, quantization_note
 
 if TYPE_CHECKING:
@@ -114,8 +114,8 @@ def make_plan(
         UserError: the family is not one vLLM serves (before anything loads).
     """
     from multimodal_lora.adapter import adapter_parts, base_for, base_name_for, base_of, open_adapter
-    from multimodal_lora.errors import AdapterError
-    from multimodal_lora.model import base_family, resolve_base
+    from multimodal_lora.core.errors import AdapterError
+    from multimodal_lora.model.base import base_family, resolve_base
 
     opened = {name: open_adapter(adapter) for name, adapter in adapters.items()}
     chosen, revision = base_name_for(list(opened.values()), base, purpose=purpose)
@@ -169,7 +169,7 @@ def _family_layout(family, model: str, revision: str | None):
     """The family's token layout for the base, from its config, generation config and processor (no weights)."""
     from transformers import GenerationConfig
 
-    from multimodal_lora.model import base_config, load_processor
+    from multimodal_lora.model.base import base_config, load_processor
 
     config = base_config(model, revision)
     try:
@@ -183,7 +183,7 @@ def _family_layout(family, model: str, revision: str | None):
 def _layout(meta) -> Layout:
     """The prompt an adapter was trained with, as ``Captioner.caption_prompt`` / ``vqa_prompt`` build it."""
     from multimodal_lora.data.encoding import prompt_text
-    from multimodal_lora.inference import DEFAULT_PROMPT_TEMPLATE
+    from multimodal_lora.inference.captioner import DEFAULT_PROMPT_TEMPLATE
 
     task = meta.task if meta is not None else "caption"
     if task == "vqa":

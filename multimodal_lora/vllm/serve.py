@@ -18,7 +18,7 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 
-from multimodal_lora.errors import UserError
+from multimodal_lora.core.errors import UserError
 from multimodal_lora.vllm import env
 from multimodal_lora.vllm.plan import RUNTIME, Command, RequestLimits, make_plan, serve_command
 

@@ -23,7 +23,7 @@ the installed vLLM again, so a release that changes this fails the tests):
 
 from __future__ import annotations
 
-from multimodal_lora.errors import UserError
+from multimodal_lora.core.errors import UserError
 from multimodal_lora.families import FAMILIES, Family, family_named
 
 SERVED_FAMILIES = {f.name: f.vllm.architecture for f in FAMILIES if f.vllm is not None}

@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from multimodal_lora.errors import UserError
+from multimodal_lora.core.errors import UserError
 
 # What a directory argument expands to (case-insensitive); other files there are ignored.
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}

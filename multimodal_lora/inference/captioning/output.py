@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from multimodal_lora.errors import UserError
+from multimodal_lora.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class RowWriter:
                 view = view[os.write(self._fd, view) :]
         except OSError as exc:
             # A full disk: one line naming the file; the rows written so far stay, and --resume continues.
-            from multimodal_lora.atomic import as_write_error
+            from multimodal_lora.core.atomic import as_write_error
 
             error = as_write_error(exc, "the captions", self.path)
             raise (error.with_hint("free space and run again with --resume") if error else exc) from None

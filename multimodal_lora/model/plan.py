@@ -10,12 +10,12 @@ memory), adds the recipe's LoRA there, and adds up:
   int8 layers hold 1 byte per weight plus one fp32 scale per output row; 4-bit
   NF4 layers hold half a byte plus an 8-bit scale per block of 64 (double
   quantization) and one fp32 per 256 blocks. Which layers are quantized and
-  which stay in fp32 comes from :func:`multimodal_lora.model.quantized_linears`.
+  which stay in fp32 comes from :func:`multimodal_lora.model.base.quantized_linears`.
   A quantized base being trained has its other weights cast to fp32 by PEFT's
   ``prepare_model_for_kbit_training``, so they count 4 bytes here, except the
   image path its family keeps unquantized (Qwen2.5-VL's vision tower and merger,
   PaliGemma's tower and projector), which the loader casts back to the recipe's
-  dtype (:func:`multimodal_lora.model.keep_unquantized_in_dtype`); SmolVLM's
+  dtype (:func:`multimodal_lora.model.base.keep_unquantized_in_dtype`); SmolVLM's
   stay fp32 (``Family.unquantized_in_dtype``).
 * **LoRA** — adapter weights, their gradients and AdamW's two moments, all fp32
   (PEFT keeps adapters in fp32 even on a bf16 base): 16 bytes per parameter.
@@ -54,8 +54,10 @@ from pathlib import Path
 import torch
 
 from multimodal_lora.config import LoraSettings, Recipe
+from multimodal_lora.core.quantization import NAMES, SCHEMES
+from multimodal_lora.core.runtime import DTYPE_BYTES
 from multimodal_lora.families import family_for_config, tiny_family
-from multimodal_lora.model import (
+from multimodal_lora.model.base import (
     add_lora,
     base_config,
     count_lora_parts,
@@ -67,8 +69,6 @@ from multimodal_lora.model import (
     meta_model,
     quantized_linears,
 )
-from multimodal_lora.quantization import NAMES, SCHEMES
-from multimodal_lora.runtime import DTYPE_BYTES
 
 __all__ = ["MemoryPlan", "plan_memory", "plan_recipe", "quantized_weight_bytes"]
 
@@ -171,7 +171,7 @@ def plan_memory(
         A :class:`MemoryPlan`.
 
     Example:
-        >>> from multimodal_lora.model import published_config
+        >>> from multimodal_lora.model.base import published_config
         >>> plan = plan_memory(published_config("Salesforce/blip2-opt-2.7b"), quantization="int8", dtype="fp16",
         ...                    lora=LoraSettings(r=16),
         ...                    batch_size=2, max_length=64)

@@ -1,11 +1,11 @@
-"""What a :class:`~multimodal_lora.inference.Captioner` knows without its model.
+"""What a :class:`~multimodal_lora.inference.captioner.Captioner` knows without its model.
 
 The names and tasks of its adapters, their prompts, how many tokens a prompt takes,
 whether a prompt and an output length fit the base's positions, and how an image
 becomes the model's pixels. A server's HTTP process checks and prepares requests with
 this while the model runs in another process (:mod:`multimodal_lora.serve.engine_process`);
 it is a plain value that pickles, and it cannot generate. A Captioner keeps one (its
-:attr:`~multimodal_lora.inference.Captioner.view`) and answers these questions through it.
+:attr:`~multimodal_lora.inference.captioner.Captioner.view`) and answers these questions through it.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from multimodal_lora.adapter import AdapterMeta
-from multimodal_lora.errors import AdapterError, ConfigError
-from multimodal_lora.model import BaseInfo
-from multimodal_lora.tasks import CAPTION, DEFAULT_VQA_TEMPLATE, VQA
+from multimodal_lora.core.errors import AdapterError, ConfigError
+from multimodal_lora.core.tasks import CAPTION, DEFAULT_VQA_TEMPLATE, VQA
+from multimodal_lora.model.base import BaseInfo
 
 
 @dataclass
@@ -108,7 +108,7 @@ class CaptionerView:
         """One decoded image as the model's inputs for it (``{"pixel_values": (channels, height, width)}``,
         or what else its family's processor gives per image).
 
-        :meth:`~multimodal_lora.inference.Captioner.generate_batch` takes these in place of
+        :meth:`~multimodal_lora.inference.captioner.Captioner.generate_batch` takes these in place of
         images: a server prepares each request's inputs as it arrives, while the model is busy
         with the batch before, instead of all of them at the start of the batch.
         """

@@ -1,7 +1,7 @@
 """Frozen-feature cache: the language model's visual prefix, computed once per image.
 
 The vision encoder, the Q-Former and the language projection are frozen and
-(in :func:`~multimodal_lora.model.set_train_mode`) deterministic, so each image
+(in :func:`~multimodal_lora.model.base.set_train_mode`) deterministic, so each image
 gives the same 32 × 2560 prefix (for BLIP-2 OPT-2.7B; 8 × 128 for the tiny
 base) on every step. With ``train.cache_image_features: true`` that prefix is
 computed once, stored, and training afterwards runs only the language model.
@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from multimodal_lora.atomic import atomic_dir, format_bytes, require_free_space
+from multimodal_lora.core.atomic import atomic_dir, format_bytes, require_free_space
 from multimodal_lora.data.images import StoredImage, load_image
 from multimodal_lora.data.sources import Example
 from multimodal_lora.families.image_inputs import PIXELS, ImageInputs
@@ -151,7 +151,7 @@ def open_or_build(
         ``(cache, keys)``: the cache (a :class:`FeatureCache` or a :class:`RaggedFeatureCache`)
         and each example's image key, in order.
     """
-    from multimodal_lora.model import image_path_fingerprint, visual_prefix
+    from multimodal_lora.model.base import image_path_fingerprint, visual_prefix
 
     if instructions is None:
         instructions = [None] * len(examples)
@@ -193,7 +193,7 @@ def feature_dtype(model) -> torch.dtype:
 def _build(directory, examples, instructions, keys, model, image_processor, layout, batch_size, progress, visual_prefix) -> None:
     from tqdm.auto import tqdm
 
-    from multimodal_lora.model import prefix_shape
+    from multimodal_lora.model.base import prefix_shape
 
     unique: dict[str, tuple[Example, str | None]] = {}
     for key, example, instruction in zip(keys, examples, instructions):
@@ -266,7 +266,7 @@ class PrefixCollator:
 def forward_inputs(batch: dict, device: torch.device, image_inputs: ImageInputs = PIXELS) -> dict:
     """A collated batch as the model's keyword arguments, on ``device``: pixels, a cached prefix, or
     each image's cached features (fed as the layout's ``image_inputs`` says)."""
-    from multimodal_lora.model import prefix_inputs
+    from multimodal_lora.model.base import prefix_inputs
 
     inputs = {k: v.to(device) for k, v in batch.items() if k not in ("prefix", FEATURES_KEY)}
     if "prefix" in batch:
@@ -333,7 +333,7 @@ def _build_ragged(directory, examples, keys, model, image_processor, image_input
     """Run the frozen image path once per distinct image, ``batch_size`` images a call, into shards."""
     from tqdm.auto import tqdm
 
-    from multimodal_lora.model import ragged_features
+    from multimodal_lora.model.base import ragged_features
 
     unique = list(dict(zip(keys, examples)).items())
     device = next(model.parameters()).device

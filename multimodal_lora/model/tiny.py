@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-from multimodal_lora.atomic import staging_dir
+from multimodal_lora.core.atomic import staging_dir
 
 TINY_NAME = "tiny"
 

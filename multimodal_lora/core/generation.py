@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from multimodal_lora.errors import ConfigError
+from multimodal_lora.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Caption a stream of images on one process or many, in input order, resumably.
 
-The input stream (:mod:`multimodal_lora.captioning.inputs`) is cut into *rounds*
+The input stream (:mod:`multimodal_lora.inference.captioning.inputs`) is cut into *rounds*
 of ``batch_size × processes`` images; in each round process ``r`` captions
 the ``r``-th batch. Every process lists the same stream (cheap: paths only)
 and decodes only its own images, in DataLoader workers, so reading and
@@ -85,8 +85,8 @@ class ImageRounds(torch.utils.data.IterableDataset):
     def _decode(self, path: str):
         from PIL import Image
 
+        from multimodal_lora.core.errors import ImageError
         from multimodal_lora.data.images import load_image
-        from multimodal_lora.errors import ImageError
 
         try:
             image = load_image(path)

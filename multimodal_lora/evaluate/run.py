@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
+from multimodal_lora.core.errors import UserError
+from multimodal_lora.core.metrics import caption_metrics, meteor_available
+from multimodal_lora.core.tasks import TASKS
 from multimodal_lora.data.sources import Example
 from multimodal_lora.data.sources import group_references as data_group_references
-from multimodal_lora.errors import UserError
-from multimodal_lora.metrics import caption_metrics, meteor_available
-from multimodal_lora.report import write_report
-from multimodal_lora.tasks import TASKS
+from multimodal_lora.evaluate.report import write_report
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def token_loss_sums(model, loader, device: torch.device, layout=None) -> torch.T
 
     With the family's ``layout``, logits are computed only where the loss reads them (see ``for_loss``).
     """
-    from multimodal_lora.feature_cache import forward_inputs
+    from multimodal_lora.data.feature_cache import forward_inputs
 
     total = torch.zeros(2, device=device, dtype=torch.float64)
     for batch in loader:
@@ -106,7 +106,7 @@ def evaluate(
         UserError: the data has no validation split, or the adapter cannot be used with the base.
     """
     from multimodal_lora.data.sources import load_splits
-    from multimodal_lora.inference import Captioner
+    from multimodal_lora.inference.captioner import Captioner
 
     opened = _check_adapter_and_lengths(recipe, adapter)
     adapter_dir, meta = opened.directory, opened.meta
@@ -154,7 +154,7 @@ def _check_adapter_and_lengths(recipe, adapter: str | Path):
     """The opened adapter, once its task is the recipe's and the recipe's lengths fit the base (before any weights load)."""
     from multimodal_lora.adapter import open_adapter
     from multimodal_lora.data.check import recipe_length_problems
-    from multimodal_lora.model import Positions, base_family, load_processor
+    from multimodal_lora.model.base import Positions, base_family, load_processor
 
     opened = open_adapter(adapter)  # read once: for_adapter takes this value
     adapter_dir, meta = opened.directory, opened.meta
@@ -209,8 +209,3 @@ def _base_and_adapter(captioner, name: str, loader, groups: list[ImageReferences
 def _format(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
 
-
-if __name__ == "__main__":  # python -m multimodal_lora.evaluate
-    from multimodal_lora.commands.evaluate import cli
-
-    cli()

@@ -24,9 +24,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from multimodal_lora import runtime
 from multimodal_lora.config import ModelConfig
-from multimodal_lora.quantization import SCHEMES
+from multimodal_lora.core import runtime
+from multimodal_lora.core.quantization import SCHEMES
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ free it), keyed by the base *and* how it is loaded.
 
 An adapter is used the way it was trained: its base is loaded with the
 quantization, dtype and device kind recorded in its ``multimodal_lora.json``,
-unless the caller overrides them (see :mod:`multimodal_lora.loading`).
+unless the caller overrides them (see :mod:`multimodal_lora.model.loading`).
 """
 
 from __future__ import annotations
@@ -36,15 +36,15 @@ from multimodal_lora.adapter import (
     check_fits,
     open_adapter,
 )
-from multimodal_lora.captioner_view import CaptionerView
 from multimodal_lora.config import ModelConfig
+from multimodal_lora.core.errors import AdapterError, ConfigError
+from multimodal_lora.core.generation import GenerationOptions
+from multimodal_lora.core.runtime import inference_batch_size
+from multimodal_lora.core.tasks import DEFAULT_VQA_TEMPLATE
 from multimodal_lora.data.images import ImageSource, load_image
-from multimodal_lora.errors import AdapterError, ConfigError
-from multimodal_lora.generation import GenerationOptions
-from multimodal_lora.loading import LoadSettings
-from multimodal_lora.model import LoadedBase
-from multimodal_lora.runtime import inference_batch_size
-from multimodal_lora.tasks import DEFAULT_VQA_TEMPLATE
+from multimodal_lora.inference.view import CaptionerView
+from multimodal_lora.model.base import LoadedBase
+from multimodal_lora.model.loading import LoadSettings
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class Captioner:
 
         The quantization, dtype and device come from the adapter's
         ``multimodal_lora.json``, fitted to this machine; each given argument
-        overrides its recorded value (see :func:`multimodal_lora.loading.resolve`).
+        overrides its recorded value (see :func:`multimodal_lora.model.loading.resolve`).
 
         Example:
             >>> captioner = Captioner.for_adapter("runs/football/adapter")          # int8 if trained in int8
@@ -207,7 +207,7 @@ class Captioner:
 
     def without_model(self) -> CaptionerView:
         """What this captioner knows without its model: names, tasks, prompts, lengths, image preparation
-        (a :class:`~multimodal_lora.captioner_view.CaptionerView` of the adapters loaded now).
+        (a :class:`~multimodal_lora.inference.view.CaptionerView` of the adapters loaded now).
 
         A server's HTTP process checks and prepares requests with it while the model runs
         in another process (:mod:`multimodal_lora.serve.engine_process`). It pickles, which a
@@ -346,7 +346,7 @@ class Captioner:
 
     # -- prompts and single batches (what a server needs) ----------------------------------------
 
-    # What needs no model is the view's (:class:`~multimodal_lora.captioner_view.CaptionerView`).
+    # What needs no model is the view's (:class:`~multimodal_lora.inference.view.CaptionerView`).
 
     def task(self, adapter: str | None) -> str:
         """``caption`` or ``vqa``: what ``adapter`` was trained for (the bare base captions)."""
@@ -451,7 +451,7 @@ class Captioner:
     @property
     def batch_size(self) -> int:
         """Images per ``generate`` call when a call does not say: 32 on a CPU, 64 on a GPU
-        (:func:`~multimodal_lora.runtime.inference_batch_size`)."""
+        (:func:`~multimodal_lora.core.runtime.inference_batch_size`)."""
         return inference_batch_size(self.device)
 
     def merge(self, adapter: str) -> bool:
@@ -465,7 +465,7 @@ class Captioner:
         Returns:
             ``True`` when merged, ``False`` when the base is quantized (logged) and the adapter stays unmerged.
         """
-        from multimodal_lora.model import is_quantized
+        from multimodal_lora.model.base import is_quantized
 
         self._meta(adapter)
         if is_quantized(self.model):
@@ -573,7 +573,7 @@ def captioner_for(
     """The cached captioner for an adapter, and the adapter's name in it.
 
     The base and how it is loaded come from the adapter's record (see
-    :func:`multimodal_lora.loading.resolve`); ``base_model``, ``quantization``,
+    :func:`multimodal_lora.model.loading.resolve`); ``base_model``, ``quantization``,
     ``dtype`` and ``device`` override them. Without an adapter: the bare
     ``base_model`` (default ``tiny``), loaded as today's defaults unless overridden.
     """

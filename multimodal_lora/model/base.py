@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 from multimodal_lora.config import LoraSettings, ModelConfig
-from multimodal_lora.errors import ConfigError, UserError
+from multimodal_lora.core.errors import ConfigError, UserError
+from multimodal_lora.core.host_memory import keep_large_blocks_off_the_heap, return_freed_memory
+from multimodal_lora.core.quantization import scheme
+from multimodal_lora.core.runtime import bitsandbytes_available, torch_dtype
 from multimodal_lora.families import FAMILIES, Family, family_for_config, published_family, tiny_family
 from multimodal_lora.families.base import attribute, image_features, stop_token_id  # noqa: F401 - part of this module's API
-from multimodal_lora.host_memory import keep_large_blocks_off_the_heap, return_freed_memory
-from multimodal_lora.loading import LoadSettings
-from multimodal_lora.quantization import scheme
-from multimodal_lora.runtime import bitsandbytes_available, torch_dtype
+from multimodal_lora.model.loading import LoadSettings
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class BaseInfo:
 
 def resolve_base(base: str) -> str:
     """Turn the recipe's ``model.base`` into something ``from_pretrained`` takes."""
-    from multimodal_lora.tiny import ensure_tiny_base
+    from multimodal_lora.model.tiny import ensure_tiny_base
 
     if tiny_family(base) is not None:
         return str(ensure_tiny_base(name=base))

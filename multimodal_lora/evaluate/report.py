@@ -3,7 +3,7 @@
 The page puts each metric beside one line on what it measures and its scale,
 then, for a sample of images, the thumbnail, the question (VQA), the
 references and the base's and the adapter's outputs side by side. The metrics
-themselves are computed in :mod:`multimodal_lora.metrics`; this module only
+themselves are computed in :mod:`multimodal_lora.core.metrics`; this module only
 renders them.
 """
 
@@ -14,8 +14,8 @@ import io
 import re
 from pathlib import Path
 
-from multimodal_lora.atomic import atomic_dir
-from multimodal_lora.metrics import LABELS, METRICS, normalize
+from multimodal_lora.core.atomic import atomic_dir
+from multimodal_lora.core.metrics import LABELS, METRICS, normalize
 
 TEMPLATE = "report.html.j2"
 

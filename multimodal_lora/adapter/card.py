@@ -20,10 +20,10 @@ from importlib import resources
 import yaml
 
 from multimodal_lora.adapter import AdapterMeta
-from multimodal_lora.errors import ConfigError
+from multimodal_lora.core.errors import ConfigError
+from multimodal_lora.core.metrics import LABELS, SCALES
+from multimodal_lora.core.tasks import TASKS
 from multimodal_lora.families import tiny_names
-from multimodal_lora.metrics import LABELS, SCALES
-from multimodal_lora.tasks import TASKS
 
 TEMPLATE = "adapter_card.md"
 

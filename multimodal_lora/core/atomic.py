@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from multimodal_lora.errors import UserError
+from multimodal_lora.core.errors import UserError
 
 FILE_MODE = 0o644
 DIR_MODE = 0o755
