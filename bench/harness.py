@@ -81,7 +81,32 @@ def machine() -> dict:
         info["transformers"] = transformers.__version__
     except ImportError:
         pass
+    # A figure that drifts with nothing in the repository changed (tiny.yaml's exact match: 180/200 on
+    # 2026-12-04, 172 on 2026-12-07 with the same code) can only be traced with the rest of the stack.
+    info["cpu_model"] = _cpu_model()
+    info["packages"] = _versions(("peft", "accelerate", "datasets", "tokenizers", "safetensors", "numpy", "pillow"))
     return info
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name (Linux), since kernels that round differently are chosen per CPU."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+
+
+def _versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    from importlib import metadata
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def timed(fn, *args, **kwargs) -> tuple[float, object]:

@@ -3,6 +3,7 @@
     python bench/recipe_times.py                                  # recipes/tiny.yaml and recipes/tiny-vqa.yaml
     python bench/recipe_times.py recipes/tiny.yaml --validation 200
     python bench/recipe_times.py recipes/tiny-qwen2vl.yaml --name recipe_times_qwen   # another family, its own file
+    python bench/recipe_times.py recipes/tiny.yaml --set seed=1 --name recipe_times_tiny_seed1   # with overrides
 
 For each recipe it runs, as a user does, each in a fresh process:
 
@@ -64,6 +65,9 @@ def main() -> None:
     parser.add_argument("recipes", nargs="*", default=DEFAULT_RECIPES, help="recipes to time (default: tiny and tiny-vqa)")
     parser.add_argument("--validation", type=int, default=200, help="validation images to caption after training (default 200)")
     parser.add_argument("--name", default="recipe_times", help="the result file, bench/results/NAME.json (default recipe_times)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe override for every training run (repeatable), e.g. seed=1"
+    )
     parser.add_argument("--note", default="", help="what the figures need beside them (e.g. that the feature cache was already built)")
     args = parser.parse_args()
 
@@ -72,8 +76,8 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     runs = []
     for recipe_path in args.recipes:
-        output_dir = load_recipe(ROOT / recipe_path).output_dir
-        train_cmd = [sys.executable, "-m", "multimodal_lora.train", recipe_path, "overwrite=true"]
+        output_dir = load_recipe(ROOT / recipe_path, args.set).output_dir
+        train_cmd = [sys.executable, "-m", "multimodal_lora.train", recipe_path, "overwrite=true", *args.set]
         caption_cmd = [
             sys.executable, "-m", "multimodal_lora.caption", "--adapter", f"{output_dir}/adapter", "--validation", str(args.validation),
         ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,17 +18,17 @@ from multimodal_lora.training.checkpoint import find_checkpoints
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_two_processes_train_and_write_the_adapter_once(small_shapes_dir, tmp_path):
-    out = tmp_path / "ddp"
+def launch_two_processes(recipe: str, data_dir: Path, out: Path, tmp_path: Path) -> str:
+    """Train ``recipe`` on ``data_dir`` for 2 epochs of 3 steps in two CPU processes; check what every
+    data-parallel run must leave, and return the launcher's stderr."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
     command = [
         # `--cpu --num_processes 2` needs mpirun in accelerate 1.x; --multi_gpu starts torchrun, and the
         # recipe's model.device=cpu makes the processes join over gloo.
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "multimodal_lora.train", str(REPO / "recipes" / "tiny.yaml"),
-        f"output_dir={out}", f"data.path={small_shapes_dir}", "train.batch_size=4", "train.epochs=2",
+        "-m", "multimodal_lora.train", str(REPO / "recipes" / recipe),
+        f"output_dir={out}", f"data.path={data_dir}", "train.batch_size=4", "train.epochs=2",
         "train.log_every=1", "train.eval_max_new_tokens=4", "model.device=cpu",
     ]  # fmt: skip
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
@@ -41,12 +42,46 @@ def test_two_processes_train_and_write_the_adapter_once(small_shapes_dir, tmp_pa
     state = json.loads((find_checkpoints(out)[-1] / "state.json").read_text())
     assert state["identity"]["processes"] == 2 and state["samples"] == 48
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "a temporary directory was left behind"
+    return proc.stderr
 
+
+@pytest.mark.slow
+def test_two_processes_train_and_write_the_adapter_once(small_shapes_dir, tmp_path):
+    out = tmp_path / "ddp"
+    launch_two_processes("tiny.yaml", small_shapes_dir, out, tmp_path)
     directory, meta = read_adapter(out / "adapter")
     assert meta is not None and meta.base.name == "tiny"
     captioner = Captioner("tiny", device="cpu")
     name = captioner.load_adapter(directory)
     assert isinstance(captioner.caption(str(small_shapes_dir / "validation" / "00000.png"), adapter=name), str)
+
+
+@pytest.mark.slow
+def test_two_processes_train_qwen_on_images_of_different_sizes(small_shapes_dir, tmp_path):
+    # Qwen2.5-VL counts image tokens per image: with four sizes in turn, each process's batch of 4
+    # holds 16-, 12-, 15- and 12-token images, so the two processes' batches differ in length and in
+    # patches (pixel_values rows), which the collate and the gathered loss must take.
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    data = tmp_path / "mixed"
+    sizes = [(64, 64), (48, 32), (40, 64), (64, 48)]
+    for split in ("train", "validation"):
+        (data / split).mkdir(parents=True)
+        lines = (small_shapes_dir / split / "metadata.jsonl").read_text().splitlines()
+        for index, line in enumerate(lines):
+            name = json.loads(line)["file_name"]
+            Image.open(small_shapes_dir / split / name).resize(sizes[index % 4]).save(data / split / name)
+        (data / split / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "ddp-qwen"
+    stderr = launch_two_processes("tiny-qwen2vl.yaml", data, out, tmp_path)
+    assert "image feature cache: off (Qwen2.5-VL's image features vary in length" in stderr
+
+    directory, meta = read_adapter(out / "adapter")
+    assert meta is not None and meta.base.name == "tiny-qwen2vl"
+    names = load_file(directory / "adapter_model.safetensors")
+    assert len(names) == 2 * 4 * 2  # two layers × q/k/v/o × (A, B), all in the language model's attention
+    assert all(re.search(r"model\.language_model\.layers\.\d\.self_attn\.[qkvo]_proj\.lora_[AB]", n) for n in names)
 
 
 @pytest.mark.slow

@@ -63,7 +63,9 @@ def test_adapter_learns_held_out_captions(captioner, validation):
     base = captioner.caption(images[:40], adapter=None)
     tuned_match = sum(c == r for c, r in zip(tuned, references)) / len(references)
     base_match = sum(c == r for c, r in zip(base, references)) / 40
-    assert tuned_match >= 0.5, f"held-out exact match {tuned_match:.2f}"
+    # The recipe's promise (issues 22 and 24): 0.90. Seeds 0, 1 and 2 gave 187, 187 and 188 of 200 on
+    # 2026-12-07; with 8 epochs it was 172, which rounding-level changes moved by up to 10 images.
+    assert tuned_match >= 0.9, f"held-out exact match {tuned_match:.2f}"
     assert base_match <= 0.05
 
 

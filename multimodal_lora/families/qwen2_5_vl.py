@@ -72,12 +72,12 @@ from multimodal_lora.families.base import (
     ProcessorParts,
     VllmRoute,
     decoder_plan_dims,
-    scaled_init,
     stop_token_id,
 )
 from multimodal_lora.families.decoding import ModelDecoding, held, text_positions
 from multimodal_lora.families.image_inputs import ImageInputs
 from multimodal_lora.families.layouts import ChatLayout
+from multimodal_lora.families.twins import init_weights
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # The language model's attention and nothing else: model.visual.blocks.N.attn.{qkv,proj} must not match.
@@ -103,7 +103,6 @@ TINY_SEED = 0
 TINY_VERSION = 1
 TINY_IMAGE = 32
 TEXT_INIT_STD = 0.2
-VISION_SEED_OFFSET = 2
 TOKENIZER_VOCAB = 1024
 # Qwen2's special tokens, in the order of their ids in the real tokenizer (151643 ...).
 SPECIALS = [
@@ -329,28 +328,14 @@ def build_tiny_model(tokenizer, seed: int = TINY_SEED):
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
-    _init_weights(model, seed)
+    # Embeddings at std 0.2, linears at 1/sqrt(fan_in), biases at zero; the vision tower and merger
+    # scaled the same way with their own generator (see blip2_opt's docstring for why).
+    init_weights(model.model.language_model, (model.model.visual,), seed, TEXT_INIT_STD)
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]  # as the published one
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.bos_token_id = ids["<|endoftext|>"]
     model.generation_config.max_new_tokens = 20
     return model
-
-
-def _init_weights(model, seed: int) -> None:
-    """Text model: embeddings at std 0.2, linears at 1/sqrt(fan_in), no biases; vision tower and merger
-    scaled the same way with their own generator (see ``blip2_opt.init_tiny_weights`` for why)."""
-    lm = model.model.language_model
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for module in lm.modules():
-            if isinstance(module, torch.nn.Embedding):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * TEXT_INIT_STD)
-            elif isinstance(module, torch.nn.Linear):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) / module.weight.shape[1] ** 0.5)
-                if module.bias is not None:
-                    module.bias.zero_()
-    scaled_init(list(model.model.visual.modules()), torch.Generator().manual_seed(seed + VISION_SEED_OFFSET))
 
 
 def save_tiny_base(directory: Path, seed: int = TINY_SEED) -> None:
