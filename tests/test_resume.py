@@ -229,9 +229,9 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(small_shape
     real = train_module.forward_inputs
     calls = {"n": 0}
 
-    def poison_third_batch(batch, device):
+    def poison_third_batch(batch, device, *image_inputs):
         calls["n"] += 1
-        inputs = real(batch, device)
+        inputs = real(batch, device, *image_inputs)
         if calls["n"] == 3 and inputs.get("pixel_values") is not None:
             inputs["pixel_values"] = inputs["pixel_values"] * torch.nan  # a corrupt image, as far as the loss knows
         return inputs
