@@ -75,7 +75,8 @@ def test_two_processes_train_qwen_on_images_of_different_sizes(small_shapes_dir,
         (data / split / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "ddp-qwen"
     stderr = launch_two_processes("tiny-qwen2vl.yaml", data, out, tmp_path)
-    assert "image feature cache: off (Qwen2.5-VL's image features vary in length" in stderr
+    # The ragged feature cache serves both processes: each image's variable-length features and grid.
+    assert "image feature cache: on (cache_image_features=auto" in stderr, stderr
 
     directory, meta = read_adapter(out / "adapter")
     assert meta is not None and meta.base.name == "tiny-qwen2vl"
