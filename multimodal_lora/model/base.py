@@ -182,8 +182,7 @@ class Positions:
     def of(cls, family: Family, config, image_processor=None) -> Positions:
         """The positions of a base of ``family`` with ``config`` (its top-level model config); ``image_processor``:
         the base's, when the caller has it (a family whose image count depends on it, SmolVLM's tiles, reads it)."""
-        image = family.image_tokens(config) if image_processor is None else family.image_tokens(config, image_processor)
-        return cls(limit=family.max_positions(config.text_config), image=image)
+        return cls(limit=family.max_positions(config.text_config), image=family.image_tokens(config, image_processor))
 
     @classmethod
     def of_base(cls, base: str, revision: str | None = None, family: Family | None = None, image_processor=None) -> Positions:
@@ -286,8 +285,7 @@ def lora_targets(lora: LoraSettings, family: Family) -> list[str]:
 def image_positions(config, image_processor=None) -> int:
     """Positions one image takes in the language model's sequence (its family's figure; see :class:`Family`),
     as ``image_processor`` (the base's, when the caller has it) makes it."""
-    family = family_for_config(config)
-    return family.image_tokens(config) if image_processor is None else family.image_tokens(config, image_processor)
+    return family_for_config(config).image_tokens(config, image_processor)
 
 
 def text_length_problem(max_length: int, positions: Positions, what: str = "data.max_length") -> str | None:
